@@ -1,0 +1,27 @@
+# Two entry points: `make up` runs the main job, `make test` runs the whole suite.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: up test lint bench-proxy clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/jobmesh demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest
+
+bench-proxy: $(STAMP)
+	$(VENV)/bin/python bench/proxy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .jobmesh

@@ -1,0 +1,82 @@
+"""Errors the router reports to clients, each with a SQLSTATE and a hint."""
+
+from __future__ import annotations
+
+from router import protocol as pg
+
+
+class ClientError(Exception):
+    """Ends a client connection with a FATAL ErrorResponse."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+
+    def to_bytes(self) -> bytes:
+        return pg.error_response(self.sqlstate, self.message, self.hint)
+
+
+def invalid_database(database: str) -> ClientError:
+    return ClientError(
+        "3D000",
+        f'database "{database}" does not exist',
+        "Connect with dbname=job_<id>, where <id> is a job's id.",
+    )
+
+
+def unknown_job(job_id: str) -> ClientError:
+    return ClientError(
+        "3D000",
+        f'job "{job_id}" does not exist',
+        "Check the job id in dbname=job_<id>.",
+    )
+
+
+def bad_password(user: str) -> ClientError:
+    return ClientError(
+        "28P01",
+        f'password authentication failed for user "{user}"',
+        "Check the user name and password.",
+    )
+
+
+def not_granted(user: str, job_id: str) -> ClientError:
+    return ClientError(
+        "42501",
+        f'permission denied: user "{user}" has no grant on job "{job_id}"',
+        f"Ask an operator to grant {user} access to {job_id}.",
+    )
+
+
+def too_many(what: str, hint: str) -> ClientError:
+    return ClientError("53300", f"sorry, too many clients already ({what})", hint)
+
+
+def unreachable(job_id: str, detail: str) -> ClientError:
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" is not reachable: {detail}',
+        "The job's database is not accepting connections; try again shortly.",
+    )
+
+
+def shutting_down() -> ClientError:
+    return ClientError(
+        "57P01",
+        "the router is shutting down",
+        "Reconnect; another router instance or the restarted router will serve you.",
+    )
+
+
+def protocol_violation(detail: str) -> ClientError:
+    return ClientError("08P01", f"protocol violation: {detail}", "The client sent invalid bytes.")
+
+
+def tls_required() -> ClientError:
+    return ClientError(
+        "28000",
+        "this router accepts only TLS connections",
+        "Connect with sslmode=require (or verify-full).",
+    )

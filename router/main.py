@@ -1,0 +1,121 @@
+"""``jobmesh router``: run the router from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import uvloop
+from prometheus_client import start_http_server
+
+from router.routes import RouteFileError, RouteTable, load_routes
+from router.server import Router, RouterConfig
+from router.tls import TLSConfigError, server_context
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """Bad flags or files: reported as one line, exit status 2."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:6432", metavar="HOST:PORT")
+    p.add_argument("--routes", required=True, metavar="FILE", help="route file (TOML)")
+    p.add_argument("--tls-cert", metavar="FILE")
+    p.add_argument("--tls-key", metavar="FILE")
+    p.add_argument("--require-tls", action="store_true", help="refuse cleartext clients (28000)")
+    p.add_argument(
+        "--cleartext-over-tls",
+        action="store_true",
+        help="over TLS, ask for a cleartext password instead of SCRAM",
+    )
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--max-client-conn", type=int, default=10_000, metavar="N")
+    p.add_argument("--startup-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
+
+
+def parse_hostport(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"{flag}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_config(args: argparse.Namespace) -> RouterConfig:
+    host, port = parse_hostport(args.listen, "--listen")
+    config = RouterConfig(
+        host=host,
+        port=port,
+        require_tls=args.require_tls,
+        cleartext_over_tls=args.cleartext_over_tls,
+        max_client_conn=args.max_client_conn,
+        startup_timeout=args.startup_timeout,
+        connect_timeout=args.connect_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        try:
+            config.tls, config.cert_pem = server_context(args.tls_cert, args.tls_key)
+        except TLSConfigError as exc:
+            raise UsageError(str(exc)) from exc
+    if args.require_tls and config.tls is None:
+        raise UsageError("--require-tls needs --tls-cert and --tls-key")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    try:
+        routes = load_routes(args.routes)
+    except RouteFileError as exc:
+        raise UsageError(str(exc)) from exc
+    metrics_at = parse_hostport(args.metrics, "--metrics") if args.metrics else None
+    uvloop.run(_serve(config, routes, args.routes, metrics_at))
+    return 0
+
+
+async def _serve(
+    config: RouterConfig, routes: RouteTable, routes_path: str, metrics_at: tuple[str, int] | None
+) -> None:
+    router = Router(config, routes)
+    try:
+        await router.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+    if metrics_at is not None:
+        host, port = metrics_at
+        try:
+            start_http_server(port, host, registry=router.metrics.registry)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, _reload, router, routes_path)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info(
+        "router listening on %s:%d (%d jobs, %d users)",
+        config.host, router.port, len(routes.jobs), len(routes.users),
+    )
+    await stop.wait()
+    log.info("shutting down: waiting up to %.0fs for %d sessions",
+             config.shutdown_timeout, len(router.sessions))
+    await router.shutdown()
+    log.info("router stopped")
+
+
+def _reload(router: Router, path: str) -> None:
+    try:
+        routes = load_routes(path)
+    except RouteFileError as exc:
+        log.error("routes not reloaded, keeping the previous ones: %s", exc)
+        return
+    router.reload(routes)
+    log.info("routes reloaded: %d jobs, %d users", len(routes.jobs), len(routes.users))

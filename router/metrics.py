@@ -1,0 +1,92 @@
+"""Prometheus metrics for the router.
+
+Per-byte counters are not touched on the hot path: each spliced session's
+pipes count into plain ints, and a collector folds live sessions plus the
+totals of finished ones into the exposition at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class SessionView(Protocol):
+    job_id: str
+
+    def byte_counts(self) -> tuple[int, int]: ...  # (from client, to client)
+
+
+class RouterMetrics:
+    def __init__(self, sessions: Callable[[], Iterable[SessionView]]) -> None:
+        self.registry = CollectorRegistry()
+        self.auth_failures = Counter(
+            "jobmesh_router_auth_failures_total",
+            "Client authentications that failed at the router",
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "jobmesh_router_errors_total",
+            "ErrorResponses the router sent to clients, by SQLSTATE",
+            ["sqlstate"],
+            registry=self.registry,
+        )
+        self.backend_connect = Histogram(
+            "jobmesh_router_backend_connect_seconds",
+            "Time from starting a backend connection to its ReadyForQuery",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.cancels = Counter(
+            "jobmesh_router_cancel_requests_total",
+            "CancelRequests received, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.finished_bytes: Tally[tuple[str, str]] = Tally()
+        self.registry.register(_SessionCollector(sessions, self.finished_bytes))
+
+    def session_finished(self, session: SessionView) -> None:
+        rx, tx = session.byte_counts()
+        self.finished_bytes[(session.job_id, "in")] += rx
+        self.finished_bytes[(session.job_id, "out")] += tx
+
+
+class _SessionCollector(Collector):
+    def __init__(
+        self,
+        sessions: Callable[[], Iterable[SessionView]],
+        finished: Tally[tuple[str, str]],
+    ) -> None:
+        self._sessions = sessions
+        self._finished = finished
+
+    def collect(self) -> Iterable[Metric]:
+        conns = GaugeMetricFamily(
+            "jobmesh_router_client_connections",
+            "Client connections spliced to a job's backend",
+            labels=["job"],
+        )
+        nbytes = CounterMetricFamily(
+            "jobmesh_router_bytes",
+            "Bytes relayed, by job and direction (in: client to backend)",
+            labels=["job", "direction"],
+        )
+        per_job: Tally[str] = Tally()
+        totals = Tally(self._finished)
+        for s in self._sessions():
+            per_job[s.job_id] += 1
+            rx, tx = s.byte_counts()
+            totals[(s.job_id, "in")] += rx
+            totals[(s.job_id, "out")] += tx
+        for job, n in sorted(per_job.items()):
+            conns.add_metric([job], n)
+        for (job, direction), n in sorted(totals.items()):
+            nbytes.add_metric([job, direction], n)
+        yield conns
+        yield nbytes

@@ -1,0 +1,168 @@
+"""The static route file: which job lives where, and who may connect to it.
+
+```toml
+[jobs.alpha]              # clients connect with dbname=job_alpha
+host = "127.0.0.1"
+port = 5433
+database = "postgres"     # optional; default job_alpha
+user = "postgres"         # the role the router logs in to the backend as
+password = "pw"           # optional
+max_connections = 100     # optional per-job client limit
+
+[users.alice]
+password = "s3cret"       # plain text or a SCRAM-SHA-256$... verifier
+jobs = ["alpha"]          # job ids, or "*"
+```
+
+Loading validates everything up front and raises ``RouteFileError`` with
+the exact key at fault, so a SIGHUP with a broken file changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from router.credentials import InvalidVerifier, ScramVerifier, credential_from_config
+
+JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+JOB_DATABASE_PREFIX = "job_"
+ADMIN_DATABASE = "jobmesh"
+
+
+class RouteFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class JobRoute:
+    job_id: str
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None
+    max_connections: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    verifier: ScramVerifier
+    jobs: frozenset[str]  # job ids, or {"*"}
+
+    def may_access(self, job_id: str) -> bool:
+        return "*" in self.jobs or job_id in self.jobs
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    jobs: dict[str, JobRoute]
+    users: dict[str, Principal]
+
+    def job(self, job_id: str) -> JobRoute | None:
+        return self.jobs.get(job_id)
+
+    def user(self, name: str) -> Principal | None:
+        return self.users.get(name)
+
+
+def job_id_from_database(database: str) -> str | None:
+    """``job_<id>`` -> ``<id>``; None when the name is not of that form."""
+    if not database.startswith(JOB_DATABASE_PREFIX):
+        return None
+    job_id = database[len(JOB_DATABASE_PREFIX) :]
+    return job_id if JOB_ID.fullmatch(job_id) else None
+
+
+def load_routes(path: str | Path) -> RouteTable:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise RouteFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RouteFileError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_routes(doc, str(path))
+
+
+def parse_routes(doc: dict[str, Any], where: str = "routes") -> RouteTable:
+    unknown = set(doc) - {"jobs", "users"}
+    if unknown:
+        raise RouteFileError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
+    jobs_doc = _table(doc.get("jobs", {}), f"{where}: [jobs]")
+    users_doc = _table(doc.get("users", {}), f"{where}: [users]")
+    jobs = {job_id: _parse_job(job_id, v, where) for job_id, v in jobs_doc.items()}
+    users = {name: _parse_user(name, v, where) for name, v in users_doc.items()}
+    return RouteTable(jobs, users)
+
+
+def _parse_job(job_id: str, raw: Any, where: str) -> JobRoute:
+    at = f"{where}: jobs.{job_id}"
+    if not JOB_ID.fullmatch(job_id):
+        raise RouteFileError(f"{at}: job id must match {JOB_ID.pattern}")
+    t = _table(raw, at)
+    _no_unknown(t, {"host", "port", "database", "user", "password", "max_connections"}, at)
+    port = _get(t, "port", int, at, required=True)
+    if not 0 < port < 65536:
+        raise RouteFileError(f"{at}.port: must be between 1 and 65535")
+    limit = _get(t, "max_connections", int, at)
+    if limit is not None and limit < 1:
+        raise RouteFileError(f"{at}.max_connections: must be at least 1")
+    return JobRoute(
+        job_id=job_id,
+        host=_get(t, "host", str, at, required=True),
+        port=port,
+        database=_get(t, "database", str, at) or f"{JOB_DATABASE_PREFIX}{job_id}",
+        user=_get(t, "user", str, at, required=True),
+        password=_get(t, "password", str, at),
+        max_connections=limit,
+    )
+
+
+def _parse_user(name: str, raw: Any, where: str) -> Principal:
+    at = f"{where}: users.{name}"
+    t = _table(raw, at)
+    _no_unknown(t, {"password", "jobs"}, at)
+    password = _get(t, "password", str, at, required=True)
+    try:
+        verifier = credential_from_config(password)
+    except InvalidVerifier as exc:
+        raise RouteFileError(f"{at}.password: {exc}") from exc
+    jobs = t.get("jobs", [])
+    if jobs == "*":
+        jobs = ["*"]
+    if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
+        raise RouteFileError(f'{at}.jobs: must be a list of job ids or "*"')
+    for j in jobs:
+        if j != "*" and not JOB_ID.fullmatch(j):
+            raise RouteFileError(f"{at}.jobs: {j!r} is not a valid job id")
+    return Principal(name, verifier, frozenset(jobs))
+
+
+def _table(raw: Any, at: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise RouteFileError(f"{at}: must be a table")
+    return raw
+
+
+def _no_unknown(t: dict[str, Any], known: set[str], at: str) -> None:
+    unknown = set(t) - known
+    if unknown:
+        raise RouteFileError(f"{at}: unknown key(s): {', '.join(sorted(unknown))}")
+
+
+def _get(t: dict[str, Any], key: str, kind: type, at: str, *, required: bool = False) -> Any:
+    value = t.get(key)
+    if value is None:
+        if required:
+            raise RouteFileError(f"{at}.{key}: required")
+        return None
+    # bool is an int in Python; a port of `true` is still a mistake.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RouteFileError(f"{at}.{key}: must be {'an integer' if kind is int else 'a string'}")
+    return value

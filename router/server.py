@@ -1,0 +1,417 @@
+"""The router's asyncio server: accept, run the handshake, log in to the backend, splice.
+
+The protocol rules live in the sans-IO modules (``handshake``,
+``client_auth``, ``backend_handshake``); this module only moves bytes
+between them and sockets and keeps the books (sessions, limits, cancel keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+
+from router import errors
+from router import protocol as pg
+from router.backend_handshake import (
+    BackendAuthFailed,
+    BackendError,
+    BackendHandshake,
+    KeyData,
+    Ready,
+    Relay,
+    Send,
+)
+from router.cancel_map import BackendKey, CancelMap
+from router.client_auth import CleartextExchange, Exchange, ScramExchange
+from router.credentials import MockVerifiers
+from router.errors import ClientError
+from router.handshake import AuthResponse, ClientHandshake, Terminated
+from router.inbox import ConnectionClosed, Inbox
+from router.metrics import RouterMetrics
+from router.routes import ADMIN_DATABASE, JobRoute, Principal, RouteTable, job_id_from_database
+from router.shutdown import terminate_backends
+from router.splice import Pipe, splice
+
+log = logging.getLogger(__name__)
+
+# Startup parameters that are the router's business, not the backend's.
+_NOT_FORWARDED = {"user", "database", "replication"}
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 6432
+    tls: ssl.SSLContext | None = None
+    cert_pem: str | None = None  # for SCRAM channel binding (tls-server-end-point)
+    require_tls: bool = False
+    cleartext_over_tls: bool = False
+    max_client_conn: int = 10_000
+    startup_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    shutdown_timeout: float = 30.0
+
+
+class Session:
+    """A spliced client/backend pair."""
+
+    __slots__ = ("backend_pid", "cancel_pid", "job", "pipes", "user")
+
+    def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int) -> None:
+        self.job = job
+        self.user = user
+        self.cancel_pid = cancel_pid
+        self.backend_pid = backend_pid
+        self.pipes: tuple[Pipe, Pipe] | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    def byte_counts(self) -> tuple[int, int]:
+        if self.pipes is None:
+            return 0, 0
+        return self.pipes[0].nbytes, self.pipes[1].nbytes
+
+    def close(self) -> None:
+        if self.pipes is not None:
+            self.pipes[0].transport.close()
+            self.pipes[1].transport.close()
+
+
+class Router:
+    def __init__(self, config: RouterConfig, routes: RouteTable) -> None:
+        self.config = config
+        self.routes = routes
+        self.cancel_map = CancelMap()
+        self.sessions: set[Session] = set()
+        self.metrics = RouterMetrics(lambda: self.sessions)
+        self._job_slots: Counter[str] = Counter()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._mock = MockVerifiers()
+        self._server: asyncio.Server | None = None
+        self._stopping = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_inbox, self.config.host, self.config.port, backlog=4096
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def reload(self, routes: RouteTable) -> None:
+        """New connections use the new routes; live sessions are untouched."""
+        self.routes = routes
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let sessions finish, then end the rest with 57P01."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        try:
+            await asyncio.wait_for(self._drained.wait(), self.config.shutdown_timeout)
+        except TimeoutError:
+            log.info("shutdown timeout: terminating %d sessions", len(self.sessions))
+            await terminate_backends(list(self.sessions))
+            try:
+                await asyncio.wait_for(self._drained.wait(), 5)
+            except TimeoutError:
+                for s in list(self.sessions):
+                    s.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.wait(self._handshakes, timeout=5)
+
+    def _new_inbox(self) -> Inbox:
+        inbox = Inbox()
+        inbox.on_made = self._spawn_handshake
+        return inbox
+
+    def _spawn_handshake(self, inbox: Inbox) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(inbox))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    # --- one client --------------------------------------------------------
+
+    async def _serve(self, inbox: Inbox) -> None:
+        try:
+            await self._handshake(inbox)
+        except ClientError as exc:
+            self._reject(inbox, exc)
+        except pg.ProtocolViolation as exc:
+            self._reject(inbox, errors.protocol_violation(str(exc)))
+        except (ConnectionClosed, TimeoutError, ssl.SSLError, OSError):
+            inbox.close()
+        except asyncio.CancelledError:
+            self._reject(inbox, errors.shutting_down())
+
+    def _reject(self, inbox: Inbox, exc: ClientError) -> None:
+        self.metrics.errors.labels(exc.sqlstate).inc()
+        log.info("rejected client: %s %s", exc.sqlstate, exc.message)
+        inbox.write(exc.to_bytes())
+        inbox.close()
+
+    async def _handshake(self, inbox: Inbox) -> None:
+        hs = ClientHandshake()
+        async with asyncio.timeout(self.config.startup_timeout):
+            startup, tls = await self._negotiate(inbox, hs)
+            if startup is None:
+                return
+            user, job_id, params = self._check_startup(inbox, startup, tls)
+            principal = await self._authenticate(inbox, hs, user, tls)
+        job = self.routes.job(job_id)
+        if job is None:
+            raise errors.unknown_job(job_id)
+        if not principal.may_access(job_id):
+            raise errors.not_granted(user, job_id)
+        if job.max_connections is not None and self._job_slots[job_id] >= job.max_connections:
+            raise errors.too_many(
+                f"job {job_id} allows {job.max_connections}",
+                "Close idle connections to this job or raise its max_connections.",
+            )
+        if self._stopping:
+            raise errors.shutting_down()
+        pipelined = hs.authenticated()
+        inbox.write(pg.auth_ok())
+        inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
+        self._job_slots[job_id] += 1  # handed to the session once spliced
+        spliced = False
+        try:
+            spliced = await self._connect_backend(inbox, job, user, params, pipelined)
+        finally:
+            if not spliced:
+                self._release_slot(job_id)
+
+    async def _next(self, inbox: Inbox, hs: ClientHandshake) -> object:
+        while (event := hs.next_event()) is None:
+            hs.receive_data(await inbox.read())
+        return event
+
+    async def _negotiate(
+        self, inbox: Inbox, hs: ClientHandshake
+    ) -> tuple[pg.StartupMessage | None, bool]:
+        tls = False
+        while True:
+            event = await self._next(inbox, hs)
+            if isinstance(event, pg.SSLRequest):
+                if self.config.tls is None:
+                    inbox.write(b"N")
+                    continue
+                if hs.has_buffered_data():
+                    raise pg.ProtocolViolation("received unencrypted data after SSL request")
+                inbox.write(b"S")
+                loop = asyncio.get_running_loop()
+                inbox.transport = await loop.start_tls(
+                    inbox.transport, inbox, self.config.tls, server_side=True
+                )
+                tls = True
+            elif isinstance(event, pg.GSSENCRequest):
+                inbox.write(b"N")
+            elif isinstance(event, pg.CancelRequest):
+                await self._forward_cancel(event)
+                inbox.close()
+                return None, tls
+            else:
+                assert isinstance(event, pg.StartupMessage)
+                return event, tls
+
+    def _check_startup(
+        self, inbox: Inbox, startup: pg.StartupMessage, tls: bool
+    ) -> tuple[str, str, dict[str, str]]:
+        if self.config.require_tls and not tls:
+            raise errors.tls_required()
+        if len(self._handshakes) + len(self.sessions) > self.config.max_client_conn:
+            raise errors.too_many(
+                f"max_client_conn={self.config.max_client_conn}",
+                "Close idle connections or raise --max-client-conn.",
+            )
+        params = dict(startup.params)
+        user = params.get("user", "")
+        if not user:
+            raise ClientError("28000", "no PostgreSQL user name specified in startup packet")
+        database = params.get("database") or user
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise ClientError(
+                "0A000",
+                "replication connections are not supported through the router",
+                "Connect to the job's PostgreSQL directly for replication.",
+            )
+        if database == ADMIN_DATABASE:
+            raise ClientError(
+                "3D000",
+                'the admin console database "jobmesh" is not available on this router',
+                "Connect with dbname=job_<id>.",
+            )
+        job_id = job_id_from_database(database)
+        if job_id is None:
+            raise errors.invalid_database(database)
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if startup.minor > 0 or unsupported:
+            inbox.write(pg.negotiate_protocol_version(0, unsupported))
+        forwarded = {
+            k: v for k, v in params.items() if k not in _NOT_FORWARDED and k not in unsupported
+        }
+        return user, job_id, forwarded
+
+    async def _authenticate(
+        self, inbox: Inbox, hs: ClientHandshake, user: str, tls: bool
+    ) -> Principal:
+        principal = self.routes.user(user)
+        verifier = principal.verifier if principal else self._mock.for_user(user)
+        exchange: Exchange
+        if tls and self.config.cleartext_over_tls:
+            exchange = CleartextExchange(verifier, exists=principal is not None)
+        else:
+            cert = self.config.cert_pem if tls else None
+            exchange = ScramExchange(verifier, exists=principal is not None, cert_pem=cert)
+        inbox.write(exchange.start())
+        while True:
+            event = await self._next(inbox, hs)
+            if isinstance(event, Terminated):
+                raise ConnectionClosed
+            assert isinstance(event, AuthResponse)
+            step = exchange.step(event.body)
+            if step.reply:
+                inbox.write(step.reply)
+            if step.done:
+                break
+        if not step.ok or principal is None:
+            self.metrics.auth_failures.inc()
+            raise errors.bad_password(user)
+        return principal
+
+    async def _connect_backend(
+        self, inbox: Inbox, job: JobRoute, user: str, params: dict[str, str], pipelined: bytes
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        handshake = BackendHandshake(job.user, job.database, job.password, params)
+        backend: Inbox | None = None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                _, backend = await loop.create_connection(Inbox, job.host, job.port)
+                backend.write(handshake.startup_bytes())
+                ready, key = await self._backend_login(inbox, backend, handshake)
+        except (OSError, ConnectionClosed) as exc:
+            if backend is not None:
+                backend.close()
+            detail = getattr(exc, "strerror", None) or "connection closed during login"
+            raise errors.unreachable(job.job_id, f"{job.host}:{job.port}: {detail}") from exc
+        except TimeoutError as exc:
+            if backend is not None:
+                backend.close()
+            raise errors.unreachable(job.job_id, "timed out logging in") from exc
+        except (BackendAuthFailed, pg.ProtocolViolation) as exc:
+            assert backend is not None
+            backend.close()
+            log.warning("job %s: backend login failed: %s", job.job_id, exc)
+            raise errors.unreachable(job.job_id, "the router's backend login failed") from exc
+        if ready is None:  # the backend said no; its ErrorResponse was relayed
+            backend.close()
+            inbox.close()
+            return False
+        self.metrics.backend_connect.observe(loop.time() - started)
+        return self._splice(inbox, backend, job, user, ready, key, pipelined)
+
+    async def _backend_login(
+        self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake
+    ) -> tuple[Ready | None, KeyData]:
+        key = KeyData(0, 0)
+        while True:
+            event = handshake.next_event()
+            if event is None:
+                handshake.receive_data(await backend.read())
+            elif isinstance(event, Send):
+                backend.write(event.data)
+            elif isinstance(event, Relay):
+                inbox.write(event.data)
+            elif isinstance(event, KeyData):
+                key = event
+            elif isinstance(event, BackendError):
+                self.metrics.errors.labels(event.fields.get("C", "XX000")).inc()
+                inbox.write(event.raw)
+                return None, key
+            else:
+                assert isinstance(event, Ready)
+                return event, key
+
+    def _splice(
+        self,
+        inbox: Inbox,
+        backend: Inbox,
+        job: JobRoute,
+        user: str,
+        ready: Ready,
+        key: KeyData,
+        pipelined: bytes,
+    ) -> bool:
+        if inbox.closed or backend.closed:
+            inbox.close()
+            backend.close()
+            return False
+        pid, secret = self.cancel_map.issue(BackendKey(job.host, job.port, key.pid, key.secret))
+        inbox.write(pg.backend_key_data(pid, secret) + pg.ready_for_query(ready.status))
+        session = Session(job, user, pid, key.pid)
+        self.sessions.add(session)
+        self._drained.clear()
+        assert inbox.transport is not None and backend.transport is not None
+        session.pipes = splice(inbox.transport, backend.transport, lambda: self._ended(session))
+        to_backend = pipelined + inbox.take_buffered()
+        if to_backend:
+            backend.transport.write(to_backend)
+        to_client = ready.leftover + backend.take_buffered()
+        if to_client:
+            inbox.transport.write(to_client)
+        inbox.transport.resume_reading()
+        return True
+
+    def _ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.cancel_map.release(session.cancel_pid)
+        self.metrics.session_finished(session)
+        self._release_slot(session.job_id)
+        if not self.sessions:
+            self._drained.set()
+
+    def _release_slot(self, job_id: str) -> None:
+        self._job_slots[job_id] -= 1
+        if not self._job_slots[job_id]:
+            del self._job_slots[job_id]
+
+    # --- cancel --------------------------------------------------------------
+
+    async def _forward_cancel(self, request: pg.CancelRequest) -> None:
+        target = self.cancel_map.lookup(request.pid, request.secret)
+        if target is None:
+            self.metrics.cancels.labels("unknown_key").inc()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                _, backend = await loop.create_connection(Inbox, target.host, target.port)
+                backend.write(pg.cancel_request(target.pid, target.secret))
+                # Postgres closes the connection once it has read the request.
+                with contextlib.suppress(ConnectionClosed):
+                    await backend.read()
+                backend.close()
+        except (OSError, TimeoutError) as exc:
+            self.metrics.cancels.labels("failed").inc()
+            log.warning("cancel to %s:%s failed: %s", target.host, target.port, exc)
+            return
+        self.metrics.cancels.labels("forwarded").inc()
+
+
