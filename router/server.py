@@ -14,7 +14,7 @@ import ssl
 from collections import Counter
 from dataclasses import dataclass
 
-from router import errors
+from router import errors, tcp_info
 from router import protocol as pg
 from router.backend_handshake import (
     BackendAuthFailed,
@@ -59,7 +59,7 @@ class RouterConfig:
 class Session:
     """A spliced client/backend pair."""
 
-    __slots__ = ("backend_pid", "cancel_pid", "job", "pipes", "user")
+    __slots__ = ("_final_bytes", "backend_pid", "cancel_pid", "job", "pipes", "user")
 
     def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int) -> None:
         self.job = job
@@ -67,15 +67,27 @@ class Session:
         self.cancel_pid = cancel_pid
         self.backend_pid = backend_pid
         self.pipes: tuple[Pipe, Pipe] | None = None
+        self._final_bytes: tuple[int, int] | None = None
 
     @property
     def job_id(self) -> str:
         return self.job.job_id
 
     def byte_counts(self) -> tuple[int, int]:
+        """(bytes from the client, bytes to the client), as the kernel counted them."""
+        if self._final_bytes is not None:
+            return self._final_bytes
         if self.pipes is None:
             return 0, 0
-        return self.pipes[0].nbytes, self.pipes[1].nbytes
+        return tcp_info.socket_bytes(self.pipes[0].transport) or (0, 0)
+
+    def freeze_bytes(self, survivor: Pipe) -> None:
+        """Record final counts from whichever socket is still open."""
+        assert self.pipes is not None
+        counts = tcp_info.socket_bytes(survivor.transport) or (0, 0)
+        if survivor is self.pipes[1]:  # backend socket: its sent bytes came from the client
+            counts = (counts[1], counts[0])
+        self._final_bytes = counts
 
     def close(self) -> None:
         if self.pipes is not None:
@@ -369,7 +381,9 @@ class Router:
         self.sessions.add(session)
         self._drained.clear()
         assert inbox.transport is not None and backend.transport is not None
-        session.pipes = splice(inbox.transport, backend.transport, lambda: self._ended(session))
+        session.pipes = splice(
+            inbox.transport, backend.transport, lambda survivor: self._ended(session, survivor)
+        )
         to_backend = pipelined + inbox.take_buffered()
         if to_backend:
             backend.transport.write(to_backend)
@@ -379,7 +393,8 @@ class Router:
         inbox.transport.resume_reading()
         return True
 
-    def _ended(self, session: Session) -> None:
+    def _ended(self, session: Session, survivor: Pipe) -> None:
+        session.freeze_bytes(survivor)
         self.sessions.discard(session)
         self.cancel_map.release(session.cancel_pid)
         self.metrics.session_finished(session)
