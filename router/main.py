@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 
 import uvloop
@@ -70,8 +71,16 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     return config
 
 
+def raise_fd_limit() -> None:
+    """Each session holds two sockets; lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    raise_fd_limit()
     try:
         routes = load_routes(args.routes)
     except RouteFileError as exc:

@@ -1,0 +1,3 @@
+from jobmesh.cli import main
+
+main()
