@@ -170,6 +170,10 @@ class Router:
             inbox.close()
         except asyncio.CancelledError:
             self._reject(inbox, errors.shutting_down())
+        except Exception:  # a bug: the client still gets a proper error
+            log.exception("internal error while serving a client")
+            self._reject(inbox, ClientError("XX000", "internal error in the router",
+                                            "This is a jobmesh bug; the router log has details."))
 
     def _reject(self, inbox: Inbox, exc: ClientError) -> None:
         self.metrics.errors.labels(exc.sqlstate).inc()
@@ -313,31 +317,29 @@ class Router:
         started = loop.time()
         handshake = BackendHandshake(job.user, job.database, job.password, params)
         backend: Inbox | None = None
+        spliced = False
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 _, backend = await loop.create_connection(Inbox, job.host, job.port)
                 backend.write(handshake.startup_bytes())
                 ready, key = await self._backend_login(inbox, backend, handshake)
+            if ready is None:  # the backend said no; its ErrorResponse was relayed
+                inbox.close()
+                return False
+            self.metrics.backend_connect.observe(loop.time() - started)
+            spliced = self._splice(inbox, backend, job, user, ready, key, pipelined)
+            return spliced
         except (OSError, ConnectionClosed) as exc:
-            if backend is not None:
-                backend.close()
             detail = getattr(exc, "strerror", None) or "connection closed during login"
             raise errors.unreachable(job.job_id, f"{job.host}:{job.port}: {detail}") from exc
         except TimeoutError as exc:
-            if backend is not None:
-                backend.close()
             raise errors.unreachable(job.job_id, "timed out logging in") from exc
         except (BackendAuthFailed, pg.ProtocolViolation) as exc:
-            assert backend is not None
-            backend.close()
             log.warning("job %s: backend login failed: %s", job.job_id, exc)
             raise errors.unreachable(job.job_id, "the router's backend login failed") from exc
-        if ready is None:  # the backend said no; its ErrorResponse was relayed
-            backend.close()
-            inbox.close()
-            return False
-        self.metrics.backend_connect.observe(loop.time() - started)
-        return self._splice(inbox, backend, job, user, ready, key, pipelined)
+        finally:
+            if backend is not None and not spliced:
+                backend.close()
 
     async def _backend_login(
         self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake
