@@ -4,6 +4,10 @@ Clients get a BackendKeyData the router made up, never the backend's own,
 so a CancelRequest must come back through the router, which forwards it to
 the right Postgres with the real key. Keys are looked up by pid and the
 secret is compared in constant time, as Postgres does.
+
+With several worker processes sharing one listening socket, a CancelRequest
+may reach a worker other than the one holding the session. The issuing
+worker is therefore encoded in the pid: ``pid % workers == worker``.
 """
 
 from __future__ import annotations
@@ -24,18 +28,28 @@ class BackendKey:
 
 
 class CancelMap:
-    def __init__(self) -> None:
-        self._next_pid = secrets.randbelow(_PID_LIMIT - 1) + 1
+    def __init__(self, worker: int = 0, workers: int = 1) -> None:
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} out of range for {workers} workers")
+        self.worker = worker
+        self.workers = workers
+        self._seq = secrets.randbelow(_PID_LIMIT // workers - 1) + 1
         self._entries: dict[int, tuple[int, BackendKey]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def owner(self, pid: int) -> int:
+        """The worker that issued ``pid``."""
+        return pid % self.workers
+
     def issue(self, backend: BackendKey) -> tuple[int, int]:
         """A fresh (pid, secret) for the client, remembered until released."""
         while True:
-            pid = self._next_pid
-            self._next_pid = pid + 1 if pid + 1 < _PID_LIMIT else 1
+            pid = self._seq * self.workers + self.worker
+            self._seq += 1
+            if self._seq * self.workers >= _PID_LIMIT:
+                self._seq = 1
             if pid not in self._entries:
                 break
         secret = secrets.randbits(32)

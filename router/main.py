@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import resource
 import signal
@@ -13,6 +15,7 @@ from prometheus_client import start_http_server
 
 from router.routes import RouteFileError, RouteTable, load_routes
 from router.server import Router, RouterConfig
+from router.supervisor import Supervisor
 from router.tls import TLSConfigError, server_context
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="worker processes sharing the listener (default 1; one per core uses every core)",
+    )
+    # Set by the supervisor for its workers; not for people.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--control-dir", help=argparse.SUPPRESS)
 
 
 def parse_hostport(value: str, flag: str) -> tuple[str, int]:
@@ -58,7 +69,13 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         startup_timeout=args.startup_timeout,
         connect_timeout=args.connect_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        workers=args.workers,
+        worker_index=args.worker_index or 0,
+        listen_fd=args.listen_fd,
+        control_dir=args.control_dir,
     )
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers must be between 1 and 64")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_cert:
@@ -86,12 +103,34 @@ def run(args: argparse.Namespace) -> int:
     except RouteFileError as exc:
         raise UsageError(str(exc)) from exc
     metrics_at = parse_hostport(args.metrics, "--metrics") if args.metrics else None
+    if args.worker_index is not None:
+        _die_with_parent()
+        uvloop.run(_serve(config, routes, args.routes, None, worker=True))
+        return 0
+    if config.workers > 1:
+        supervisor = Supervisor(args.argv, config.workers, config.host, config.port, metrics_at)
+        try:
+            return supervisor.run()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
     uvloop.run(_serve(config, routes, args.routes, metrics_at))
     return 0
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive its supervisor (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+
+
 async def _serve(
-    config: RouterConfig, routes: RouteTable, routes_path: str, metrics_at: tuple[str, int] | None
+    config: RouterConfig,
+    routes: RouteTable,
+    routes_path: str,
+    metrics_at: tuple[str, int] | None,
+    *,
+    worker: bool = False,
 ) -> None:
     router = Router(config, routes)
     try:
@@ -109,10 +148,14 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, _reload, router, routes_path)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log.info(
-        "router listening on %s:%d (%d jobs, %d users)",
-        config.host, router.port, len(routes.jobs), len(routes.users),
-    )
+    if worker:
+        log.info("router worker %d/%d serving", config.worker_index, config.workers)
+        print("ready", flush=True)  # the supervisor waits for this line
+    else:
+        log.info(
+            "router listening on %s:%d (%d jobs, %d users)",
+            config.host, router.port, len(routes.jobs), len(routes.users),
+        )
     await stop.wait()
     log.info("shutting down: waiting up to %.0fs for %d sessions",
              config.shutdown_timeout, len(router.sessions))

@@ -288,9 +288,11 @@ def ready_for_query(status: bytes = b"I") -> bytes:
     return message(b"Z", status)
 
 
-def negotiate_protocol_version(minor: int, unsupported: Iterable[str]) -> bytes:
+def negotiate_protocol_version(version: int, unsupported: Iterable[str]) -> bytes:
+    """NegotiateProtocolVersion. Postgres sends the full newest version code
+    (``3 << 16 | minor``), not the bare minor the docs describe; libpq 18 reads it so."""
     names = list(unsupported)
-    body = _I32.pack(minor) + _I32.pack(len(names)) + b"".join(_cstr(n) for n in names)
+    body = _I32.pack(version) + _I32.pack(len(names)) + b"".join(_cstr(n) for n in names)
     return message(b"v", body)
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-from router import errors, tcp_info
+from prometheus_client import generate_latest
+
+from router import errors, peers, tcp_info
 from router import protocol as pg
 from router.backend_handshake import (
     BackendAuthFailed,
@@ -34,6 +37,7 @@ from router.inbox import ConnectionClosed, Inbox
 from router.metrics import RouterMetrics
 from router.routes import ADMIN_DATABASE, JobRoute, Principal, RouteTable, job_id_from_database
 from router.shutdown import terminate_backends
+from router.slots import LocalSlots, SharedSlots, Slots
 from router.splice import Pipe, splice
 
 log = logging.getLogger(__name__)
@@ -54,18 +58,26 @@ class RouterConfig:
     startup_timeout: float = 10.0
     connect_timeout: float = 10.0
     shutdown_timeout: float = 30.0
+    # Worker mode (see supervisor.py): a socket inherited from the supervisor,
+    # this worker's index, and the control directory the workers share.
+    workers: int = 1
+    worker_index: int = 0
+    listen_fd: int | None = None
+    control_dir: str | None = None
 
 
 class Session:
     """A spliced client/backend pair."""
 
-    __slots__ = ("_final_bytes", "backend_pid", "cancel_pid", "job", "pipes", "user")
+    __slots__ = ("_final_bytes", "backend_pid", "cancel_pid", "job", "pipes", "slot", "user")
 
-    def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int) -> None:
+    def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int,
+                 slot: object | None) -> None:
         self.job = job
         self.user = user
         self.cancel_pid = cancel_pid
         self.backend_pid = backend_pid
+        self.slot = slot
         self.pipes: tuple[Pipe, Pipe] | None = None
         self._final_bytes: tuple[int, int] | None = None
 
@@ -99,10 +111,15 @@ class Router:
     def __init__(self, config: RouterConfig, routes: RouteTable) -> None:
         self.config = config
         self.routes = routes
-        self.cancel_map = CancelMap()
+        self.cancel_map = CancelMap(config.worker_index, config.workers)
         self.sessions: set[Session] = set()
         self.metrics = RouterMetrics(lambda: self.sessions)
-        self._job_slots: Counter[str] = Counter()
+        self.slots: Slots = (
+            SharedSlots(Path(config.control_dir) / "slots") if config.control_dir else LocalSlots()
+        )
+        # Each worker takes its share of the global client limit.
+        self._max_clients = -(-config.max_client_conn // config.workers)
+        self._control: asyncio.Server | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._mock = MockVerifiers()
         self._server: asyncio.Server | None = None
@@ -114,9 +131,20 @@ class Router:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._new_inbox, self.config.host, self.config.port, backlog=4096
-        )
+        if self.config.listen_fd is not None:
+            sock = socket.socket(fileno=self.config.listen_fd)
+            self._server = await loop.create_server(self._new_inbox, sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(
+                self._new_inbox, self.config.host, self.config.port, backlog=4096
+            )
+        if self.config.control_dir is not None:
+            self._control = await peers.serve_control(
+                self.config.control_dir,
+                self.config.worker_index,
+                self._cancel_here,
+                lambda: generate_latest(self.metrics.registry),
+            )
 
     @property
     def port(self) -> int:
@@ -146,6 +174,8 @@ class Router:
             task.cancel()
         if self._handshakes:
             await asyncio.wait(self._handshakes, timeout=5)
+        if self._control is not None:
+            self._control.close()
 
     def _new_inbox(self) -> Inbox:
         inbox = Inbox()
@@ -194,23 +224,25 @@ class Router:
             raise errors.unknown_job(job_id)
         if not principal.may_access(job_id):
             raise errors.not_granted(user, job_id)
-        if job.max_connections is not None and self._job_slots[job_id] >= job.max_connections:
-            raise errors.too_many(
-                f"job {job_id} allows {job.max_connections}",
-                "Close idle connections to this job or raise its max_connections.",
-            )
         if self._stopping:
             raise errors.shutting_down()
+        slot = None
+        if job.max_connections is not None:
+            slot = self.slots.acquire(job_id, job.max_connections)
+            if slot is None:
+                raise errors.too_many(
+                    f"job {job_id} allows {job.max_connections}",
+                    "Close idle connections to this job or raise its max_connections.",
+                )
         pipelined = hs.authenticated()
         inbox.write(pg.auth_ok())
         inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
-        self._job_slots[job_id] += 1  # handed to the session once spliced
         spliced = False
         try:
-            spliced = await self._connect_backend(inbox, job, user, params, pipelined)
+            spliced = await self._connect_backend(inbox, job, user, params, pipelined, slot)
         finally:
-            if not spliced:
-                self._release_slot(job_id)
+            if not spliced and slot is not None:
+                self.slots.release(slot)
 
     async def _next(self, inbox: Inbox, hs: ClientHandshake) -> object:
         while (event := hs.next_event()) is None:
@@ -250,7 +282,7 @@ class Router:
     ) -> tuple[str, str, dict[str, str]]:
         if self.config.require_tls and not tls:
             raise errors.tls_required()
-        if len(self._handshakes) + len(self.sessions) > self.config.max_client_conn:
+        if len(self._handshakes) + len(self.sessions) > self._max_clients:
             raise errors.too_many(
                 f"max_client_conn={self.config.max_client_conn}",
                 "Close idle connections or raise --max-client-conn.",
@@ -277,7 +309,7 @@ class Router:
             raise errors.invalid_database(database)
         unsupported = [k for k in params if k.startswith("_pq_.")]
         if startup.minor > 0 or unsupported:
-            inbox.write(pg.negotiate_protocol_version(0, unsupported))
+            inbox.write(pg.negotiate_protocol_version(pg.PROTOCOL_3_0, unsupported))
         forwarded = {
             k: v for k, v in params.items() if k not in _NOT_FORWARDED and k not in unsupported
         }
@@ -311,7 +343,13 @@ class Router:
         return principal
 
     async def _connect_backend(
-        self, inbox: Inbox, job: JobRoute, user: str, params: dict[str, str], pipelined: bytes
+        self,
+        inbox: Inbox,
+        job: JobRoute,
+        user: str,
+        params: dict[str, str],
+        pipelined: bytes,
+        slot: object | None,
     ) -> bool:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -327,7 +365,7 @@ class Router:
                 inbox.close()
                 return False
             self.metrics.backend_connect.observe(loop.time() - started)
-            spliced = self._splice(inbox, backend, job, user, ready, key, pipelined)
+            spliced = self._splice(inbox, backend, job, user, ready, key, pipelined, slot)
             return spliced
         except (OSError, ConnectionClosed) as exc:
             detail = getattr(exc, "strerror", None) or "connection closed during login"
@@ -372,6 +410,7 @@ class Router:
         ready: Ready,
         key: KeyData,
         pipelined: bytes,
+        slot: object | None,
     ) -> bool:
         if inbox.closed or backend.closed:
             inbox.close()
@@ -379,7 +418,7 @@ class Router:
             return False
         pid, secret = self.cancel_map.issue(BackendKey(job.host, job.port, key.pid, key.secret))
         inbox.write(pg.backend_key_data(pid, secret) + pg.ready_for_query(ready.status))
-        session = Session(job, user, pid, key.pid)
+        session = Session(job, user, pid, key.pid, slot)
         self.sessions.add(session)
         self._drained.clear()
         assert inbox.transport is not None and backend.transport is not None
@@ -400,19 +439,28 @@ class Router:
         self.sessions.discard(session)
         self.cancel_map.release(session.cancel_pid)
         self.metrics.session_finished(session)
-        self._release_slot(session.job_id)
+        if session.slot is not None:
+            self.slots.release(session.slot)
         if not self.sessions:
             self._drained.set()
-
-    def _release_slot(self, job_id: str) -> None:
-        self._job_slots[job_id] -= 1
-        if not self._job_slots[job_id]:
-            del self._job_slots[job_id]
 
     # --- cancel --------------------------------------------------------------
 
     async def _forward_cancel(self, request: pg.CancelRequest) -> None:
-        target = self.cancel_map.lookup(request.pid, request.secret)
+        owner = self.cancel_map.owner(request.pid)
+        if owner != self.config.worker_index and self.config.control_dir is not None:
+            try:
+                await peers.forward_cancel(
+                    self.config.control_dir, owner, request.pid, request.secret
+                )
+            except OSError as exc:
+                self.metrics.cancels.labels("failed").inc()
+                log.warning("cancel could not reach router worker %d: %s", owner, exc)
+            return
+        await self._cancel_here(request.pid, request.secret)
+
+    async def _cancel_here(self, pid: int, secret: int) -> None:
+        target = self.cancel_map.lookup(pid, secret)
         if target is None:
             self.metrics.cancels.labels("unknown_key").inc()
             return
