@@ -17,9 +17,10 @@ from pathlib import Path
 import uvloop
 
 from agent.postgres import Instance, PostgresError, free_port
+from router.config import RouterConfig
 from router.main import UsageError
 from router.routes import load_routes
-from router.server import Router, RouterConfig
+from router.server import Router
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

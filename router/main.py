@@ -13,8 +13,9 @@ import signal
 import uvloop
 from prometheus_client import start_http_server
 
+from router.config import RouterConfig
 from router.routes import RouteFileError, RouteTable, load_routes
-from router.server import Router, RouterConfig
+from router.server import Router
 from router.supervisor import Supervisor
 from router.tls import TLSConfigError, server_context
 

@@ -8,16 +8,14 @@ between them and sockets and keeps the books (sessions, limits, cancel keys).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from router import errors, peers, tcp_info
+from router import errors, peers
 from router import protocol as pg
 from router.backend_handshake import (
     BackendAuthFailed,
@@ -28,14 +26,17 @@ from router.backend_handshake import (
     Relay,
     Send,
 )
+from router.cancel import Canceller
 from router.cancel_map import BackendKey, CancelMap
 from router.client_auth import CleartextExchange, Exchange, ScramExchange
+from router.config import RouterConfig
 from router.credentials import MockVerifiers
 from router.errors import ClientError
 from router.handshake import AuthResponse, ClientHandshake, Terminated
 from router.inbox import ConnectionClosed, Inbox
 from router.metrics import RouterMetrics
 from router.routes import ADMIN_DATABASE, JobRoute, Principal, RouteTable, job_id_from_database
+from router.session import Session
 from router.shutdown import terminate_backends
 from router.slots import LocalSlots, SharedSlots, Slots
 from router.splice import Pipe, splice
@@ -46,67 +47,6 @@ log = logging.getLogger(__name__)
 _NOT_FORWARDED = {"user", "database", "replication"}
 
 
-@dataclass
-class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = 6432
-    tls: ssl.SSLContext | None = None
-    cert_pem: str | None = None  # for SCRAM channel binding (tls-server-end-point)
-    require_tls: bool = False
-    cleartext_over_tls: bool = False
-    max_client_conn: int = 10_000
-    startup_timeout: float = 10.0
-    connect_timeout: float = 10.0
-    shutdown_timeout: float = 30.0
-    # Worker mode (see supervisor.py): a socket inherited from the supervisor,
-    # this worker's index, and the control directory the workers share.
-    workers: int = 1
-    worker_index: int = 0
-    listen_fd: int | None = None
-    control_dir: str | None = None
-
-
-class Session:
-    """A spliced client/backend pair."""
-
-    __slots__ = ("_final_bytes", "backend_pid", "cancel_pid", "job", "pipes", "slot", "user")
-
-    def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int,
-                 slot: object | None) -> None:
-        self.job = job
-        self.user = user
-        self.cancel_pid = cancel_pid
-        self.backend_pid = backend_pid
-        self.slot = slot
-        self.pipes: tuple[Pipe, Pipe] | None = None
-        self._final_bytes: tuple[int, int] | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self.job.job_id
-
-    def byte_counts(self) -> tuple[int, int]:
-        """(bytes from the client, bytes to the client), as the kernel counted them."""
-        if self._final_bytes is not None:
-            return self._final_bytes
-        if self.pipes is None:
-            return 0, 0
-        return tcp_info.socket_bytes(self.pipes[0].transport) or (0, 0)
-
-    def freeze_bytes(self, survivor: Pipe) -> None:
-        """Record final counts from whichever socket is still open."""
-        assert self.pipes is not None
-        counts = tcp_info.socket_bytes(survivor.transport) or (0, 0)
-        if survivor is self.pipes[1]:  # backend socket: its sent bytes came from the client
-            counts = (counts[1], counts[0])
-        self._final_bytes = counts
-
-    def close(self) -> None:
-        if self.pipes is not None:
-            self.pipes[0].transport.close()
-            self.pipes[1].transport.close()
-
-
 class Router:
     def __init__(self, config: RouterConfig, routes: RouteTable) -> None:
         self.config = config
@@ -114,6 +54,7 @@ class Router:
         self.cancel_map = CancelMap(config.worker_index, config.workers)
         self.sessions: set[Session] = set()
         self.metrics = RouterMetrics(lambda: self.sessions)
+        self.canceller = Canceller(self.cancel_map, config, self.metrics)
         self.slots: Slots = (
             SharedSlots(Path(config.control_dir) / "slots") if config.control_dir else LocalSlots()
         )
@@ -142,7 +83,7 @@ class Router:
             self._control = await peers.serve_control(
                 self.config.control_dir,
                 self.config.worker_index,
-                self._cancel_here,
+                self.canceller.cancel_here,
                 lambda: generate_latest(self.metrics.registry),
             )
 
@@ -270,7 +211,7 @@ class Router:
             elif isinstance(event, pg.GSSENCRequest):
                 inbox.write(b"N")
             elif isinstance(event, pg.CancelRequest):
-                await self._forward_cancel(event)
+                await self.canceller.handle(event.pid, event.secret)
                 inbox.close()
                 return None, tls
             else:
@@ -443,40 +384,3 @@ class Router:
             self.slots.release(session.slot)
         if not self.sessions:
             self._drained.set()
-
-    # --- cancel --------------------------------------------------------------
-
-    async def _forward_cancel(self, request: pg.CancelRequest) -> None:
-        owner = self.cancel_map.owner(request.pid)
-        if owner != self.config.worker_index and self.config.control_dir is not None:
-            try:
-                await peers.forward_cancel(
-                    self.config.control_dir, owner, request.pid, request.secret
-                )
-            except OSError as exc:
-                self.metrics.cancels.labels("failed").inc()
-                log.warning("cancel could not reach router worker %d: %s", owner, exc)
-            return
-        await self._cancel_here(request.pid, request.secret)
-
-    async def _cancel_here(self, pid: int, secret: int) -> None:
-        target = self.cancel_map.lookup(pid, secret)
-        if target is None:
-            self.metrics.cancels.labels("unknown_key").inc()
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                _, backend = await loop.create_connection(Inbox, target.host, target.port)
-                backend.write(pg.cancel_request(target.pid, target.secret))
-                # Postgres closes the connection once it has read the request.
-                with contextlib.suppress(ConnectionClosed):
-                    await backend.read()
-                backend.close()
-        except (OSError, TimeoutError) as exc:
-            self.metrics.cancels.labels("failed").inc()
-            log.warning("cancel to %s:%s failed: %s", target.host, target.port, exc)
-            return
-        self.metrics.cancels.labels("forwarded").inc()
-
-

@@ -1,0 +1,26 @@
+"""The router's settings, as flags (``router.main``) or code (tests, ``jobmesh demo``) set them."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 6432
+    tls: ssl.SSLContext | None = None
+    cert_pem: str | None = None  # for SCRAM channel binding (tls-server-end-point)
+    require_tls: bool = False
+    cleartext_over_tls: bool = False
+    max_client_conn: int = 10_000
+    startup_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    shutdown_timeout: float = 30.0
+    # Worker mode (see supervisor.py): a socket inherited from the supervisor,
+    # this worker's index, and the control directory the workers share.
+    workers: int = 1
+    worker_index: int = 0
+    listen_fd: int | None = None
+    control_dir: str | None = None
