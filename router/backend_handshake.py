@@ -151,8 +151,11 @@ class BackendHandshake:
         offered = [m for m in mechanisms if m == "SCRAM-SHA-256"]
         if not offered:
             raise BackendAuthFailed(f"backend offers no usable SASL mechanism: {mechanisms}")
-        self._scram = ScramClient(offered, self._user, self._need_password())
-        first = self._scram.get_client_first().encode()
+        try:
+            self._scram = ScramClient(offered, self._user, self._need_password())
+            first = self._scram.get_client_first().encode()
+        except ScramException as exc:
+            raise BackendAuthFailed(f"cannot start SCRAM with the route's password: {exc}") from exc
         return pg.sasl_initial_response(offered[0], first)
 
     def _scram_final(self, payload: bytes) -> bytes:
@@ -161,7 +164,7 @@ class BackendHandshake:
         try:
             self._scram.set_server_first(payload.decode())
             return pg.password_message(self._scram.get_client_final().encode())
-        except ScramException as exc:
+        except (ScramException, UnicodeDecodeError) as exc:
             raise BackendAuthFailed(f"SCRAM with the backend failed: {exc}") from exc
 
     def _scram_verify(self, payload: bytes) -> None:
@@ -169,5 +172,5 @@ class BackendHandshake:
             raise pg.ProtocolViolation("SASLFinal before SASL started")
         try:
             self._scram.set_server_final(payload.decode())
-        except ScramException as exc:
+        except (ScramException, UnicodeDecodeError) as exc:
             raise BackendAuthFailed(f"backend's SCRAM signature is wrong: {exc}") from exc

@@ -56,7 +56,10 @@ class ScramExchange:
         mechanism, data = pg.decode_sasl_initial_response(body)
         if mechanism not in self.mechanisms():
             raise pg.ProtocolViolation(f"client selected an invalid SASL mechanism {mechanism!r}")
-        binding = self._binding if mechanism.endswith("-PLUS") else None
+        # Over TLS the binding is given to scramp even for plain SCRAM-SHA-256,
+        # so a client-first flagged "y" (client could bind but believes the
+        # server cannot) is rejected: that is a downgrade attack (RFC 5802).
+        binding = self._binding
         auth_info = self._verifier.as_auth_info()
         self._server = ScramMechanism(mechanism).make_server(
             lambda _username: auth_info, channel_binding=binding
@@ -97,7 +100,10 @@ class CleartextExchange:
 
     def step(self, body: bytes) -> Step:
         password = pg.decode_password(body)
-        ok = self._exists and self._verifier.matches(password)
+        try:
+            ok = self._exists and self._verifier.matches(password)
+        except ScramException:  # e.g. a password SASLprep refuses
+            ok = False
         return Step(b"", done=True, ok=ok)
 
 

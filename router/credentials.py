@@ -80,7 +80,8 @@ def parse_verifier(text: str) -> ScramVerifier:
         if isinstance(exc, InvalidVerifier):
             raise
         raise InvalidVerifier("not a SCRAM-SHA-256 verifier") from exc
-    if iterations < 4096 or len(stored_key) != 32 or len(server_key) != 32 or not salt:
+    keys_ok = len(stored_key) == 32 and len(server_key) == 32
+    if not 4096 <= iterations <= 10_000_000 or not keys_ok or not salt:
         raise InvalidVerifier("SCRAM-SHA-256 verifier has out-of-range fields")
     return ScramVerifier(salt, stored_key, server_key, iterations)
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scramp import ScramException
+
 from router.credentials import InvalidVerifier, ScramVerifier, credential_from_config
 
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -87,6 +89,8 @@ def load_routes(path: str | Path) -> RouteTable:
         raise RouteFileError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RouteFileError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RouteFileError(f"{path}: not UTF-8 text") from exc
     return parse_routes(doc, str(path))
 
 
@@ -133,6 +137,8 @@ def _parse_user(name: str, raw: Any, where: str) -> Principal:
         verifier = credential_from_config(password)
     except InvalidVerifier as exc:
         raise RouteFileError(f"{at}.password: {exc}") from exc
+    except ScramException as exc:
+        raise RouteFileError(f"{at}.password: not usable for SCRAM ({exc})") from exc
     jobs = t.get("jobs", [])
     if jobs == "*":
         jobs = ["*"]

@@ -28,7 +28,7 @@ def _start_sleep_and_cancel(router) -> None:
         def sleeper() -> None:
             try:
                 conn.execute("select pg_sleep(30)")
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            except BaseException as exc:  # handed to the test thread
                 errors.append(exc)
 
         t = threading.Thread(target=sleeper)

@@ -1,0 +1,304 @@
+"""The route file, and the router's cancel-key map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from router.cancel_map import BackendKey, CancelMap
+from router.credentials import make_verifier
+from router.routes import (
+    JobRoute,
+    RouteFileError,
+    job_id_from_database,
+    load_routes,
+    parse_routes,
+)
+
+EXAMPLE = """
+[jobs.alpha]              # clients connect with dbname=job_alpha
+host = "127.0.0.1"
+port = 5433
+database = "postgres"     # optional; default job_alpha
+user = "postgres"         # the role the router logs in to the backend as
+password = "pw"           # optional
+max_connections = 100     # optional per-job client limit
+
+[users.alice]
+password = "s3cret"       # plain text or a SCRAM-SHA-256$... verifier
+jobs = ["alpha"]          # job ids, or "*"
+"""
+
+JOB = {"host": "h", "port": 5432, "user": "postgres"}
+
+
+def write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "routes.toml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def rejects(doc: dict, key: str) -> None:
+    """parse_routes refuses ``doc`` with a message naming ``key``."""
+    with pytest.raises(RouteFileError, match=re.escape(key)):
+        parse_routes(doc)
+
+
+# --- the example file -------------------------------------------------------------
+
+
+def test_example_file_loads_its_job(tmp_path):
+    table = load_routes(write(tmp_path, EXAMPLE))
+    assert table.job("alpha") == JobRoute(
+        job_id="alpha", host="127.0.0.1", port=5433, database="postgres", user="postgres",
+        password="pw", max_connections=100,
+    )
+
+
+def test_example_file_loads_its_user_with_a_verifier_not_the_password(tmp_path):
+    alice = load_routes(write(tmp_path, EXAMPLE)).user("alice")
+    assert alice.name == "alice"
+    assert alice.verifier.matches("s3cret")
+    assert not alice.verifier.matches("wrong")
+    assert alice.jobs == frozenset({"alpha"})
+
+
+def test_unknown_job_and_user_are_absent():
+    table = parse_routes({"jobs": {"alpha": JOB}})
+    assert table.job("beta") is None
+    assert table.user("alice") is None
+
+
+def test_empty_document_has_no_jobs_and_no_users():
+    table = parse_routes({})
+    assert (table.jobs, table.users) == ({}, {})
+
+
+# --- defaults and grants -------------------------------------------------------------
+
+
+def test_database_defaults_to_job_prefix_and_id():
+    assert parse_routes({"jobs": {"alpha": JOB}}).job("alpha").database == "job_alpha"
+
+
+def test_optional_job_fields_default_to_none():
+    job = parse_routes({"jobs": {"alpha": JOB}}).job("alpha")
+    assert (job.password, job.max_connections) == (None, None)
+
+
+def test_user_without_jobs_may_access_nothing():
+    bob = parse_routes({"users": {"bob": {"password": "x"}}}).user("bob")
+    assert bob.jobs == frozenset()
+    assert not bob.may_access("alpha")
+
+
+def test_user_with_star_may_access_every_job():
+    root = parse_routes({"users": {"root": {"password": "x", "jobs": "*"}}}).user("root")
+    assert root.may_access("alpha") and root.may_access("zeta-9")
+
+
+def test_user_with_a_list_may_access_only_the_listed_jobs():
+    alice = parse_routes({"users": {"alice": {"password": "x", "jobs": ["a", "b"]}}}).user("alice")
+    assert alice.may_access("a") and alice.may_access("b")
+    assert not alice.may_access("c")
+
+
+def test_user_password_given_as_a_verifier_is_used_as_is():
+    verifier = make_verifier("s3cret")
+    alice = parse_routes({"users": {"alice": {"password": str(verifier)}}}).user("alice")
+    assert alice.verifier == verifier
+
+
+# --- validation names the key at fault ---------------------------------------------
+
+
+def test_unknown_top_level_section_is_named():
+    rejects({"jobs": {}, "groups": {}}, "groups")
+
+
+def test_jobs_that_is_not_a_table_is_named():
+    rejects({"jobs": ["alpha"]}, "[jobs]")
+
+
+def test_job_that_is_not_a_table_is_named():
+    rejects({"jobs": {"alpha": "127.0.0.1"}}, "jobs.alpha")
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_out_of_range_port_is_named(port):
+    rejects({"jobs": {"alpha": {**JOB, "port": port}}}, "jobs.alpha.port")
+
+
+@pytest.mark.parametrize("port", [True, "5432", 5432.0])
+def test_port_that_is_not_an_integer_is_named(port):
+    with pytest.raises(RouteFileError, match=r"jobs\.alpha\.port: must be an integer"):
+        parse_routes({"jobs": {"alpha": {**JOB, "port": port}}})
+
+
+@pytest.mark.parametrize("key", ["host", "port", "user"])
+def test_missing_required_job_key_is_named(key):
+    job = {k: v for k, v in JOB.items() if k != key}
+    with pytest.raises(RouteFileError, match=re.escape(f"jobs.alpha.{key}: required")):
+        parse_routes({"jobs": {"alpha": job}})
+
+
+def test_unknown_job_key_is_named():
+    rejects({"jobs": {"alpha": {**JOB, "hostname": "x"}}}, "jobs.alpha: unknown key(s): hostname")
+
+
+def test_job_password_that_is_not_a_string_is_named():
+    rejects({"jobs": {"alpha": {**JOB, "password": 1234}}}, "jobs.alpha.password")
+
+
+@pytest.mark.parametrize("limit", [0, True])
+def test_bad_max_connections_is_named(limit):
+    rejects({"jobs": {"alpha": {**JOB, "max_connections": limit}}}, "jobs.alpha.max_connections")
+
+
+@pytest.mark.parametrize("job_id", ["Alpha", "-alpha", "_a", "a.b", "", "a" * 64])
+def test_bad_job_id_is_named(job_id):
+    rejects({"jobs": {job_id: JOB}}, f"jobs.{job_id}: job id must match")
+
+
+def test_longest_job_id_is_accepted():
+    assert parse_routes({"jobs": {"a" * 63: JOB}}).job("a" * 63) is not None
+
+
+def test_user_without_password_is_named():
+    rejects({"users": {"alice": {"jobs": ["alpha"]}}}, "users.alice.password: required")
+
+
+def test_unknown_user_key_is_named():
+    rejects({"users": {"alice": {"password": "x", "role": "admin"}}}, "users.alice: unknown key")
+
+
+def test_malformed_verifier_is_named():
+    rejects({"users": {"alice": {"password": "SCRAM-SHA-256$4096:nope"}}}, "users.alice.password")
+
+
+@pytest.mark.parametrize("jobs", ["alpha", [1], {"alpha": True}])
+def test_jobs_that_are_not_a_list_of_ids_or_star_are_named(jobs):
+    rejects({"users": {"alice": {"password": "x", "jobs": jobs}}}, "users.alice.jobs")
+
+
+def test_invalid_job_id_in_a_grant_is_named():
+    rejects({"users": {"alice": {"password": "x", "jobs": ["Alpha"]}}}, "users.alice.jobs: 'Alpha'")
+
+
+def test_plain_password_saslprep_rejects_loads_or_is_named():
+    # Postgres hashes such a password's raw bytes; naming the key is acceptable too.
+    try:
+        parse_routes({"users": {"alice": {"password": "bell\u0007"}}})
+    except RouteFileError as exc:
+        assert "users.alice.password" in str(exc)
+
+
+def test_invalid_toml_is_a_route_file_error_naming_the_file(tmp_path):
+    path = write(tmp_path, "[jobs.alpha\nport = 1\n")
+    with pytest.raises(RouteFileError, match=re.escape(f"{path}: not valid TOML")):
+        load_routes(path)
+
+
+def test_missing_file_is_a_route_file_error_naming_the_file(tmp_path):
+    path = tmp_path / "absent.toml"
+    with pytest.raises(RouteFileError, match=re.escape(f"{path}: cannot read")):
+        load_routes(path)
+
+
+def test_load_errors_name_the_file_and_the_key(tmp_path):
+    path = write(tmp_path, '[jobs.alpha]\nhost = "h"\nport = 0\nuser = "u"\n')
+    with pytest.raises(RouteFileError, match=re.escape(f"{path}: jobs.alpha.port")):
+        load_routes(path)
+
+
+def test_file_that_is_not_utf8_is_a_route_file_error(tmp_path):
+    path = write(tmp_path, b'[jobs.alpha]\nhost = "caf\xe9"\nport = 5432\nuser = "u"\n')
+    with pytest.raises(RouteFileError, match=re.escape(str(path))):
+        load_routes(path)
+
+
+# --- job_id_from_database ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "job_id"),
+    [("job_alpha", "alpha"), ("job_a-1_b", "a-1_b"), ("job_job_x", "job_x")],
+)
+def test_job_database_names_map_to_their_job_id(database, job_id):
+    assert job_id_from_database(database) == job_id
+
+
+@pytest.mark.parametrize("database", ["alpha", "job_", "job_Alpha", "JOB_alpha", "jobmesh",
+                                      "job_a.b", "postgres", "job_" + "a" * 64])
+def test_other_database_names_map_to_no_job(database):
+    assert job_id_from_database(database) is None
+
+
+# --- CancelMap ------------------------------------------------------------------------------
+
+KEY = BackendKey("10.0.0.5", 5432, pid=4242, secret=0xC0FFEE)
+
+
+def test_issued_key_looks_up_the_backend():
+    cancels = CancelMap()
+    pid, secret = cancels.issue(KEY)
+    assert cancels.lookup(pid, secret) == KEY
+
+
+def test_issued_key_is_not_the_backends_own():
+    pid, _ = CancelMap().issue(KEY)
+    assert pid != KEY.pid
+
+
+def test_issued_keys_fit_the_wire_format():
+    cancels = CancelMap()
+    for _ in range(100):
+        pid, secret = cancels.issue(KEY)
+        assert 0 < pid < 2**31
+        assert 0 <= secret < 2**32
+
+
+def test_each_issue_gets_a_distinct_pid():
+    cancels = CancelMap()
+    pids = {cancels.issue(KEY)[0] for _ in range(1000)}
+    assert len(pids) == 1000
+    assert len(cancels) == 1000
+
+
+def test_lookup_with_the_wrong_secret_finds_nothing():
+    cancels = CancelMap()
+    pid, secret = cancels.issue(KEY)
+    assert cancels.lookup(pid, secret ^ 1) is None
+    assert cancels.lookup(pid, (secret + 2**31) % 2**32) is None
+
+
+def test_lookup_of_an_unknown_pid_finds_nothing():
+    cancels = CancelMap()
+    pid, secret = cancels.issue(KEY)
+    assert cancels.lookup(pid + 1, secret) is None
+
+
+def test_released_key_no_longer_looks_up():
+    cancels = CancelMap()
+    pid, secret = cancels.issue(KEY)
+    cancels.release(pid)
+    assert cancels.lookup(pid, secret) is None
+    assert len(cancels) == 0
+
+
+def test_releasing_an_unknown_pid_is_harmless():
+    cancels = CancelMap()
+    cancels.release(12345)
+    assert len(cancels) == 0
+
+
+def test_keys_for_different_backends_stay_apart():
+    cancels = CancelMap()
+    other = BackendKey("10.0.0.6", 5433, pid=7, secret=8)
+    a, b = cancels.issue(KEY), cancels.issue(other)
+    assert (cancels.lookup(*a), cancels.lookup(*b)) == (KEY, other)
