@@ -7,6 +7,8 @@ totals of finished ones into the exposition at scrape time.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -49,7 +51,12 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.finished_bytes: Tally[tuple[str, str]] = Tally()
-        self.registry.register(_SessionCollector(sessions, self.finished_bytes))
+        self._collector = _SessionCollector(sessions, self.finished_bytes)
+        self.registry.register(self._collector)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sessions live on this loop; scrapes from other threads read them there."""
+        self._collector.loop = loop
 
     def session_finished(self, session: SessionView) -> None:
         rx, tx = session.byte_counts()
@@ -65,8 +72,27 @@ class _SessionCollector(Collector):
     ) -> None:
         self._sessions = sessions
         self._finished = finished
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def collect(self) -> Iterable[Metric]:
+        loop = self.loop
+        if loop is None or _running_loop() is loop:
+            yield from self._collect()
+            return
+        # prometheus_client serves scrapes from its own threads, while sessions
+        # come and go on the event loop: take the snapshot on the loop's thread.
+        done: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def snapshot() -> None:
+            try:
+                done.set_result(list(self._collect()))
+            except Exception as exc:  # handed to the scraping thread
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(snapshot)
+        yield from done.result(timeout=10)
+
+    def _collect(self) -> Iterable[Metric]:
         conns = GaugeMetricFamily(
             "jobmesh_router_client_connections",
             "Client connections spliced to a job's backend",
@@ -90,3 +116,10 @@ class _SessionCollector(Collector):
             nbytes.add_metric([job, direction], n)
         yield conns
         yield nbytes
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

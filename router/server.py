@@ -72,6 +72,7 @@ class Router:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.metrics.bind_loop(loop)
         if self.config.listen_fd is not None:
             sock = socket.socket(fileno=self.config.listen_fd)
             self._server = await loop.create_server(self._new_inbox, sock=sock, backlog=4096)
@@ -363,9 +364,9 @@ class Router:
         self.sessions.add(session)
         self._drained.clear()
         assert inbox.transport is not None and backend.transport is not None
-        session.pipes = splice(
+        session.spliced(splice(
             inbox.transport, backend.transport, lambda survivor: self._ended(session, survivor)
-        )
+        ))
         to_backend = pipelined + inbox.take_buffered()
         if to_backend:
             backend.transport.write(to_backend)

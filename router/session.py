@@ -10,7 +10,10 @@ from router.splice import Pipe
 class Session:
     """A spliced client/backend pair."""
 
-    __slots__ = ("_final_bytes", "backend_pid", "cancel_pid", "job", "pipes", "slot", "user")
+    __slots__ = (
+        "_at_splice", "_final", "_seen", "backend_pid", "cancel_pid", "job", "pipes", "slot",
+        "user",
+    )
 
     def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int,
                  slot: object | None) -> None:
@@ -20,29 +23,48 @@ class Session:
         self.backend_pid = backend_pid
         self.slot = slot
         self.pipes: tuple[Pipe, Pipe] | None = None
-        self._final_bytes: tuple[int, int] | None = None
+        # Counts are in "client socket" terms: bytes the client sent, bytes it acked.
+        self._at_splice: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+        self._seen = (0, 0)  # the highest counts reported so far: counters never go down
+        self._final: tuple[int, int] | None = None
 
     @property
     def job_id(self) -> str:
         return self.job.job_id
 
+    def spliced(self, pipes: tuple[Pipe, Pipe]) -> None:
+        self.pipes = pipes
+        client = tcp_info.socket_bytes(pipes[0].transport) or (0, 0)
+        backend = tcp_info.socket_bytes(pipes[1].transport) or (0, 0)
+        self._at_splice = (client, backend)
+
     def byte_counts(self) -> tuple[int, int]:
         """(bytes from the client, bytes to the client), as the kernel counted them."""
-        if self._final_bytes is not None:
-            return self._final_bytes
+        if self._final is not None:
+            return self._final
         if self.pipes is None:
-            return 0, 0
-        return tcp_info.socket_bytes(self.pipes[0].transport) or (0, 0)
+            return self._seen
+        counts = tcp_info.socket_bytes(self.pipes[0].transport)
+        if counts is not None:
+            self._seen = _at_least(counts, self._seen)
+        return self._seen
 
     def freeze_bytes(self, survivor: Pipe) -> None:
         """Record final counts from whichever socket is still open."""
         assert self.pipes is not None
-        counts = tcp_info.socket_bytes(survivor.transport) or (0, 0)
-        if survivor is self.pipes[1]:  # backend socket: its sent bytes came from the client
-            counts = (counts[1], counts[0])
-        self._final_bytes = counts
+        counts = tcp_info.socket_bytes(survivor.transport)
+        if counts is not None and survivor is self.pipes[1]:
+            # The client hung up first: what the backend socket moved since the
+            # splice is what was relayed, on top of the client's handshake bytes.
+            (c_rx, c_tx), (b_rx, b_tx) = self._at_splice
+            counts = (c_rx + counts[1] - b_tx, c_tx + counts[0] - b_rx)
+        self._final = _at_least(counts or (0, 0), self._seen)
 
     def close(self) -> None:
         if self.pipes is not None:
             self.pipes[0].transport.close()
             self.pipes[1].transport.close()
+
+
+def _at_least(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return max(a[0], b[0]), max(a[1], b[1])
