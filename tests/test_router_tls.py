@@ -15,8 +15,9 @@ import time
 import asyncpg
 import psycopg
 import pytest
-from conftest import SUPERUSER_PASSWORD, routes_toml
 from psycopg import errors as pgerrors
+
+from tests.conftest import SUPERUSER_PASSWORD, routes_toml
 
 CONNECT_TIMEOUT = 10
 

@@ -1,0 +1,226 @@
+"""The three peers of bench/proxy.py: one PostgreSQL 15, the jobmesh router and PgBouncer.
+
+Each ``start_*`` function registers its own cleanup on the ExitStack it is
+given, so whatever fails later (or Ctrl-C) still stops what was started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.postgres import Instance, free_port, give_to_postgres, os_user
+
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
+SUPERUSER_PASSWORD = "pw"
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-pw"
+DATABASE = "job_bench"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark failed; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where pgbench and asyncpg connect to, and as whom."""
+
+    name: str
+    port: int
+    user: str
+    password: str
+    host: str = "127.0.0.1"
+    dbname: str = DATABASE
+
+
+@dataclass
+class Server:
+    """A proxy process we started; ``log`` collects its stderr lines (router only)."""
+
+    peer: Peer
+    proc: subprocess.Popen[str]
+    log: list[str] = field(default_factory=list)
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if m is None:
+            raise BenchError(f"{self.peer.name}: no VmRSS for pid {self.proc.pid}")
+        return int(m.group(1))
+
+
+def ensure_pgbouncer() -> None:
+    """Install Debian's pgbouncer if missing, without letting the package start its service."""
+    if PGBOUNCER.exists():
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    policy = Path("/usr/sbin/policy-rc.d")
+    own_policy = not policy.exists()
+    if own_policy:  # the Debian way to say "do not start services from maintainer scripts"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "pgbouncer"]):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()
+                raise BenchError(f"{' '.join(cmd)} failed: {tail[-1] if tail else proc.returncode}")
+    finally:
+        if own_policy:
+            policy.unlink(missing_ok=True)
+    if not PGBOUNCER.exists():
+        raise BenchError(f"apt-get install pgbouncer did not provide {PGBOUNCER}")
+
+
+def make_workdir(stack: contextlib.ExitStack) -> Path:
+    """A temp dir the postgres OS user can enter, removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="jobmesh-bench-"))
+    stack.callback(shutil.rmtree, root, ignore_errors=True)
+    root.chmod(0o755)
+    give_to_postgres(root)
+    return root
+
+
+def start_postgres(stack: contextlib.ExitStack, root: Path, scale: int) -> tuple[Instance, Peer]:
+    inst = Instance(root / "pg", port=free_port(), settings={
+        "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+        "max_connections": "1200", "shared_buffers": "128MB",
+    })
+    inst.initdb(superuser_password=SUPERUSER_PASSWORD)
+    stack.callback(inst.stop_quietly)
+    inst.start()
+    inst.psql(f"CREATE DATABASE {DATABASE}")
+    peer = Peer("direct", inst.port, "postgres", SUPERUSER_PASSWORD)
+    run_client(["pgbench", "-i", "-q", "-s", str(scale), *conn_args(peer)], peer, timeout=600)
+    return inst, peer
+
+
+def conn_args(peer: Peer) -> list[str]:
+    return ["-h", peer.host, "-p", str(peer.port), "-U", peer.user, peer.dbname]
+
+
+def run_client(cmd: list[str], peer: Peer, timeout: float) -> str:
+    """Run pgbench/psql against a peer; returns stdout, raises BenchError with stderr's tail."""
+    env = {**os.environ, "PGPASSWORD": peer.password, "PGSSLMODE": "disable"}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{cmd[0]} against {peer.name} timed out after {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise BenchError(f"{cmd[0]} against {peer.name} exited {proc.returncode}: {tail}")
+    return proc.stdout
+
+
+def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Server:
+    routes = root / "routes.toml"
+    routes.write_text(
+        f'[jobs.bench]\nhost = "127.0.0.1"\nport = {pg.port}\nuser = "postgres"\n'
+        f'password = "{SUPERUSER_PASSWORD}"\n\n'
+        f'[users.{BENCH_USER}]\npassword = "{BENCH_PASSWORD}"\njobs = ["bench"]\n'
+    )
+    cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
+           "--routes", str(routes), "--shutdown-timeout", "5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(Peer("router", 0, BENCH_USER, BENCH_PASSWORD), proc)
+    stack.callback(stop_process, proc, signal.SIGTERM, 15)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc, lines, server.log), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if m := re.search(r"router listening on [\d.]+:(\d+)", line):
+            server.peer = Peer("router", int(m.group(1)), BENCH_USER, BENCH_PASSWORD)
+            return server
+    raise BenchError("router did not start; its log:\n" + "\n".join(server.log))
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str], log: list[str]) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        log.append(line.rstrip("\n"))
+        lines.put(line)
+
+
+def start_pgbouncer(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Server:
+    """Our own pgbouncer (never the Debian service), foreground, as the postgres OS user."""
+    d = root / "pgbouncer"
+    d.mkdir()
+    port = free_port()
+    (d / "userlist.txt").write_text(f'"{BENCH_USER}" "{BENCH_PASSWORD}"\n')
+    (d / "pgbouncer.ini").write_text(f"""\
+[databases]
+{DATABASE} = host=127.0.0.1 port={pg.port} dbname={DATABASE} user=postgres \
+password={SUPERUSER_PASSWORD}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {d}/userlist.txt
+pidfile = {d}/pgbouncer.pid
+logfile = {d}/pgbouncer.log
+pool_mode = session
+max_client_conn = 1200
+default_pool_size = 1100
+max_db_connections = 0
+log_connections = 0
+log_disconnections = 0
+ignore_startup_parameters = extra_float_digits
+""")
+    give_to_postgres(d)
+    stderr = (d / "stderr.log").open("w")
+    stack.callback(stderr.close)
+    proc = subprocess.Popen([str(PGBOUNCER), str(d / "pgbouncer.ini")], user=os_user(),
+                            cwd=d, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    stack.callback(stop_process, proc, signal.SIGTERM, 10)  # SIGTERM: immediate shutdown
+    peer = Peer("pgbouncer", port, BENCH_USER, BENCH_PASSWORD)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return Server(peer, proc)
+        time.sleep(0.1)
+    log = (d / "pgbouncer.log").read_text() if (d / "pgbouncer.log").exists() else ""
+    raise BenchError(f"pgbouncer did not start (exit {proc.poll()}):\n{log[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int, timeout: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def versions(pg: Instance) -> dict[str, str]:
+    pgb = subprocess.run([str(PGBOUNCER), "--version"], capture_output=True, text=True,
+                         check=False).stdout.splitlines()
+    return {
+        "postgres": pg.psql("SHOW server_version"),
+        "pgbouncer": pgb[0] if pgb else "unknown",
+        "pgbench": subprocess.run(["pgbench", "--version"], capture_output=True, text=True,
+                                  check=False).stdout.strip(),
+    }
