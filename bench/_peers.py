@@ -126,7 +126,8 @@ def run_client(cmd: list[str], peer: Peer, timeout: float) -> str:
     return proc.stdout
 
 
-def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Server:
+def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance, *,
+                 workers: int = 1, name: str = "router") -> Server:
     routes = root / "routes.toml"
     routes.write_text(
         f'[jobs.bench]\nhost = "127.0.0.1"\nport = {pg.port}\nuser = "postgres"\n'
@@ -134,10 +135,10 @@ def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Serve
         f'[users.{BENCH_USER}]\npassword = "{BENCH_PASSWORD}"\njobs = ["bench"]\n'
     )
     cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
-           "--routes", str(routes), "--shutdown-timeout", "5"]
+           "--routes", str(routes), "--shutdown-timeout", "5", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(Peer("router", 0, BENCH_USER, BENCH_PASSWORD), proc)
+    server = Server(Peer(name, 0, BENCH_USER, BENCH_PASSWORD), proc)
     stack.callback(stop_process, proc, signal.SIGTERM, 15)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_pump, args=(proc, lines, server.log), daemon=True).start()
@@ -150,7 +151,7 @@ def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Serve
                 break
             continue
         if m := re.search(r"router listening on [\d.]+:(\d+)", line):
-            server.peer = Peer("router", int(m.group(1)), BENCH_USER, BENCH_PASSWORD)
+            server.peer = Peer(name, int(m.group(1)), BENCH_USER, BENCH_PASSWORD)
             return server
     raise BenchError("router did not start; its log:\n" + "\n".join(server.log))
 
