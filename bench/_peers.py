@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.postgres import Instance, free_port, give_to_postgres, os_user
+from agent.postgres import Instance, bin_dir, free_port, give_to_postgres, os_user
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
+# pgbench and psql ship with the server binaries, whatever is on PATH.
+os.environ["PATH"] = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
 SUPERUSER_PASSWORD = "pw"
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-pw"
 DATABASE = "job_bench"

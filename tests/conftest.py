@@ -22,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.postgres import Instance, free_port, give_to_postgres
+from agent.postgres import Instance, bin_dir, free_port, give_to_postgres
 
 SUPERUSER_PASSWORD = "pw"
+
+# psql and pgbench come with the server binaries; use those even where no
+# Debian client package put them on PATH.
+os.environ["PATH"] = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
