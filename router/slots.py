@@ -42,7 +42,8 @@ class LocalSlots:
 class SharedSlots:
     def __init__(self, directory: str | Path) -> None:
         self._dir = Path(directory)
-        self._dir.mkdir(parents=True, exist_ok=True)
+        # Not parents=True: the control directory is the supervisor's to create.
+        self._dir.mkdir(exist_ok=True)
         self._fds: dict[tuple[str, int], int] = {}
         self._held: set[tuple[str, int]] = set()
 

@@ -71,12 +71,13 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(
             *self._worker_cmd(index), pass_fds=[self.sock.fileno()], stdout=asyncio.subprocess.PIPE
         )
+        # Known at once, so a SIGTERM during start-up reaches it and is waited for.
+        self.procs[index] = proc
         assert proc.stdout is not None
         line = await proc.stdout.readline()  # the worker prints "ready" once it serves
         if line.strip() != b"ready":
             await proc.wait()
             raise RuntimeError(f"router worker {index} failed to start (exit {proc.returncode})")
-        self.procs[index] = proc
 
     async def _main(self) -> int:
         await asyncio.gather(*(self._spawn(i) for i in range(self.workers)))
