@@ -7,6 +7,7 @@ pg_ctl's own wait.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -212,3 +213,68 @@ def tls_files(tls_ca, tmp_path_factory) -> dict[str, Path]:
     cert.private_key_pem.write_to_path(str(paths["key"]))
     tls_ca.cert_pem.write_to_path(str(paths["ca"]))
     return paths
+
+
+# --- object storage --------------------------------------------------------------
+
+
+@dataclass
+class S3Server:
+    """moto's S3 API server on loopback; ``env`` holds what a client needs."""
+
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> str:
+        import boto3  # moto depends on it; test setup only
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API (moto in server mode) on a free loopback port, for the whole session."""
+    port = free_port()
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_port(port, proc)
+        server = S3Server(f"http://127.0.0.1:{port}", proc)
+        for k, v in server.env.items():
+            os.environ.setdefault(k, v)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Block until something accepts on the port (a connect either succeeds or is refused)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            # Not listening yet: wait on the process for a moment instead of sleeping blindly.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+    raise RuntimeError("moto_server did not start listening")

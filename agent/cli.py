@@ -1,0 +1,49 @@
+"""``jobmesh agent ...``: the agent's subcommands.
+
+Each command lives in its own module, which registers its subparser through
+``add_cli(subparsers)`` and sets ``run`` (a function of the parsed args
+returning an exit status). Errors a user can act on are ``AgentError`` or
+``StoreError``: the dispatcher prints them as one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command name -> module that registers it (in the order `--help` lists them)
+COMMANDS = {
+    "init": "agent.init",
+    "serve": "agent.serve",
+    "snapshot": "agent.snapshot",
+    "restore": "agent.restore",
+    "wal-push": "agent.wal",
+    "wal-fetch": "agent.wal",
+    "base-backup": "agent.basebackup",
+    "dump": "agent.dump",
+    "load": "agent.dump",
+    "list": "agent.inventory",
+    "verify": "agent.inventory",
+    "prune": "agent.inventory",
+}
+
+
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """--store and --job (and --s3-endpoint) shared by every store-facing command."""
+    p.add_argument("--store", required=True, metavar="URL",
+                   help="file:///abs/path or s3://bucket/prefix")
+    p.add_argument("--job", required=True, metavar="ID", help="the job's prefix in the store")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3 API endpoint (default: AWS_ENDPOINT_URL or AWS)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
+    for module_name in dict.fromkeys(COMMANDS.values()):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # not every command exists yet while the agent is being built
+        module.add_cli(sub)

@@ -1,0 +1,134 @@
+"""Manifests: the record that makes stored objects count, and the store layout.
+
+Layout, under each job's prefix::
+
+    snapshots/<id>/data.tar.zst      PGDATA as a zstd-compressed tar
+    snapshots/<id>/manifest.json     written LAST: without it the snapshot does not exist
+    wal/<timeline>/<segment>.zst     archived WAL segments
+    dumps/<id>.pgdump                pg_dump -Fc
+    dumps/<id>.json                  the dump's manifest, written last
+
+Snapshot ids sort in time order (``20261126T072300123Z-1a2b``), so "the
+latest" is the greatest id that has a manifest. Pure code: no I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+FORMAT = 1
+SnapshotKind = Literal["pause", "base"]
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def new_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    key: str  # relative to the job prefix
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a snapshot (pause or base backup) or a dump consists of."""
+
+    kind: Literal["pause", "base", "dump"]
+    id: str
+    job: str
+    created_at: str
+    objects: list[ObjectEntry]
+    pg_version: str = ""
+    system_identifier: str = ""
+    timeline: int = 0
+    start_lsn: str = ""  # base backup: backup start; pause: the shutdown checkpoint
+    end_lsn: str = ""  # base backup: backup end (restore must replay WAL up to here)
+    start_wal: str = ""  # base backup: first WAL segment needed
+    end_wal: str = ""  # base backup: last WAL segment needed for consistency
+    uncompressed_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT:
+                raise ManifestError(f"unsupported manifest format {raw.get('format')!r}")
+            raw["objects"] = [ObjectEntry(**o) for o in raw["objects"]]
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"unreadable manifest: {exc}") from exc
+
+    def object(self, key: str) -> ObjectEntry:
+        for o in self.objects:
+            if o.key == key:
+                return o
+        raise ManifestError(f"manifest {self.id} has no object {key}")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- layout -----------------------------------------------------------------------
+
+
+def job_prefix(job: str) -> str:
+    return f"{job}/"
+
+
+def snapshot_data_key(job: str, sid: str) -> str:
+    return f"{job}/snapshots/{sid}/data.tar.zst"
+
+
+def snapshot_manifest_key(job: str, sid: str) -> str:
+    return f"{job}/snapshots/{sid}/manifest.json"
+
+
+def wal_key(job: str, segment: str) -> str:
+    """``segment`` is a 24-hex WAL file name; its first 8 digits are the timeline."""
+    return f"{job}/wal/{segment[:8]}/{segment}.zst"
+
+
+def history_key(job: str, name: str) -> str:
+    """Timeline history files (``00000002.history``) live beside the segments."""
+    return f"{job}/wal/history/{name}.zst"
+
+
+def dump_data_key(job: str, did: str) -> str:
+    return f"{job}/dumps/{did}.pgdump"
+
+
+def dump_manifest_key(job: str, did: str) -> str:
+    return f"{job}/dumps/{did}.json"
+
+
+def snapshot_ids_with_manifest(keys: list[str], job: str) -> list[str]:
+    """Snapshot ids whose manifest is stored, oldest first."""
+    prefix = f"{job}/snapshots/"
+    ids = [k[len(prefix):-len("/manifest.json")] for k in keys
+           if k.startswith(prefix) and k.endswith("/manifest.json")]
+    return sorted(ids)
+
+
+def dump_ids_with_manifest(keys: list[str], job: str) -> list[str]:
+    prefix = f"{job}/dumps/"
+    return sorted(k[len(prefix):-len(".json")] for k in keys
+                  if k.startswith(prefix) and k.endswith(".json"))
