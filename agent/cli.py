@@ -37,9 +37,12 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
                    help="S3 API endpoint (default: AWS_ENDPOINT_URL or AWS)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Register the agent's commands; with ``argv`` naming one, import only its module."""
     sub = parser.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
-    for module_name in dict.fromkeys(COMMANDS.values()):
+    wanted = next((a for a in argv or [] if not a.startswith("-")), None)
+    modules = [COMMANDS[wanted]] if wanted in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

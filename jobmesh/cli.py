@@ -13,39 +13,71 @@ import sys
 from jobmesh import logs
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _router(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from router import main as router_main
+
+    router_main.add_arguments(p)
+    p.set_defaults(run=router_main.run)
+
+
+def _agent(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from agent import cli as agent_cli
+
+    agent_cli.add_arguments(p, argv)
+
+
+def _demo(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from jobmesh import demo
+
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.run)
+
+
+COMMANDS = {
+    "router": ("run the Postgres-wire router", _router),
+    "agent": ("the sidecar beside a job's PostgreSQL: WAL, snapshots, restore", _agent),
+    "demo": ("a demo PostgreSQL behind the router (what `make up` runs)", _demo),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Only the chosen subcommand's module is imported (``wal-fetch`` runs once per
+    WAL segment during recovery, so start-up time matters); ``--help`` loads all."""
     parser = argparse.ArgumentParser(prog="jobmesh", description=__doc__.splitlines()[0])
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     parser.add_argument("--log-level", default="INFO", choices=levels)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from router import main as router_main
-
-    p = sub.add_parser("router", help="run the Postgres-wire router")
-    router_main.add_arguments(p)
-    p.set_defaults(run=router_main.run)
-
-    from agent import cli as agent_cli
-
-    p = sub.add_parser("agent", help="the sidecar beside a job's PostgreSQL: WAL, snapshots")
-    agent_cli.add_arguments(p)
-
-    from jobmesh import demo
-
-    p = sub.add_parser("demo", help="a demo PostgreSQL behind the router (what `make up` runs)")
-    demo.add_arguments(p)
-    p.set_defaults(run=demo.run)
+    wanted, rest = _split_command(argv)
+    for name, (text, register) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if wanted is None or wanted == name:
+            register(p, rest)
     return parser
 
 
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The subcommand named in argv (None if none) and the arguments after it."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--log-level":
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        return (arg, argv[i + 1 :]) if arg in COMMANDS else (None, [])
+    return None, []
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers re-run the same command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv  # router workers re-run the same command
     logs.setup(args.log_level)
     from agent.errors import AgentError
     from agent.store import StoreError
-    from router.main import UsageError
+    from router.config import UsageError
 
     name = " ".join(filter(None, [args.command, getattr(args, "agent_command", None)]))
     try:

@@ -17,8 +17,7 @@ from pathlib import Path
 import uvloop
 
 from agent.postgres import Instance, PostgresError, free_port
-from router.config import RouterConfig
-from router.main import UsageError
+from router.config import RouterConfig, UsageError
 from router.routes import load_routes
 from router.server import Router
 

@@ -6,6 +6,10 @@ import ssl
 from dataclasses import dataclass
 
 
+class UsageError(Exception):
+    """Bad flags or files: reported as one line, exit status 2."""
+
+
 @dataclass
 class RouterConfig:
     host: str = "127.0.0.1"

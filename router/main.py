@@ -13,17 +13,13 @@ import signal
 import uvloop
 from prometheus_client import start_http_server
 
-from router.config import RouterConfig
+from router.config import RouterConfig, UsageError
 from router.routes import RouteFileError, RouteTable, load_routes
 from router.server import Router
 from router.supervisor import Supervisor
 from router.tls import TLSConfigError, server_context
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(Exception):
-    """Bad flags or files: reported as one line, exit status 2."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
