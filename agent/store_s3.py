@@ -20,13 +20,15 @@ from typing import Any, TypeVar
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from agent.store import CHUNK, Digest, NotFound, ObjectInfo, Stored, StoreError
 
 PART_SIZE = 16 << 20
 PARTS_IN_FLIGHT = 4
-ATTEMPTS = 8
+# Our own retries (botocore's are off): 0.1 s doubling, so a dead endpoint is
+# reported after about 3 s and a flaky one gets six tries per request.
+ATTEMPTS = int(os.environ.get("JOBMESH_S3_ATTEMPTS", "6"))
 T = TypeVar("T")
 
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "SlowDown", "RequestTimeout",
@@ -45,7 +47,7 @@ class S3Store:
     async def _s3(self) -> Any:
         if self._client is None:
             config = AioConfig(
-                retries={"max_attempts": 3, "mode": "standard"},
+                retries={"max_attempts": 1, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=30,
                 s3={"addressing_style": "path"},
@@ -78,6 +80,10 @@ class S3Store:
                 if code not in _TRANSIENT_CODES and status not in _TRANSIENT_CODES:
                     raise StoreError(f"S3 refused {what}: {code or status}") from exc
                 last: Exception = exc
+            except NoCredentialsError as exc:
+                raise StoreError(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                ) from exc
             except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 last = exc
             if attempt < ATTEMPTS:

@@ -31,3 +31,6 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Third-party chatter ("Found credentials in environment variables.") is not ours.
+    for noisy in ("botocore", "aiobotocore", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

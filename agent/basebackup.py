@@ -1,0 +1,292 @@
+"""Base backups of a running PostgreSQL, for recovery after a crash.
+
+``pg_backup_start`` (a fast checkpoint), then PGDATA streamed as tar.zst
+while Postgres keeps writing, then ``pg_backup_stop``, all on one session
+(a non-exclusive backup lives as long as its session: if we die, Postgres
+forgets it). The copy is fuzzy; WAL replay from the start checkpoint to
+the stop position makes it consistent, so those segments must be in the
+store before the backup may count: we push them from the spool ourselves
+rather than trust that an archiver is running, then write the manifest
+last.
+
+``pg_backup_stop`` hands back the ``backup_label`` only at the end, after
+the tar's members are written, so the label is its own small object
+(``snapshots/<id>/backup_label``) listed in the manifest; a restore writes
+it into PGDATA before starting recovery. Without it Postgres would start
+from the latest checkpoint in pg_control, which may be newer than pages
+copied earlier, and silently corrupt the copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.errors import AgentError
+from agent.manifest import (
+    Manifest,
+    ObjectEntry,
+    job_prefix,
+    new_id,
+    now_iso,
+    snapshot_data_key,
+    snapshot_manifest_key,
+    wal_key,
+)
+from agent.progress import NoProgress, Progress
+from agent.store import Store, put_bytes
+from agent.tarstream import tar_zst_chunks
+from agent.wal import push_segment
+from agent.walnames import format_lsn, parse_lsn, segment_ending_at, segment_range
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from agent.metrics import AgentMetrics
+
+# What pg_basebackup leaves out (PostgreSQL 15, src/backend/backup/basebackup.c):
+# directories whose contents are rebuilt at startup, and files that describe only
+# the running server or would confuse recovery.
+_EMPTY_DIRS = frozenset({"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify",
+                         "pg_serial", "pg_snapshots", "pg_subtrans"})
+_TOP_FILES = frozenset({"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map",
+                        "backup_manifest", "postgresql.auto.conf.tmp", "current_logfiles.tmp"})
+
+_START_WAL = re.compile(r"^START WAL LOCATION: (\S+) \(file ([0-9A-F]{24})\)$", re.M)
+_START_TIMELINE = re.compile(r"^START TIMELINE: (\d+)$", re.M)
+
+
+def backup_label_key(job: str, sid: str) -> str:
+    return f"{job}/snapshots/{sid}/backup_label"
+
+
+def excluded(rel: str) -> bool:
+    """Whether a PGDATA path (relative, '/'-separated) stays out of a base backup."""
+    parts = rel.split("/")
+    name = parts[-1]
+    if len(parts) == 1 and (name in _TOP_FILES or name.startswith(".s.PGSQL.")):
+        return True  # .s.PGSQL.<port>.lock: the socket lock, when sockets live in PGDATA
+    if name.startswith("pg_internal.init") or name.startswith("pgsql_tmp"):
+        return True
+    if parts[0] in _EMPTY_DIRS and len(parts) > 1:
+        # keep pg_wal/archive_status itself, as pg_basebackup does
+        return not (parts[0] == "pg_wal" and rel == "pg_wal/archive_status")
+    return False
+
+
+def _system_identifier(pgdata: Path) -> str:
+    """The database system identifier in PGDATA's pg_control (its first 8 bytes)."""
+    try:
+        with (pgdata / "global" / "pg_control").open("rb") as f:
+            return str(int.from_bytes(f.read(8), sys.byteorder))
+    except OSError as exc:
+        raise AgentError(f"{pgdata} is not a PostgreSQL data directory: {exc}") from exc
+
+
+def parse_label(label: str) -> tuple[int, str, str]:
+    """(timeline, start LSN, start segment) from a backup_label."""
+    wal, tli = _START_WAL.search(label), _START_TIMELINE.search(label)
+    if wal is None or tli is None:
+        raise AgentError("pg_backup_stop returned a backup_label we cannot read")
+    return int(tli.group(1)), wal.group(1), wal.group(2)
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        rel_root = os.path.relpath(root, path)
+        rel_root = "" if rel_root == "." else rel_root.replace(os.sep, "/") + "/"
+        dirs[:] = [d for d in dirs if not excluded(rel_root + d)]
+        for name in files:
+            if not excluded(rel_root + name):
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
+                           progress: Progress | None = None,
+                           metrics: AgentMetrics | None = None,
+                           wal_timeout: float = 300.0) -> Manifest:
+    """Back up a running server (reachable at ``dsn``, a postgresql:// URI, as a superuser
+    or a role allowed to run pg_backup_start) whose data directory is ``pgdata``.
+
+    Returns the stored manifest. ``wal_timeout`` bounds the wait for the WAL the
+    backup needs to reach the store.
+    """
+    import asyncpg  # only here: the other agent commands start faster without it
+
+    progress = progress or NoProgress()
+    started = time.monotonic()
+    try:
+        pg_version = (await asyncio.to_thread((pgdata / "PG_VERSION").read_text)).strip()
+    except OSError as exc:
+        raise AgentError(f"{pgdata} is not a PostgreSQL data directory: {exc}") from exc
+    try:
+        conn = await asyncpg.connect(dsn, server_settings={
+            "application_name": "jobmesh base backup", "statement_timeout": "0"})
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise AgentError(f"cannot connect for a base backup: {exc}") from exc
+    try:
+        manifest = await _backup(conn, pgdata, pg_version, store, job, progress, wal_timeout)
+    except Exception:  # a cancellation (the job is pausing) is no failure
+        if metrics is not None:
+            metrics.failures.labels(kind="base_backup").inc()
+        raise
+    finally:
+        await conn.close()  # ends the backup on the server too, if it is still open
+    size = sum(o.size for o in manifest.objects)
+    if metrics is not None:
+        metrics.snapshot_bytes.labels(kind="base").inc(size)
+        metrics.snapshot_seconds.labels(kind="base").observe(time.monotonic() - started)
+    progress.finish(f"{size / 1e6:,.1f} MB stored, WAL {manifest.start_wal}..{manifest.end_wal}")
+    return manifest
+
+
+async def _backup(conn: asyncpg.Connection, pgdata: Path, pg_version: str, store: Store, job: str,
+                  progress: Progress, wal_timeout: float) -> Manifest:
+    import asyncpg
+
+    try:
+        archive_mode = await conn.fetchval("select current_setting('archive_mode')")
+        library = await conn.fetchval("select current_setting('archive_library')")
+        spool = await conn.fetchval(
+            "select current_setting('basic_archive.archive_directory', true)")
+        system_id = await conn.fetchval(
+            "select system_identifier::text from pg_control_system()")
+        tablespaces = await conn.fetchval(
+            "select count(*) from pg_tablespace where spcname not in ('pg_default', 'pg_global')")
+    except asyncpg.PostgresError as exc:
+        raise AgentError(f"cannot inspect the server: {exc}") from exc
+    if archive_mode == "off":
+        raise AgentError("archive_mode is off: a base backup is useless without archived WAL "
+                         "(use `agent init`, or set archive_mode = on)")
+    if tablespaces:
+        raise AgentError("the server has tablespaces outside PGDATA; they are not backed up")
+    ours = await asyncio.to_thread(_system_identifier, pgdata)
+    if ours != system_id:
+        raise AgentError(f"the server at the DSN (system {system_id}) does not run on "
+                         f"{pgdata} (system {ours})")
+    spool_dir = Path(spool) if library == "basic_archive" and spool else None
+
+    sid = new_id()
+    if progress.total is None:
+        progress.total = await asyncio.to_thread(_tree_size, pgdata)
+    try:
+        await conn.fetchval("select pg_backup_start($1, fast => true)::text", f"jobmesh {sid}")
+    except asyncpg.PostgresError as exc:
+        raise AgentError(f"pg_backup_start failed: {exc}") from exc
+
+    data_key = snapshot_data_key(job, sid)
+    stream = tar_zst_chunks(pgdata, exclude=excluded)
+
+    async def counted() -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in stream:
+            progress.advance(stream.uncompressed_size - seen)
+            seen = stream.uncompressed_size
+            yield chunk
+
+    try:
+        data = await store.put(data_key, counted())
+    finally:
+        await stream.aclose()
+    try:
+        row = await conn.fetchrow("select lsn::text as lsn, labelfile from "
+                                  "pg_backup_stop(wait_for_archive => true)",
+                                  timeout=wal_timeout)
+        # The server's clock, which recovery_target_time is compared with: a point-in-time
+        # restore can only aim after this.
+        end_time = await conn.fetchval("select clock_timestamp()")
+    except asyncpg.PostgresError as exc:
+        raise AgentError(f"pg_backup_stop failed: {exc}") from exc
+    except TimeoutError as exc:
+        raise AgentError(f"pg_backup_stop waited {wal_timeout:.0f} s for Postgres to archive "
+                         "the backup's WAL: is archiving failing? (see pg_stat_archiver)") from exc
+    assert row is not None
+    label: str = row["labelfile"]
+    timeline, start_lsn, start_wal = parse_label(label)
+    end_lsn = format_lsn(parse_lsn(row["lsn"]))
+    end_wal = segment_ending_at(timeline, parse_lsn(end_lsn)).name
+    label_key = backup_label_key(job, sid)
+    label_obj = await put_bytes(store, label_key, label.encode())
+
+    await wait_for_wal(store, job, segment_range(start_wal, end_wal), spool_dir,
+                       timeout=wal_timeout)
+
+    rel = len(job_prefix(job))
+    manifest = Manifest(
+        kind="base", id=sid, job=job, created_at=now_iso(),
+        objects=[ObjectEntry(data_key[rel:], data.size, data.sha256),
+                 ObjectEntry(label_key[rel:], label_obj.size, label_obj.sha256)],
+        pg_version=pg_version, system_identifier=system_id, timeline=timeline,
+        start_lsn=start_lsn, end_lsn=end_lsn, start_wal=start_wal, end_wal=end_wal,
+        uncompressed_size=stream.uncompressed_size,
+        extra={"files": stream.files, "format": "tar", "compression": "zstd",
+               "backup_label": label_key[rel:], "end_time": end_time.isoformat(),
+               "skipped": len(stream.skipped)},
+    )
+    await put_bytes(store, snapshot_manifest_key(job, sid), manifest.to_json())
+    return manifest
+
+
+async def wait_for_wal(store: Store, job: str, segments: list[str], spool: Path | None, *,
+                       timeout: float) -> None:
+    """Return once every named segment is in the store, pushing from the spool what is
+    still there (an archiver may be doing the same: pushes are idempotent)."""
+    deadline = time.monotonic() + timeout
+    missing = list(segments)
+    while missing:
+        prefixes = sorted({wal_key(job, s).rsplit("/", 1)[0] + "/" for s in missing})
+        stored = {o.key for p in prefixes for o in await store.list(p)}
+        missing = [s for s in missing if wal_key(job, s) not in stored]
+        if spool is not None:
+            for name in list(missing):
+                with contextlib.suppress(FileNotFoundError):  # an archiver got it meanwhile
+                    await push_segment(store, job, spool / name)
+                    missing.remove(name)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise AgentError(f"WAL {missing[0]} needed by the backup never reached the store "
+                             f"(is the archiver running?)")
+        await asyncio.sleep(0.2)  # waiting on Postgres's archiver: no event to wait on
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from agent.cli import add_store_arguments
+
+    p = sub.add_parser("base-backup", help="back up a running PostgreSQL (needs archived WAL)",
+                       description="Take a base backup of a running server; prints its id.")
+    p.add_argument("--dsn", required=True,
+                   help="postgresql:// URI of the server, as a superuser")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    add_store_arguments(p)
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.store import open_store
+
+    async def go() -> Manifest:
+        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+        try:
+            progress = Progress(f"base backup {args.pgdata}", stream=sys.stderr)
+            return await take_base_backup(args.dsn, args.pgdata, store, args.job,
+                                          progress=progress)
+        finally:
+            await store.close()
+
+    print(asyncio.run(go()).id)
+    return 0

@@ -1,0 +1,130 @@
+"""``agent init``: a new job's PostgreSQL, archiving WAL from its first transaction.
+
+The cluster is created with data checksums (so a restore can tell a torn
+page), WAL archiving into a local spool through ``basic_archive`` (which
+fsyncs and renames, so the agent only ever sees whole segments), the job's
+database and its two roles. The roles start NOLOGIN: the controller gives
+them passwords when it hands out credentials, so a fresh cluster has no
+password anyone could guess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from agent.errors import AgentError
+from agent.postgres import Instance, PostgresError, free_port, give_to_postgres
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
+OWNER_ROLE = "job_owner"
+READER_ROLE = "job_reader"
+
+
+def database_name(job: str) -> str:
+    check_job_id(job)
+    return f"job_{job}"
+
+
+def check_job_id(job: str) -> None:
+    if not JOB_ID.match(job):
+        raise AgentError(f"bad job id {job!r}: use letters, digits, '-' and '_' (max 59)")
+
+
+def archiving_settings(spool: Path, archive_timeout: int) -> dict[str, str]:
+    """What postgresql.conf needs so every finished segment lands in the spool."""
+    return {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        "archive_library": "'basic_archive'",
+        "basic_archive.archive_directory": _conf_string(str(spool)),
+        "archive_timeout": str(archive_timeout),
+    }
+
+
+def _conf_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = 60,
+                port: int | None = None) -> None:
+    """Create PGDATA for ``job``, archiving into ``spool``; leaves the server stopped.
+
+    ``port``, when given, is written into postgresql.conf as the server's port.
+    """
+    db = database_name(job)
+    if archive_timeout < 0:
+        raise AgentError("--archive-timeout must be >= 0 seconds")
+    pgdata = pgdata.absolute()
+    spool = spool.absolute()
+    if pgdata.exists() and (not pgdata.is_dir() or any(pgdata.iterdir())):
+        raise AgentError(f"{pgdata} is not empty: refusing to initialise over it")
+    if spool == pgdata or spool.is_relative_to(pgdata):
+        raise AgentError(f"the WAL spool {spool} must be outside PGDATA {pgdata}")
+
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    give_to_postgres(spool)
+    inst = Instance(pgdata, port=port or free_port())
+    try:
+        inst.initdb()
+        settings = archiving_settings(spool, archive_timeout)
+        if port is not None:
+            settings["port"] = str(port)
+        with (pgdata / "postgresql.conf").open("a") as conf:
+            conf.write("\n# jobmesh agent: archive every WAL segment into the agent's spool\n")
+            conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        inst.start()
+        try:
+            _create_database(inst, db)
+        finally:
+            inst.stop("fast")
+    except PostgresError as exc:
+        raise AgentError(f"cannot initialise {pgdata}: {exc}") from exc
+
+
+def _create_database(inst: Instance, db: str) -> None:
+    owner, reader, qdb = _ident(OWNER_ROLE), _ident(READER_ROLE), _ident(db)
+    inst.psql(f"CREATE ROLE {owner} NOLOGIN; CREATE ROLE {reader} NOLOGIN")
+    inst.psql(f"CREATE DATABASE {qdb} OWNER {owner}")
+    inst.psql(f"REVOKE ALL ON DATABASE {qdb} FROM PUBLIC;"
+              f" GRANT CONNECT, TEMPORARY ON DATABASE {qdb} TO {reader}")
+    # Inside the job's database: the reader sees every table, now and later, whoever
+    # creates it (the owner role, or the superuser during imports).
+    inst.psql(
+        f"GRANT USAGE ON SCHEMA public TO {reader};"
+        f" GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader};"
+        f" ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public"
+        f" GRANT SELECT ON TABLES TO {reader};"
+        f" ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public"
+        f" GRANT SELECT ON TABLES TO {reader}",
+        database=db,
+    )
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("init", help="create a job's PGDATA with WAL archiving into a spool")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    p.add_argument("--job", required=True, metavar="ID")
+    p.add_argument("--spool", type=Path, metavar="DIR",
+                   help="where Postgres archives WAL for the agent (default: <pgdata>.spool)")
+    p.add_argument("--archive-timeout", type=int, default=60, metavar="S",
+                   help="force a WAL segment switch after S seconds of activity (default 60)")
+    p.add_argument("--port", type=int, help="the port to write into postgresql.conf")
+    p.set_defaults(run=_run)
+
+
+def default_spool(pgdata: Path) -> Path:
+    return pgdata.absolute().with_name(pgdata.absolute().name + ".spool")
+
+
+def _run(args: argparse.Namespace) -> int:
+    spool = args.spool or default_spool(args.pgdata)
+    init_pgdata(args.pgdata, args.job, spool=spool, archive_timeout=args.archive_timeout,
+                port=args.port)
+    print(f"initialised {args.pgdata.absolute()} for job {args.job}; WAL spool {spool}")
+    return 0

@@ -1,0 +1,358 @@
+"""Restore PGDATA from a stored snapshot: a pause snapshot as is, a base backup plus WAL.
+
+Every download is checked against its manifest (size, and sha256 computed
+while the archive streams into PGDATA). A snapshot that fails the check
+leaves nothing behind: the directory is wiped before the next candidate is
+tried, so a half-restored PGDATA that looks valid never exists. Without an
+explicit id the newest snapshot wins and a bad one falls back to the one
+before it, loudly; with an explicit id a bad snapshot is an error.
+
+For a base backup, recovery is configured so that Postgres fetches the
+archived WAL through ``jobmesh agent wal-fetch`` at its next start, up to
+the end of the archive or to ``--target-time``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.cli import add_store_arguments
+from agent.errors import AgentError
+from agent.manifest import (
+    Manifest,
+    ManifestError,
+    job_prefix,
+    snapshot_data_key,
+    snapshot_ids_with_manifest,
+    snapshot_manifest_key,
+)
+from agent.postgres import PostgresError, bin_dir, give_to_postgres, run_pg
+from agent.progress import NoProgress, Progress
+from agent.store import Digest, NotFound, Store, get_bytes, open_store
+from agent.tarstream import extract_tar_zst, prepare_empty_dir, wipe
+from agent.wal import restore_command
+
+log = logging.getLogger("jobmesh.agent.restore")
+
+
+@dataclass
+class RestoreResult:
+    manifest: Manifest
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why)
+    recovery_configured: bool = False
+    bytes_restored: int = 0
+
+
+ProgressFor = Callable[[Manifest, int], Progress]  # a bar for (snapshot, compressed size)
+
+
+class _Unusable(Exception):
+    """This snapshot cannot be restored (missing or corrupt object, bad manifest)."""
+
+
+def parse_target_time(text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC."""
+    try:
+        t = datetime.fromisoformat(text.strip().replace(" ", "T", 1))
+    except ValueError as exc:
+        raise AgentError(f"bad --target-time {text!r}: use ISO 8601, e.g. "
+                         "2026-11-26T07:23:00Z") from exc
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def backup_end_time(m: Manifest) -> datetime:
+    """When a base backup became restorable: its recorded end, else its manifest time."""
+    raw = str(m.extra.get("end_time") or m.extra.get("stop_time") or m.created_at)
+    return parse_target_time(raw)
+
+
+def conf_quote(value: str) -> str:
+    """A postgresql.conf string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def recovery_settings(command: str, target: datetime | None) -> str:
+    """postgresql.auto.conf lines: fetch WAL with ``command``, replay to the end of the
+    archive (or to ``target``), then promote."""
+    lines = [
+        "# added by jobmesh agent restore",
+        f"restore_command = {conf_quote(command)}",
+        "recovery_target_timeline = 'latest'",
+    ]
+    if target is not None:
+        lines += [f"recovery_target_time = {conf_quote(target.isoformat())}",
+                  "recovery_target_action = 'promote'"]
+    return "\n".join(lines) + "\n"
+
+
+async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | None = None,
+                  target_time: str | None = None, s3_endpoint: str | None = None,
+                  progress: ProgressFor | Progress | None = None) -> RestoreResult:
+    """Restore ``job``'s newest (or the given) snapshot into an empty or missing PGDATA.
+
+    ``progress`` is a bar for the download, or a function making one per snapshot
+    tried (restore then finishes each), so nothing is drawn before a download starts.
+    """
+    if progress is None:
+        progress = NoProgress()
+    pgdata = await asyncio.to_thread(pgdata.absolute)  # Postgres tools run from /
+    target = parse_target_time(target_time) if target_time else None
+    if snapshot_id == "latest":
+        snapshot_id = None
+    existed = await asyncio.to_thread(pgdata.exists)
+    await asyncio.to_thread(prepare_empty_dir, pgdata)
+    try:
+        return await _restore(pgdata, store, job, snapshot_id, target, s3_endpoint, progress)
+    except BaseException:
+        await asyncio.to_thread(wipe, pgdata)
+        if not existed:
+            await asyncio.to_thread(shutil.rmtree, pgdata, True)
+        raise
+
+
+async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None,
+                   target: datetime | None, s3_endpoint: str | None,
+                   progress: ProgressFor | Progress) -> RestoreResult:
+    keys = [o.key for o in await store.list(f"{job_prefix(job)}snapshots/")]
+    ids = snapshot_ids_with_manifest(keys, job)
+    if not ids:
+        raise AgentError(f"no snapshot of job {job!r} in {store.url}")
+    skipped: list[tuple[str, str]] = []
+    if snapshot_id is not None:
+        if snapshot_id not in ids:
+            raise AgentError(f"unknown snapshot id {snapshot_id!r} for job {job!r} "
+                             f"(latest is {ids[-1]})")
+        try:
+            manifest = await _read_manifest(store, job, snapshot_id)
+        except _Unusable as exc:
+            raise AgentError(str(exc)) from exc
+        if target is not None:
+            _check_pitr_base(manifest, target)
+        try:
+            restored = await _fetch(pgdata, store, job, manifest, progress)
+        except _Unusable as exc:
+            raise AgentError(f"snapshot {snapshot_id} is unusable: {exc}") from exc
+    else:
+        manifest, restored = await _newest_usable(pgdata, store, job, ids, target, skipped,
+                                                  progress)
+    configured = False
+    if manifest.kind == "base":
+        # wal-fetch as the Postgres OS user (which may need another interpreter: see wal.py)
+        endpoint = s3_endpoint or getattr(store, "endpoint", None)  # S3 only; may be from env
+        command = await asyncio.to_thread(restore_command, store.url, job, s3_endpoint=endpoint)
+        await asyncio.to_thread(_configure_recovery, pgdata, recovery_settings(command, target))
+        configured = True
+    await asyncio.to_thread(_sync_to_disk, pgdata)
+    return RestoreResult(manifest, skipped, configured, restored)
+
+
+def _sync_to_disk(pgdata: Path) -> None:
+    """fsync the restored tree, as pg_basebackup does: a pause snapshot starts as a cleanly
+    shut down cluster, which Postgres never syncs itself, so a host crash soon after the
+    restore could otherwise leave torn files in a PGDATA that looks valid."""
+    try:
+        run_pg([str(bin_dir() / "initdb"), "--sync-only", "-D", str(pgdata)], timeout=3600)
+    except PostgresError as exc:
+        raise AgentError(f"cannot sync the restored {pgdata} to disk: {exc}") from exc
+
+
+async def _newest_usable(pgdata: Path, store: Store, job: str, ids: list[str],
+                         target: datetime | None, skipped: list[tuple[str, str]],
+                         progress: ProgressFor | Progress) -> tuple[Manifest, int]:
+    tried_any = False
+    for sid in reversed(ids):
+        try:
+            manifest = await _read_manifest(store, job, sid)
+            if target is not None and (manifest.kind != "base"
+                                       or backup_end_time(manifest) >= target):
+                continue  # pause snapshots cannot replay WAL; later backups are past T
+            tried_any = True
+            return manifest, await _fetch(pgdata, store, job, manifest, progress)
+        except _Unusable as exc:
+            skipped.append((sid, str(exc)))
+            log.warning("skipping snapshot %s: %s; trying the previous one", sid, exc)
+            await asyncio.to_thread(wipe, pgdata)
+    if target is not None and not tried_any:
+        raise AgentError(f"no base backup of job {job!r} finished before {target.isoformat()}; "
+                         "point-in-time restore needs one (pause snapshots cannot replay WAL)")
+    raise AgentError(f"no usable snapshot of job {job!r} in {store.url}: "
+                     + "; ".join(f"{sid}: {why}" for sid, why in skipped))
+
+
+def _check_pitr_base(m: Manifest, target: datetime) -> None:
+    if m.kind != "base":
+        raise AgentError(f"snapshot {m.id} is a {m.kind} snapshot; --target-time needs a base "
+                         "backup (pause snapshots cannot replay WAL)")
+    if backup_end_time(m) >= target:
+        raise AgentError(f"base backup {m.id} ended at {backup_end_time(m).isoformat()}, "
+                         f"not before {target.isoformat()}")
+
+
+async def _read_manifest(store: Store, job: str, sid: str) -> Manifest:
+    key = snapshot_manifest_key(job, sid)
+    try:
+        m = Manifest.from_json(await get_bytes(store, key))
+    except NotFound as exc:
+        raise _Unusable(f"{key} disappeared") from exc
+    except ManifestError as exc:
+        raise _Unusable(f"{key}: {exc}") from exc
+    if m.kind not in ("pause", "base"):
+        raise _Unusable(f"{key}: not a snapshot manifest (kind {m.kind!r})")
+    return m
+
+
+def _data_key(job: str, m: Manifest) -> tuple[str, int, str]:
+    """The full key, size and sha256 of a snapshot's archive."""
+    relative = snapshot_data_key(job, m.id)[len(job_prefix(job)):]
+    for o in m.objects:
+        if o.key in (relative, f"{job_prefix(job)}{relative}"):
+            return snapshot_data_key(job, m.id), o.size, o.sha256
+    raise _Unusable(f"{snapshot_manifest_key(job, m.id)} lists no {relative}")
+
+
+async def _fetch(pgdata: Path, store: Store, job: str, m: Manifest,
+                 progress: ProgressFor | Progress) -> int:
+    """Stream one snapshot into PGDATA, verifying it; raises _Unusable (PGDATA dirty)."""
+    key, size, sha256 = _data_key(job, m)
+    stored_size = await store.size(key)
+    if stored_size is None:
+        raise _Unusable(f"object {key} is missing")
+    if stored_size != size:
+        raise _Unusable(f"object {key} is {stored_size} bytes, its manifest says {size}")
+    if isinstance(progress, Progress):
+        restored = await _download(pgdata, store, key, size, sha256, progress)
+    else:
+        bar = progress(m, size)
+        try:
+            restored = await _download(pgdata, store, key, size, sha256, bar)
+        except BaseException:
+            bar.finish("failed")
+            raise
+        bar.finish(f"{restored / 1e6:,.1f} MB of PGDATA")
+    label = m.extra.get("backup_label") if m.kind == "base" else None
+    if label:
+        await _fetch_label(pgdata, store, job, m, str(label))
+    return restored
+
+
+async def _download(pgdata: Path, store: Store, key: str, size: int, sha256: str,
+                    progress: Progress) -> int:
+    digest = Digest()
+
+    async def verified() -> AsyncIterator[bytes]:
+        async for chunk in store.get(key):
+            digest.update(chunk)
+            progress.advance(len(chunk))
+            yield chunk
+
+    stream = verified()
+    failure: AgentError | None = None
+    try:
+        restored = await extract_tar_zst(stream, pgdata)
+    except AgentError as exc:  # corrupt or hostile archive: is the object itself damaged?
+        failure = exc
+        async for _ in stream:
+            pass  # finish the download so the checksum can say
+    except NotFound as exc:
+        raise _Unusable(f"object {key} disappeared during the download") from exc
+    finally:
+        await stream.aclose()
+    _verify(key, digest, size, sha256)
+    if failure is not None:
+        raise AgentError(f"cannot restore {key}: {failure}") from failure
+    return restored
+
+
+async def _fetch_label(pgdata: Path, store: Store, job: str, m: Manifest, rel: str) -> None:
+    """A base backup's backup_label is its own object (pg_backup_stop returns it only
+    after the archive is written); recovery starts from the checkpoint it names."""
+    try:
+        entry = m.object(rel)
+    except ManifestError as exc:
+        raise _Unusable(str(exc)) from exc
+    key = f"{job_prefix(job)}{rel}"
+    try:
+        data = await get_bytes(store, key)
+    except NotFound as exc:
+        raise _Unusable(f"object {key} is missing") from exc
+    digest = Digest()
+    digest.update(data)
+    _verify(key, digest, entry.size, entry.sha256)
+    await asyncio.to_thread(_write_owned, pgdata / "backup_label", data)
+
+
+def _verify(key: str, digest: Digest, size: int, sha256: str) -> None:
+    if digest.size != size or digest.hexdigest() != sha256:
+        raise _Unusable(f"object {key} failed verification: sha256 {digest.hexdigest()[:16]}… "
+                        f"({digest.size} bytes), manifest says {sha256[:16]}… ({size} bytes)")
+
+
+def _write_owned(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o600)
+    give_to_postgres(path)
+
+
+def _configure_recovery(pgdata: Path, settings: str) -> None:
+    """Archive recovery at next start: empty pg_wal, recovery.signal, restore_command."""
+    wal = pgdata / "pg_wal"
+    (wal / "archive_status").mkdir(parents=True, exist_ok=True)
+    wal.chmod(0o700)
+    (pgdata / "recovery.signal").touch()
+    auto = pgdata / "postgresql.auto.conf"
+    existing = auto.read_text() if auto.exists() else ""
+    sep = "" if not existing or existing.endswith("\n") else "\n"
+    auto.write_text(existing + sep + settings)
+    for path in (wal, pgdata / "recovery.signal", auto):
+        give_to_postgres(path)
+    os.chmod(auto, 0o600)
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("restore", help="restore PGDATA from a snapshot or base backup",
+                       description="Restore a job's newest (or the given) snapshot into an "
+                                   "empty PGDATA; a base backup is set up to replay archived "
+                                   "WAL at the next start.")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
+                   help="where to restore (must be empty or missing)")
+    p.add_argument("--from", dest="snapshot", default="latest", metavar="latest|ID",
+                   help="the snapshot to restore (default: the newest that verifies)")
+    p.add_argument("--target-time", metavar="T",
+                   help="recover to this time (ISO 8601; needs a base backup taken before T)")
+    add_store_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = asyncio.run(_run(args))
+    m = result.manifest
+    how = ("archived WAL will be replayed at the next start"
+           + (f", up to {args.target_time}" if args.target_time else "")
+           if result.recovery_configured else "ready to start")
+    print(f"restored {m.kind} snapshot {m.id} into {args.pgdata}: {how}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> RestoreResult:
+    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    try:
+        def bar(m: Manifest, size: int) -> Progress:
+            return Progress(f"restore {m.kind} snapshot {m.id}", total=size, stream=sys.stderr)
+
+        return await restore(args.pgdata, store, args.job, snapshot_id=args.snapshot,
+                             target_time=args.target_time, s3_endpoint=args.s3_endpoint,
+                             progress=bar)
+    finally:
+        await store.close()
