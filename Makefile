@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint bench-proxy clean
+.PHONY: up test lint bench-proxy bench-backup clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench-proxy: $(STAMP)
 	$(VENV)/bin/python bench/proxy.py
+
+bench-backup: $(STAMP)
+	$(VENV)/bin/python bench/backup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jobmesh

@@ -148,6 +148,7 @@ class S3Store:
         s3 = await self._s3()
         offset = 0
         failures = 0
+        progressed_to = 0  # a resume that got further resets the failure count
         while True:
             rng = {"Range": f"bytes={offset}-"} if offset else {}
             resp = await self._retry(key, lambda rng=rng: s3.get_object(
@@ -159,7 +160,9 @@ class S3Store:
                     yield chunk
                 return
             except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                failures += 1  # the connection dropped mid-object: resume where it stopped
+                # The connection dropped mid-object: resume where it stopped.
+                failures = 1 if offset > progressed_to else failures + 1
+                progressed_to = offset
                 if failures >= ATTEMPTS:
                     raise StoreError(f"S3 download of {key} kept failing: {exc}") from exc
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
