@@ -40,6 +40,7 @@ from agent.progress import NoProgress, Progress
 from agent.store import Digest, NotFound, Store, get_bytes, open_store
 from agent.tarstream import extract_tar_zst, prepare_empty_dir, wipe
 from agent.wal import restore_command
+from agent.walnames import is_segment, parse_lsn, parse_segment, segment_of
 
 log = logging.getLogger("jobmesh.agent.restore")
 
@@ -145,7 +146,7 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
         manifest, restored = await _newest_usable(pgdata, store, job, ids, target, skipped,
                                                   progress)
     configured = False
-    if manifest.kind == "base":
+    if manifest.kind == "base" or await _wal_after_pause(store, job, manifest):
         # wal-fetch as the Postgres OS user (which may need another interpreter: see wal.py)
         endpoint = s3_endpoint or getattr(store, "endpoint", None)  # S3 only; may be from env
         command = await asyncio.to_thread(restore_command, store.url, job, s3_endpoint=endpoint)
@@ -153,6 +154,25 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
         configured = True
     await asyncio.to_thread(_sync_to_disk, pgdata)
     return RestoreResult(manifest, skipped, configured, restored)
+
+
+async def _wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
+    """Was WAL archived after this pause snapshot (the job ran again, then was lost)?
+
+    Then the snapshot alone is not the newest point: Postgres replays that WAL
+    from the snapshot's shutdown checkpoint, as from a base backup. A plain
+    pause/resume finds none and starts without recovery (and no new timeline).
+    """
+    if manifest.kind != "pause" or not manifest.start_lsn:
+        return False
+    first = segment_of(manifest.timeline, parse_lsn(manifest.start_lsn))
+    for obj in await store.list(f"{job_prefix(job)}wal/"):
+        name = obj.key.rsplit("/", 1)[-1].removesuffix(".zst")
+        if not is_segment(name):
+            continue
+        if parse_segment(name) >= first:  # Segment orders by timeline, then number
+            return True
+    return False
 
 
 def _sync_to_disk(pgdata: Path) -> None:

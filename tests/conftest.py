@@ -244,8 +244,9 @@ def s3_server() -> Iterator[S3Server]:
     """A real S3 API (moto in server mode) on a free loopback port, for the whole session."""
     port = free_port()
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    # Its request log is not read: a pipe nobody drains would block moto after ~64 KiB.
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, proc)
         server = S3Server(f"http://127.0.0.1:{port}", proc)

@@ -31,6 +31,7 @@ from agent.init import init_pgdata
 from agent.manifest import Manifest, job_prefix, snapshot_manifest_key, wal_key
 from agent.postgres import Instance, free_port
 from agent.restore import restore
+from agent.snapshot import take_snapshot
 from agent.store import Store, get_bytes, open_store
 from agent.wal import Archiver
 from agent.walnames import parse_lsn, segment_of
@@ -423,3 +424,64 @@ async def test_restore_to_a_time_between_two_batches_keeps_only_the_first(
     finally:
         restored.stop_quietly()
     assert counts == {"A": 100}
+
+
+# --- pause snapshot + WAL archived after the resume -----------------------------------------
+
+
+async def _pause(job: Job, store: Store) -> Manifest:
+    """What ``POST /pause`` does: clean stop, drain the spool, pause snapshot."""
+    job.inst.stop()
+    await Archiver(store, job.id, job.spool).drain()
+    return await take_snapshot(job.pgdata, store, job.id)
+
+
+async def test_plain_pause_snapshot_restores_without_recovery(
+        new_job: Callable[..., Job], store: Store) -> None:
+    job = new_job("pz", archive_timeout=60)
+    await _pause(job, store)
+    result = await restore(job.base / "restored", store, job.id)
+    assert result.manifest.kind == "pause" and not result.recovery_configured
+
+
+async def test_crash_after_resume_replays_the_wal_archived_since_the_pause(
+        new_job: Callable[..., Job], store: Store) -> None:
+    job = new_job("pr", archive_timeout=60)
+    conn = await job.connect()
+    await conn.execute("create table t as select 1 as n")
+    await conn.close()
+    await _pause(job, store)
+    start_archiving(job.inst)  # resume on the same PGDATA
+    conn = await job.connect()
+    try:
+        await conn.execute("insert into t select g from generate_series(2, 1000) g")
+        last = await conn.fetchval("select pg_walfile_name(pg_switch_wal())")
+
+        async def archived() -> bool:
+            done = await conn.fetchval("select last_archived_wal from pg_stat_archiver")
+            return done is not None and done >= last
+
+        await until(archived, f"Postgres to archive {last}")
+    finally:
+        await conn.close()
+    await Archiver(store, job.id, job.spool).drain()
+    for pid in pg_processes(job.pgdata):  # the job is lost, as with a vanished pod
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    result = await restore(job.base / "restored", store, job.id)
+    assert result.manifest.kind == "pause" and result.recovery_configured
+    restored = Instance(job.base / "restored", port=free_port(), settings={"archive_mode": "off"})
+    try:
+        restored.start(timeout=300)
+        rconn = await connect(restored, f"job_{job.id}")
+        try:
+            async def promoted() -> bool:
+                return not await rconn.fetchval("select pg_is_in_recovery()")
+
+            await until(promoted, "recovery to finish")
+            assert await rconn.fetchval("select count(*) from t") == 1000
+        finally:
+            await rconn.close()
+    finally:
+        restored.stop_quietly()
