@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -554,7 +555,9 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
                  config.job, store.url)
         archiving = asyncio.create_task(agent.archiver.run(stop), name="archiver")
         background = [asyncio.create_task(agent.schedule_base_backups(), name="schedule"),
-                      asyncio.create_task(_quietly("reading the store", agent.load_history()))]
+                      asyncio.create_task(_quietly("reading the store", agent.load_history())),
+                      asyncio.create_task(_quietly("arming archive_timeout",
+                                                   arm_archive_timeout(agent, stop)))]
         await stop.wait()
         log.info("stopping: final WAL drain")
         for task in background:
@@ -572,6 +575,28 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
     finally:
         await runner.cleanup()
         await store.close()
+
+
+async def arm_archive_timeout(agent: Agent, stop: asyncio.Event) -> None:
+    """Reload Postgres's configuration once it accepts connections.
+
+    PostgreSQL 15's checkpointer computes its first sleep while the startup
+    process still runs, ignoring archive_timeout, and then sleeps a whole
+    checkpoint_timeout: until a reload, archive_timeout would not bound the
+    data a crash can lose.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(Conflict):
+            dsn = agent.dsn()
+            if await pg_isready(dsn):
+                conn = await asyncpg.connect(dsn, timeout=10)
+                try:
+                    await conn.execute("select pg_reload_conf()")
+                finally:
+                    await conn.close()
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
 
 
 async def _quietly(what: str, coro: Any) -> None:

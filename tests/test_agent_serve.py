@@ -447,3 +447,23 @@ async def test_wait_for_exit_times_out_while_the_process_runs(child):
     with pytest.raises(TimeoutError):
         await wait_for_exit(child.pid, timeout=0.2)
     assert alive(child.pid)
+
+
+def test_archive_timeout_ships_an_unfinished_segment_soon_after_start(pg_root, s3_server,
+                                                                     start_agent):
+    # PostgreSQL 15 ignores archive_timeout until a reload after start: the agent reloads.
+    base = pg_root / f"serve-at-{os.urandom(3).hex()}"
+    base.mkdir()
+    init_pgdata(base / "pgdata", JOB, spool=base / "pgdata.spool", archive_timeout=1)
+    inst = Instance(base / "pgdata", port=free_port(), settings={"fsync": "off"})
+    inst.start()
+    bucket = s3_server.create_bucket(f"serve-{os.urandom(4).hex()}")
+    job = Job(inst, base / "pgdata.spool", f"s3://{bucket}/jobs", s3_server.endpoint)
+    try:
+        start_agent(job)
+        write_rows(job, 10)
+        segment = inst.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        # No pg_switch_wal: only archive_timeout can finish this segment (else 5 min).
+        poll(lambda: stored(job, wal_key(JOB, segment)), f"{segment} in the store", timeout=60)
+    finally:
+        inst.stop_quietly()
