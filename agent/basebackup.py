@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +40,8 @@ from agent.manifest import (
     wal_key,
 )
 from agent.progress import NoProgress, Progress
+from agent.snapshot import tree_size, upload_tree
 from agent.store import Store, put_bytes
-from agent.tarstream import tar_zst_chunks
 from agent.wal import push_segment
 from agent.walnames import format_lsn, parse_lsn, segment_ending_at, segment_range
 
@@ -97,19 +95,6 @@ def parse_label(label: str) -> tuple[int, str, str]:
     if wal is None or tli is None:
         raise AgentError("pg_backup_stop returned a backup_label we cannot read")
     return int(tli.group(1)), wal.group(1), wal.group(2)
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        rel_root = os.path.relpath(root, path)
-        rel_root = "" if rel_root == "." else rel_root.replace(os.sep, "/") + "/"
-        dirs[:] = [d for d in dirs if not excluded(rel_root + d)]
-        for name in files:
-            if not excluded(rel_root + name):
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
@@ -179,26 +164,14 @@ async def _backup(conn: asyncpg.Connection, pgdata: Path, pg_version: str, store
 
     sid = new_id()
     if progress.total is None:
-        progress.total = await asyncio.to_thread(_tree_size, pgdata)
+        progress.total = await asyncio.to_thread(tree_size, pgdata, excluded)
     try:
         await conn.fetchval("select pg_backup_start($1, fast => true)::text", f"jobmesh {sid}")
     except asyncpg.PostgresError as exc:
         raise AgentError(f"pg_backup_start failed: {exc}") from exc
 
     data_key = snapshot_data_key(job, sid)
-    stream = tar_zst_chunks(pgdata, exclude=excluded)
-
-    async def counted() -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in stream:
-            progress.advance(stream.uncompressed_size - seen)
-            seen = stream.uncompressed_size
-            yield chunk
-
-    try:
-        data = await store.put(data_key, counted())
-    finally:
-        await stream.aclose()
+    data, stream = await upload_tree(store, data_key, pgdata, excluded, progress)
     try:
         row = await conn.fetchrow("select lsn::text as lsn, labelfile from "
                                   "pg_backup_stop(wait_for_archive => true)",

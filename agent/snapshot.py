@@ -33,8 +33,8 @@ from agent.manifest import (
 from agent.metrics import AgentMetrics
 from agent.postgres import PostgresError, bin_dir, run_pg
 from agent.progress import NoProgress, Progress
-from agent.store import Store, open_store, put_bytes
-from agent.tarstream import tar_zst_chunks
+from agent.store import Store, Stored, open_store, put_bytes
+from agent.tarstream import TarZstStream, tar_zst_chunks
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
 _EXCLUDE = frozenset({"postmaster.pid", "postmaster.opts"})
@@ -159,6 +159,29 @@ def tree_size(path: Path, exclude: Callable[[str], bool] = lambda _rel: False) -
     return total
 
 
+async def upload_tree(store: Store, key: str, directory: Path,
+                      exclude: Callable[[str], bool], progress: Progress
+                      ) -> tuple[Stored, TarZstStream]:
+    """Stream ``directory`` as tar.zst into ``key``, advancing ``progress`` by tar bytes.
+
+    Returns what the store recorded and the finished stream (sizes, file count).
+    """
+    stream = tar_zst_chunks(directory, exclude=exclude)
+
+    async def counted() -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in stream:
+            progress.advance(stream.uncompressed_size - seen)
+            seen = stream.uncompressed_size
+            yield chunk
+
+    try:
+        stored = await store.put(key, counted())
+    finally:
+        await stream.aclose()  # stops the tar worker if the upload failed
+    return stored, stream
+
+
 async def take_snapshot(pgdata: Path, store: Store, job: str, *,
                         progress: Progress | None = None,
                         metrics: AgentMetrics | None = None) -> Manifest:
@@ -173,19 +196,7 @@ async def take_snapshot(pgdata: Path, store: Store, job: str, *,
             progress.total = await asyncio.to_thread(tree_size, pgdata, skip.__contains__)
         sid = new_id()
         data_key = snapshot_data_key(job, sid)
-        stream = tar_zst_chunks(pgdata, exclude=skip.__contains__)
-
-        async def counted() -> AsyncIterator[bytes]:
-            seen = 0
-            async for chunk in stream:
-                progress.advance(stream.uncompressed_size - seen)
-                seen = stream.uncompressed_size
-                yield chunk
-
-        try:
-            stored = await store.put(data_key, counted())
-        finally:
-            await stream.aclose()  # stops the tar worker if the upload failed
+        stored, stream = await upload_tree(store, data_key, pgdata, skip.__contains__, progress)
         manifest = Manifest(
             kind="pause", id=sid, job=job, created_at=now_iso(),
             objects=[ObjectEntry(data_key[len(job_prefix(job)):], stored.size, stored.sha256)],
