@@ -84,6 +84,25 @@ def run_pg(args: list[str], *, check: bool = True, timeout: float = 120,
     return proc
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped) does not.
+
+    In a container whose PID 1 never reaps orphans, a crashed postmaster stays
+    a zombie, and ``kill(pid, 0)`` alone would call it running.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and not ours to signal
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill()
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

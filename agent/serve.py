@@ -44,7 +44,7 @@ from agent.manifest import (
     snapshot_manifest_key,
 )
 from agent.metrics import AgentMetrics
-from agent.postgres import PostgresError, bin_dir
+from agent.postgres import PostgresError, bin_dir, pid_alive
 from agent.snapshot import take_snapshot
 from agent.store import Store, StoreError, get_bytes, open_store
 from agent.wal import Archiver
@@ -97,22 +97,7 @@ def read_postmaster(pgdata: Path) -> Postmaster | None:
                         else "", lines[7].strip() if len(lines) > 7 else "")
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    return pm if alive(pid) else None  # else a stale file, left by a crash
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, and not ours to signal
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill()
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    return pm if pid_alive(pid) else None  # else a stale file, left by a crash
 
 
 async def wait_for_exit(pid: int, timeout: float) -> None:
@@ -138,7 +123,7 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
             os.close(fd)
         return
     deadline = loop.time() + timeout
-    while alive(pid):
+    while pid_alive(pid):
         if loop.time() > deadline:
             raise TimeoutError
         await asyncio.sleep(POLL)

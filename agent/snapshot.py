@@ -31,7 +31,7 @@ from agent.manifest import (
     snapshot_manifest_key,
 )
 from agent.metrics import AgentMetrics
-from agent.postgres import PostgresError, bin_dir, run_pg
+from agent.postgres import PostgresError, bin_dir, pid_alive, run_pg
 from agent.progress import NoProgress, Progress
 from agent.store import Store, Stored, open_store, put_bytes
 from agent.tarstream import TarZstStream, tar_zst_chunks
@@ -87,13 +87,7 @@ def running_pid(pgdata: Path) -> int | None:
         pid = int(first)
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, just not ours
-    return pid
+    return pid if pid_alive(pid) else None
 
 
 def check_stopped_pgdata(pgdata: Path) -> tuple[ControlData, str]:

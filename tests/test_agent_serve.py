@@ -30,8 +30,9 @@ from agent.dump import load
 from agent.init import init_pgdata
 from agent.manifest import Manifest, snapshot_manifest_key, wal_key
 from agent.postgres import Instance, free_port
+from agent.postgres import pid_alive as alive
 from agent.restore import restore
-from agent.serve import alive, read_postmaster, wait_for_exit
+from agent.serve import read_postmaster, wait_for_exit
 from agent.snapshot import check_stopped_pgdata
 from agent.store import get_bytes, open_store
 

@@ -466,3 +466,16 @@ async def test_recycled_wal_segments_stay_out_and_the_restore_still_starts(
     assert m.extra["recycled_wal_skipped"] == len(segments) - len(kept)
     assert read_controldata(dest).checkpoint_lsn == control.checkpoint_lsn
     assert checksums(start_restored(dest, restored_instances)) == before
+
+
+def test_a_zombie_postmaster_does_not_count_as_running():
+    import subprocess
+
+    from agent.postgres import pid_alive
+
+    child = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    try:
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
