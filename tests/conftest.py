@@ -279,3 +279,22 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.05)
     raise RuntimeError("moto_server did not start listening")
+
+
+@pytest.fixture(params=["file", "s3"])
+async def store(request: pytest.FixtureRequest, pg_root: Path):
+    """An empty store of each kind; the file one where the postgres user can read it
+    (restore_command runs wal-fetch as that user). Test files may define their own."""
+    from agent.store import open_store
+
+    if request.param == "file":
+        root = pg_root / f"store-{os.urandom(4).hex()}"
+        root.mkdir()
+        root.chmod(0o755)
+        s = open_store(f"file://{root}")
+    else:
+        server = request.getfixturevalue("s3_server")
+        bucket = server.create_bucket(f"store-{os.urandom(4).hex()}")
+        s = open_store(f"s3://{bucket}/jobs", s3_endpoint=server.endpoint)
+    yield s
+    await s.close()

@@ -32,7 +32,7 @@ from agent.manifest import Manifest, job_prefix, snapshot_manifest_key, wal_key
 from agent.postgres import Instance, free_port
 from agent.restore import restore
 from agent.snapshot import take_snapshot
-from agent.store import Store, get_bytes, open_store
+from agent.store import Store, get_bytes
 from agent.wal import Archiver
 from agent.walnames import parse_lsn, segment_of
 
@@ -104,22 +104,6 @@ def new_job(pg_root: Path) -> Iterator[Callable[..., Job]]:
     yield make
     for inst in started:
         inst.stop_quietly()
-
-
-@pytest.fixture(params=["file", "s3"])
-async def store(request: pytest.FixtureRequest, pg_root: Path) -> AsyncIterator[Store]:
-    """An empty store of each kind; the file one where the postgres user can read it."""
-    if request.param == "file":
-        root = pg_root / f"store-{os.urandom(4).hex()}"
-        root.mkdir()
-        root.chmod(0o755)
-        s = open_store(f"file://{root}")
-    else:
-        server = request.getfixturevalue("s3_server")
-        bucket = server.create_bucket(f"rec-{os.urandom(4).hex()}")
-        s = open_store(f"s3://{bucket}/jobs", s3_endpoint=server.endpoint)
-    yield s
-    await s.close()
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -105,22 +105,6 @@ async def take_segments(inst: Instance, dest: Path, n: int, *, rows: int = 2000)
     os.makedirs(dest, exist_ok=True)
     return [Path(shutil.move(path, dest / path.name))
             for path in await archive_segments(inst, n, rows=rows)]
-
-
-@pytest.fixture(params=["file", "s3"])
-async def store(request: pytest.FixtureRequest, pg_root: Path) -> AsyncIterator[Store]:
-    """An empty store of each kind; the file one lives where the postgres user can read it."""
-    if request.param == "file":
-        root = pg_root / f"store-{os.urandom(4).hex()}"
-        root.mkdir()
-        root.chmod(0o755)
-        s = open_store(f"file://{root}")
-    else:
-        server = request.getfixturevalue("s3_server")
-        bucket = server.create_bucket(f"wal-{os.urandom(4).hex()}")
-        s = open_store(f"s3://{bucket}/jobs", s3_endpoint=server.endpoint)
-    yield s
-    await s.close()
 
 
 def sha(path: Path) -> str:
