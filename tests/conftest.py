@@ -298,3 +298,29 @@ async def store(request: pytest.FixtureRequest, pg_root: Path):
         s = open_store(f"s3://{bucket}/jobs", s3_endpoint=server.endpoint)
     yield s
     await s.close()
+
+
+@pytest.fixture(scope="session")
+def catalog_pg(pg_factory: PgFactory) -> Instance:
+    """One PostgreSQL for catalogs; each test gets its own database in it."""
+    return pg_factory("catalog", databases=())
+
+
+@pytest.fixture
+def catalog_dsn(catalog_pg: Instance) -> Iterator[str]:
+    """A fresh, empty catalog database (not yet migrated), dropped afterwards."""
+    name = f"catalog_{os.urandom(4).hex()}"
+    catalog_pg.psql(f"CREATE DATABASE {name}")
+    yield (f"postgresql://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{catalog_pg.port}/{name}")
+    catalog_pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def catalog(catalog_dsn: str):
+    """A migrated catalog, connected."""
+    from controller.catalog import Catalog
+
+    cat = await Catalog.connect(catalog_dsn)
+    await cat.migrate()
+    yield cat
+    await cat.close()
