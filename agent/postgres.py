@@ -60,6 +60,31 @@ def give_to_postgres(path: Path) -> None:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
+def reachable_by_postgres(path: Path) -> bool:
+    """Can the Postgres OS user walk down to ``path`` (every parent searchable by it)?
+
+    A clone under /root (mode 0700) is not: Postgres could not open its data there.
+    """
+    user = os_user()
+    if user is None:
+        return True
+    entry = pwd.getpwnam(user)
+    for parent in path.absolute().parents:
+        try:
+            st = parent.stat()
+        except OSError:
+            return False
+        if st.st_uid == entry.pw_uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid == entry.pw_gid:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return False
+    return True
+
+
 def run_pg(args: list[str], *, check: bool = True, timeout: float = 120,
            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a Postgres binary as the right OS user, capturing its output."""

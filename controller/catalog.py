@@ -268,6 +268,22 @@ class Catalog:
                                 detail=detail or ({"error": error} if error else {}))
         return _job(row)
 
+    async def pause_if_idle(self, job_id: str, idle_seconds: float, *,
+                            reason: str = "idle") -> bool:
+        """Want ``job_id`` paused if no router touched it for ``idle_seconds`` (checked in
+        the same statement, so a client arriving just now keeps it running)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE jobs SET desired_state = 'paused', updated_at = now()"
+                " WHERE id = $1 AND desired_state = 'running' AND state = 'running'"
+                " AND last_active < now() - make_interval(secs => $2) RETURNING id",
+                job_id, idle_seconds)
+            if row is None:
+                return False
+            await _insert_event(conn, job_id, reason, "running", None,
+                                detail={"idle_seconds": idle_seconds})
+        return True
+
     async def failed_attempt(self, job_id: str, state: str, error: str) -> None:
         """A transition's work failed; it stays in ``state`` and is retried later."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -301,8 +317,9 @@ class Catalog:
         await self.pool.execute(
             "INSERT INTO snapshots (job_id, id, kind, size_bytes, stored_bytes, manifest)"
             " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id, id) DO NOTHING",
-            job_id, manifest["id"], manifest.get("kind", "pause"), manifest.get("size"),
-            manifest.get("stored_size"), manifest)
+            job_id, manifest["id"], manifest.get("kind", "pause"),
+            manifest.get("uncompressed_size"),
+            sum(o.get("size", 0) for o in manifest.get("objects", [])), manifest)
 
     async def snapshots(self, job_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
