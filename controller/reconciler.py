@@ -50,6 +50,9 @@ class Reconciler:
         self._dirty: set[str] = set()
         self._waiting_for_room: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # After a failure, the same work is not retried before its back-off ends, however
+        # often the job is kicked (recording the failure itself NOTIFYs).
+        self._backoff: dict[str, tuple[Action, float]] = {}
         self._listener: asyncpg.Connection | None = None
         self._resync = asyncio.Event()
 
@@ -139,9 +142,6 @@ class Reconciler:
 
     def kick(self, job_id: str) -> None:
         """Reconcile ``job_id`` soon; never two workers for one job."""
-        timer = self._timers.pop(job_id, None)
-        if timer is not None:
-            timer.cancel()
         if job_id in self._workers:
             self._dirty.add(job_id)
             return
@@ -169,6 +169,11 @@ class Reconciler:
         step = lifecycle.decide(job.state, job.desired_state, alive)
         if step.action is Action.NOTHING:
             return
+        backoff = self._backoff.get(job.id)
+        if backoff is not None:
+            if backoff[0] is step.action and time.monotonic() < backoff[1]:
+                return  # the retry timer kicks it when the back-off ends
+            del self._backoff[job.id]
         if step.action is Action.SETTLE:
             assert step.done is not None
             await self.catalog.transition(job.id, job.state, step.done)
@@ -235,8 +240,9 @@ class Reconciler:
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             log.warning("job %s: %s failed: %s", job.id, step.action.value, error)
             self.metrics.action_failures.labels(step.action.value).inc()
+            delay = self._retry(job.id, job.attempts + 1)
+            self._backoff[job.id] = (step.action, time.monotonic() + delay)
             await self.catalog.failed_attempt(job.id, job.state, error)
-            self._retry(job.id, job.attempts + 1)
             return
         seconds = time.monotonic() - started_at
         await self._finish(job, step, result, seconds)
@@ -275,16 +281,18 @@ class Reconciler:
             self.metrics.wake_seconds.observe((datetime.now(UTC) - events[-1].at)
                                               .total_seconds())
 
-    def _retry(self, job_id: str, attempts: int) -> None:
+    def _retry(self, job_id: str, attempts: int) -> float:
         delay = min(0.5 * 2 ** min(attempts, 10), self.config.retry_max)
         loop = asyncio.get_running_loop()
         old = self._timers.pop(job_id, None)
         if old is not None:
             old.cancel()
         self._timers[job_id] = loop.call_later(delay, self._retry_now, job_id)
+        return delay
 
     def _retry_now(self, job_id: str) -> None:
         self._timers.pop(job_id, None)
+        self._backoff.pop(job_id, None)
         self.kick(job_id)
 
 
