@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from jobmesh import logs
 
@@ -26,17 +27,44 @@ def _agent(p: argparse.ArgumentParser, argv: list[str]) -> None:
     agent_cli.add_arguments(p, argv)
 
 
-def _demo(p: argparse.ArgumentParser, argv: list[str]) -> None:
-    from jobmesh import demo
+def _controller(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from controller import main as controller_main
 
-    demo.add_arguments(p)
-    p.set_defaults(run=demo.run)
+    controller_main.add_arguments(p)
+    p.set_defaults(run=controller_main.run)
+
+
+def _up(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from jobmesh import up
+
+    up.add_arguments(p)
+    p.set_defaults(run=up.run)
+
+
+def _operator(command: str) -> Callable[[argparse.ArgumentParser, list[str]], None]:
+    """The operator commands talk to a running mesh's API (controller/cli.py)."""
+
+    def register(p: argparse.ArgumentParser, argv: list[str]) -> None:
+        from controller import cli as operator_cli
+
+        operator_cli.add_arguments(command, p)
+    return register
 
 
 COMMANDS = {
+    "up": ("everything on one machine: catalog, controller, router, store", _up),
+    "job": ("create, list, show, pause, resume, end, delete, export and import jobs",
+            _operator("job")),
+    "user": ("create, list and delete the users clients log in as", _operator("user")),
+    "grant": ("let a user reach the jobs matching a pattern", _operator("grant")),
+    "revoke": ("take a user's grant away", _operator("revoke")),
+    "psql": ("psql into a job's database through the router, as the admin",
+             _operator("psql")),
+    "status": ("the running mesh: jobs by state, users, the router's address",
+               _operator("status")),
     "router": ("run the Postgres-wire router", _router),
+    "controller": ("run the controller: reconciler, backend and HTTP API", _controller),
     "agent": ("the sidecar beside a job's PostgreSQL: WAL, snapshots, restore", _agent),
-    "demo": ("a demo PostgreSQL behind the router (what `make up` runs)", _demo),
 }
 
 
