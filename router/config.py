@@ -22,6 +22,8 @@ class RouterConfig:
     startup_timeout: float = 10.0
     connect_timeout: float = 10.0
     shutdown_timeout: float = 30.0
+    wake_timeout: float = 60.0  # a client waits this long for its job to wake
+    activity_interval: float = 5.0  # how often the catalog hears which jobs are in use
     # Worker mode (see supervisor.py): a socket inherited from the supervisor,
     # this worker's index, and the control directory the workers share.
     workers: int = 1

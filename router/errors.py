@@ -80,3 +80,42 @@ def tls_required() -> ClientError:
         "this router accepts only TLS connections",
         "Connect with sslmode=require (or verify-full).",
     )
+
+
+def catalog_unavailable() -> ClientError:
+    return ClientError(
+        "57P03",
+        "the router cannot reach the jobmesh catalog",
+        "Jobs, users and grants are unavailable for the moment; try again shortly.",
+    )
+
+
+def job_ended(job_id: str, desired: str) -> ClientError:
+    if desired == "deleted":
+        return ClientError(
+            "57P03", f'job "{job_id}" is being deleted', "A deleted job cannot be woken."
+        )
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" is ended',
+        f"Connecting does not wake an ended job; resume it with: jobmesh job resume {job_id}",
+    )
+
+
+def wake_failed(job_id: str, error: str, attempts: int) -> ClientError:
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" failed to start: {error}',
+        f"The controller's last {attempts} attempts failed; it keeps retrying. "
+        "Check the job's events, or reconnect later.",
+    )
+
+
+def wake_timeout(job_id: str, seconds: float, progress: str | None) -> ClientError:
+    doing = f" (last step: {progress})" if progress else ""
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" did not start within {seconds:g}s{doing}',
+        "The job is still starting; reconnect in a moment. "
+        "If it never starts, check the controller and the job's events.",
+    )

@@ -1,4 +1,10 @@
-"""``jobmesh router``: run the router from the command line."""
+"""``jobmesh router``: run the router from the command line.
+
+Routes come from one of two sources: a static TOML file (``--routes``,
+reloaded on SIGHUP) or the jobmesh catalog (``--catalog-dsn`` or
+``JOBMESH_CATALOG_DSN``; followed with LISTEN/NOTIFY, SIGHUP forces a full
+reload). Only the catalog can wake paused jobs.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,17 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import resource
 import signal
 
 import uvloop
 from prometheus_client import start_http_server
 
+from router.activity import ActivityReporter
+from router.catalog_routes import CatalogConfigError, CatalogRoutes
 from router.config import RouterConfig, UsageError
+from router.metrics import RouterMetrics
 from router.routes import RouteFileError, RouteTable, load_routes
 from router.server import Router
 from router.supervisor import Supervisor
@@ -24,7 +34,20 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:6432", metavar="HOST:PORT")
-    p.add_argument("--routes", required=True, metavar="FILE", help="route file (TOML)")
+    p.add_argument("--routes", metavar="FILE", help="a static route file (TOML)")
+    p.add_argument(
+        "--catalog-dsn", metavar="DSN",
+        help="take jobs, users and grants from the jobmesh catalog, and wake paused jobs"
+             " (default: $JOBMESH_CATALOG_DSN unless --routes is given)",
+    )
+    p.add_argument(
+        "--wake-timeout", type=float, default=60.0, metavar="S",
+        help="how long a client waits for its paused job to wake (default 60)",
+    )
+    p.add_argument(
+        "--activity-interval", type=float, default=5.0, metavar="S",
+        help="how often to tell the catalog which jobs have sessions (default 5)",
+    )
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--require-tls", action="store_true", help="refuse cleartext clients (28000)")
@@ -66,6 +89,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         startup_timeout=args.startup_timeout,
         connect_timeout=args.connect_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        wake_timeout=args.wake_timeout,
+        activity_interval=args.activity_interval,
         workers=args.workers,
         worker_index=args.worker_index or 0,
         listen_fd=args.listen_fd,
@@ -73,6 +98,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     )
     if not 1 <= args.workers <= 64:
         raise UsageError("--workers must be between 1 and 64")
+    if args.wake_timeout <= 0 or args.activity_interval <= 0:
+        raise UsageError("--wake-timeout and --activity-interval must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_cert:
@@ -92,17 +119,32 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def catalog_dsn(args: argparse.Namespace) -> str | None:
+    """The catalog to follow, or None for a route file; exactly one of the two."""
+    if args.routes and args.catalog_dsn:
+        raise UsageError("--routes and --catalog-dsn are alternatives: give one")
+    if args.routes:
+        return None
+    dsn = args.catalog_dsn or os.environ.get("JOBMESH_CATALOG_DSN")
+    if not dsn:
+        raise UsageError("give --routes FILE or --catalog-dsn DSN (or set JOBMESH_CATALOG_DSN)")
+    return dsn
+
+
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     raise_fd_limit()
-    try:
-        routes = load_routes(args.routes)
-    except RouteFileError as exc:
-        raise UsageError(str(exc)) from exc
+    dsn = catalog_dsn(args)
+    routes: RouteTable | None = None
+    if dsn is None:
+        try:
+            routes = load_routes(args.routes)
+        except RouteFileError as exc:
+            raise UsageError(str(exc)) from exc
     metrics_at = parse_hostport(args.metrics, "--metrics") if args.metrics else None
     if args.worker_index is not None:
         _die_with_parent()
-        uvloop.run(_serve(config, routes, args.routes, None, worker=True))
+        uvloop.run(_serve(config, routes, args.routes, dsn, None, worker=True))
         return 0
     if config.workers > 1:
         supervisor = Supervisor(args.argv, config.workers, config.host, config.port, metrics_at)
@@ -110,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             return supervisor.run()
         except OSError as exc:
             raise UsageError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
-    uvloop.run(_serve(config, routes, args.routes, metrics_at))
+    uvloop.run(_serve(config, routes, args.routes, dsn, metrics_at))
     return 0
 
 
@@ -123,13 +165,40 @@ def _die_with_parent() -> None:
 
 async def _serve(
     config: RouterConfig,
-    routes: RouteTable,
-    routes_path: str,
+    table: RouteTable | None,
+    routes_path: str | None,
+    dsn: str | None,
     metrics_at: tuple[str, int] | None,
     *,
     worker: bool = False,
 ) -> None:
-    router = Router(config, routes)
+    metrics = RouterMetrics()
+    catalog: CatalogRoutes | None = None
+    activity: ActivityReporter | None = None
+    if dsn is not None:
+        try:
+            catalog = await CatalogRoutes.open(dsn, metrics, wake_timeout=config.wake_timeout)
+        except CatalogConfigError as exc:
+            raise UsageError(f"--catalog-dsn: {exc}") from exc
+        activity = ActivityReporter(catalog.touch, config.activity_interval)
+    routes = catalog or table
+    assert routes is not None
+    router = Router(config, routes, metrics=metrics, activity=activity)
+    try:
+        await _run_router(router, catalog, routes_path, metrics_at, worker)
+    finally:
+        if catalog is not None:
+            await catalog.close()
+
+
+async def _run_router(
+    router: Router,
+    catalog: CatalogRoutes | None,
+    routes_path: str | None,
+    metrics_at: tuple[str, int] | None,
+    worker: bool,
+) -> None:
+    config = router.config
     try:
         await router.start()
     except OSError as exc:
@@ -142,22 +211,33 @@ async def _serve(
             raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, _reload, router, routes_path)
+    if catalog is not None:
+        loop.add_signal_handler(signal.SIGHUP, catalog.resync)
+    else:
+        assert routes_path is not None
+        loop.add_signal_handler(signal.SIGHUP, _reload, router, routes_path)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if worker:
         log.info("router worker %d/%d serving", config.worker_index, config.workers)
         print("ready", flush=True)  # the supervisor waits for this line
     else:
-        log.info(
-            "router listening on %s:%d (%d jobs, %d users)",
-            config.host, router.port, len(routes.jobs), len(routes.users),
-        )
+        log.info("router listening on %s:%d (%s)", config.host, router.port, _summary(router))
     await stop.wait()
     log.info("shutting down: waiting up to %.0fs for %d sessions",
              config.shutdown_timeout, len(router.sessions))
     await router.shutdown()
     log.info("router stopped")
+
+
+def _summary(router: Router) -> str:
+    routes = router.routes
+    if isinstance(routes, CatalogRoutes):
+        if not routes.loaded:
+            return "catalog unreachable; retrying"
+        return f"{len(routes.jobs)} jobs, {len(routes.users)} users in the catalog"
+    assert isinstance(routes, RouteTable)
+    return f"{len(routes.jobs)} jobs, {len(routes.users)} users"
 
 
 def _reload(router: Router, path: str) -> None:

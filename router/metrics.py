@@ -13,7 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -25,7 +25,7 @@ class SessionView(Protocol):
 
 
 class RouterMetrics:
-    def __init__(self, sessions: Callable[[], Iterable[SessionView]]) -> None:
+    def __init__(self, sessions: Callable[[], Iterable[SessionView]] = tuple) -> None:
         self.registry = CollectorRegistry()
         self.auth_failures = Counter(
             "jobmesh_router_auth_failures_total",
@@ -50,9 +50,35 @@ class RouterMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        # Wakes (catalog routes only).
+        self.wakes_requested = Counter(
+            "jobmesh_router_wakes_requested_total",
+            "Wakes this router asked the catalog for (one per job, however many clients wait)",
+            registry=self.registry,
+        )
+        self.wake_wait = Histogram(
+            "jobmesh_router_wake_wait_seconds",
+            "Time a client waited for its job to wake, from AuthenticationOk to the job running",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.clients_waiting = Gauge(
+            "jobmesh_router_clients_waiting",
+            "Authenticated clients waiting for their job to wake",
+            registry=self.registry,
+        )
+        self.catalog_synced = Gauge(
+            "jobmesh_router_catalog_synced",
+            "1 while the router follows the catalog (LISTEN connected, cache loaded), else 0",
+            registry=self.registry,
+        )
         self.finished_bytes: Tally[tuple[str, str]] = Tally()
         self._collector = _SessionCollector(sessions, self.finished_bytes)
         self.registry.register(self._collector)
+
+    def track_sessions(self, sessions: Callable[[], Iterable[SessionView]]) -> None:
+        """Where the live sessions are (set by the server that owns them)."""
+        self._collector.sessions = sessions
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sessions live on this loop; scrapes from other threads read them there."""
@@ -70,7 +96,7 @@ class _SessionCollector(Collector):
         sessions: Callable[[], Iterable[SessionView]],
         finished: Tally[tuple[str, str]],
     ) -> None:
-        self._sessions = sessions
+        self.sessions = sessions
         self._finished = finished
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -105,7 +131,7 @@ class _SessionCollector(Collector):
         )
         per_job: Tally[str] = Tally()
         totals = Tally(self._finished)
-        for s in self._sessions():
+        for s in self.sessions():
             per_job[s.job_id] += 1
             rx, tx = s.byte_counts()
             totals[(s.job_id, "in")] += rx

@@ -16,23 +16,35 @@ jobs = ["alpha"]          # job ids, or "*"
 
 Loading validates everything up front and raises ``RouteFileError`` with
 the exact key at fault, so a SIGHUP with a broken file changes nothing.
+
+The file is one of two route sources (``route_source.RouteSource``); the
+other is the catalog (``catalog_routes``). This module also holds what both
+speak in: a ``JobRoute`` (a backend to log in to) and a ``Principal`` (a
+verifier and grants). A user listed for a job in the file has write access:
+the file names one backend role per job.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from scramp import ScramException
 
+from router import errors
 from router.credentials import InvalidVerifier, ScramVerifier, credential_from_config
 
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 JOB_DATABASE_PREFIX = "job_"
 ADMIN_DATABASE = "jobmesh"
+
+# What a grant allows; it picks the backend role the router logs in as.
+Access = Literal["read", "write"]
 
 
 class RouteFileError(ValueError):
@@ -52,16 +64,33 @@ class JobRoute:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Someone who may log in: a SCRAM verifier, and grants on job ids or globs."""
+
     name: str
     verifier: ScramVerifier
-    jobs: frozenset[str]  # job ids, or {"*"}
+    grants: tuple[tuple[str, Access], ...] = ()  # (pattern, access): "alpha", "scrape-*", "*"
+    admin: bool = False  # write on every job
+
+    def access(self, job_id: str) -> Access | None:
+        """What this principal may do on ``job_id``; when several grants match, write wins."""
+        if self.admin:
+            return "write"
+        found: Access | None = None
+        for pattern, access in self.grants:
+            if fnmatchcase(job_id, pattern):
+                if access == "write":
+                    return "write"
+                found = access
+        return found
 
     def may_access(self, job_id: str) -> bool:
-        return "*" in self.jobs or job_id in self.jobs
+        return self.access(job_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
 class RouteTable:
+    """The static route file as a route source: every job is always running."""
+
     jobs: dict[str, JobRoute]
     users: dict[str, Principal]
 
@@ -70,6 +99,13 @@ class RouteTable:
 
     def user(self, name: str) -> Principal | None:
         return self.users.get(name)
+
+    def route(self, job_id: str, access: Access) -> JobRoute | None:
+        return self.jobs.get(job_id)
+
+    async def wake(self, job_id: str, access: Access, notice: Callable[[str], None]) -> JobRoute:
+        # route() answers for every job the file names, so nothing is ever woken.
+        raise errors.unknown_job(job_id)
 
 
 def job_id_from_database(database: str) -> str | None:
@@ -147,7 +183,7 @@ def _parse_user(name: str, raw: Any, where: str) -> Principal:
     for j in jobs:
         if j != "*" and not JOB_ID.fullmatch(j):
             raise RouteFileError(f"{at}.jobs: {j!r} is not a valid job id")
-    return Principal(name, verifier, frozenset(jobs))
+    return Principal(name, verifier, tuple((j, "write") for j in dict.fromkeys(jobs)))
 
 
 def _table(raw: Any, at: str) -> dict[str, Any]:

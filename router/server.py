@@ -1,8 +1,10 @@
 """The router's asyncio server: accept, run the handshake, log in to the backend, splice.
 
 The protocol rules live in the sans-IO modules (``handshake``,
-``client_auth``, ``backend_handshake``); this module only moves bytes
-between them and sockets and keeps the books (sessions, limits, cancel keys).
+``client_auth``, ``backend_handshake``); who may connect and where jobs run
+is the route source's business (``route_source``); holding a client while
+its job wakes is ``hold``'s. This module only moves bytes between them and
+sockets and keeps the books (sessions, limits, cancel keys, activity).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from router import errors, peers
 from router import protocol as pg
+from router.activity import ActivityReporter
 from router.backend_handshake import (
     BackendAuthFailed,
     BackendError,
@@ -33,27 +38,32 @@ from router.config import RouterConfig
 from router.credentials import MockVerifiers
 from router.errors import ClientError
 from router.handshake import AuthResponse, ClientHandshake, Terminated
+from router.hold import hold
 from router.inbox import ConnectionClosed, Inbox
 from router.metrics import RouterMetrics
-from router.routes import ADMIN_DATABASE, JobRoute, Principal, RouteTable, job_id_from_database
+from router.route_source import RouteSource
+from router.routes import Access, JobRoute, Principal
 from router.session import Session
 from router.shutdown import terminate_backends
 from router.slots import LocalSlots, SharedSlots, Slots
 from router.splice import Pipe, splice
+from router.startup import Startup, read_startup
 
 log = logging.getLogger(__name__)
 
-# Startup parameters that are the router's business, not the backend's.
-_NOT_FORWARDED = {"user", "database", "replication"}
-
 
 class Router:
-    def __init__(self, config: RouterConfig, routes: RouteTable) -> None:
+    def __init__(self, config: RouterConfig, routes: RouteSource, *,
+                 metrics: RouterMetrics | None = None,
+                 activity: ActivityReporter | None = None) -> None:
         self.config = config
         self.routes = routes
+        self.activity = activity
         self.cancel_map = CancelMap(config.worker_index, config.workers)
         self.sessions: set[Session] = set()
-        self.metrics = RouterMetrics(lambda: self.sessions)
+        self._job_sessions: Counter[str] = Counter()
+        self.metrics = metrics or RouterMetrics()
+        self.metrics.track_sessions(lambda: self.sessions)
         self.canceller = Canceller(self.cancel_map, config, self.metrics)
         self.slots: Slots = (
             SharedSlots(Path(config.control_dir) / "slots") if config.control_dir else LocalSlots()
@@ -87,15 +97,21 @@ class Router:
                 self.canceller.cancel_here,
                 lambda: generate_latest(self.metrics.registry),
             )
+        if self.activity is not None:
+            self.activity.start(self.active_jobs)
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    def reload(self, routes: RouteTable) -> None:
+    def reload(self, routes: RouteSource) -> None:
         """New connections use the new routes; live sessions are untouched."""
         self.routes = routes
+
+    def active_jobs(self) -> Iterable[str]:
+        """Jobs with at least one spliced session."""
+        return self._job_sessions.keys()
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions finish, then end the rest with 57P01."""
@@ -118,6 +134,8 @@ class Router:
             await asyncio.wait(self._handshakes, timeout=5)
         if self._control is not None:
             self._control.close()
+        if self.activity is not None:
+            await self.activity.close()
 
     def _new_inbox(self) -> Inbox:
         inbox = Inbox()
@@ -159,15 +177,19 @@ class Router:
             startup, tls = await self._negotiate(inbox, hs)
             if startup is None:
                 return
-            user, job_id, params = self._check_startup(inbox, startup, tls)
+            request = self._check_startup(inbox, startup, tls)
+            user, job_id = request.user, request.job_id
             principal = await self._authenticate(inbox, hs, user, tls)
+        # Only now, with the client known, may a lookup reveal or wake anything.
         job = self.routes.job(job_id)
         if job is None:
             raise errors.unknown_job(job_id)
-        if not principal.may_access(job_id):
+        access = principal.access(job_id)
+        if access is None:
             raise errors.not_granted(user, job_id)
         if self._stopping:
             raise errors.shutting_down()
+        route = self.routes.route(job_id, access)
         slot = None
         if job.max_connections is not None:
             slot = self.slots.acquire(job_id, job.max_connections)
@@ -178,13 +200,31 @@ class Router:
                 )
         pipelined = hs.authenticated()
         inbox.write(pg.auth_ok())
-        inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
         spliced = False
         try:
-            spliced = await self._connect_backend(inbox, job, user, params, pipelined, slot)
+            if route is None:
+                route, more = await self._wait_for_wake(inbox, job_id, access)
+                pipelined += more
+            assert inbox.transport is not None
+            inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
+            spliced = await self._connect_backend(
+                inbox, route, user, request.forwarded, pipelined, slot
+            )
         finally:
             if not spliced and slot is not None:
                 self.slots.release(slot)
+
+    async def _wait_for_wake(
+        self, inbox: Inbox, job_id: str, access: Access
+    ) -> tuple[JobRoute, bytes]:
+        """Outside the startup timeout: a wake has its own (--wake-timeout)."""
+        def notice(text: str) -> None:
+            inbox.write(pg.notice_response(text))
+
+        route, more = await hold(inbox, self.routes.wake(job_id, access, notice))
+        if self._stopping:
+            raise errors.shutting_down()
+        return route, more
 
     async def _next(self, inbox: Inbox, hs: ClientHandshake) -> object:
         while (event := hs.next_event()) is None:
@@ -219,9 +259,7 @@ class Router:
                 assert isinstance(event, pg.StartupMessage)
                 return event, tls
 
-    def _check_startup(
-        self, inbox: Inbox, startup: pg.StartupMessage, tls: bool
-    ) -> tuple[str, str, dict[str, str]]:
+    def _check_startup(self, inbox: Inbox, startup: pg.StartupMessage, tls: bool) -> Startup:
         if self.config.require_tls and not tls:
             raise errors.tls_required()
         if len(self._handshakes) + len(self.sessions) > self._max_clients:
@@ -229,33 +267,10 @@ class Router:
                 f"max_client_conn={self.config.max_client_conn}",
                 "Close idle connections or raise --max-client-conn.",
             )
-        params = dict(startup.params)
-        user = params.get("user", "")
-        if not user:
-            raise ClientError("28000", "no PostgreSQL user name specified in startup packet")
-        database = params.get("database") or user
-        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise ClientError(
-                "0A000",
-                "replication connections are not supported through the router",
-                "Connect to the job's PostgreSQL directly for replication.",
-            )
-        if database == ADMIN_DATABASE:
-            raise ClientError(
-                "3D000",
-                'the admin console database "jobmesh" is not available on this router',
-                "Connect with dbname=job_<id>.",
-            )
-        job_id = job_id_from_database(database)
-        if job_id is None:
-            raise errors.invalid_database(database)
-        unsupported = [k for k in params if k.startswith("_pq_.")]
-        if startup.minor > 0 or unsupported:
-            inbox.write(pg.negotiate_protocol_version(pg.PROTOCOL_3_0, unsupported))
-        forwarded = {
-            k: v for k, v in params.items() if k not in _NOT_FORWARDED and k not in unsupported
-        }
-        return user, job_id, forwarded
+        request = read_startup(startup)
+        if request.negotiate is not None:
+            inbox.write(request.negotiate)
+        return request
 
     async def _authenticate(
         self, inbox: Inbox, hs: ClientHandshake, user: str, tls: bool
@@ -362,6 +377,7 @@ class Router:
         inbox.write(pg.backend_key_data(pid, secret) + pg.ready_for_query(ready.status))
         session = Session(job, user, pid, key.pid, slot)
         self.sessions.add(session)
+        self._job_sessions[job.job_id] += 1
         self._drained.clear()
         assert inbox.transport is not None and backend.transport is not None
         session.spliced(splice(
@@ -379,6 +395,11 @@ class Router:
     def _ended(self, session: Session, survivor: Pipe) -> None:
         session.freeze_bytes(survivor)
         self.sessions.discard(session)
+        self._job_sessions[session.job_id] -= 1
+        if self._job_sessions[session.job_id] <= 0:
+            del self._job_sessions[session.job_id]
+            if self.activity is not None:
+                self.activity.last_session_ended(session.job_id)
         self.cancel_map.release(session.cancel_pid)
         self.metrics.session_finished(session)
         if session.slot is not None:

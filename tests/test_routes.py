@@ -65,7 +65,7 @@ def test_example_file_loads_its_user_with_a_verifier_not_the_password(tmp_path):
     assert alice.name == "alice"
     assert alice.verifier.matches("s3cret")
     assert not alice.verifier.matches("wrong")
-    assert alice.jobs == frozenset({"alpha"})
+    assert alice.grants == (("alpha", "write"),)
 
 
 def test_unknown_job_and_user_are_absent():
@@ -93,7 +93,7 @@ def test_optional_job_fields_default_to_none():
 
 def test_user_without_jobs_may_access_nothing():
     bob = parse_routes({"users": {"bob": {"password": "x"}}}).user("bob")
-    assert bob.jobs == frozenset()
+    assert bob.grants == ()
     assert not bob.may_access("alpha")
 
 

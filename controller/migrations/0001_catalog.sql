@@ -68,9 +68,9 @@ BEGIN
         RETURN OLD;
     END IF;
     IF TG_OP = 'INSERT' OR (OLD.state, OLD.desired_state, OLD.host, OLD.port, OLD.progress,
-                            OLD.backend_password, OLD.error)
+                            OLD.backend_password, OLD.error, OLD.attempts)
             IS DISTINCT FROM (NEW.state, NEW.desired_state, NEW.host, NEW.port, NEW.progress,
-                              NEW.backend_password, NEW.error) THEN
+                              NEW.backend_password, NEW.error, NEW.attempts) THEN
         PERFORM pg_notify('jobmesh_jobs', NEW.id);
     END IF;
     RETURN NEW;
