@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 up: $(STAMP)
-	$(VENV)/bin/jobmesh demo
+	$(VENV)/bin/jobmesh up --demo-job demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,10 @@
 """``agent serve``: the sidecar beside a running job's PostgreSQL.
 
 It ships WAL from the spool continuously, takes a recovery point (base
-backup) on a schedule, and answers the controller over HTTP: health and
-status, ``POST /pause`` (fast shutdown, drain the spool, pause snapshot),
-``POST /base-backup``, ``POST /dump`` and Prometheus metrics.
+backup) on a schedule, and at once when the store holds none for the job
+yet, and answers the controller over HTTP: health and status, ``POST
+/pause`` (fast shutdown, drain the spool, pause snapshot), ``POST
+/base-backup``, ``POST /dump`` and Prometheus metrics.
 
 A pause deletes nothing locally: the spool keeps every segment the store
 has not confirmed, and PGDATA stays as it is, so a failed pause can simply
@@ -189,6 +190,7 @@ class Agent:
         self._schedule_changed = asyncio.Event()
         self._started = time.time()
         self._retry_at = 0.0  # after a failed scheduled backup: not before this time
+        self._history_loaded = False  # load_history has read the store
 
     @property
     def paused(self) -> Manifest | None:
@@ -306,16 +308,22 @@ class Agent:
             with contextlib.suppress(ManifestError, StoreError):
                 self.last_dump = Manifest.from_json(
                     await get_bytes(self.store, dump_manifest_key(job, dumps[-1])))
+        self._history_loaded = True
         self._schedule_changed.set()
 
     def next_base_backup_in(self) -> float | None:
         """Seconds until the next scheduled base backup: an interval after the latest one
         or after our own start, whichever is later. Pause snapshots do not count: restore
         replays no WAL on top of them, so only a base backup protects writes since a resume.
+
+        A job with no recovery point at all in the store (a new one) gets its first base
+        backup at once: until then a crash would lose everything it ever wrote.
         """
         interval = self.config.base_backup_interval
         if interval <= 0:
             return None
+        if self._history_loaded and self.last_snapshot is None:
+            return max(self._retry_at - time.time(), 0.0)
         since = time.time() - self._started
         if self.last_base_backup is not None:
             since = min(since, _age(self.last_base_backup))

@@ -102,6 +102,11 @@ class TarZstStream(AsyncIterator[bytes]):
                     while True:
                         self._queue.get_nowait()  # unblock a worker waiting on a full queue
                 await asyncio.to_thread(self._thread.join, 0.05)
+            # A cancelled __anext__ leaves its queue.get() blocked in a pool thread (a
+            # cancelled await does not stop the thread); wake it, or the loop's shutdown
+            # would wait for it forever.
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_DONE)
 
     # --- the worker thread ---------------------------------------------------------
 

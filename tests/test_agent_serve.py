@@ -407,6 +407,27 @@ def test_the_agent_picks_up_the_latest_snapshot_from_the_store(job, start_agent)
     assert snap["id"] == body["id"]
 
 
+def test_a_job_without_any_recovery_point_gets_a_base_backup_at_once(job, start_agent):
+    # A new job: until its first base backup, a crash would lose everything it wrote.
+    agent = start_agent(job, "--base-backup-interval", "3600")
+    body = poll(lambda: agent.get("/status")[1]["last_base_backup"], "the first base backup")
+    assert stored(job, snapshot_manifest_key(JOB, body["id"])) is not None
+    assert agent.get("/status")[1]["next_base_backup_in"] > 3000
+
+
+def test_a_job_with_a_pause_snapshot_waits_the_interval_for_its_base_backup(job, start_agent):
+    first = start_agent(job)
+    status, paused = first.post("/pause")
+    assert status == 200, paused
+    first.stop()
+    job.inst.start()
+    second = start_agent(job, "--base-backup-interval", "3600")
+    snap = poll(lambda: second.get("/status")[1]["last_snapshot"], "history from the store")
+    assert snap["id"] == paused["id"]
+    _, st = second.get("/status")
+    assert st["last_base_backup"] is None and st["next_base_backup_in"] > 3000
+
+
 def test_bad_flags_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata",
                            str(tmp_path), "--store", f"file://{tmp_path}/s", "--job", JOB],

@@ -1,0 +1,274 @@
+"""``jobmesh up``: the whole mesh on one machine, under one state directory.
+
+It starts (creating on first use) a catalog PostgreSQL, the controller with
+the local backend and its HTTP API, a ``file://`` store, and the router on
+``--port``; makes an admin principal with a generated password (stored in the
+state directory and shown once); and prints how to connect. Ctrl-C pauses
+every running job cleanly (its snapshot is in the store) and stops the rest;
+the next ``up`` continues where it stopped, and a connect wakes any job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.postgres import (
+    Instance,
+    PostgresError,
+    free_port,
+    give_to_postgres,
+    pid_alive,
+    reachable_by_postgres,
+)
+from controller.catalog import Catalog, CatalogError
+from controller.main import ControllerSettings, UsageError, serve
+from controller.mesh import ensure_secret, write_mesh
+from controller.passwords import scram_verifier
+from controller.reconciler import ReconcilerConfig
+
+log = logging.getLogger("jobmesh.up")
+ADMIN = "admin"
+CATALOG_DB = "jobmesh"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--state-dir", type=Path, default=Path(env("JOBMESH_STATE_DIR", ".jobmesh")),
+                   metavar="DIR", help="everything lives here (env JOBMESH_STATE_DIR, "
+                   "default ./.jobmesh)")
+    p.add_argument("--port", type=int, default=6432, help="the router's port (default 6432)")
+    p.add_argument("--api-port", type=int, default=0,
+                   help="the controller API's port (default: any free port)")
+    p.add_argument("--demo-job", metavar="ID", help="create this job if it does not exist")
+    p.add_argument("--idle-timeout", type=float, default=600, metavar="S",
+                   help="pause jobs with no client for S seconds (default 600; 0: never)")
+    p.add_argument("--max-running", type=int, metavar="N", help="at most N jobs running")
+    p.add_argument("--archive-timeout", type=int, default=60, metavar="S")
+    p.add_argument("--wake-timeout", type=float, default=60, metavar="S")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    state = args.state_dir.absolute()
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the state directory {state}: {exc.strerror}") from exc
+    state.chmod(0o755)  # the postgres OS user must reach the job and catalog directories
+    data = data_root(state)
+    try:
+        return uvloop.run(_up(args, state, data))
+    except CatalogError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def data_root(state: Path) -> Path:
+    """Where PostgreSQL data lives: the state directory, unless the Postgres OS user cannot
+    reach it (a clone under /root). Then a directory under /var/lib/jobmesh, linked from
+    the state directory as ``data``, so everything is still found from there."""
+    if reachable_by_postgres(state / "x"):
+        return state
+    digest = hashlib.sha256(str(state).encode()).hexdigest()[:12]
+    data = Path("/var/lib/jobmesh") / f"{state.parent.name}-{digest}"
+    data.mkdir(parents=True, exist_ok=True)
+    for p in (data.parent, data):
+        p.chmod(0o755)
+    link = state / "data"
+    if not link.is_symlink():
+        link.symlink_to(data)
+    log.info("the postgres user cannot reach %s: PostgreSQL data is in %s", state, data)
+    return data
+
+
+async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    catalog_pg = await asyncio.to_thread(_start_catalog, state, data)
+    router: subprocess.Popen[bytes] | None = None
+    controller: asyncio.Task[None] | None = None
+    controller_stop = asyncio.Event()
+    try:
+        dsn = (f"postgresql://postgres:{ensure_secret(state / 'catalog-password')}"
+               f"@127.0.0.1:{catalog_pg.port}/{CATALOG_DB}")
+        api_port = args.api_port or free_port()
+        settings = ControllerSettings(
+            catalog_dsn=dsn, state_dir=data, store=f"file://{data / 'store'}",
+            s3_endpoint=None, api_host="127.0.0.1", api_port=api_port,
+            token=ensure_secret(state / "api-token"),
+            reconciler=ReconcilerConfig(idle_timeout=args.idle_timeout or None,
+                                        max_running=args.max_running),
+            archive_timeout=args.archive_timeout, base_backup_interval=3600)
+        ready = asyncio.Event()
+        controller = asyncio.create_task(serve(settings, controller_stop, ready))
+        await _first(ready.wait(), controller)
+        catalog = await Catalog.connect(dsn)
+        try:
+            shown = await _ensure_admin(catalog, state)
+            if args.demo_job and await catalog.job(args.demo_job) is None:
+                await catalog.create_job(args.demo_job, {})
+            router = await asyncio.to_thread(_start_router, state, dsn, args)
+            write_mesh(state, f"http://127.0.0.1:{api_port}", "127.0.0.1", args.port, ADMIN)
+            _greet(state, args, shown)
+            await _first(stop.wait(), controller)
+            print("\npausing running jobs ...", flush=True)
+            await _pause_all(catalog, controller)
+        finally:
+            await catalog.close()
+    finally:
+        if router is not None:
+            router.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(_wait, router, 15)
+        controller_stop.set()
+        if controller is not None:
+            with contextlib.suppress(Exception):
+                await controller
+        await asyncio.to_thread(catalog_pg.stop_quietly_fast)
+    print("jobmesh stopped; `jobmesh up` continues where it left off.", flush=True)
+    return 0
+
+
+async def _first(aw: object, controller: asyncio.Task[None]) -> None:
+    """Wait for ``aw``, but fail at once if the controller task ends first (its error)."""
+    waiter = asyncio.ensure_future(aw)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({waiter, controller}, return_when=asyncio.FIRST_COMPLETED)
+    if controller in done:
+        waiter.cancel()
+        controller.result()  # raises the controller's error
+        raise UsageError("the controller stopped unexpectedly")
+
+
+class CatalogInstance(Instance):
+    def stop_quietly_fast(self) -> None:
+        with contextlib.suppress(PostgresError, subprocess.TimeoutExpired):
+            if self.is_running():
+                self.stop("fast")
+
+
+def _start_catalog(state: Path, data: Path) -> CatalogInstance:
+    """The catalog's own PostgreSQL under DIR/catalog, created on first use."""
+    home = data / "catalog"
+    home.mkdir(exist_ok=True)
+    home.chmod(0o755)
+    give_to_postgres(home)
+    password = ensure_secret(state / "catalog-password")
+    inst = CatalogInstance(home / "pgdata", port=free_port())
+    pidfile = inst.datadir / "postmaster.pid"
+    try:
+        if not (inst.datadir / "PG_VERSION").exists():
+            print(f"creating the catalog PostgreSQL in {inst.datadir} ...", flush=True)
+            inst.initdb(superuser_password=password)
+        elif pidfile.exists():  # a previous `up` was killed: take its catalog back
+            lines = pidfile.read_text().splitlines()
+            if lines and lines[0].isdigit() and pid_alive(int(lines[0])):
+                inst.stop("fast")
+        inst.start()
+        if inst.psql(f"SELECT 1 FROM pg_database WHERE datname = '{CATALOG_DB}'") != "1":
+            inst.psql(f"CREATE DATABASE {CATALOG_DB}")
+    except PostgresError as exc:
+        raise UsageError(f"cannot start the catalog PostgreSQL in {inst.datadir}: {exc}") from exc
+    return inst
+
+
+async def _ensure_admin(catalog: Catalog, state: Path) -> bool:
+    """The admin principal (write on every job); True when it was created just now."""
+    path = state / "admin-password"
+    fresh = not path.exists()
+    password = ensure_secret(path)
+    if await catalog.principals(ADMIN):
+        if fresh:  # the password file was removed: the new one replaces the old
+            await catalog.set_verifier(ADMIN, scram_verifier(password))
+        return fresh
+    await catalog.create_principal(ADMIN, scram_verifier(password), admin=True)
+    return True
+
+
+def _start_router(state: Path, dsn: str, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    pidfile = state / "router.pid"
+    with contextlib.suppress(OSError, ValueError):
+        old = int(pidfile.read_text())
+        if pid_alive(old) and b"jobmesh" in Path(f"/proc/{old}/cmdline").read_bytes():
+            os.kill(old, signal.SIGTERM)  # left by an `up` that was killed
+    log_path = state / "router.log"
+    log_path.touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobmesh", "router", "--catalog-dsn", dsn,
+         "--listen", f"127.0.0.1:{args.port}", "--wake-timeout", str(args.wake_timeout)],
+        stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    if not _wait_for_log(log_path, proc, "router listening on"):
+        raise UsageError(f"the router did not start; see {log_path}")
+    return proc
+
+
+def _wait_for_log(path: Path, proc: subprocess.Popen[bytes], text: str,
+                  timeout: float = 30) -> bool:
+    """Poll the router's log for its ready line (it is a separate process; runs in a
+    thread, so the controller's loop goes on meanwhile)."""
+    start = path.stat().st_size
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with path.open("rb") as f:
+            f.seek(start)
+            if text.encode() in f.read():
+                return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+async def _pause_all(catalog: Catalog, controller: asyncio.Task[None],
+                     timeout: float = 600) -> None:
+    for job in await catalog.jobs():
+        if job.desired_state == "running":
+            await catalog.set_desired(job.id, "paused")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and not controller.done():
+        busy = [j.id for j in await catalog.jobs()
+                if j.state in ("creating", "running", "pausing", "resuming", "ending",
+                               "recovering")]
+        if not busy:
+            return
+        await asyncio.sleep(0.2)
+    log.warning("gave up waiting for jobs to pause")
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _greet(state: Path, args: argparse.Namespace, shown: bool) -> None:
+    password = (state / "admin-password").read_text().strip()
+    job = args.demo_job or "<id>"
+    lines = ["", f"jobmesh is up (state in {state}).", ""]
+    if shown:
+        lines += [f"admin password (shown once, kept in {state / 'admin-password'}):",
+                  f"  {password}", ""]
+    lines += [
+        "Connect:",
+        f'  psql "postgresql://{ADMIN}:{password if shown else "<admin-password>"}'
+        f'@127.0.0.1:{args.port}/job_{job}"',
+        f"  jobmesh psql {job}",
+        "",
+        "Ctrl-C pauses running jobs (snapshots in the store) and stops; "
+        "the next `jobmesh up` continues.",
+    ]
+    print("\n".join(lines), flush=True)

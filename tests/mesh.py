@@ -1,0 +1,205 @@
+"""A whole mesh made of real processes for end-to-end tests: controller, router, catalog.
+
+``Mesh`` starts ``jobmesh controller`` and ``jobmesh router --catalog-dsn``
+as subprocesses on a fresh catalog database, talks to the catalog directly
+(as an operator's API call would), and on teardown stops everything it or
+the controller started, found by the mesh's own directory on the command
+line, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+
+from agent.postgres import bin_dir, free_port, run_pg
+from controller.catalog import JOBS_CHANNEL, Catalog, Job
+from controller.passwords import scram_verifier
+
+
+class LoggedProcess:
+    """A subprocess whose stderr lines can be awaited (a thread pumps them into a queue)."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        with self.log_path.open("a") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                log.flush()
+                self.lines.put(line.rstrip("\n"))
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        regex = re.compile(pattern)
+        for line in self.seen:
+            if m := regex.search(line):
+                return m
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"{self.name} never logged {pattern!r}; log:\n"
+                                     + "\n".join(self.seen[-40:])) from None
+            self.seen.append(line)
+            if m := regex.search(line):
+                return m
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Mesh:
+    def __init__(self, root: Path, catalog_dsn: str, catalog: Catalog) -> None:
+        self.root = root
+        self.catalog_dsn = catalog_dsn
+        self.catalog = catalog
+        self.controller: LoggedProcess | None = None
+        self.router: LoggedProcess | None = None
+        self.router_port = 0
+        self.api_port = 0
+        self.controller_args: list[str] = []
+
+    # --- processes ---------------------------------------------------------------------
+
+    def start_controller(self, *extra: str) -> LoggedProcess:
+        if extra:
+            self.controller_args = list(extra)
+        self.api_port = self.api_port or free_port()
+        cmd = [sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", self.catalog_dsn,
+               "--state-dir", str(self.root), "--api-listen", f"127.0.0.1:{self.api_port}",
+               "--health-interval", "0.5", "--resync-interval", "5",
+               *self.controller_args]
+        self.controller = LoggedProcess("controller", cmd, self.root / "controller.log")
+        self.controller.wait_for_log(r"controller API listening on")
+        return self.controller
+
+    def start_router(self, *extra: str) -> LoggedProcess:
+        cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
+               "--catalog-dsn", self.catalog_dsn, "--activity-interval", "0.5", *extra]
+        self.router = LoggedProcess("router", cmd, self.root / "router.log")
+        m = self.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
+        self.router_port = int(m.group(1))
+        return self.router
+
+    def stop(self) -> None:
+        """Stop everything of this mesh: router, controller, every job instance."""
+        for p in (self.router, self.controller):
+            if p is not None:
+                p.stop(timeout=30)
+        for pgdata in self.root.glob("jobs/*/pgdata"):
+            if (pgdata / "postmaster.pid").exists():
+                with contextlib.suppress(Exception):
+                    run_pg([str(bin_dir() / "pg_ctl"), "stop", "-D", str(pgdata), "-m",
+                            "immediate", "-w", "-t", "20"], check=False, timeout=30)
+        kill_processes_mentioning(str(self.root))
+
+    # --- the catalog, as an operator would use it ---------------------------------------
+
+    async def add_user(self, name: str, password: str, **grants: str) -> None:
+        """``grants``: pattern=access, e.g. ``beta="read"``; ``star="write"`` means ``*``."""
+        await self.catalog.create_principal(name, scram_verifier(password))
+        for pattern, access in grants.items():
+            await self.catalog.grant(name, "*" if pattern == "star" else pattern, access)
+
+    async def wait_state(self, job_id: str, state: str, timeout: float = 90) -> Job:
+        """Wait (on NOTIFY, not by sleeping) until the job's state is ``state``."""
+        changed = asyncio.Event()
+        conn = await self.catalog.listen({JOBS_CHANNEL: lambda p: p == job_id and changed.set()})
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed.clear()
+                    job = await self.catalog.job(job_id)
+                    if job is not None and job.state == state:
+                        return job
+                    await changed.wait()
+        except TimeoutError:
+            job = await self.catalog.job(job_id)
+            raise AssertionError(f"job {job_id} never reached {state}: {job}") from None
+        finally:
+            await conn.close()
+
+    async def create_job(self, job_id: str, **spec: object) -> Job:
+        await self.catalog.create_job(job_id, dict(spec))
+        return await self.wait_state(job_id, "running")
+
+    async def pause(self, job_id: str) -> Job:
+        await self.catalog.set_desired(job_id, "paused")
+        return await self.wait_state(job_id, "paused")
+
+    async def transitions(self, job_id: str, to_state: str) -> int:
+        return sum(1 for e in await self.catalog.events(job_id, kind="transition")
+                   if e.to_state == to_state)
+
+    async def wait_for_base_backup(self, job_id: str, timeout: float = 90) -> dict:
+        """Ask the job's agent for a base backup: it answers with the one it is taking
+        (a new job's first) or takes one, when its manifest is stored."""
+        job = await self.catalog.job(job_id)
+        assert job is not None and job.agent_url, job
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.post(f"{job.agent_url}/base-backup") as resp:
+                        assert resp.status == 200, await resp.text()
+                        return await resp.json()
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)  # the agent starts beside Postgres
+
+    def dsn(self, job_id: str, user: str, password: str) -> str:
+        """A URI (psql, psycopg and asyncpg all read it) through the router."""
+        return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
+                f"@127.0.0.1:{self.router_port}/job_{job_id}")
+
+    def job_processes(self, job_id: str) -> list[int]:
+        """Pids of processes whose command line names this job's directory."""
+        return pids_mentioning(str(self.root / "jobs" / job_id) + "/")
+
+
+def pids_mentioning(text: str) -> list[int]:
+    found = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if needle in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_processes_mentioning(text: str) -> None:
+    for pid in pids_mentioning(text):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
