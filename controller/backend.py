@@ -45,8 +45,10 @@ class Stopped:
 class Backend(Protocol):
     name: str
 
-    async def start(self) -> None:
-        """Get ready; find instances left by an earlier controller (see ``orphans``)."""
+    async def start(self, on_change: Callable[[str], None] | None = None) -> None:
+        """Get ready. ``on_change(job_id)``: call it when the backend sees something happen
+        to a job's instance (a pod failed, was evicted or vanished), so the reconciler looks
+        at the job at once instead of at its next health check."""
 
     async def close(self) -> None:
         """Release our resources; running instances keep running."""

@@ -23,7 +23,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,8 @@ class LocalBackend:
 
     # --- Backend ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, on_change: Callable[[str], None] | None = None) -> None:
+        """``on_change`` is not used: the reconciler's health check finds dead processes."""
         async with self._errors("start the local backend"):
             await asyncio.to_thread(self._prepare_root)
             await self.template.ensure()

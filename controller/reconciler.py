@@ -60,7 +60,7 @@ class Reconciler:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile until ``stop`` is set; work in flight is finished, not abandoned."""
-        await self.backend.start()
+        await self.backend.start(self.kick)
         await self._listen()
         await self._stop_orphans()
         tasks = [asyncio.create_task(self._resync_loop(stop), name="resync"),
