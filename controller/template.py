@@ -15,7 +15,7 @@ takes no time, and the spare is replaced in the background.
 
 What the template bakes in: the job database ``job_TEMPLATE-15`` (renamed at
 create) owned by ``job_owner``, ``job_reader`` with SELECT only and read-only
-transactions by default, the dblink extension (jobs read one another through
+transactions by default, the dblink and postgres_fdw extensions (jobs read one another through
 the router), pg_hba (socket: trust, since the socket directory is private;
 TCP from 127.0.0.1: SCRAM), SCRAM password hashing, and modest memory so many
 small jobs share a machine. What differs per job (port, sockets,
@@ -34,7 +34,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from agent.init import READER_ROLE, init_pgdata
+from agent.init import OWNER_ROLE, READER_ROLE, init_pgdata
 from agent.manifest import Manifest, ManifestError, now_iso, snapshot_manifest_key
 from agent.postgres import Instance, PostgresError, bin_dir, free_port, give_to_postgres, run_pg
 from agent.restore import restore
@@ -45,7 +45,7 @@ log = logging.getLogger("jobmesh.controller.template")
 
 REFILL_DELAY = 1.0  # seconds after a spare was taken before another is made
 # What goes into the template changed: a store's older template is replaced by a new one.
-REVISION = 2
+REVISION = 3
 ABOUT = "template.json"  # in the template's store prefix: its revision and snapshot id
 
 HBA = [
@@ -271,9 +271,11 @@ def _make_pgdata(build: Path, name: str) -> None:
         # The reader's sessions are read-only unless it asks otherwise; its privileges
         # (SELECT only) are what really keeps it from writing.
         inst.psql(f"ALTER ROLE {READER_ROLE} SET default_transaction_read_only = on")
-        # Jobs read one another through the router (the data mesh); dblink is not a
-        # trusted extension, so the owner could not create it itself.
-        inst.psql("CREATE EXTENSION dblink", database=f"job_{name}")
+        # Jobs read one another through the router (the data mesh); dblink and
+        # postgres_fdw are not trusted extensions, so the owner could not create them.
+        inst.psql("CREATE EXTENSION dblink; CREATE EXTENSION postgres_fdw;"
+                  f" GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {OWNER_ROLE}",
+                  database=f"job_{name}")
         inst.psql("CHECKPOINT")
     finally:
         inst.stop("fast")

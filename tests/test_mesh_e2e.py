@@ -279,6 +279,15 @@ async def test_a_job_reads_another_through_the_router_only_with_a_grant(mesh: Me
         with pytest.raises(asyncpg.PostgresError) as err:
             await conn.fetchval(query, link + "job-c")
         assert "has no grant on job" in str(err.value), err.value
+        # postgres_fdw, the same way: a foreign table in A over B's table.
+        await conn.execute(
+            f"CREATE SERVER beta FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1',"
+            f" port '{mesh.router_port}', dbname 'job_beta');"
+            f" CREATE USER MAPPING FOR CURRENT_USER SERVER beta"
+            f" OPTIONS (user 'job-a', password '{PW}');"
+            " CREATE SCHEMA remote; IMPORT FOREIGN SCHEMA public LIMIT TO (t)"
+            " FROM SERVER beta INTO remote")
+        assert await conn.fetchval("SELECT x FROM remote.t") == 7
     finally:
         await conn.close()
 
