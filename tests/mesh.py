@@ -106,7 +106,8 @@ class Mesh:
 
     def start_router(self, *extra: str) -> LoggedProcess:
         cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
-               "--catalog-dsn", self.catalog_dsn, "--activity-interval", "0.5", *extra]
+               "--catalog-dsn", self.catalog_dsn, "--activity-interval", "0.5",
+               "--shutdown-timeout", "2", *extra]
         self.router = LoggedProcess("router", cmd, self.root / "router.log")
         m = self.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
         self.router_port = int(m.group(1))
@@ -175,6 +176,18 @@ class Mesh:
                         return await resp.json()
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.1)  # the agent starts beside Postgres
+
+    async def controller_metrics(self) -> dict[str, float]:
+        """The controller's Prometheus samples, by ``name{labels}``."""
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{self.api_port}/metrics") as resp:
+            text = await resp.text()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
 
     def dsn(self, job_id: str, user: str, password: str) -> str:
         """A URI (psql, psycopg and asyncpg all read it) through the router."""

@@ -70,6 +70,12 @@ async def test_write_pause_and_wake_on_connect(mesh: Mesh) -> None:
         assert conn.execute("SELECT sum(x) FROM t").fetchone() == (3,)
     assert psql(dsn, "SELECT count(*) FROM t") == "2"
     assert await mesh.transitions("alpha", "resuming") == 1
+    metrics = await mesh.controller_metrics()
+    assert metrics['jobmesh_wake_seconds_count'] == 1
+    assert metrics['jobmesh_transition_seconds_count{action="pause"}'] == 1
+    assert metrics['jobmesh_transition_seconds_count{action="resume"}'] == 1
+    assert metrics['jobmesh_bytes_moved_total{direction="stored"}'] > 0
+    assert metrics['jobmesh_bytes_moved_total{direction="restored"}'] > 0
 
 
 async def test_a_hundred_clients_share_one_wake(mesh: Mesh) -> None:
@@ -223,8 +229,11 @@ async def test_a_killed_postgres_is_recovered_from_the_store(mesh: Mesh) -> None
             started = loop.time()
         if i > 3000 and loop.time() - started > 3:
             break
-    pid = int((mesh.root / "jobs/alpha/pgdata/postmaster.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
+    # The whole instance dies at once (as in an OOM kill of its container): the
+    # postmaster and every backend, so no session outlives it.
+    postmaster = int((mesh.root / "jobs/alpha/pgdata/postmaster.pid").read_text().split()[0])
+    for pid in [postmaster, *children_of(postmaster)]:
+        os.kill(pid, signal.SIGKILL)
     with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
         await conn.execute("INSERT INTO t VALUES (-1)")
     conn.terminate()
@@ -290,6 +299,18 @@ async def test_a_job_reads_another_through_the_router_only_with_a_grant(mesh: Me
         assert await conn.fetchval("SELECT x FROM remote.t") == 7
     finally:
         await conn.close()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 class Committed(list[int]):
