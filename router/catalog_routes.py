@@ -168,6 +168,19 @@ class CatalogRoutes:
         assess(job_id, entry.row)  # raises when it will not come up
         return None
 
+    async def look_again(self, job_id: str) -> CachedJob | None:
+        """A client asked for a job we do not know: read its row (a create's NOTIFY may
+        still be on its way), so a client connecting right after a create is not told 3D000."""
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                row = await self._catalog.job(job_id)
+        except CATALOG_ERRORS as exc:
+            log.warning("catalog: cannot look up job %s: %s", job_id, _why(exc))
+            raise errors.catalog_unavailable() from exc
+        if row is not None:
+            self._apply_job(job_id, row)
+        return self.jobs.get(job_id)
+
     async def wake(self, job_id: str, access: Access, notice: Notice) -> JobRoute:
         entry = self.jobs.get(job_id)
         if entry is None:

@@ -51,6 +51,11 @@ class RouteSource(Protocol):
         """The backend to log in to for ``access``, or None when the job must be woken."""
         ...
 
+    async def look_again(self, job_id: str) -> KnownJob | None:
+        """``job`` found nothing: ask the source itself, in case the job was created a
+        moment ago and its announcement has not arrived yet."""
+        ...
+
     async def wake(self, job_id: str, access: Access, notice: Notice) -> JobRoute:
         """Wake the job (once, however many clients wait) and return its route when it runs."""
         ...

@@ -181,7 +181,7 @@ class Router:
             user, job_id = request.user, request.job_id
             principal = await self._authenticate(inbox, hs, user, tls)
         # Only now, with the client known, may a lookup reveal or wake anything.
-        job = self.routes.job(job_id)
+        job = self.routes.job(job_id) or await self.routes.look_again(job_id)
         if job is None:
             raise errors.unknown_job(job_id)
         access = principal.access(job_id)

@@ -39,6 +39,7 @@ from tests.catalog_harness import (
     query,
     row_becomes,
     running_job,
+    set_backend_password,
     scrape,
     wakes_requested,
     wire_login,
@@ -113,6 +114,21 @@ async def test_running_job_is_reached_with_asyncpg_psycopg_and_psql(catalog, job
         "psql", dsn(router), "-Atc", "select current_user", stdout=subprocess.PIPE)
     out, _ = await psql.communicate()
     assert (psql.returncode, out.decode().strip()) == (0, "job_owner")
+
+
+async def test_a_job_created_before_its_announcement_arrives_is_found(catalog, job_pg, routers):
+    """A client connecting right after a create may beat the NOTIFY: the router asks the
+    catalog before answering 3D000. (The create here runs with triggers off, so no NOTIFY
+    is ever sent.)"""
+    await add_user(catalog, "alice", ("alpha", "write"))
+    router = await routers.start(catalog.dsn)
+    async with catalog.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute("INSERT INTO jobs (id, desired_state, state, backend_password,"
+                           " host, port) VALUES ('alpha', 'running', 'running', 'pw',"
+                           " '127.0.0.1', $1)", job_pg.port)
+    set_backend_password(job_pg, "pw")
+    assert await query(router, "select current_database()") == "job_alpha"
 
 
 async def test_read_grant_is_job_reader_and_cannot_write(catalog, job_pg, routers):
