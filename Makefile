@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint bench-proxy bench-backup clean
+.PHONY: up test lint bench-proxy bench-backup bench-wake clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench-proxy: $(STAMP)
 
 bench-backup: $(STAMP)
 	$(VENV)/bin/python bench/backup.py
+
+bench-wake: $(STAMP)
+	$(VENV)/bin/python bench/wake.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jobmesh

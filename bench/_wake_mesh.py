@@ -1,0 +1,298 @@
+"""The mesh bench/wake.py measures, made of real processes, and the client that times it.
+
+A catalog PostgreSQL (default settings, as ``jobmesh up`` runs it), ``jobmesh
+controller`` (local backend, file:// store, ``--idle-timeout 0``) and ``jobmesh
+router --catalog-dsn``, each a subprocess logging to a file under the state
+directory. ``start_mesh`` registers the teardown on the ExitStack it is given:
+the controller leaves job instances running when it stops, so the teardown also
+stops every PostgreSQL under ``jobs/`` (``pg_ctl stop -m immediate``) and kills
+whatever process still names the state directory on its command line (agents),
+as tests/mesh.py does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+from _peers import REPO, BenchError
+
+from agent.postgres import Instance, bin_dir, free_port, run_pg
+from controller.catalog import JOBS_CHANNEL, Catalog, Event, Job
+
+CATALOG_PASSWORD = "catalog-pw"
+CATALOG_DB = "jobmesh"
+USER, PASSWORD = "bench", "bench-pw"  # write access on every job (maps to job_owner)
+
+
+class Proc:
+    """A subprocess whose stderr goes to a log file; its lines can be awaited."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        with self.log_path.open("a") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                log.flush()
+                self.lines.put(line.rstrip("\n"))
+
+    def wait_for_log(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise BenchError(f"{self.name} never logged {pattern!r} (exit "
+                                 f"{self.proc.poll()}); its log:\n"
+                                 + "\n".join(self.seen[-30:])) from None
+            self.seen.append(line)
+            if m := regex.search(line):
+                return m
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Mesh:
+    state: Path  # the controller's --state-dir
+    catalog_dsn: str
+    router_port: int = 0
+    controller: Proc | None = None
+    router: Proc | None = None
+
+    @property
+    def store_url(self) -> str:
+        return f"file://{self.state / 'store'}"
+
+    def pgdata(self, job_id: str) -> Path:
+        return self.state / "jobs" / job_id / "pgdata"
+
+    def dsn(self, job_id: str) -> str:
+        return (f"postgresql://{quote(USER)}:{quote(PASSWORD)}@127.0.0.1:{self.router_port}"
+                f"/job_{job_id}")
+
+    def stop(self) -> None:
+        """Router, controller, then every job instance and agent the controller left."""
+        for p in (self.router, self.controller):
+            if p is not None:
+                p.stop()
+        for pgdata in self.state.glob("jobs/*/pgdata"):
+            stop_pgdata(pgdata)
+        kill_processes_mentioning(str(self.state) + "/")
+
+    def spares_ready(self, wanted: int = 2) -> bool:
+        """The template's spare copies are all made (none being copied)."""
+        for spares in self.state.glob("template/*/spares"):
+            names = [p.name for p in spares.iterdir()]
+            return len([n for n in names if not n.startswith(".")]) >= wanted and all(
+                not n.startswith(".") for n in names)
+        return False
+
+
+def start_catalog(stack: contextlib.ExitStack, root: Path) -> tuple[Instance, str]:
+    """The catalog's PostgreSQL with its default settings (fsync on), as ``jobmesh up``."""
+    inst = Instance(root / "catalog", port=free_port())
+    inst.initdb(superuser_password=CATALOG_PASSWORD)
+    stack.callback(inst.stop_quietly)
+    inst.start()
+    inst.psql(f"CREATE DATABASE {CATALOG_DB}")
+    return inst, f"postgresql://postgres:{CATALOG_PASSWORD}@127.0.0.1:{inst.port}/{CATALOG_DB}"
+
+
+def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
+               wake_timeout: float) -> Mesh:
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    mesh = Mesh(state, catalog_dsn)
+    stack.callback(mesh.stop)
+    mesh.controller = Proc("controller", [
+        sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", catalog_dsn,
+        "--state-dir", str(state), "--api-listen", f"127.0.0.1:{free_port()}",
+        "--idle-timeout", "0"], state / "controller.log")
+    mesh.controller.wait_for_log(r"controller API listening on")
+    mesh.router = Proc("router", [
+        sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
+        "--catalog-dsn", catalog_dsn, "--wake-timeout", f"{wake_timeout:g}"],
+        state / "router.log")
+    m = mesh.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
+    mesh.router_port = int(m.group(1))
+    return mesh
+
+
+def stop_pgdata(pgdata: Path) -> None:
+    if (pgdata / "postmaster.pid").exists():
+        with contextlib.suppress(Exception):
+            run_pg([str(bin_dir() / "pg_ctl"), "stop", "-D", str(pgdata), "-m", "immediate",
+                    "-w", "-t", "20"], check=False, timeout=30)
+
+
+def kill_processes_mentioning(text: str) -> None:
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+# --- the catalog, as an operator's API call would use it -----------------------------------
+
+
+async def wait_state(catalog: Catalog, job_id: str, state: str | None,
+                     timeout: float = 600) -> Job | None:
+    """Until the job's state is ``state`` (None: until its row is gone), on NOTIFY."""
+    changed = asyncio.Event()
+    conn = await catalog.listen({JOBS_CHANNEL: lambda p: p == job_id and changed.set()})
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                changed.clear()
+                job = await catalog.job(job_id)
+                if (job.state if job else None) == state:
+                    return job
+                if job is not None and job.error and job.attempts >= 3:
+                    raise BenchError(f"job {job_id} is stuck in {job.state}: {job.error}")
+                await changed.wait()
+    except TimeoutError:
+        raise BenchError(f"job {job_id} did not reach {state or 'deletion'} within "
+                         f"{timeout:g} s: {await catalog.job(job_id)}") from None
+    finally:
+        await conn.close()
+
+
+async def last_event_id(catalog: Catalog) -> int:
+    return int(await catalog.pool.fetchval("SELECT COALESCE(max(id), 0) FROM events"))
+
+
+async def events_since(catalog: Catalog, job_id: str, after: int) -> list[Event]:
+    return [e for e in await catalog.events(job_id, limit=200) if e.id > after]
+
+
+async def pause(catalog: Catalog, job_id: str) -> dict[str, Any]:
+    before = await last_event_id(catalog)
+    started = time.perf_counter()
+    await catalog.set_desired(job_id, "paused")
+    await wait_state(catalog, job_id, "paused", timeout=1800)
+    paused = transition(await events_since(catalog, job_id, before), "paused")
+    return {"ms": round((time.perf_counter() - started) * 1000, 1),
+            "controller_ms": paused.duration_ms if paused else None,
+            "stored_bytes": paused.bytes if paused else None}
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
+def transition(events: list[Event], to_state: str) -> Event | None:
+    found = [e for e in events if e.kind == "transition" and e.to_state == to_state]
+    return found[-1] if found else None
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirstRow:
+    ms: float        # connect() start to the first row
+    started: float   # wall clock (time.time()) at connect() start, to line up with events
+    started_perf: float  # perf_counter() at connect() start
+    retries: int = 0
+
+    @property
+    def done_perf(self) -> float:
+        return self.started_perf + self.ms / 1000
+
+
+async def first_row(dsn: str, sql: str, *, timeout: float = 600,
+                    retry_unknown: bool = False) -> FirstRow:
+    """Connect (asyncpg), run ``sql``, close; the time from connect() to its first row.
+
+    ``retry_unknown``: a job created a moment ago may not be in the router's cache yet
+    (it hears of it by NOTIFY); its 3D000 is retried every 2 ms, and counted.
+    """
+    started_wall, started = time.time(), time.perf_counter()
+    retries = 0
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=timeout)
+            break
+        except asyncpg.InvalidCatalogNameError:
+            if not retry_unknown or time.perf_counter() - started > 30:
+                raise
+            retries += 1
+            await asyncio.sleep(0.002)
+    try:
+        if await conn.fetchrow(sql) is None:
+            raise BenchError(f"{sql!r} returned no row")
+        ms = (time.perf_counter() - started) * 1000
+    finally:
+        await conn.close()
+    return FirstRow(ms, started_wall, started, retries)
+
+
+async def poll_first_row(*, host: str, port: int, user: str, password: str, database: str,
+                         sql: str, timeout: float = 600) -> float:
+    """Connect to a PostgreSQL that is starting (refused, then 57P03 until it accepts), every
+    5 ms, and run ``sql``; returns when the first row arrived (perf_counter seconds)."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(host=host, port=port, user=user, password=password,
+                                         database=database, timeout=10)
+            break
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if time.perf_counter() > deadline:
+                raise BenchError(f"PostgreSQL on port {port} did not accept connections "
+                                 f"within {timeout:g} s: {exc}") from exc
+            await asyncio.sleep(0.005)
+    try:
+        if await conn.fetchrow(sql) is None:
+            raise BenchError(f"{sql!r} returned no row")
+        return time.perf_counter()
+    finally:
+        await conn.close()
+
+
+def event_at(e: Event | None, since: float) -> float | None:
+    """Milliseconds from ``since`` (wall clock) to the event."""
+    return None if e is None else round((e.at.timestamp() - since) * 1000, 1)
+
+
+def laps_of(e: Event | None) -> dict[str, Any]:
+    return dict((e.detail or {}).get("timings_ms") or {}) if e is not None else {}
