@@ -6,13 +6,27 @@ fsyncs and renames, so the agent only ever sees whole segments), the job's
 database and its two roles. The roles start NOLOGIN: the controller gives
 them passwords when it hands out credentials, so a fresh cluster has no
 password anyone could guess.
+
+With ``--role-password-env VAR`` (a Kubernetes job pod, where nobody logs in
+over the socket to hand out passwords later) the cluster is made ready to
+serve at once, as the local backend's template is: both roles LOGIN with the
+password from the environment variable (sent as a SCRAM verifier, so the
+cleartext never reaches the server or a command line), TCP from anywhere
+needs SCRAM (the pod's NetworkPolicy says who may connect at all), the
+socket trusts the superuser, the reader's sessions are read-only by default,
+and dblink and postgres_fdw are there (jobs read one another through the
+router; neither is a trusted extension, so the owner could not create them).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import re
 from pathlib import Path
+
+from scramp import ScramMechanism
 
 from agent.errors import AgentError
 from agent.postgres import Instance, PostgresError, free_port, give_to_postgres
@@ -20,6 +34,14 @@ from agent.postgres import Instance, PostgresError, free_port, give_to_postgres
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
 OWNER_ROLE = "job_owner"
 READER_ROLE = "job_reader"
+# pg_hba.conf of a cluster that serves over TCP at once (--role-password-env).
+SERVING_HBA = [
+    "# jobmesh: the socket trusts the superuser (only the pod's own containers reach it);",
+    "# TCP needs the job's password.",
+    "local   all   all                 trust",
+    "host    all   all   0.0.0.0/0     scram-sha-256",
+    "host    all   all   ::/0          scram-sha-256",
+]
 
 
 def database_name(job: str) -> str:
@@ -51,12 +73,25 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>``, as PostgreSQL stores it."""
+    salt, stored_key, server_key, iters = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=iterations)
+    b64 = base64.b64encode
+    return (f"SCRAM-SHA-256${iters}:{b64(salt).decode()}"
+            f"${b64(stored_key).decode()}:{b64(server_key).decode()}")
+
+
 def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = 60,
-                port: int | None = None) -> None:
+                port: int | None = None, role_password: str | None = None) -> None:
     """Create PGDATA for ``job``, archiving into ``spool``; leaves the server stopped.
 
     ``port``, when given, is written into postgresql.conf as the server's port.
+    ``role_password``, when given, makes the cluster ready to serve over TCP (see
+    the module's docstring).
     """
+    if role_password is not None and not role_password:
+        raise AgentError("the roles' password is empty")
     db = database_name(job)
     if archive_timeout < 0:
         raise AgentError("--archive-timeout must be >= 0 seconds")
@@ -78,9 +113,13 @@ def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = 6
         with (pgdata / "postgresql.conf").open("a") as conf:
             conf.write("\n# jobmesh agent: archive every WAL segment into the agent's spool\n")
             conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        if role_password is not None:
+            inst.set_hba(SERVING_HBA)
         inst.start()
         try:
             _create_database(inst, db)
+            if role_password is not None:
+                _make_serving(inst, db, role_password)
         finally:
             inst.stop("fast")
     except PostgresError as exc:
@@ -106,6 +145,16 @@ def _create_database(inst: Instance, db: str) -> None:
     )
 
 
+def _make_serving(inst: Instance, db: str, password: str) -> None:
+    owner, reader = _ident(OWNER_ROLE), _ident(READER_ROLE)
+    verifier = f"'{scram_verifier(password)}'"  # base64, '$' and ':': nothing to escape
+    inst.psql(f"ALTER ROLE {owner} LOGIN PASSWORD {verifier};"
+              f" ALTER ROLE {reader} LOGIN PASSWORD {verifier};"
+              f" ALTER ROLE {reader} SET default_transaction_read_only = on")
+    inst.psql("CREATE EXTENSION dblink; CREATE EXTENSION postgres_fdw;"
+              f" GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {owner}", database=db)
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="create a job's PGDATA with WAL archiving into a spool")
     p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
@@ -115,6 +164,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--archive-timeout", type=int, default=60, metavar="S",
                    help="force a WAL segment switch after S seconds of activity (default 60)")
     p.add_argument("--port", type=int, help="the port to write into postgresql.conf")
+    p.add_argument("--role-password-env", metavar="VAR",
+                   help="serve at once: the job's roles LOGIN with the password in environment "
+                        "variable VAR, TCP from anywhere needs it (SCRAM), dblink and "
+                        "postgres_fdw are created")
     p.set_defaults(run=_run)
 
 
@@ -124,7 +177,13 @@ def default_spool(pgdata: Path) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     spool = args.spool or default_spool(args.pgdata)
+    password = None
+    if args.role_password_env is not None:
+        password = os.environ.get(args.role_password_env)
+        if not password:
+            raise AgentError(f"--role-password-env: environment variable "
+                             f"{args.role_password_env} is not set or empty")
     init_pgdata(args.pgdata, args.job, spool=spool, archive_timeout=args.archive_timeout,
-                port=args.port)
+                port=args.port, role_password=password)
     print(f"initialised {args.pgdata.absolute()} for job {args.job}; WAL spool {spool}")
     return 0

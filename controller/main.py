@@ -1,4 +1,11 @@
-"""``jobmesh controller``: the reconciler, a backend, and the HTTP API in one process."""
+"""``jobmesh controller``: the reconciler, a backend, and the HTTP API in one process.
+
+With ``--backend kubernetes`` several replicas may run: every replica serves
+the HTTP API, and only the holder of the leader Lease (``controller.leader``)
+runs the reconciler. A replica that loses the lease exits non-zero at once
+(abandoning its in-flight work, which the next leader redoes: every backend
+step is idempotent), and its Deployment starts it again as a candidate.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,21 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.backend import Backend
+from controller.backend import Backend, BackendError
 from controller.catalog import Catalog, CatalogError
 from controller.metrics import ControllerMetrics
 from controller.reconciler import Reconciler, ReconcilerConfig
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger("jobmesh.controller")
 
@@ -30,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--catalog-dsn", default=env("JOBMESH_CATALOG_DSN"), metavar="DSN",
                    help="the catalog PostgreSQL (env JOBMESH_CATALOG_DSN)")
-    p.add_argument("--backend", choices=["local"], default="local",
-                   help="where jobs run (default local: processes on this machine)")
+    p.add_argument("--backend", choices=["local", "kubernetes"],
+                   default=env("JOBMESH_BACKEND", "local"),
+                   help="where jobs run: local (processes on this machine, the default) or "
+                   "kubernetes (a pod per job; env JOBMESH_BACKEND)")
     p.add_argument("--state-dir", type=Path, default=Path(env("JOBMESH_STATE_DIR", ".jobmesh")),
                    metavar="DIR", help="the local backend keeps jobs under DIR/jobs "
                    "(env JOBMESH_STATE_DIR, default ./.jobmesh)")
@@ -54,6 +68,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-interval", type=float, default=2, metavar="S")
     p.add_argument("--quiet-for", type=float, default=15, metavar="S",
                    help="a job without sessions for S seconds may be evicted (default 15)")
+    k = p.add_argument_group("kubernetes backend")
+    k.add_argument("--namespace", default=env("JOBMESH_NAMESPACE"), metavar="NS",
+                   help="where job pods run (env JOBMESH_NAMESPACE; default: our own pod's)")
+    k.add_argument("--image", default=env("JOBMESH_IMAGE"), metavar="IMAGE",
+                   help="the jobmesh image for job pods (env JOBMESH_IMAGE)")
+    k.add_argument("--kubeconfig", default=env("KUBECONFIG"), metavar="FILE",
+                   help="a kubeconfig (default: in-cluster, else ~/.kube/config)")
+    k.add_argument("--kube-api", metavar="URL",
+                   help="the API server's URL, unauthenticated (tests)")
+    k.add_argument("--router-service", default=env("JOBMESH_ROUTER_SERVICE"), metavar="HOST",
+                   help="the router's host in jobs' connection URLs "
+                   "(default jobmesh-router.NS.svc)")
+    k.add_argument("--s3-credentials-secret", default=env("JOBMESH_S3_CREDENTIALS_SECRET"),
+                   metavar="NAME", help="a Secret with AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY (optionally AWS_DEFAULT_REGION) for job pods")
+    k.add_argument("--start-timeout", type=float, default=600, metavar="S",
+                   help="how long a job pod may take to accept writes (default 600)")
+    k.add_argument("--lease-duration", type=float, default=15, metavar="S",
+                   help="leader election: the lease's duration (default 15; renewed every "
+                   "third of it)")
+    k.add_argument("--identity", default=env("JOBMESH_IDENTITY"), metavar="ID",
+                   help="leader election: who we are (default hostname-pid)")
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    namespace: str
+    image: str
+    kubeconfig: str | None
+    kube_api: str | None
+    router_service: str
+    s3_secret: str | None
+    start_timeout: float
+    lease_duration: float
+    identity: str
 
 
 @dataclass
@@ -68,6 +117,7 @@ class ControllerSettings:
     reconciler: ReconcilerConfig
     archive_timeout: int
     base_backup_interval: float
+    kubernetes: KubernetesSettings | None = None  # None: the local backend
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -91,10 +141,44 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
             resync_interval=args.resync_interval, health_interval=args.health_interval,
             idle_timeout=args.idle_timeout or None, max_running=args.max_running,
             quiet_for=args.quiet_for),
-        archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval)
+        archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
+        kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
-def make_backend(s: ControllerSettings) -> Backend:
+def kubernetes_settings(args: argparse.Namespace) -> KubernetesSettings:
+    from controller.k8s_client import in_cluster_namespace
+    from controller.leader import default_identity
+
+    namespace = args.namespace or in_cluster_namespace()
+    if not namespace:
+        raise UsageError("--backend kubernetes needs --namespace (or JOBMESH_NAMESPACE)")
+    if not args.image:
+        raise UsageError("--backend kubernetes needs --image (or JOBMESH_IMAGE): the jobmesh "
+                         "image job pods run")
+    if args.lease_duration < 3:
+        raise UsageError("--lease-duration must be at least 3 seconds")
+    return KubernetesSettings(
+        namespace=namespace, image=args.image, kubeconfig=args.kubeconfig,
+        kube_api=args.kube_api,
+        router_service=args.router_service or f"jobmesh-router.{namespace}.svc",
+        s3_secret=args.s3_credentials_secret, start_timeout=args.start_timeout,
+        lease_duration=args.lease_duration, identity=args.identity or default_identity())
+
+
+def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
+                 api: ApiClient | None = None) -> Backend:
+    if s.kubernetes is not None:
+        from controller.k8s_backend import KubernetesBackend
+        from controller.k8s_objects import PodSettings
+
+        k = s.kubernetes
+        assert catalog is not None and api is not None
+        pods = PodSettings(namespace=k.namespace, image=k.image, store_url=s.store,
+                           s3_endpoint=s.s3_endpoint, s3_secret=k.s3_secret,
+                           archive_timeout=s.archive_timeout,
+                           base_backup_interval=s.base_backup_interval)
+        return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
+                                 start_timeout=k.start_timeout)
     from controller.local_backend import LocalBackend
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
@@ -125,15 +209,62 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         site = web.TCPSite(runner, s.api_host, s.api_port)
         await site.start()
         log.info("controller API listening on http://%s:%d", s.api_host, s.api_port)
-        reconciler = Reconciler(catalog, make_backend(s), s.reconciler, metrics)
         if ready is not None:
             ready.set()
-        await reconciler.run(stop)
+        if s.kubernetes is None:
+            await Reconciler(catalog, make_backend(s), s.reconciler, metrics).run(stop)
+        else:
+            await lead(s, catalog, metrics, stop)
     finally:
         if runner is not None:
             await runner.cleanup()
         await store.close()
         await catalog.close()
+
+
+async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetrics,
+               stop: asyncio.Event) -> None:
+    """Wait for the leader Lease, then reconcile while holding it; released at ``stop``."""
+    from controller.k8s_client import api_client
+    from controller.leader import LeaderElector, LeaseConfig
+
+    k = s.kubernetes
+    assert k is not None
+    # Two clients: the lease's renewals never wait behind the backend's calls and watches.
+    api = api_client(kube_api=k.kube_api, kubeconfig=k.kubeconfig)
+    lease_api = api_client(kube_api=k.kube_api, kubeconfig=k.kubeconfig)
+    try:
+        backend = make_backend(s, catalog, api)  # a bad setting fails every replica at once
+        elector = LeaderElector(lease_api, LeaseConfig(k.namespace, k.identity,
+                                                       duration=k.lease_duration))
+        log.info("candidate %s for the lease %s/%s", k.identity, k.namespace,
+                 elector.config.name)
+        if not await elector.acquire(stop):
+            await backend.close()
+            return
+        done = asyncio.Event()
+        holding = asyncio.create_task(elector.hold(done), name="lease")
+        reconciling = asyncio.create_task(
+            Reconciler(catalog, backend, s.reconciler, metrics).run(stop), name="reconciler")
+        await asyncio.wait({holding, reconciling}, return_when=asyncio.FIRST_COMPLETED)
+        if holding.done():
+            lost_the_lease()
+        done.set()  # the reconciler stopped: let the lease go
+        await holding
+        await reconciling  # its error, if it failed
+    finally:
+        api.close()
+        lease_api.close()
+
+
+def lost_the_lease() -> None:
+    """Another replica may take over any moment now: stop acting at once, and let the
+    Deployment restart us as a candidate. (Work in flight is abandoned: the next leader
+    redoes it, every backend step being idempotent.)"""
+    log.critical("lost the leader lease: exiting so that the next leader takes over")
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +281,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvloop
         uvloop.run(main())
-    except CatalogError as exc:
+    except (CatalogError, BackendError) as exc:
         raise UsageError(str(exc)) from exc
     return 0

@@ -39,8 +39,8 @@ from tests.catalog_harness import (
     query,
     row_becomes,
     running_job,
-    set_backend_password,
     scrape,
+    set_backend_password,
     wakes_requested,
     wire_login,
 )
