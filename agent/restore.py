@@ -146,7 +146,7 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
         manifest, restored = await _newest_usable(pgdata, store, job, ids, target, skipped,
                                                   progress)
     configured = False
-    if manifest.kind == "base" or await _wal_after_pause(store, job, manifest):
+    if manifest.kind == "base" or await wal_after_pause(store, job, manifest):
         # wal-fetch as the Postgres OS user (which may need another interpreter: see wal.py)
         endpoint = s3_endpoint or getattr(store, "endpoint", None)  # S3 only; may be from env
         command = await asyncio.to_thread(restore_command, store.url, job, s3_endpoint=endpoint)
@@ -156,7 +156,7 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
     return RestoreResult(manifest, skipped, configured, restored)
 
 
-async def _wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
+async def wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
     """Was WAL archived after this pause snapshot (the job ran again, then was lost)?
 
     Then the snapshot alone is not the newest point: Postgres replays that WAL

@@ -72,8 +72,8 @@ class Backend(Protocol):
 
     async def pause(self, job: Job) -> Stopped:
         """Snapshot through the agent (it stops Postgres cleanly first), then stop the
-        agent and free local resources. Nothing local is deleted before the snapshot's
-        manifest is stored."""
+        agent and free the job's processes. Nothing local is deleted (or kept as a warm
+        copy) before the snapshot's manifest is stored."""
         ...
 
     async def alive(self, job: Job) -> bool | None:

@@ -4,10 +4,13 @@ A new job's PGDATA is a copy of the template snapshot (``template.py``), so a
 create is a rename, a start and three statements. A resume restores the
 job's latest snapshot from the store (replaying archived WAL after it when
 there is any) and starts it. A pause asks the agent to stop Postgres and
-snapshot it, and deletes the local copy only once the agent answered with
-the stored manifest. A recovery after a crash ships what WAL the spool still
-holds, discards the local remains and restores from the store, as a resume
-(so the store, not the local disk, is what a job's durability rests on).
+snapshot it, and only once the agent answered with the stored manifest
+moves the local copy into the warm cache (``warm_cache.py``), or deletes
+it; a resume starts a cached copy that still equals the store's newest
+state instead of restoring. A recovery after a crash ships what WAL the
+spool still holds, discards the local remains and restores from the store,
+never from the cache (so the store, not the local disk, is what a job's
+durability rests on).
 
 Every method is idempotent and holds a per-job lock, so a reconciler that
 retries, or runs two steps for one job at once, never interleaves them. An
@@ -66,6 +69,7 @@ from controller.local_process import (
 )
 from controller.step_report import Laps, Relay, mb
 from controller.template import Template
+from controller.warm_cache import WarmCache
 
 log = logging.getLogger("jobmesh.controller.local")
 
@@ -79,7 +83,7 @@ class LocalBackend:
     def __init__(self, root: Path, store_url: str, *, s3_endpoint: str | None = None,
                  archive_timeout: int = 60, base_backup_interval: float = 3600,
                  python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
-                 pause_timeout: float = 3600) -> None:
+                 pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30) -> None:
         self.root = Path(root).absolute()
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
@@ -93,6 +97,9 @@ class LocalBackend:
         except StoreError as exc:
             raise BackendError(str(exc)) from exc
         self.template = Template(self.root / "template", self.store, spares=spares)
+        if warm_cache_bytes < 0:
+            raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
+        self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
         self._locks: dict[str, asyncio.Lock] = {}
         self._children: list[subprocess.Popen[bytes]] = []
         self._closed = False
@@ -103,6 +110,7 @@ class LocalBackend:
         """``on_change`` is not used: the reconciler's health check finds dead processes."""
         async with self._errors("start the local backend"):
             await asyncio.to_thread(self._prepare_root)
+            await self.warm_cache.start()
             await self.template.ensure()
 
     async def close(self) -> None:
@@ -123,6 +131,7 @@ class LocalBackend:
             # Nothing of an interrupted earlier attempt is worth keeping: no client has
             # seen this job yet. Its WAL in the store would clash with ours.
             await self._discard(jd)
+            await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
             if self.template.manifest is None:
                 await progress("preparing the template")
@@ -139,12 +148,15 @@ class LocalBackend:
             if (adopted := await self._adopt(job, jd)) is not None:
                 return adopted
             await self._discard(jd)
+            if (cached := await self._from_cache(job, jd, progress)) is not None:
+                return cached
             return await self._restore(job, jd, progress, "resume")
 
     async def recover(self, job: Job, progress: Progress) -> Started:
         async with self._job("recover", job.id) as jd:
             if (adopted := await self._adopt(job, jd)) is not None:
                 return adopted
+            await self.warm_cache.drop(job.id)  # never used here; stale once the job runs
             await ship_last_wal(jd, self.store, progress, timeout=SHIP_WAIT)
             if await latest_snapshot(self.store, job.id) is None and await asyncio.to_thread(
                     (jd.pgdata / "PG_VERSION").exists):
@@ -182,7 +194,8 @@ class LocalBackend:
             # hangs at exit: see agent.tarstream's aclose).
             await stop_agent(jd, read_agent(jd), timeout=5)
             await stop_postgres(jd, "immediate")  # the agent stopped it; nothing is left
-            await asyncio.to_thread(remove, jd)
+            await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
+            await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
             self._reap()
             return Stopped(manifest, sum(int(o["size"]) for o in manifest["objects"]))
 
@@ -227,6 +240,7 @@ class LocalBackend:
     async def delete(self, job: Job) -> None:
         async with self._job("delete", job.id) as jd:
             await self._discard(jd)
+            await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
 
     async def orphans(self, known: set[str]) -> list[str]:
@@ -271,6 +285,28 @@ class LocalBackend:
         assert info is not None
         return Started(HOST, pm.port, info.url, detail={"adopted": True})
 
+    async def _from_cache(self, job: Job, jd: JobDir, progress: Progress) -> Started | None:
+        """Start the job's PGDATA from the warm cache, if it holds the store's newest state
+        (None: restore from the store, as without a cache)."""
+        laps = Laps()
+        await asyncio.to_thread(prepare, jd)
+        entry = await self.warm_cache.take(job.id, jd.pgdata, self.store)
+        if entry is None:
+            return None
+        laps("cache")
+        try:
+            port, info = await self._start(job, jd, progress, "resume", laps=laps)
+        except Exception as exc:
+            log.warning("job %s: cannot start its PGDATA from the warm cache (%s); restoring "
+                        "from the store", job.id, _one_line(exc))
+            await self._discard(jd)
+            return None
+        log.info("resume of job %s: pause snapshot %s from the warm cache in %.0f ms (%s)",
+                 job.id, entry.snapshot, laps.total(), laps)
+        return Started(HOST, port, info.url, bytes_moved=0,
+                       detail={"source": "cache", "snapshot": entry.snapshot, "kind": "pause",
+                               "wal_replayed": False, "timings_ms": laps.laps})
+
     async def _restore(self, job: Job, jd: JobDir, progress: Progress, how: str) -> Started:
         laps = Laps()
         manifest = await latest_snapshot(self.store, job.id)
@@ -290,7 +326,8 @@ class LocalBackend:
                  result.manifest.kind, result.manifest.id, mb(result.bytes_restored),
                  laps.total(), laps)
         return Started(HOST, port, info.url, bytes_moved=result.bytes_restored,
-                       detail={"snapshot": result.manifest.id, "kind": result.manifest.kind,
+                       detail={"source": "store", "snapshot": result.manifest.id,
+                               "kind": result.manifest.kind,
                                "wal_replayed": result.recovery_configured,
                                "skipped": [sid for sid, _ in result.skipped],
                                "timings_ms": laps.laps})

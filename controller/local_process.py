@@ -8,6 +8,7 @@ Layout, under the backend's root::
     jobs/<id>/agent.json    the agent's pid and port (and the Postgres port it serves)
     jobs/<id>/ready         the instance was fully set up (restored, started, personalised)
     jobs/<id>/postgres.log, agent.log
+    cache/<id>/pgdata       a paused job's PGDATA, kept warm (see ``warm_cache.py``)
 
 Postgres is started with ``pg_ctl start`` without ``-w``: pg_ctl looks at
 postmaster.pid only every 100 ms, which would be a third of a create, so we

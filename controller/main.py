@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "active idle job first")
     p.add_argument("--archive-timeout", type=int, default=60, metavar="S",
                    help="jobs' archive_timeout: the data at risk from a crash (default 60)")
+    p.add_argument("--warm-cache-bytes", type=int, default=10 * 2**30, metavar="N",
+                   help="local backend: keep paused jobs' clean PGDATA up to N bytes so a "
+                   "wake starts them in place (default 10 GiB; 0: always restore from the "
+                   "store)")
     p.add_argument("--base-backup-interval", type=float, default=3600, metavar="S")
     p.add_argument("--resync-interval", type=float, default=30, metavar="S")
     p.add_argument("--health-interval", type=float, default=2, metavar="S")
@@ -118,6 +122,7 @@ class ControllerSettings:
     archive_timeout: int
     base_backup_interval: float
     kubernetes: KubernetesSettings | None = None  # None: the local backend
+    warm_cache_bytes: int = 10 * 2**30  # the local backend's cache of paused PGDATA
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -142,6 +147,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
             idle_timeout=args.idle_timeout or None, max_running=args.max_running,
             quiet_for=args.quiet_for),
         archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
+        warm_cache_bytes=args.warm_cache_bytes,
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -183,7 +189,8 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
                         archive_timeout=s.archive_timeout,
-                        base_backup_interval=s.base_backup_interval)
+                        base_backup_interval=s.base_backup_interval,
+                        warm_cache_bytes=s.warm_cache_bytes)
 
 
 async def serve(s: ControllerSettings, stop: asyncio.Event,

@@ -216,3 +216,10 @@ def kill_processes_mentioning(text: str) -> None:
     for pid in pids_mentioning(text):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def psql(dsn: str, sql: str) -> str:
+    out = subprocess.run([str(bin_dir() / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                          dsn, "-c", sql], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ import pytest
 
 from agent.manifest import Manifest, snapshot_manifest_key, wal_key
 from agent.postgres import bin_dir, pid_alive
+from agent.snapshot import parse_controldata
 from agent.store import get_bytes, open_store
 from controller.backend import BackendError, Started
 from controller.catalog import Catalog, Job
@@ -33,6 +35,7 @@ from controller.job_store import latest_snapshot
 from controller.local_agent import agent_running, read_agent, wait_listening
 from controller.local_backend import LocalBackend
 from controller.local_process import JobDir, cleanly_stopped, kill_leftovers, postmaster
+from controller.warm_cache import Entry, evictions
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -87,6 +90,38 @@ async def new_job(backend: LocalBackend, catalog: Catalog) -> AsyncIterator[Make
         for pid in _processes_mentioning(str(jd.path)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+MakeBackend = Callable[..., Awaitable[LocalBackend]]
+
+
+@pytest.fixture
+async def other_backend(pg_root: Path, store_url: str, new_job: MakeJob
+                        ) -> AsyncIterator[MakeBackend]:
+    """Makes backends with the session's store under ``pg_root/<name>`` (another machine,
+    or this one restarted with other settings; a name keeps its template copy across
+    tests). Afterwards everything that runs under their roots is killed, their jobs' and
+    cache directories are removed, and they are closed (before new_job's finaliser deletes
+    the jobs' stored objects)."""
+    made: list[LocalBackend] = []
+
+    async def make(name: str = "other", **settings: Any) -> LocalBackend:
+        b = LocalBackend(pg_root / name, store_url, **{"spares": 0, **settings})
+        made.append(b)
+        await b.start()
+        return b
+
+    yield make
+    for b in made:
+        with contextlib.suppress(FileNotFoundError):
+            for jd in [JobDir(b.root, e.name) for e in (b.root / "jobs").iterdir()]:
+                await kill_leftovers(jd.pgdata)
+        for pid in _processes_mentioning(str(b.root) + "/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await b.close()
+        for d in ("jobs", "cache"):
+            await asyncio.to_thread(shutil.rmtree, b.root / d, True)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -315,6 +350,7 @@ async def test_resume_brings_the_data_back(backend, new_job):
     started = await backend.create(job, Said())
     await write_items(started, job, 1, 5000)
     await backend.pause(job)
+    await backend.warm_cache.drop(job.id)  # from the store (the warm cache has its own tests)
     said = Said()
     t = time.perf_counter()
     resumed = await backend.resume(job, said)
@@ -323,6 +359,7 @@ async def test_resume_brings_the_data_back(backend, new_job):
     assert said[0].startswith("restoring ") and said[0].endswith(" MB")
     assert "starting PostgreSQL" in said
     assert resumed.bytes_moved > 0 and resumed.detail["kind"] == "pause"
+    assert resumed.detail["source"] == "store"
     assert await count_items(resumed, job) == 5000
     await write_items(resumed, job, 5001, 5010)  # and it takes writes
     again = await backend.resume(job, Said())
@@ -339,6 +376,242 @@ async def test_a_job_paused_twice_resumes_the_second_time_too(backend, new_job):
     await backend.pause(job)
     resumed = await backend.resume(job, Said())
     assert await count_items(resumed, job) == 20
+
+
+# --- the warm cache ------------------------------------------------------------------------
+
+
+def _entry(backend: LocalBackend, job: Job) -> Path:
+    return backend.root / "cache" / job.id
+
+
+def _marker(backend: LocalBackend, job: Job) -> dict[str, Any]:
+    return json.loads((_entry(backend, job) / "entry.json").read_text())
+
+
+def test_eviction_takes_the_least_recently_cached_entries_until_the_new_one_fits():
+    a, b, c = Entry("a", "s1", 40, 1.0), Entry("b", "s2", 40, 3.0), Entry("c", "s3", 40, 2.0)
+    assert evictions([a, b, c], 10, 130) == []
+    assert evictions([a, b, c], 40, 130) == [a]
+    assert evictions([a, b, c], 40, 100) == [a, c]
+    assert evictions([a, b, c], 100, 100) == [a, c, b]
+
+
+def test_an_entry_bigger_than_the_bound_is_never_admitted():
+    assert evictions([], 101, 100) is None
+    assert evictions([Entry("a", "s1", 1, 1.0)], 101, 100) is None
+
+
+def test_a_marker_counts_only_whole_and_for_its_own_job():
+    e = Entry("a", "s1", 7, 2.5)
+    assert Entry.from_json(e.to_json(), "a") == e
+    assert Entry.from_json(e.to_json(), "b") is None
+    assert Entry.from_json(e.to_json()[:12], "a") is None
+    assert Entry.from_json(b'{"job": "a", "snapshot": "", "size": 7, "cached_at": 1}', "a") is None
+
+
+async def test_pause_keeps_the_pgdata_of_its_snapshot_in_the_warm_cache(backend, new_job):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 1000)
+    stopped = await backend.pause(job)
+    assert not JobDir(backend.root, job.id).path.exists()
+    entry = _entry(backend, job)
+    assert sorted(p.name for p in entry.iterdir()) == ["entry.json", "pgdata"]
+    marker = _marker(backend, job)
+    assert marker["job"] == job.id and marker["snapshot"] == stopped.manifest["id"]
+    assert marker["size"] > stopped.bytes_moved  # PGDATA, uncompressed
+    proc = await asyncio.to_thread(  # as root: the cache is root's (0700)
+        subprocess.run, [str(bin_dir() / "pg_controldata"), str(entry / "pgdata")],
+        capture_output=True, text=True, check=True, env={**os.environ, "LC_ALL": "C"},
+        timeout=30)
+    control = parse_controldata(proc.stdout)
+    assert control.state == "shut down"
+    assert control.checkpoint_lsn == stopped.manifest["start_lsn"]  # the snapshot's cluster
+
+
+async def test_resume_from_the_warm_cache_brings_the_data_back_without_a_restore(backend,
+                                                                                  new_job):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 5000)
+    stopped = await backend.pause(job)
+    said = Said()
+    t = time.perf_counter()
+    resumed = await backend.resume(job, said)
+    cache_ms = (time.perf_counter() - t) * 1000
+    assert resumed.detail["source"] == "cache" and resumed.bytes_moved == 0
+    assert resumed.detail["snapshot"] == stopped.manifest["id"]
+    assert not any(text.startswith("restoring") for text in said)
+    assert not _entry(backend, job).exists()  # used once: the job runs on it now
+    assert await count_items(resumed, job) == 5000
+    await write_items(resumed, job, 5001, 5010)
+    # The same job, paused again, from the store, for comparison.
+    await backend.pause(job)
+    await backend.warm_cache.drop(job.id)
+    t = time.perf_counter()
+    restored = await backend.resume(job, Said())
+    store_ms = (time.perf_counter() - t) * 1000
+    assert restored.detail["source"] == "store" and restored.bytes_moved > 0
+    assert await count_items(restored, job) == 5010
+    print(f"\nresume from the warm cache: {cache_ms:.0f} ms {resumed.detail['timings_ms']}"
+          f"\nresume from the store: {store_ms:.0f} ms {restored.detail['timings_ms']}")
+
+
+async def test_a_second_pause_replaces_the_entry_with_its_own_snapshot(backend, new_job):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 10)
+    first = await backend.pause(job)
+    resumed = await backend.resume(job, Said())
+    assert resumed.detail["source"] == "cache"
+    await write_items(resumed, job, 11, 20)
+    second = await backend.pause(job)
+    assert second.manifest["id"] != first.manifest["id"]
+    assert _marker(backend, job)["snapshot"] == second.manifest["id"]
+    resumed = await backend.resume(job, Said())
+    assert resumed.detail["source"] == "cache"
+    assert await count_items(resumed, job) == 20
+
+
+async def test_an_entry_is_stale_once_the_job_was_paused_on_another_machine(backend, new_job,
+                                                                              other_backend):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 100)
+    await backend.pause(job)
+    other = await other_backend()
+    elsewhere = await other.resume(job, Said())
+    assert elsewhere.detail["source"] == "store"
+    await write_items(elsewhere, job, 101, 200)
+    second = await other.pause(job)
+    resumed = await backend.resume(job, Said())
+    assert resumed.detail["source"] == "store"
+    assert resumed.detail["snapshot"] == second.manifest["id"]
+    assert await count_items(resumed, job) == 200
+    assert not _entry(backend, job).exists()
+
+
+async def test_an_entry_is_stale_once_wal_was_archived_after_its_pause(backend, new_job,
+                                                                       other_backend):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 100)
+    paused = await backend.pause(job)
+    # The job runs on another machine, archives WAL and is lost with that machine.
+    other = await other_backend()
+    elsewhere = await other.resume(job, Said())
+    await write_items(elsewhere, job, 101, 3000)
+    jd = JobDir(other.root, job.id)
+    su = await connect(jd.run, elsewhere.port)
+    try:
+        segment = await su.fetchval("SELECT pg_walfile_name(pg_switch_wal())")
+    finally:
+        await su.close()
+
+    async def shipped() -> bool:
+        return await other.store.size(wal_key(job.id, segment)) is not None
+
+    await until(shipped, f"{segment} in the store")
+    for pid in (postmaster(jd).pid, read_agent(jd).pid):
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda pid=pid: _is(asyncio.to_thread(pid_alive, pid), False),
+                    f"the death of {pid}")
+    assert (await latest_snapshot(backend.store, job.id)).id == paused.manifest["id"]
+    resumed = await backend.resume(job, Said())
+    assert resumed.detail["source"] == "store" and resumed.detail["wal_replayed"]
+    assert await count_items(resumed, job) == 3000
+    assert not _entry(backend, job).exists()
+
+
+async def test_recover_restores_from_the_store_even_with_a_warm_entry(backend, new_job):
+    # As after a controller that paused the job but died before the catalog said so: the
+    # job counts as running, and its instance is gone.
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 100)
+    await backend.pause(job)
+    assert _entry(backend, job).exists()
+    recovered = await backend.recover(job, Said())
+    assert recovered.detail["source"] == "store" and recovered.bytes_moved > 0
+    assert await count_items(recovered, job) == 100
+    assert not _entry(backend, job).exists()
+
+
+async def test_without_a_warm_cache_pause_deletes_and_resume_restores(pg_root, other_backend,
+                                                                      new_job):
+    (pg_root / "nocache" / "cache" / "t-left-by-a-run-with-a-cache").mkdir(parents=True,
+                                                                             exist_ok=True)
+    off = await other_backend("nocache", warm_cache_bytes=0)
+    assert not (off.root / "cache").exists()
+    job = await new_job()
+    started = await off.create(job, Said())
+    await write_items(started, job, 1, 100)
+    await off.pause(job)
+    assert not (off.root / "cache").exists() and not JobDir(off.root, job.id).path.exists()
+    resumed = await off.resume(job, Said())
+    assert resumed.detail["source"] == "store" and resumed.bytes_moved > 0
+    assert await count_items(resumed, job) == 100
+
+
+async def test_the_least_recently_cached_entries_are_evicted_to_stay_within_the_bound(
+        other_backend, new_job):
+    big = await other_backend("lru")
+    a, b, c = await new_job(), await new_job(), await new_job()
+    for job in (a, b):
+        started = await big.create(job, Said())
+        await write_items(started, job, 1, 100)
+        await big.pause(job)
+    sizes = {job.id: _marker(big, job)["size"] for job in (a, b)}
+    await big.close()
+    # Restarted with room for one entry and a half: the older one goes at once...
+    bound = max(sizes.values()) * 3 // 2
+    small = await other_backend("lru", warm_cache_bytes=bound)
+    assert not _entry(small, a).exists() and _entry(small, b).exists()
+    # ...and the next pause makes room for its own.
+    started = await small.create(c, Said())
+    await write_items(started, c, 1, 100)
+    await small.pause(c)
+    assert not _entry(small, b).exists() and _entry(small, c).exists()
+    resumed = await small.resume(b, Said())
+    assert resumed.detail["source"] == "store" and await count_items(resumed, b) == 100
+
+
+async def test_a_pgdata_bigger_than_the_bound_is_not_kept(other_backend, new_job):
+    tiny = await other_backend("tiny", warm_cache_bytes=1 << 20)
+    job = await new_job()
+    started = await tiny.create(job, Said())
+    await write_items(started, job, 1, 100)
+    await tiny.pause(job)
+    assert list((tiny.root / "cache").iterdir()) == []
+    assert not JobDir(tiny.root, job.id).path.exists()
+    resumed = await tiny.resume(job, Said())
+    assert resumed.detail["source"] == "store" and await count_items(resumed, job) == 100
+
+
+async def test_entries_without_a_valid_marker_are_removed_at_start(local_root, store_url,
+                                                                    backend, new_job):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 100)
+    stopped = await backend.pause(job)
+    cache = backend.root / "cache"
+    valid = Entry(job.id, stopped.manifest["id"], 1, time.time()).to_json()
+    (cache / "t-no-marker" / "pgdata").mkdir(parents=True)  # a crash before the marker
+    (cache / "t-torn-marker" / "pgdata").mkdir(parents=True)
+    (cache / "t-torn-marker" / "entry.json").write_bytes(valid[:20])
+    # A move interrupted on its way in, marker and all: never the job's entry.
+    incoming = cache / f".incoming-{job.id}-0badf00d"
+    (incoming / "pgdata").mkdir(parents=True)
+    (incoming / "entry.json").write_bytes(valid)
+    restarted = LocalBackend(local_root, store_url)
+    await restarted.start()
+    try:
+        assert sorted(p.name for p in cache.iterdir()) == [job.id]
+        resumed = await restarted.resume(job, Said())  # the valid entry outlived the restart
+        assert resumed.detail["source"] == "cache" and await count_items(resumed, job) == 100
+    finally:
+        await restarted.close()
 
 
 # --- failures -----------------------------------------------------------------------------

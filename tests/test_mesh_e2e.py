@@ -7,16 +7,17 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 
-from agent.postgres import bin_dir
 from controller.catalog import Catalog
-from tests.mesh import Mesh
+from tests.mesh import Mesh, psql
+from tests.test_k8s_backend import KubeMesh, kube  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.timeout(300)
 PW = "pw-123"
@@ -34,13 +35,6 @@ async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def psql(dsn: str, sql: str) -> str:
-    out = subprocess.run([str(bin_dir() / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                          dsn, "-c", sql], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 async def connect_error(dsn: str) -> asyncpg.PostgresError:
     with pytest.raises(asyncpg.PostgresError) as err:
         conn = await asyncpg.connect(dsn, timeout=60)
@@ -48,8 +42,31 @@ async def connect_error(dsn: str) -> asyncpg.PostgresError:
     return err.value
 
 
-async def test_write_pause_and_wake_on_connect(mesh: Mesh) -> None:
-    mesh.start_controller("--idle-timeout", "0")
+@dataclass
+class Deployed:
+    """A mesh on one backend, as the backend-independent tests need it."""
+
+    mesh: Mesh
+    instance_gone: Callable[[str], bool]  # no process (local) or pod (kubernetes) is left
+
+
+@pytest.fixture(params=["local", "kubernetes"])
+def deployed(request: pytest.FixtureRequest) -> Deployed:
+    if request.param == "local":
+        mesh: Mesh = request.getfixturevalue("mesh")
+        mesh.start_controller("--idle-timeout", "0")
+        return Deployed(mesh, lambda job_id: mesh.job_processes(job_id) == [])
+    k: KubeMesh = request.getfixturevalue("kube")
+    k.start_controller()
+    return Deployed(k.mesh, lambda job_id: k.pod(job_id) is None
+                    and k.kubelet.pids(f"job-{job_id}") == [])
+
+
+async def test_write_pause_and_wake_on_connect(deployed: Deployed) -> None:
+    """The same on both backends: create, write through the router with psql and
+    psycopg, pause (the instance is gone, its snapshot is in the store), connect again:
+    the job wakes and the data is there."""
+    mesh = deployed.mesh
     mesh.start_router()
     await mesh.add_user("alice", PW, alpha="write")
     await mesh.create_job("alpha")
@@ -59,12 +76,9 @@ async def test_write_pause_and_wake_on_connect(mesh: Mesh) -> None:
         conn.execute("INSERT INTO t VALUES (2)")
 
     await mesh.pause("alpha")
-    assert mesh.job_processes("alpha") == []
-    assert not (mesh.root / "jobs" / "alpha").exists()
+    assert deployed.instance_gone("alpha")
     snaps = await mesh.catalog.snapshots("alpha")
     assert snaps and snaps[-1]["kind"] == "pause"
-    assert (mesh.root / "store" / "alpha" / "snapshots" / snaps[-1]["id"] / "manifest.json"
-            ).exists()
 
     with psycopg.connect(dsn, connect_timeout=90) as conn:  # wakes the job
         assert conn.execute("SELECT sum(x) FROM t").fetchone() == (3,)
@@ -75,7 +89,17 @@ async def test_write_pause_and_wake_on_connect(mesh: Mesh) -> None:
     assert metrics['jobmesh_transition_seconds_count{action="pause"}'] == 1
     assert metrics['jobmesh_transition_seconds_count{action="resume"}'] == 1
     assert metrics['jobmesh_bytes_moved_total{direction="stored"}'] > 0
-    assert metrics['jobmesh_bytes_moved_total{direction="restored"}'] > 0
+
+
+async def test_a_local_pause_leaves_no_job_directory_and_its_manifest_in_the_store(
+        mesh: Mesh) -> None:
+    mesh.start_controller("--idle-timeout", "0", "--warm-cache-bytes", "0")
+    await mesh.create_job("alpha")
+    await mesh.pause("alpha")
+    assert not (mesh.root / "jobs" / "alpha").exists()
+    snaps = await mesh.catalog.snapshots("alpha")
+    assert (mesh.root / "store" / "alpha" / "snapshots" / snaps[-1]["id"] / "manifest.json"
+            ).exists()
 
 
 async def test_a_hundred_clients_share_one_wake(mesh: Mesh) -> None:
