@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -149,41 +150,53 @@ async def wake_once(catalog: Catalog, mesh: wm.Mesh, job_id: str) -> dict[str, A
         "bytes_restored": running.bytes if running else None,
         "laps_ms": wm.laps_of(running),
         "wal_replayed": (running.detail or {}).get("wal_replayed") if running else None,
+        "source": (running.detail or {}).get("source", "store") if running else None,
     }
 
 
 async def wake_rounds(catalog: Catalog, mesh: wm.Mesh, jobs: dict[str, Any], rounds: int,
-                      errors: list[str]) -> dict[str, list[dict[str, Any]]]:
-    samples: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
+                      errors: list[str]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                  dict[str, list[dict[str, Any]]]]:
+    """Each round wakes every job twice: cold (its warm-cache entry dropped first, so the
+    controller restores from the store, as on a machine that never ran the job) and
+    warm (the entry its previous pause left, as a wake on the same machine finds it)."""
+    warm: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
+    cold: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
     pauses: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
     for r in range(rounds):
         for job_id, info in jobs.items():
             if r >= rounds_for(info["mb"], rounds):
                 continue
-            try:
-                s = await wake_once(catalog, mesh, job_id)
-                samples[job_id].append(s)
-                if "pgdata_bytes" not in info:
-                    total, wal = await asyncio.to_thread(pgdata_bytes, mesh.pgdata(job_id))
-                    info.update(pgdata_bytes=total, pg_wal_bytes=wal)
-                say(f"round {r + 1}/{rounds} wake {job_id}: {s['ms']:,.0f} ms "
-                    f"(controller {s['controller_ms'] or 0:,.0f} ms)")
-                pauses[job_id].append(await wm.pause(catalog, job_id))
-            except BenchError:
-                raise
-            except Exception as exc:  # one failed wake must not hide the others
-                errors.append(f"wake {job_id} round {r + 1}: {type(exc).__name__}: {exc}")
-                say(errors[-1])
-                job = await catalog.job(job_id)
-                if job is not None and job.state != "paused":
-                    await wm.pause(catalog, job_id)
+            for kind, samples in (("cold", cold), ("warm", warm)):
+                try:
+                    if kind == "cold":
+                        await asyncio.to_thread(shutil.rmtree, mesh.state / "cache" / job_id,
+                                                True)
+                    s = await wake_once(catalog, mesh, job_id)
+                    samples[job_id].append(s)
+                    if "pgdata_bytes" not in info:
+                        total, wal = await asyncio.to_thread(pgdata_bytes, mesh.pgdata(job_id))
+                        info.update(pgdata_bytes=total, pg_wal_bytes=wal)
+                    say(f"round {r + 1}/{rounds} {kind} wake {job_id} (from the "
+                        f"{s['source']}): {s['ms']:,.0f} ms "
+                        f"(controller {s['controller_ms'] or 0:,.0f} ms)")
+                    pauses[job_id].append(await wm.pause(catalog, job_id))
+                except BenchError:
+                    raise
+                except Exception as exc:  # one failed wake must not hide the others
+                    errors.append(f"{kind} wake {job_id} round {r + 1}: "
+                                  f"{type(exc).__name__}: {exc}")
+                    say(errors[-1])
+                    job = await catalog.job(job_id)
+                    if job is not None and job.state != "paused":
+                        await wm.pause(catalog, job_id)
     for job_id, info in jobs.items():
         info["pauses"] = pauses[job_id]
         snaps = await catalog.snapshots(job_id)
         if snaps:
             info.update(snapshot_bytes=snaps[-1]["size_bytes"],
                         stored_bytes=snaps[-1]["stored_bytes"])
-    return samples
+    return warm, cold
 
 
 # --- creates -------------------------------------------------------------------------------
@@ -293,13 +306,14 @@ async def measure(mesh: wm.Mesh, root: Path, args: argparse.Namespace,
         say(f"{args.creates} creates")
         creates = await create_rounds(catalog, mesh, args.creates, errors)
         say(f"wakes: {args.rounds} rounds")
-        wakes = await wake_rounds(catalog, mesh, jobs, args.rounds, errors)
+        wakes, cold_wakes = await wake_rounds(catalog, mesh, jobs, args.rounds, errors)
         say("the floor" + ("" if args.no_pgbackrest else " and pgBackRest"))
         floor, pgbr, backups = await peer_rounds(catalog, mesh, root, jobs, args.rounds,
                                                  not args.no_pgbackrest, instances, errors)
     finally:
         await catalog.close()
-    return {"jobs": jobs, "wake": wakes, "floor": floor, "pgbackrest": pgbr,
+    return {"jobs": jobs, "wake": wakes, "wake_cold": cold_wakes, "floor": floor,
+            "pgbackrest": pgbr,
             "pgbackrest_backups": backups, "create": creates, "errors": errors}
 
 
