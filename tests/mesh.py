@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -135,6 +136,11 @@ class Mesh:
 
     async def wait_state(self, job_id: str, state: str, timeout: float = 90) -> Job:
         """Wait (on NOTIFY, not by sleeping) until the job's state is ``state``."""
+        return await self.wait_for(job_id, lambda j: j.state == state, timeout, state)
+
+    async def wait_for(self, job_id: str, done: Callable[[Job], bool], timeout: float = 90,
+                       what: str = "the awaited condition") -> Job:
+        """Wait (on NOTIFY) until ``done(job row)``."""
         changed = asyncio.Event()
         conn = await self.catalog.listen({JOBS_CHANNEL: lambda p: p == job_id and changed.set()})
         try:
@@ -142,12 +148,12 @@ class Mesh:
                 while True:
                     changed.clear()
                     job = await self.catalog.job(job_id)
-                    if job is not None and job.state == state:
+                    if job is not None and done(job):
                         return job
                     await changed.wait()
         except TimeoutError:
             job = await self.catalog.job(job_id)
-            raise AssertionError(f"job {job_id} never reached {state}: {job}") from None
+            raise AssertionError(f"job {job_id} never reached {what}: {job}") from None
         finally:
             await conn.close()
 

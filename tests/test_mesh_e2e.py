@@ -197,7 +197,7 @@ async def test_no_committed_row_is_lost_across_pauses_and_resumes(mesh: Mesh) ->
     try:
         for _ in range(3):
             await committed.reached(len(committed) + 50)
-            await mesh.pause("alpha")
+            await pause_despite_clients(mesh, "alpha")
             await mesh.wait_state("alpha", "running")  # the writer's reconnect wakes it
         await committed.reached(len(committed) + 50)
     finally:
@@ -323,6 +323,22 @@ async def test_a_job_reads_another_through_the_router_only_with_a_grant(mesh: Me
         assert await conn.fetchval("SELECT x FROM remote.t") == 7
     finally:
         await conn.close()
+
+
+async def pause_despite_clients(mesh: Mesh, job_id: str, attempts: int = 5) -> None:
+    """Pause a job that a client keeps using. A client that connects after the pause was
+    asked for but before it started wants the job running, and the router's wake wins
+    (by design); then ask again, until a pause really happens."""
+    before = await mesh.transitions(job_id, "paused")
+    for _ in range(attempts):
+        await mesh.catalog.set_desired(job_id, "paused")
+        job = await mesh.wait_for(job_id, lambda j: j.state in ("pausing", "paused")
+                                  or j.desired_state == "running")
+        if job.state in ("pausing", "paused"):
+            await mesh.wait_state(job_id, "paused")
+            assert await mesh.transitions(job_id, "paused") == before + 1
+            return
+    raise AssertionError(f"job {job_id} was woken before every one of {attempts} pauses")
 
 
 def children_of(pid: int) -> list[int]:
