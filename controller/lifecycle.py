@@ -88,11 +88,6 @@ def decide(state: str, desired: str, alive: bool | None) -> Step:
     raise ValueError(f"unknown job state {state!r}")
 
 
-def wakeable(state: str, desired: str) -> bool:
-    """May a client's connect wake this job? Ended and deleted jobs stay down."""
-    return desired in ("running", "paused") and state != "deleting"
-
-
 @dataclass(frozen=True)
 class Activity:
     """What idle pause and eviction need to know about a job."""

@@ -186,6 +186,8 @@ class Reconciler:
             self.metrics.failures.inc()
             self._dirty.add(job.id)
             return
+        if step.action is Action.CREATE and not await self._room_for(job):
+            return  # a create waits for room as a wake does (kicked when a slot frees)
         if step.in_flight is not None and job.state != step.in_flight:
             if step.action in (Action.RESUME, Action.RECOVER) and not await self._room_for(job):
                 return

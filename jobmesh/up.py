@@ -135,7 +135,7 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
         if controller is not None:
             with contextlib.suppress(Exception):
                 await controller
-        await asyncio.to_thread(catalog_pg.stop_quietly_fast)
+        await asyncio.to_thread(_stop_catalog, catalog_pg)
     print("jobmesh stopped; `jobmesh up` continues where it left off.", flush=True)
     return 0
 
@@ -150,21 +150,21 @@ async def _first(aw: object, controller: asyncio.Task[None]) -> None:
         raise UsageError("the controller stopped unexpectedly")
 
 
-class CatalogInstance(Instance):
-    def stop_quietly_fast(self) -> None:
-        with contextlib.suppress(PostgresError, subprocess.TimeoutExpired):
-            if self.is_running():
-                self.stop("fast")
+def _stop_catalog(inst: Instance) -> None:
+    """A fast (clean) shutdown; the catalog must not need crash recovery next time."""
+    with contextlib.suppress(PostgresError, subprocess.TimeoutExpired):
+        if inst.is_running():
+            inst.stop("fast")
 
 
-def _start_catalog(state: Path, data: Path) -> CatalogInstance:
+def _start_catalog(state: Path, data: Path) -> Instance:
     """The catalog's own PostgreSQL under DIR/catalog, created on first use."""
     home = data / "catalog"
     home.mkdir(exist_ok=True)
     home.chmod(0o755)
     give_to_postgres(home)
     password = ensure_secret(state / "catalog-password")
-    inst = CatalogInstance(home / "pgdata", port=free_port())
+    inst = Instance(home / "pgdata", port=free_port())
     pidfile = inst.datadir / "postmaster.pid"
     try:
         if not (inst.datadir / "PG_VERSION").exists():

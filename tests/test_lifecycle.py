@@ -15,7 +15,6 @@ from controller.lifecycle import (
     evictions,
     has_room,
     idle,
-    wakeable,
 )
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -68,12 +67,6 @@ def test_interrupted_work_is_redone_from_its_in_flight_state() -> None:
                 continue
             again = decide(step.in_flight, desired, None)
             assert (again.action, again.done) == (step.action, step.done), (state, desired)
-
-
-def test_ended_and_deleted_jobs_are_not_wakeable() -> None:
-    assert wakeable("paused", "paused")
-    assert not wakeable("ended", "ended")
-    assert not wakeable("running", "deleted")
 
 
 def _job(job_id: str, state: str = "running", desired: str = "running",
