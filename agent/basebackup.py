@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import AgentError
-from agent.manifest import (
+from .errors import AgentError
+from .manifest import (
     Manifest,
     ObjectEntry,
     job_prefix,
@@ -39,16 +39,16 @@ from agent.manifest import (
     snapshot_manifest_key,
     wal_key,
 )
-from agent.progress import NoProgress, Progress
-from agent.snapshot import tree_size, upload_tree
-from agent.store import Store, put_bytes
-from agent.wal import push_segment
-from agent.walnames import format_lsn, parse_lsn, segment_ending_at, segment_range
+from .progress import NoProgress, Progress
+from .snapshot import tree_size, upload_tree
+from .store import Store, put_bytes
+from .wal import push_segment
+from .walnames import format_lsn, parse_lsn, segment_ending_at, segment_range
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from agent.metrics import AgentMetrics
+    from .metrics import AgentMetrics
 
 # What pg_basebackup leaves out (PostgreSQL 15, src/backend/backup/basebackup.c):
 # directories whose contents are rebuilt at startup, and files that describe only
@@ -238,7 +238,7 @@ async def wait_for_wal(store: Store, job: str, segments: list[str], spool: Path 
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from agent.cli import add_store_arguments
+    from .cli import add_store_arguments
 
     p = sub.add_parser("base-backup", help="back up a running PostgreSQL (needs archived WAL)",
                        description="Take a base backup of a running server; prints its id.")
@@ -250,7 +250,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.store import open_store
+    from .store import open_store
 
     async def go() -> Manifest:
         store = open_store(args.store, s3_endpoint=args.s3_endpoint)

@@ -13,18 +13,18 @@ import importlib
 
 # command name -> module that registers it (in the order `--help` lists them)
 COMMANDS = {
-    "init": "agent.init",
-    "serve": "agent.serve",
-    "snapshot": "agent.snapshot",
-    "restore": "agent.restore",
-    "wal-push": "agent.wal",
-    "wal-fetch": "agent.wal",
-    "base-backup": "agent.basebackup",
-    "dump": "agent.dump",
-    "load": "agent.dump",
-    "list": "agent.inventory",
-    "verify": "agent.inventory",
-    "prune": "agent.inventory",
+    "init": "jobmesh.agent.init",
+    "serve": "jobmesh.agent.sidecar.serve",
+    "snapshot": "jobmesh.agent.snapshot",
+    "restore": "jobmesh.agent.restore",
+    "wal-push": "jobmesh.agent.wal",
+    "wal-fetch": "jobmesh.agent.wal",
+    "base-backup": "jobmesh.agent.basebackup",
+    "dump": "jobmesh.agent.dump",
+    "load": "jobmesh.agent.dump",
+    "list": "jobmesh.agent.inventory",
+    "verify": "jobmesh.agent.inventory",
+    "prune": "jobmesh.agent.inventory",
 }
 
 

@@ -23,9 +23,9 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from agent.cli import add_store_arguments
-from agent.errors import AgentError
-from agent.manifest import (
+from .cli import add_store_arguments
+from .errors import AgentError
+from .manifest import (
     Manifest,
     ManifestError,
     ObjectEntry,
@@ -36,9 +36,9 @@ from agent.manifest import (
     new_id,
     now_iso,
 )
-from agent.postgres import PostgresError, bin_dir
-from agent.progress import NoProgress, Progress
-from agent.store import CHUNK, Digest, NotFound, Store, get_bytes, open_store, put_bytes
+from .postgres import PostgresError, bin_dir
+from .progress import NoProgress, Progress
+from .store import CHUNK, Digest, NotFound, Store, get_bytes, open_store, put_bytes
 
 _STDERR_LINES = 50  # what we keep of a client tool's stderr to explain a failure
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from scramp import ScramMechanism
 
-from agent.errors import AgentError
-from agent.postgres import Instance, PostgresError, free_port, give_to_postgres
+from .errors import AgentError
+from .postgres import Instance, PostgresError, free_port, give_to_postgres
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
 OWNER_ROLE = "job_owner"

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import zstandard
 
-from agent.cli import add_store_arguments
-from agent.errors import AgentError
-from agent.manifest import (
+from .cli import add_store_arguments
+from .errors import AgentError
+from .manifest import (
     Manifest,
     ManifestError,
     dump_ids_with_manifest,
@@ -33,8 +33,8 @@ from agent.manifest import (
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
-from agent.store import Digest, NotFound, ObjectInfo, Store, StoreError, get_bytes, open_store
-from agent.walnames import WalNameError, is_segment, parse_lsn, parse_segment, segment_of
+from .store import Digest, NotFound, ObjectInfo, Store, StoreError, get_bytes, open_store
+from .walnames import WalNameError, is_segment, parse_lsn, parse_segment, segment_of
 
 PARALLEL = 8  # objects verified or deleted at once
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.cli import add_store_arguments
-from agent.errors import AgentError
-from agent.manifest import (
+from .cli import add_store_arguments
+from .errors import AgentError
+from .manifest import (
     Manifest,
     ManifestError,
     job_prefix,
@@ -35,12 +35,12 @@ from agent.manifest import (
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
-from agent.postgres import PostgresError, bin_dir, give_to_postgres, run_pg
-from agent.progress import NoProgress, Progress
-from agent.store import Digest, NotFound, Store, get_bytes, open_store
-from agent.tarstream import extract_tar_zst, prepare_empty_dir, wipe
-from agent.wal import restore_command
-from agent.walnames import is_segment, parse_lsn, parse_segment, segment_of
+from .postgres import PostgresError, bin_dir, give_to_postgres, run_pg
+from .progress import NoProgress, Progress
+from .store import Digest, NotFound, Store, get_bytes, open_store
+from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
+from .wal import restore_command
+from .walnames import is_segment, parse_lsn, parse_segment, segment_of
 
 log = logging.getLogger("jobmesh.agent.restore")
 

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.cli import add_store_arguments
-from agent.errors import AgentError
-from agent.manifest import (
+from .cli import add_store_arguments
+from .errors import AgentError
+from .manifest import (
     Manifest,
     ObjectEntry,
     job_prefix,
@@ -30,11 +30,11 @@ from agent.manifest import (
     snapshot_data_key,
     snapshot_manifest_key,
 )
-from agent.metrics import AgentMetrics
-from agent.postgres import PostgresError, bin_dir, pid_alive, run_pg
-from agent.progress import NoProgress, Progress
-from agent.store import Store, Stored, open_store, put_bytes
-from agent.tarstream import TarZstStream, tar_zst_chunks
+from .metrics import AgentMetrics
+from .postgres import PostgresError, bin_dir, pid_alive, run_pg
+from .progress import NoProgress, Progress
+from .store import Store, Stored, open_store, put_bytes
+from .tarstream import TarZstStream, tar_zst_chunks
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
 _EXCLUDE = frozenset({"postmaster.pid", "postmaster.opts"})

@@ -30,8 +30,8 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
-from agent.errors import AgentError
-from agent.postgres import give_to_postgres
+from .errors import AgentError
+from .postgres import give_to_postgres
 
 CHUNK = 1 << 20  # compressed bytes handed over per queue item
 COPY_BUFSIZE = 1 << 20

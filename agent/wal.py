@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import zstandard
 
-from agent.errors import AgentError
-from agent.manifest import history_key, wal_key
-from agent.store import CHUNK, NotFound, Store, StoreError
-from agent.walnames import SEGMENT_SIZE, is_archivable, is_history, is_segment
+from .errors import AgentError
+from .manifest import history_key, wal_key
+from .store import CHUNK, NotFound, Store, StoreError
+from .walnames import SEGMENT_SIZE, is_archivable, is_history, is_segment
 
 if TYPE_CHECKING:
-    from agent.metrics import AgentMetrics
+    from .metrics import AgentMetrics
 
 log = logging.getLogger("jobmesh.agent.wal")
 
@@ -299,7 +299,7 @@ def restore_command(store_url: str, job: str, *, s3_endpoint: str | None = None)
 
 def postgres_python() -> list[str]:
     """argv prefix that runs our Python, with our packages, as the Postgres OS user."""
-    from agent.postgres import os_user, run_pg
+    from .postgres import os_user, run_pg
 
     if os_user() is None:
         return [sys.executable]
@@ -329,7 +329,7 @@ def postgres_python() -> list[str]:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from agent.cli import add_store_arguments
+    from .cli import add_store_arguments
 
     p = sub.add_parser("wal-push", help="upload one archived WAL file (archive_command style)")
     add_store_arguments(p)
@@ -344,7 +344,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from agent.store import open_store
+    from .store import open_store
 
     async def go() -> str:
         store = open_store(args.store, s3_endpoint=args.s3_endpoint)
@@ -361,7 +361,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
-    from agent.store import open_store
+    from .store import open_store
 
     async def go() -> None:
         store = open_store(args.store, s3_endpoint=args.s3_endpoint)

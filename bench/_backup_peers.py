@@ -26,8 +26,8 @@ from typing import Any
 
 from _peers import REPO, BenchError, stop_process
 
-from agent.postgres import Instance, PostgresError, free_port, give_to_postgres, run_pg
-from agent.store import Store, open_store
+from jobmesh.agent.postgres import Instance, PostgresError, free_port, give_to_postgres, run_pg
+from jobmesh.agent.store import Store, open_store
 
 PGBACKREST = Path("/usr/bin/pgbackrest")
 DATABASE = "job_bench"
@@ -264,7 +264,7 @@ class Tools:
                                             "info"))[0]["backup"][-1]["info"]
             return {**t, "stored_bytes": info["repository"]["size"],
                     "source_bytes": info["size"]}
-        from agent.snapshot import take_snapshot
+        from jobmesh.agent.snapshot import take_snapshot
 
         ensure(self.inst, running=False)
 
@@ -289,7 +289,7 @@ class Tools:
                 self.pgbr.run(f"--stanza={STANZA}", f"--pg1-path={target}",
                               "--type=immediate", "--target-action=promote", "restore")
             return dict(t)
-        from agent.restore import restore
+        from jobmesh.agent.restore import restore
 
         async def go() -> None:
             store = self.store(tool)

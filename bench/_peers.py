@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.postgres import Instance, bin_dir, free_port, give_to_postgres, os_user
+from jobmesh.agent.postgres import Instance, bin_dir, free_port, give_to_postgres, os_user
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
 # pgbench and psql ship with the server binaries, whatever is on PATH.

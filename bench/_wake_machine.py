@@ -21,7 +21,7 @@ import asyncpg
 from _backup_peers import pgbackrest_version
 from _peers import REPO
 
-from agent.postgres import bin_dir, give_to_postgres, run_pg
+from jobmesh.agent.postgres import bin_dir, give_to_postgres, run_pg
 
 
 def busy() -> dict[str, Any]:

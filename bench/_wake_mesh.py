@@ -31,8 +31,8 @@ from urllib.parse import quote
 import asyncpg
 from _peers import REPO, BenchError
 
-from agent.postgres import Instance, bin_dir, free_port, run_pg
-from controller.catalog import JOBS_CHANNEL, Catalog, Event, Job
+from jobmesh.agent.postgres import Instance, bin_dir, free_port, run_pg
+from jobmesh.controller.catalog.db import JOBS_CHANNEL, Catalog, Event, Job
 
 CATALOG_PASSWORD = "catalog-pw"
 CATALOG_DB = "jobmesh"
@@ -139,12 +139,12 @@ def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
     mesh.controller = Proc("controller", [
         sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", catalog_dsn,
         "--state-dir", str(state), "--api-listen", f"127.0.0.1:{free_port()}",
-        "--idle-timeout", "0"], state / "controller.log")
+        "--idle-timeout", "0"], state / "jobmesh.controller.log")
     mesh.controller.wait_for_log(r"controller API listening on")
     mesh.router = Proc("router", [
         sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
         "--catalog-dsn", catalog_dsn, "--wake-timeout", f"{wake_timeout:g}"],
-        state / "router.log")
+        state / "jobmesh.router.log")
     m = mesh.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
     mesh.router_port = int(m.group(1))
     return mesh

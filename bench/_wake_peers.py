@@ -32,10 +32,10 @@ from _backup_peers import PGBACKREST
 from _peers import BenchError
 from _wake_mesh import poll_first_row, stop_pgdata
 
-from agent.postgres import bin_dir, free_port, give_to_postgres, run_pg
-from agent.restore import restore
-from agent.store import open_store
-from controller.local_process import JobDir, postgres_settings, prepare
+from jobmesh.agent.postgres import bin_dir, free_port, give_to_postgres, run_pg
+from jobmesh.agent.restore import restore
+from jobmesh.agent.store import open_store
+from jobmesh.controller.backends.local.process import JobDir, postgres_settings, prepare
 
 SQL = "SELECT 1 FROM t LIMIT 1"
 

@@ -39,7 +39,7 @@ import _backup_peers as peers
 import _peers
 from _peers import BenchError
 
-from agent.postgres import Instance, free_port, give_to_postgres
+from jobmesh.agent.postgres import Instance, free_port, give_to_postgres
 
 CORES = os.cpu_count() or 1
 BACKUP_TOOLS = ["pgbackrest", "jobmesh_file", "jobmesh_s3"]
@@ -151,7 +151,7 @@ def pick_segments(walpool: Path, n: int) -> list[Path]:
 def wal_rounds(tools: peers.Tools, segments: list[Path], rounds: int,
                errors: list[str]) -> dict[str, list[float]]:
     """Per-segment push latency in ms, every tool, R rounds (a fresh archive each round)."""
-    from agent.wal import push_segment
+    from jobmesh.agent.wal import push_segment
 
     out: dict[str, list[float]] = {t: [] for t in WAL_TOOLS}
     for r in range(rounds):

@@ -32,7 +32,7 @@ import _peers
 import asyncpg
 from _peers import BenchError, Peer, Server
 
-from agent.postgres import Instance
+from jobmesh.agent.postgres import Instance
 
 IDLE_SESSIONS = 1000
 CLIENTS, THREADS, SCALE = 8, 2, 10

@@ -46,8 +46,8 @@ import asyncpg
 from _backup_peers import ensure_pgbackrest, pgdata_bytes
 from _peers import BenchError
 
-from controller.catalog import Catalog
-from controller.passwords import scram_verifier
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.catalog.passwords import scram_verifier
 
 CORES = os.cpu_count() or 1
 ROW_BYTES = 141  # heap bytes per row of t (136-byte tuples + line pointer, 58 to a page)

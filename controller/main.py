@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.backend import Backend, BackendError
-from controller.catalog import Catalog, CatalogError
-from controller.metrics import ControllerMetrics
-from controller.reconciler import Reconciler, ReconcilerConfig
+from .catalog.db import Catalog, CatalogError
+from .core.backend import Backend, BackendError
+from .core.metrics import ControllerMetrics
+from .core.reconciler import Reconciler, ReconcilerConfig
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -126,7 +126,7 @@ class ControllerSettings:
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
-    from controller.mesh import ensure_secret
+    from .mesh import ensure_secret
 
     if not args.catalog_dsn:
         raise UsageError("--catalog-dsn (or JOBMESH_CATALOG_DSN) is required")
@@ -152,8 +152,8 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
 
 
 def kubernetes_settings(args: argparse.Namespace) -> KubernetesSettings:
-    from controller.k8s_client import in_cluster_namespace
-    from controller.leader import default_identity
+    from .backends.kubernetes.client import in_cluster_namespace
+    from .backends.kubernetes.leader import default_identity
 
     namespace = args.namespace or in_cluster_namespace()
     if not namespace:
@@ -174,8 +174,8 @@ def kubernetes_settings(args: argparse.Namespace) -> KubernetesSettings:
 def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
                  api: ApiClient | None = None) -> Backend:
     if s.kubernetes is not None:
-        from controller.k8s_backend import KubernetesBackend
-        from controller.k8s_objects import PodSettings
+        from .backends.kubernetes.backend import KubernetesBackend
+        from .backends.kubernetes.objects import PodSettings
 
         k = s.kubernetes
         assert catalog is not None and api is not None
@@ -185,7 +185,7 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
                            base_backup_interval=s.base_backup_interval)
         return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
                                  start_timeout=k.start_timeout)
-    from controller.local_backend import LocalBackend
+    from .backends.local.backend import LocalBackend
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
                         archive_timeout=s.archive_timeout,
@@ -196,8 +196,9 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
 async def serve(s: ControllerSettings, stop: asyncio.Event,
                 ready: asyncio.Event | None = None) -> None:
     """Run until ``stop``: migrate the catalog, reconcile, serve the API and metrics."""
-    from agent.store import open_store
-    from controller.api import build_app
+    from jobmesh.agent.store import open_store
+
+    from .api.app import build_app
 
     catalog = await Catalog.connect(s.catalog_dsn, max_size=10)
     store = open_store(s.store, s3_endpoint=s.s3_endpoint)
@@ -232,8 +233,8 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
 async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetrics,
                stop: asyncio.Event) -> None:
     """Wait for the leader Lease, then reconcile while holding it; released at ``stop``."""
-    from controller.k8s_client import api_client
-    from controller.leader import LeaderElector, LeaseConfig
+    from .backends.kubernetes.client import api_client
+    from .backends.kubernetes.leader import LeaderElector, LeaseConfig
 
     k = s.kubernetes
     assert k is not None

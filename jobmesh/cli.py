@@ -15,20 +15,20 @@ from jobmesh import logs
 
 
 def _router(p: argparse.ArgumentParser, argv: list[str]) -> None:
-    from router import main as router_main
+    from jobmesh.router import main as router_main
 
     router_main.add_arguments(p)
     p.set_defaults(run=router_main.run)
 
 
 def _agent(p: argparse.ArgumentParser, argv: list[str]) -> None:
-    from agent import cli as agent_cli
+    from jobmesh.agent import cli as agent_cli
 
     agent_cli.add_arguments(p, argv)
 
 
 def _controller(p: argparse.ArgumentParser, argv: list[str]) -> None:
-    from controller import main as controller_main
+    from jobmesh.controller import main as controller_main
 
     controller_main.add_arguments(p)
     p.set_defaults(run=controller_main.run)
@@ -45,7 +45,7 @@ def _operator(command: str) -> Callable[[argparse.ArgumentParser, list[str]], No
     """The operator commands talk to a running mesh's API (controller/cli.py)."""
 
     def register(p: argparse.ArgumentParser, argv: list[str]) -> None:
-        from controller import cli as operator_cli
+        from jobmesh.controller.cli import main as operator_cli
 
         operator_cli.add_arguments(command, p)
     return register
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(argv).parse_args(argv)
     args.argv = argv  # router workers re-run the same command
     logs.setup(args.log_level)
-    from agent.errors import AgentError
-    from agent.store import StoreError
-    from router.config import UsageError
+    from jobmesh.agent.errors import AgentError
+    from jobmesh.agent.store import StoreError
+    from jobmesh.router.config import UsageError
 
     name = " ".join(filter(None, [args.command, getattr(args, "agent_command", None)]))
     try:

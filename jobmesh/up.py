@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.postgres import (
+from jobmesh.agent.postgres import (
     Instance,
     PostgresError,
     free_port,
@@ -30,11 +30,11 @@ from agent.postgres import (
     pid_alive,
     reachable_by_postgres,
 )
-from controller.catalog import Catalog, CatalogError
-from controller.main import ControllerSettings, UsageError, serve
-from controller.mesh import ensure_secret, write_mesh
-from controller.passwords import scram_verifier
-from controller.reconciler import ReconcilerConfig
+from jobmesh.controller.catalog.db import Catalog, CatalogError
+from jobmesh.controller.catalog.passwords import scram_verifier
+from jobmesh.controller.core.reconciler import ReconcilerConfig
+from jobmesh.controller.main import ControllerSettings, UsageError, serve
+from jobmesh.controller.mesh import ensure_secret, write_mesh
 
 log = logging.getLogger("jobmesh.up")
 ADMIN = "admin"
@@ -196,12 +196,12 @@ async def _ensure_admin(catalog: Catalog, state: Path) -> bool:
 
 
 def _start_router(state: Path, dsn: str, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    pidfile = state / "router.pid"
+    pidfile = state / "jobmesh.router.pid"
     with contextlib.suppress(OSError, ValueError):
         old = int(pidfile.read_text())
         if pid_alive(old) and b"jobmesh" in Path(f"/proc/{old}/cmdline").read_bytes():
             os.kill(old, signal.SIGTERM)  # left by an `up` that was killed
-    log_path = state / "router.log"
+    log_path = state / "jobmesh.router.log"
     log_path.touch()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobmesh", "router", "--catalog-dsn", dsn,

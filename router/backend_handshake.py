@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from scramp import ScramClient, ScramException
 
-from router import protocol as pg
+from . import protocol as pg
 
 
 class BackendAuthFailed(Exception):

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 
-from router import peers
-from router import protocol as pg
-from router.cancel_map import CancelMap
-from router.config import RouterConfig
-from router.inbox import ConnectionClosed, Inbox
-from router.metrics import RouterMetrics
+from . import peers
+from . import protocol as pg
+from .cancel_map import CancelMap
+from .config import RouterConfig
+from .inbox import ConnectionClosed, Inbox
+from .metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,20 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from controller.catalog import JOBS_CHANNEL, PRINCIPALS_CHANNEL, Catalog, Job, PrincipalRow
-from router import errors
-from router.credentials import InvalidVerifier, parse_verifier
-from router.metrics import RouterMetrics
-from router.route_source import Notice
-from router.routes import Access, JobRoute, Principal
-from router.wake import Wakes, assess
+from jobmesh.controller.catalog.db import (
+    JOBS_CHANNEL,
+    PRINCIPALS_CHANNEL,
+    Catalog,
+    Job,
+    PrincipalRow,
+)
+
+from . import errors
+from .credentials import InvalidVerifier, parse_verifier
+from .metrics import RouterMetrics
+from .route_source import Notice
+from .routes import Access, JobRoute, Principal
+from .wake import Wakes, assess
 
 log = logging.getLogger(__name__)
 

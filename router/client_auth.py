@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from scramp import ScramException, ScramMechanism
 
-from router import protocol as pg
-from router.credentials import ScramVerifier
+from . import protocol as pg
+from .credentials import ScramVerifier
 
 
 @dataclass(frozen=True, slots=True)

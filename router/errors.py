@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router import protocol as pg
+from . import protocol as pg
 
 
 class ClientError(Exception):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from router import protocol as pg
+from . import protocol as pg
 
 
 class State(enum.Enum):

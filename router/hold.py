@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from router.inbox import Inbox
+from .inbox import Inbox
 
 MAX_HELD_BYTES = 64 * 1024
 

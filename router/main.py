@@ -20,14 +20,14 @@ import signal
 import uvloop
 from prometheus_client import start_http_server
 
-from router.activity import ActivityReporter
-from router.catalog_routes import CatalogConfigError, CatalogRoutes
-from router.config import RouterConfig, UsageError
-from router.metrics import RouterMetrics
-from router.routes import RouteFileError, RouteTable, load_routes
-from router.server import Router
-from router.supervisor import Supervisor
-from router.tls import TLSConfigError, server_context
+from .activity import ActivityReporter
+from .catalog_routes import CatalogConfigError, CatalogRoutes
+from .config import RouterConfig, UsageError
+from .metrics import RouterMetrics
+from .routes import RouteFileError, RouteTable, load_routes
+from .server import Router
+from .supervisor import Supervisor
+from .tls import TLSConfigError, server_context
 
 log = logging.getLogger(__name__)
 

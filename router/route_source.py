@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from router.routes import Access, JobRoute, Principal
+from .routes import Access, JobRoute, Principal
 
 # Sends one line of progress to a waiting client (as a NoticeResponse).
 Notice = Callable[[str], None]

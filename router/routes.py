@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 from scramp import ScramException
 
-from router import errors
-from router.credentials import InvalidVerifier, ScramVerifier, credential_from_config
+from . import errors
+from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
 
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 JOB_DATABASE_PREFIX = "job_"

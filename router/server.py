@@ -19,10 +19,10 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from router import errors, peers
-from router import protocol as pg
-from router.activity import ActivityReporter
-from router.backend_handshake import (
+from . import errors, peers
+from . import protocol as pg
+from .activity import ActivityReporter
+from .backend_handshake import (
     BackendAuthFailed,
     BackendError,
     BackendHandshake,
@@ -31,23 +31,23 @@ from router.backend_handshake import (
     Relay,
     Send,
 )
-from router.cancel import Canceller
-from router.cancel_map import BackendKey, CancelMap
-from router.client_auth import CleartextExchange, Exchange, ScramExchange
-from router.config import RouterConfig
-from router.credentials import MockVerifiers
-from router.errors import ClientError
-from router.handshake import AuthResponse, ClientHandshake, Terminated
-from router.hold import hold
-from router.inbox import ConnectionClosed, Inbox
-from router.metrics import RouterMetrics
-from router.route_source import RouteSource
-from router.routes import Access, JobRoute, Principal
-from router.session import Session
-from router.shutdown import terminate_backends
-from router.slots import LocalSlots, SharedSlots, Slots
-from router.splice import Pipe, splice
-from router.startup import Startup, read_startup
+from .cancel import Canceller
+from .cancel_map import BackendKey, CancelMap
+from .client_auth import CleartextExchange, Exchange, ScramExchange
+from .config import RouterConfig
+from .credentials import MockVerifiers
+from .errors import ClientError
+from .handshake import AuthResponse, ClientHandshake, Terminated
+from .hold import hold
+from .inbox import ConnectionClosed, Inbox
+from .metrics import RouterMetrics
+from .route_source import RouteSource
+from .routes import Access, JobRoute, Principal
+from .session import Session
+from .shutdown import terminate_backends
+from .slots import LocalSlots, SharedSlots, Slots
+from .splice import Pipe, splice
+from .startup import Startup, read_startup
 
 log = logging.getLogger(__name__)
 

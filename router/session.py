@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from router import tcp_info
-from router.routes import JobRoute
-from router.splice import Pipe
+from . import tcp_info
+from .routes import JobRoute
+from .splice import Pipe
 
 
 class Session:

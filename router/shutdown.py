@@ -16,7 +16,7 @@ from typing import Protocol
 
 import asyncpg
 
-from router.routes import JobRoute
+from .routes import JobRoute
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router import errors
-from router import protocol as pg
-from router.errors import ClientError
-from router.routes import ADMIN_DATABASE, job_id_from_database
+from . import errors
+from . import protocol as pg
+from .errors import ClientError
+from .routes import ADMIN_DATABASE, job_id_from_database
 
 # Startup parameters that are the router's business, not the backend's.
 _NOT_FORWARDED = {"user", "database", "replication"}

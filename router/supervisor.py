@@ -35,7 +35,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from router.peers import fetch_metrics
+from .peers import fetch_metrics
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from controller.catalog import Job
-from router import errors
-from router.errors import ClientError
-from router.metrics import RouterMetrics
-from router.route_source import Notice
+from jobmesh.controller.catalog.db import Job
+
+from . import errors
+from .errors import ClientError
+from .metrics import RouterMetrics
+from .route_source import Notice
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 from scramp import ScramClient
 
-from agent.postgres import Instance, free_port
-from controller.catalog import JOBS_CHANNEL, Catalog, Job
-from router.credentials import make_verifier
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.controller.catalog.db import JOBS_CHANNEL, Catalog, Job
+from jobmesh.router.credentials import make_verifier
 from tests.conftest import RouterProcess, _pump
 from tests.test_router_errors import error_fields, pmsg, startup_packet
 

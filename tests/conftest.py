@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.postgres import Instance, bin_dir, free_port, give_to_postgres
+from jobmesh.agent.postgres import Instance, bin_dir, free_port, give_to_postgres
 
 SUPERUSER_PASSWORD = "pw"
 
@@ -285,7 +285,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 async def store(request: pytest.FixtureRequest, pg_root: Path):
     """An empty store of each kind; the file one where the postgres user can read it
     (restore_command runs wal-fetch as that user). Test files may define their own."""
-    from agent.store import open_store
+    from jobmesh.agent.store import open_store
 
     if request.param == "file":
         root = pg_root / f"store-{os.urandom(4).hex()}"
@@ -318,7 +318,7 @@ def catalog_dsn(catalog_pg: Instance) -> Iterator[str]:
 @pytest.fixture
 async def catalog(catalog_dsn: str):
     """A migrated catalog, connected."""
-    from controller.catalog import Catalog
+    from jobmesh.controller.catalog.db import Catalog
 
     cat = await Catalog.connect(catalog_dsn)
     await cat.migrate()

@@ -89,7 +89,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from agent.postgres import PostgresError, bin_dir, os_user, pid_alive
+from jobmesh.agent.postgres import PostgresError, bin_dir, os_user, pid_alive
 from tests.k8s_emulator import now, parse_quantity
 
 log = logging.getLogger("tests.kubelet")

@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from agent.postgres import bin_dir, free_port, run_pg
-from controller.catalog import JOBS_CHANNEL, Catalog, Job
-from controller.passwords import scram_verifier
+from jobmesh.agent.postgres import bin_dir, free_port, run_pg
+from jobmesh.controller.catalog.db import JOBS_CHANNEL, Catalog, Job
+from jobmesh.controller.catalog.passwords import scram_verifier
 
 
 class LoggedProcess:
@@ -101,7 +101,7 @@ class Mesh:
                "--state-dir", str(self.root), "--api-listen", f"127.0.0.1:{self.api_port}",
                "--health-interval", "0.5", "--resync-interval", "5",
                *self.controller_args]
-        self.controller = LoggedProcess("controller", cmd, self.root / "controller.log")
+        self.controller = LoggedProcess("controller", cmd, self.root / "jobmesh.controller.log")
         self.controller.wait_for_log(r"controller API listening on")
         return self.controller
 
@@ -109,7 +109,7 @@ class Mesh:
         cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
                "--catalog-dsn", self.catalog_dsn, "--activity-interval", "0.5",
                "--shutdown-timeout", "2", *extra]
-        self.router = LoggedProcess("router", cmd, self.root / "router.log")
+        self.router = LoggedProcess("router", cmd, self.root / "jobmesh.router.log")
         m = self.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
         self.router_port = int(m.group(1))
         return self.router

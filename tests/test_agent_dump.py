@@ -11,11 +11,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agent.dump import dump, load, parse_dump_header
-from agent.errors import AgentError
-from agent.manifest import Manifest, dump_data_key, dump_manifest_key
-from agent.postgres import Instance, bin_dir, free_port
-from agent.store import get_bytes, open_store, put_bytes
+from jobmesh.agent.dump import dump, load, parse_dump_header
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.manifest import Manifest, dump_data_key, dump_manifest_key
+from jobmesh.agent.postgres import Instance, bin_dir, free_port
+from jobmesh.agent.store import get_bytes, open_store, put_bytes
 from tests.conftest import SUPERUSER_PASSWORD
 
 pytestmark = pytest.mark.timeout(300)

@@ -18,13 +18,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import agent.store_s3
-from agent.init import init_pgdata
-from agent.postgres import Instance, free_port, give_to_postgres
-from agent.snapshot import take_snapshot
-from agent.store import StoreError, put_bytes
-from agent.store_s3 import PART_SIZE, S3Store
-from agent.wal import fetch_segment, push_segment
+import jobmesh.agent.store.s3 as store_s3
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.postgres import Instance, free_port, give_to_postgres
+from jobmesh.agent.snapshot import take_snapshot
+from jobmesh.agent.store import StoreError, put_bytes
+from jobmesh.agent.store.s3 import PART_SIZE, S3Store
+from jobmesh.agent.wal import fetch_segment, push_segment
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(600)
@@ -112,7 +112,7 @@ async def test_download_resumes_where_a_dropped_connection_stopped(make_proxy, b
 
 async def test_store_gives_up_with_one_clear_error_when_s3_keeps_failing(
         make_proxy, bucket, s3_server, monkeypatch) -> None:
-    monkeypatch.setattr(agent.store_s3, "ATTEMPTS", 3)
+    monkeypatch.setattr(store_s3, "ATTEMPTS", 3)
     proxy = make_proxy(rate=1.0, kinds=("503",))
     store = S3Store(bucket, "", endpoint=proxy.endpoint)
     try:
@@ -232,7 +232,7 @@ def checksums(inst: Instance) -> dict[str, str]:
 
 async def test_snapshot_and_restore_through_faults_give_identical_data(
         make_proxy, bucket, pg_root, tmp_path) -> None:
-    restore = pytest.importorskip("agent.restore").restore
+    restore = pytest.importorskip("jobmesh.agent.restore").restore
     base = pg_root / f"snap-{os.urandom(3).hex()}"
     base.mkdir()
     give_to_postgres(base)

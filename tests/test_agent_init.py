@@ -12,9 +12,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from agent.errors import AgentError
-from agent.init import init_pgdata
-from agent.postgres import Instance, free_port
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.postgres import Instance, free_port
 
 pytestmark = pytest.mark.timeout(120)
 PASSWORD = "it's a \\secret$"

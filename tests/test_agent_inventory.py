@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.errors import AgentError
-from agent.inventory import inventory, prune, verify, wal_cutoff
-from agent.manifest import (
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.inventory import inventory, prune, verify, wal_cutoff
+from jobmesh.agent.manifest import (
     Manifest,
     ObjectEntry,
     dump_data_key,
@@ -28,8 +28,8 @@ from agent.manifest import (
     snapshot_manifest_key,
     wal_key,
 )
-from agent.snapshot import take_snapshot
-from agent.store import Store, get_bytes, open_store, put_bytes
+from jobmesh.agent.snapshot import take_snapshot
+from jobmesh.agent.store import Store, get_bytes, open_store, put_bytes
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent import manifest as m
+from jobmesh.agent import manifest as m
 
 
 def _manifest(**kw) -> m.Manifest:

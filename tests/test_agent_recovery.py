@@ -25,16 +25,16 @@ import asyncpg
 import pytest
 import zstandard
 
-from agent.basebackup import take_base_backup
-from agent.errors import AgentError
-from agent.init import init_pgdata
-from agent.manifest import Manifest, job_prefix, snapshot_manifest_key, wal_key
-from agent.postgres import Instance, free_port
-from agent.restore import restore
-from agent.snapshot import take_snapshot
-from agent.store import Store, get_bytes
-from agent.wal import Archiver
-from agent.walnames import parse_lsn, segment_of
+from jobmesh.agent.basebackup import take_base_backup
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.manifest import Manifest, job_prefix, snapshot_manifest_key, wal_key
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.restore import restore
+from jobmesh.agent.snapshot import take_snapshot
+from jobmesh.agent.store import Store, get_bytes
+from jobmesh.agent.wal import Archiver
+from jobmesh.agent.walnames import parse_lsn, segment_of
 
 ARCHIVE_TIMEOUT = 1
 

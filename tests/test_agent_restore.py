@@ -18,15 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from agent.basebackup import take_base_backup
-from agent.errors import AgentError
-from agent.init import init_pgdata
-from agent.manifest import Manifest, ObjectEntry, snapshot_data_key
-from agent.postgres import Instance, free_port, os_user
-from agent.restore import backup_end_time, conf_quote, parse_target_time, recovery_settings, restore
-from agent.snapshot import take_snapshot
-from agent.store import Store
-from agent.wal import Archiver
+from jobmesh.agent.basebackup import take_base_backup
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.manifest import Manifest, ObjectEntry, snapshot_data_key
+from jobmesh.agent.postgres import Instance, free_port, os_user
+from jobmesh.agent.restore import (
+    backup_end_time,
+    conf_quote,
+    parse_target_time,
+    recovery_settings,
+    restore,
+)
+from jobmesh.agent.snapshot import take_snapshot
+from jobmesh.agent.store import Store
+from jobmesh.agent.wal import Archiver
 from tests.conftest import PgFactory, S3Server
 from tests.test_agent_snapshot import (
     StoreSpec,

@@ -26,15 +26,15 @@ from urllib.parse import quote
 
 import pytest
 
-from agent.dump import load
-from agent.init import init_pgdata
-from agent.manifest import Manifest, snapshot_manifest_key, wal_key
-from agent.postgres import Instance, free_port
-from agent.postgres import pid_alive as alive
-from agent.restore import restore
-from agent.serve import read_postmaster, wait_for_exit
-from agent.snapshot import check_stopped_pgdata
-from agent.store import get_bytes, open_store
+from jobmesh.agent.dump import load
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.manifest import Manifest, snapshot_manifest_key, wal_key
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.postgres import pid_alive as alive
+from jobmesh.agent.postmaster import read_postmaster, wait_for_exit
+from jobmesh.agent.restore import restore
+from jobmesh.agent.snapshot import check_stopped_pgdata
+from jobmesh.agent.store import get_bytes, open_store
 
 pytestmark = pytest.mark.timeout(180)
 

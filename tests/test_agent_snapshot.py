@@ -21,20 +21,20 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.errors import AgentError
-from agent.manifest import (
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.manifest import (
     Manifest,
     job_prefix,
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
-from agent.metrics import AgentMetrics
-from agent.postgres import Instance, bin_dir, free_port, run_pg
-from agent.restore import restore
-from agent.snapshot import parse_controldata, read_controldata, take_snapshot
-from agent.store import Store, get_bytes, open_store
-from agent.tarstream import extract_tar_zst, tar_zst_chunks
-from agent.walnames import next_segment
+from jobmesh.agent.metrics import AgentMetrics
+from jobmesh.agent.postgres import Instance, bin_dir, free_port, run_pg
+from jobmesh.agent.restore import restore
+from jobmesh.agent.snapshot import parse_controldata, read_controldata, take_snapshot
+from jobmesh.agent.store import Store, get_bytes, open_store
+from jobmesh.agent.tarstream import extract_tar_zst, tar_zst_chunks
+from jobmesh.agent.walnames import next_segment
 from tests.conftest import PgFactory, S3Server
 
 # --- shared by the snapshot and restore tests ------------------------------------------
@@ -471,7 +471,7 @@ async def test_recycled_wal_segments_stay_out_and_the_restore_still_starts(
 def test_a_zombie_postmaster_does_not_count_as_running():
     import subprocess
 
-    from agent.postgres import pid_alive
+    from jobmesh.agent.postgres import pid_alive
 
     child = subprocess.Popen(["true"])
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie

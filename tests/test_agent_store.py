@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import NotFound, StoreError, get_bytes, open_store, put_bytes
-from agent.store_s3 import PART_SIZE
+from jobmesh.agent.store import NotFound, StoreError, get_bytes, open_store, put_bytes
+from jobmesh.agent.store.s3 import PART_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 

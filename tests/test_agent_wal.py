@@ -21,14 +21,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from agent.errors import AgentError
-from agent.init import init_pgdata
-from agent.manifest import history_key, wal_key
-from agent.metrics import AgentMetrics
-from agent.postgres import Instance, free_port
-from agent.store import NotFound, Store, StoreError, get_bytes, open_store, put_bytes
-from agent.wal import Archiver, fetch_segment, push_segment
-from agent.walnames import SEGMENT_SIZE, is_segment, next_segment
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.manifest import history_key, wal_key
+from jobmesh.agent.metrics import AgentMetrics
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.store import NotFound, Store, StoreError, get_bytes, open_store, put_bytes
+from jobmesh.agent.wal import Archiver, fetch_segment, push_segment
+from jobmesh.agent.walnames import SEGMENT_SIZE, is_segment, next_segment
 
 JOB = "walt"
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.walnames import (
+from jobmesh.agent.walnames import (
     SEGMENT_SIZE,
     Segment,
     WalNameError,

@@ -27,15 +27,15 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
-from agent.dump import parse_dump_header
-from agent.init import init_pgdata
-from agent.manifest import Manifest, dump_manifest_key
-from agent.postgres import Instance, free_port
-from agent.store import Store, get_bytes, open_store
-from controller.api import build_app
-from controller.catalog import Catalog
-from controller.openapi import document
-from router.credentials import parse_verifier
+from jobmesh.agent.dump import parse_dump_header
+from jobmesh.agent.init import init_pgdata
+from jobmesh.agent.manifest import Manifest, dump_manifest_key
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.store import Store, get_bytes, open_store
+from jobmesh.controller.api.app import build_app
+from jobmesh.controller.api.openapi import document
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.router.credentials import parse_verifier
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 
-from controller.catalog import JOBS_CHANNEL, PRINCIPALS_CHANNEL, Catalog, CatalogError, Conflict
+from jobmesh.controller.catalog.db import (
+    JOBS_CHANNEL,
+    PRINCIPALS_CHANNEL,
+    Catalog,
+    CatalogError,
+    Conflict,
+)
 
 
 async def test_migrations_apply_once(catalog_dsn: str) -> None:

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.dump import dump
-from agent.postgres import Instance, free_port
-from agent.store import Store, open_store
-from controller.api import build_app
-from controller.catalog import Catalog
-from controller.mesh import MeshError, MeshInfo, ensure_secret, read_mesh, write_mesh
-from router.credentials import parse_verifier
+from jobmesh.agent.dump import dump
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.store import Store, open_store
+from jobmesh.controller.api.app import build_app
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.mesh import MeshError, MeshInfo, ensure_secret, read_mesh, write_mesh
+from jobmesh.router.credentials import parse_verifier
 from tests.conftest import SUPERUSER_PASSWORD
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,10 +10,10 @@ import pytest
 import trustme
 from scramp import ScramClient, ScramMechanism
 
-from router import backend_handshake as bh
-from router import protocol as pg
-from router.client_auth import CleartextExchange, ScramExchange, Step
-from router.credentials import (
+from jobmesh.router import backend_handshake as bh
+from jobmesh.router import protocol as pg
+from jobmesh.router.client_auth import CleartextExchange, ScramExchange, Step
+from jobmesh.router.credentials import (
     InvalidVerifier,
     MockVerifiers,
     credential_from_config,

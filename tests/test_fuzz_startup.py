@@ -13,8 +13,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router import protocol as pg
-from router.handshake import ClientHandshake, State
+from jobmesh.router import protocol as pg
+from jobmesh.router.handshake import ClientHandshake, State
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from router import protocol as pg
-from router.handshake import AuthResponse, ClientHandshake, State, Terminated
+from jobmesh.router import protocol as pg
+from jobmesh.router.handshake import AuthResponse, ClientHandshake, State, Terminated
 
 STARTUP = pg.startup_message({"user": "alice", "database": "job_alpha"})
 GSSENC_REQUEST = struct.pack("!ii", 8, pg.GSSENC_REQUEST_CODE)

@@ -23,10 +23,10 @@ import aiohttp
 import pytest
 from kubernetes import client
 
-from agent.postgres import free_port
-from agent.store import open_store
-from controller.catalog import JOBS_CHANNEL, Catalog, Event, Job
-from router.credentials import parse_verifier
+from jobmesh.agent.postgres import free_port
+from jobmesh.agent.store import open_store
+from jobmesh.controller.catalog.db import JOBS_CHANNEL, Catalog, Event, Job
+from jobmesh.router.credentials import parse_verifier
 from tests.conftest import S3Server
 from tests.k8s_emulator import K8sEmulator
 from tests.kubelet import Kubelet
@@ -308,8 +308,8 @@ async def test_a_leader_that_loses_its_lease_exits_at_once(kube: KubeMesh) -> No
 
 @pytest.fixture
 async def backend(catalog: Catalog, pg_root: Path) -> AsyncIterator[tuple[Any, K8sEmulator]]:
-    from controller.k8s_backend import KubernetesBackend
-    from controller.k8s_objects import PodSettings
+    from jobmesh.controller.backends.kubernetes.backend import KubernetesBackend
+    from jobmesh.controller.backends.kubernetes.objects import PodSettings
 
     store = pg_root / f"store-{os.urandom(4).hex()}"
     with K8sEmulator() as emulator, emulator.api_client() as api:
@@ -340,7 +340,7 @@ async def test_the_network_policy_is_made_once_and_kept_in_step(
 
 async def test_orphans_are_job_pods_the_catalog_does_not_know(
         backend: tuple[Any, K8sEmulator]) -> None:
-    from controller import k8s_objects
+    from jobmesh.controller.backends.kubernetes import objects as k8s_objects
 
     b, emulator = backend
     with emulator.api_client() as api:
@@ -355,7 +355,7 @@ async def test_orphans_are_job_pods_the_catalog_does_not_know(
 
 async def test_a_pod_that_never_gets_ready_fails_the_start_in_one_line(
         backend: tuple[Any, K8sEmulator], catalog: Catalog) -> None:
-    from controller.backend import BackendError
+    from jobmesh.controller.core.backend import BackendError
 
     b, emulator = backend
     job = await catalog.create_job("slow")
@@ -387,9 +387,9 @@ async def test_alive_without_a_pod_is_false(backend: tuple[Any, K8sEmulator],
 
 async def test_a_secret_and_user_left_by_an_earlier_job_of_that_id_are_brought_up_to_date(
         backend: tuple[Any, K8sEmulator], catalog: Catalog) -> None:
-    from controller import k8s_objects
-    from controller.backend import BackendError
-    from controller.passwords import scram_verifier
+    from jobmesh.controller.backends.kubernetes import objects as k8s_objects
+    from jobmesh.controller.catalog.passwords import scram_verifier
+    from jobmesh.controller.core.backend import BackendError
 
     b, emulator = backend
     with emulator.api_client() as api:

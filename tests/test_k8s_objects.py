@@ -13,8 +13,8 @@ import pytest
 from kubernetes import client
 from kubernetes_validate.utils import major_minor
 
-from controller import k8s_objects as o
-from controller.catalog import JOB_ID
+from jobmesh.controller.backends.kubernetes import objects as o
+from jobmesh.controller.catalog.db import JOB_ID
 from tests.k8s_emulator import semantic_problems
 
 NEWEST = major_minor(kubernetes_validate.latest_version())

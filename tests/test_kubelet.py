@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from agent.postgres import pid_alive
+from jobmesh.agent.postgres import pid_alive
 from tests import k8s_emulator
 from tests.k8s_emulator import K8sEmulator
 from tests.kubelet import Kubelet, expand, expand_static, mount_rewriter

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from kubernetes import client
 
-from controller.leader import LeaderElector, LeaseConfig
+from jobmesh.controller.backends.kubernetes.leader import LeaderElector, LeaseConfig
 from tests.k8s_emulator import K8sEmulator
 
 pytestmark = pytest.mark.timeout(60)

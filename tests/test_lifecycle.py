@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from controller.lifecycle import (
+from jobmesh.controller.core.lifecycle import (
     DESIRED,
     STATES,
     Action,

@@ -24,18 +24,23 @@ import aiohttp
 import asyncpg
 import pytest
 
-from agent.manifest import Manifest, snapshot_manifest_key, wal_key
-from agent.postgres import bin_dir, pid_alive
-from agent.snapshot import parse_controldata
-from agent.store import get_bytes, open_store
-from controller.backend import BackendError, Started
-from controller.catalog import Catalog, Job
-from controller.job_database import connect
-from controller.job_store import latest_snapshot
-from controller.local_agent import agent_running, read_agent, wait_listening
-from controller.local_backend import LocalBackend
-from controller.local_process import JobDir, cleanly_stopped, kill_leftovers, postmaster
-from controller.warm_cache import Entry, evictions
+from jobmesh.agent.manifest import Manifest, snapshot_manifest_key, wal_key
+from jobmesh.agent.postgres import bin_dir, pid_alive
+from jobmesh.agent.snapshot import parse_controldata
+from jobmesh.agent.store import get_bytes, open_store
+from jobmesh.controller.backends.job_database import connect
+from jobmesh.controller.backends.job_store import latest_snapshot
+from jobmesh.controller.backends.local.backend import LocalBackend
+from jobmesh.controller.backends.local.process import (
+    JobDir,
+    cleanly_stopped,
+    kill_leftovers,
+    postmaster,
+)
+from jobmesh.controller.backends.local.sidecar import agent_running, read_agent, wait_listening
+from jobmesh.controller.backends.local.warm_cache import Entry, evictions
+from jobmesh.controller.catalog.db import Catalog, Job
+from jobmesh.controller.core.backend import BackendError, Started
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -32,7 +32,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import major_minor
 
-from controller import k8s_objects
+from jobmesh.controller.backends.kubernetes import objects as k8s_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

@@ -15,7 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from controller.catalog import Catalog
+from jobmesh.controller.catalog.db import Catalog
 from tests.mesh import Mesh, psql
 from tests.test_k8s_backend import KubeMesh, kube  # noqa: F401 (the fixture)
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from router import protocol as pg
+from jobmesh.router import protocol as pg
 
 
 def packet(code: int, rest: bytes = b"") -> bytes:

@@ -18,12 +18,12 @@ import asyncpg
 import psycopg
 import pytest
 
-from agent.postgres import Instance, free_port
-from controller.catalog import Catalog, Job
-from router.credentials import make_verifier
-from router.errors import ClientError
-from router.routes import Principal
-from router.wake import assess
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.controller.catalog.db import Catalog, Job
+from jobmesh.router.credentials import make_verifier
+from jobmesh.router.errors import ClientError
+from jobmesh.router.routes import Principal
+from jobmesh.router.wake import assess
 from tests.catalog_harness import (
     CatalogRouters,
     FakeController,

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from scramp import ScramClient
 
-from agent.postgres import free_port
+from jobmesh.agent.postgres import free_port
 from tests.conftest import SUPERUSER_PASSWORD, routes_toml
 
 PROTOCOL_3_0 = 3 << 16

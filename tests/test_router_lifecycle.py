@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.postgres import free_port
+from jobmesh.agent.postgres import free_port
 from tests.conftest import SUPERUSER_PASSWORD, routes_toml
 
 ALPHA = (("job", "alpha"),)

@@ -10,7 +10,7 @@ import urllib.request
 import psycopg
 import pytest
 
-from agent.postgres import free_port
+from jobmesh.agent.postgres import free_port
 from tests.conftest import SUPERUSER_PASSWORD, routes_toml
 
 pytestmark = pytest.mark.timeout(90)

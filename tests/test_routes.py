@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from router.cancel_map import BackendKey, CancelMap
-from router.credentials import make_verifier
-from router.routes import (
+from jobmesh.router.cancel_map import BackendKey, CancelMap
+from jobmesh.router.credentials import make_verifier
+from jobmesh.router.routes import (
     JobRoute,
     RouteFileError,
     job_id_from_database,

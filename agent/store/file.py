@@ -1,0 +1,105 @@
+"""The ``file://`` store: a directory tree, written atomically with fsync and rename."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from . import CHUNK, Digest, NotFound, ObjectInfo, Stored, StoreError
+
+
+class FileStore:
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid object key {key!r}")
+        return self.root / key
+
+    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> Stored:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        digest = Digest()
+        try:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    await asyncio.to_thread(_write_all, fd, chunk)
+                await asyncio.to_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+            await asyncio.to_thread(os.replace, tmp, path)
+            await asyncio.to_thread(_fsync_dir, path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Stored(key, digest.size, digest.hexdigest())
+
+    async def get(self, key: str) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"no object {key} in {self.url}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    async def size(self, key: str) -> int | None:
+        try:
+            return (await asyncio.to_thread(self._path(key).stat)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        return await asyncio.to_thread(self._list, prefix)
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        out = []
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.exists():
+            return out
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".partial"):
+                    continue  # an upload in progress, or one that died
+                p = Path(dirpath, name)
+                key = p.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    out.append(ObjectInfo(key, p.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._path(key).unlink, True)
+
+    async def close(self) -> None:
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,362 @@
+"""The controller's HTTP API (aiohttp): jobs, export and import, users, grants, status.
+
+Every change is a row in the catalog; the reconciler does the work. Requests
+that should return once the work is done (``?wait=1``: ``jobmesh job pause X``
+returns when X is paused) LISTEN on the catalog's jobs channel and re-read the
+job on each announcement, with a slow re-read as backstop for a lost one.
+
+Every endpoint under ``/v1`` needs the bearer token except ``/v1/healthz`` and
+``/v1/openapi.json``. Errors are ``{"error": ..., "hint": ...}`` with a 4xx
+status the client can act on; the document in ``openapi.py`` describes it all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from jobmesh.agent.store import Store
+
+from ..catalog.db import (
+    Catalog,
+    CatalogError,
+    Conflict,
+    Job,
+    NotFound,
+    PrincipalRow,
+    check_pattern,
+    check_principal,
+)
+from ..catalog.passwords import scram_verifier
+from ..mesh import announced_router
+from . import openapi
+from .request import (
+    ApiError,
+    error_response,
+    fields,
+    job_spec,
+    json_object,
+    json_response,
+    path_job_id,
+    wait_params,
+)
+from .transfer import export_job, import_job
+from .wait import JobWatch
+
+log = logging.getLogger("jobmesh.controller.api")
+
+PUBLIC = frozenset({"/v1/healthz", "/v1/openapi.json"})
+
+# What a user can do about a catalog refusal, by the kind of thing the request is about.
+HINTS = {
+    ("jobs", NotFound): "`jobmesh job list` (GET /v1/jobs) shows the jobs there are",
+    ("jobs", Conflict): "pick another id, or delete the job first (its id is free again once "
+                        "the deletion has finished)",
+    ("jobs", CatalogError): "job ids are 1-59 characters: a-z, 0-9, '-' and '_', starting "
+                            "with a letter or digit",
+    ("users", NotFound): "`jobmesh user list` (GET /v1/users) shows the users there are",
+    ("users", Conflict): "pick another name, or delete the user first",
+    ("users", CatalogError): "user names are 1-63 characters: letters, digits, '_', '.', "
+                             "'@' and '-'",
+    ("grants", NotFound): "`jobmesh user list` shows users and their grants",
+    ("grants", Conflict): "`jobmesh user list` shows users and their grants",
+    ("grants", CatalogError): "a pattern is a job id or a glob such as 'scrape-*' or '*'; "
+                              "access is read or write",
+}
+
+
+# --- middlewares ------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Callable[[web.Request],
+                 Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every failure as ``{"error", "hint"}``: ours, the catalog's, and aiohttp's own."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.error, exc.hint, exc.headers)
+    except CatalogError as exc:
+        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
+        resource = request.path.split("/")[2] if request.path.count("/") >= 2 else ""
+        kind = type(exc) if type(exc) in (NotFound, Conflict) else CatalogError
+        hint = HINTS.get((resource, kind), "see GET /v1/openapi.json")
+        return error_response(status, str(exc), hint)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error, hint = {
+            404: (f"no endpoint {request.path}", "GET /v1/openapi.json lists the endpoints"),
+            405: (f"{request.method} is not allowed on {request.path}",
+                  f"allowed here: {exc.headers.get('Allow', '')}"),
+            413: ("the request body is too large", "JSON bodies are at most 1 MiB"),
+        }.get(exc.status, (exc.reason.lower(), "see GET /v1/openapi.json"))
+        return error_response(exc.status, error, hint, {
+            k: v for k, v in exc.headers.items() if k == "Allow"})
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error("%s %s failed: %s", request.method, request.path, exc)
+        return error_response(503, f"the controller cannot do this now: {exc}",
+                              "the catalog or the disk is failing; retry, and see the "
+                              "controller's log")
+    except Exception as exc:  # a bug: still an answer the client can show, details in the log
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}",
+                              "this is a bug; the controller's log has the details")
+
+
+def auth(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request],
+                    Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # Routes outside /v1 (the controller's /metrics) are not the API's to guard.
+        if request.path.startswith("/v1/") and request.path not in PUBLIC:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    given.strip().encode(), expected):
+                raise ApiError(401, "missing or wrong API token",
+                               "send `Authorization: Bearer <token>`; `jobmesh up` keeps the "
+                               "token in <state-dir>/api-token",
+                               {"WWW-Authenticate": 'Bearer realm="jobmesh"'})
+        return await handler(request)
+    return check
+
+
+def user_public(p: PrincipalRow) -> dict[str, Any]:
+    return {"name": p.name, "admin": p.admin,
+            "grants": [{"pattern": g.pattern, "access": g.access} for g in p.grants]}
+
+
+# --- the application --------------------------------------------------------------------
+
+
+class Api:
+    """The handlers, and what they share: the catalog, the store, the waiters."""
+
+    def __init__(self, catalog: Catalog, store: Store | None,
+                 agent_http: aiohttp.ClientSession | None, state_dir: Path | None,
+                 router: tuple[str, int] | None) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.agent_http = agent_http
+        self.state_dir = state_dir
+        self.router = router
+        self.watch = JobWatch(catalog)
+        self.importing: set[str] = set()  # one import per job id at a time
+
+    async def settle(self, job_id: str, target: str, timeout: float | None) -> Job | None:
+        """The job once its state is ``target`` (None: its row is gone), within ``timeout``."""
+        if timeout is None:
+            return await self.catalog.job(job_id)
+        return await self.watch.wait(job_id, target, timeout)
+
+    async def job_or_404(self, job_id: str) -> Job:
+        job = await self.catalog.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def list_jobs(self, _req: web.Request) -> web.Response:
+        return json_response({"jobs": [j.public() for j in await self.catalog.jobs()]})
+
+    async def create_job(self, req: web.Request) -> web.Response:
+        timeout = wait_params(req)
+        example = '{"id": "scrape-42", "spec": {"archive_timeout": 60}}'
+        body = await json_object(req, example)
+        fields(body, example, ("id",), ("spec",))
+        job = await self.catalog.create_job(body["id"], job_spec(body.get("spec", {})))
+        job = await self.settle(job.id, "running", timeout) or job
+        return json_response(job.public(), 201, {"Location": f"/v1/jobs/{job.id}"})
+
+    async def show_job(self, req: web.Request) -> web.Response:
+        job = await self.job_or_404(path_job_id(req))
+        events = await self.catalog.events(job.id, limit=20)
+        return json_response({**job.public(), "snapshots": await self.catalog.snapshots(job.id),
+                              "events": [e.public() for e in events]})
+
+    async def set_desired(self, job_id: str, desired: str) -> Job:
+        try:
+            return await self.catalog.set_desired(job_id, desired)
+        except Conflict as exc:  # the one refusal: a job being deleted
+            raise ApiError(409, str(exc), "a job being deleted can only be deleted; its id is "
+                                          "free again once that has finished") from None
+
+    def desire(self, desired: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(req: web.Request) -> web.Response:
+            job_id, timeout = path_job_id(req), wait_params(req)
+            job = await self.set_desired(job_id, desired)
+            job = await self.settle(job_id, desired, timeout) or job
+            return json_response(job.public())
+        return handler
+
+    async def delete_job(self, req: web.Request) -> web.Response:
+        job_id, timeout = path_job_id(req), wait_params(req)
+        job = await self.set_desired(job_id, "deleted")
+        if timeout is None:
+            return json_response(job.public(), 202)
+        await self.settle(job_id, "deleted", timeout)
+        return web.Response(status=204)
+
+    async def job_events(self, req: web.Request) -> web.Response:
+        job_id = path_job_id(req)
+        try:
+            limit = int(req.query.get("limit", "100"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 10_000:
+            raise ApiError(400, "limit must be a whole number from 1 to 10000",
+                           "the newest events are returned, oldest first")
+        await self.job_or_404(job_id)
+        events = await self.catalog.events(job_id, kind=req.query.get("kind"), limit=limit)
+        return json_response({"events": [e.public() for e in events]})
+
+    async def export(self, req: web.Request) -> web.StreamResponse:
+        if self.store is None or self.agent_http is None:
+            raise ApiError(503, "this controller has no store to export through",
+                           "start the controller with --store")
+        job = await self.job_or_404(path_job_id(req))
+        return await export_job(req, job, catalog=self.catalog, store=self.store,
+                                http=self.agent_http, watch=self.watch)
+
+    async def import_(self, req: web.Request) -> web.Response:
+        job_id, timeout = path_job_id(req), wait_params(req)
+        if self.state_dir is None:
+            raise ApiError(503, "this controller has no state directory to keep imports in",
+                           "start the controller with --state-dir")
+        job = await import_job(req, job_id, catalog=self.catalog, state_dir=self.state_dir,
+                               importing=self.importing)
+        job = await self.settle(job_id, "running", timeout) or job
+        return json_response(job.public(), 201, {"Location": f"/v1/jobs/{job_id}"})
+
+    # -- users and grants -------------------------------------------------------------
+
+    async def list_users(self, _req: web.Request) -> web.Response:
+        return json_response({"users": [user_public(p) for p in
+                                        await self.catalog.principals()]})
+
+    async def create_user(self, req: web.Request) -> web.Response:
+        example = '{"name": "analyst", "password": "..."}'
+        body = await json_object(req, example)
+        fields(body, example, ("name", "password"))
+        check_principal(body["name"])
+        try:
+            verifier = scram_verifier(body["password"])
+        except ValueError as exc:  # SASLprep refuses control characters and the like
+            raise ApiError(400, f"unusable password: {exc}",
+                           "use printable characters") from None
+        await self.catalog.create_principal(body["name"], verifier)
+        return json_response({"name": body["name"], "admin": False, "grants": []}, 201,
+                             {"Location": f"/v1/users/{body['name']}"})
+
+    async def delete_user(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
+        check_principal(name)
+        found = await self.catalog.principals(name)
+        if found and found[0].admin:
+            raise ApiError(409, f"user {name} is the mesh's administrator",
+                           "the admin is how `jobmesh psql` reaches the jobs; it stays")
+        await self.catalog.delete_principal(name)
+        return web.Response(status=204)
+
+    async def grant(self, req: web.Request) -> web.Response:
+        example = '{"user": "analyst", "pattern": "scrape-*", "access": "read"}'
+        body = await json_object(req, example)
+        fields(body, example, ("user", "pattern", "access"))
+        check_principal(body["user"])
+        check_pattern(body["pattern"])
+        await self.catalog.grant(body["user"], body["pattern"], body["access"])
+        return json_response({k: body[k] for k in ("user", "pattern", "access")})
+
+    async def revoke(self, req: web.Request) -> web.Response:
+        example = '{"user": "analyst", "pattern": "scrape-*"}'
+        body = await json_object(req, example)
+        fields(body, example, ("user", "pattern"))
+        check_principal(body["user"])
+        await self.catalog.revoke(body["user"], body["pattern"])
+        return web.Response(status=204)
+
+    # -- the mesh ---------------------------------------------------------------------
+
+    async def status(self, _req: web.Request) -> web.Response:
+        jobs = await self.catalog.jobs()
+        by_state = Counter(j.state for j in jobs)
+        moving = [{"id": j.id, "state": j.state, "desired_state": j.desired_state,
+                   "progress": j.progress, "error": j.error}
+                  for j in jobs if j.state != j.desired_state]
+        users = await self.catalog.pool.fetchval("SELECT count(*) FROM principals")
+        return json_response({
+            "jobs": {"total": len(jobs), "by_state": dict(sorted(by_state.items())),
+                     "unsettled": moving},
+            "users": users, "router": self.router_address()})
+
+    def router_address(self) -> dict[str, Any] | None:
+        router = self.router or (announced_router(self.state_dir) if self.state_dir else None)
+        return {"host": router[0], "port": router[1]} if router else None
+
+    async def healthz(self, _req: web.Request) -> web.Response:
+        try:
+            await self.catalog.pool.fetchval("SELECT 1", timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return json_response({"status": "unavailable", "catalog": str(exc)}, 503)
+        return json_response({"status": "ok"})
+
+    async def openapi_json(self, _req: web.Request) -> web.Response:
+        return json_response(openapi.document())
+
+
+def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
+              agent_http: aiohttp.ClientSession | None = None, state_dir: Path | None = None,
+              router: tuple[str, int] | None = None) -> web.Application:
+    """The API. ``agent_http``: the session for the agents' APIs (made here when None);
+    ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json)."""
+    if not token:
+        raise ValueError("the API needs a token")
+    api = Api(catalog, store, agent_http, state_dir.absolute() if state_dir else None, router)
+    app = web.Application(middlewares=[errors, auth(token)])
+
+    async def lifetime(_app: web.Application) -> Any:
+        owned = api.agent_http is None
+        if owned:
+            api.agent_http = aiohttp.ClientSession()
+        yield
+        await api.watch.close()
+        if owned and api.agent_http is not None:
+            await api.agent_http.close()
+
+    app.cleanup_ctx.append(lifetime)
+
+    def get(path: str, handler: Any) -> web.RouteDef:
+        return web.get(path, handler, allow_head=False)
+
+    app.add_routes([
+        get("/v1/healthz", api.healthz),
+        get("/v1/openapi.json", api.openapi_json),
+        get("/v1/status", api.status),
+        get("/v1/jobs", api.list_jobs),
+        web.post("/v1/jobs", api.create_job),
+        get("/v1/jobs/{id}", api.show_job),
+        web.delete("/v1/jobs/{id}", api.delete_job),
+        web.post("/v1/jobs/{id}/pause", api.desire("paused")),
+        web.post("/v1/jobs/{id}/resume", api.desire("running")),
+        web.post("/v1/jobs/{id}/end", api.desire("ended")),
+        get("/v1/jobs/{id}/events", api.job_events),
+        get("/v1/jobs/{id}/export", api.export),
+        web.post("/v1/jobs/{id}/import", api.import_),
+        get("/v1/users", api.list_users),
+        web.post("/v1/users", api.create_user),
+        web.delete("/v1/users/{name}", api.delete_user),
+        web.post("/v1/grants", api.grant),
+        web.delete("/v1/grants", api.revoke),
+    ])
+    return app

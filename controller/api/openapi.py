@@ -1,0 +1,266 @@
+"""The API's OpenAPI 3.1 document, as data (served at ``GET /v1/openapi.json``).
+
+Kept beside the handlers by hand rather than generated from them: a test
+checks that every route of the app is described here and nothing else is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.lifecycle import DESIRED, STATES
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    names = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 409: "Conflict",
+             502: "BadGateway", 503: "Unavailable", 504: "Timeout"}
+    return {str(c): {"$ref": f"#/components/responses/{names[c]}"} for c in (401, *codes)}
+
+
+def _op(op_id: str, summary: str, responses: dict[str, Any], *,
+        params: tuple[str, ...] = (), body: dict[str, Any] | None = None,
+        public: bool = False, tags: tuple[str, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": list(tags),
+                          "responses": responses}
+    if params:
+        op["parameters"] = [{"$ref": f"#/components/parameters/{p}"} for p in params]
+    if body is not None:
+        op["requestBody"] = body
+    if public:
+        op["security"] = []
+    return op
+
+
+def _action(verb: str, desired: str) -> dict[str, Any]:
+    return {"post": _op(
+        f"{verb}Job", f"{verb.capitalize()} a job: want it {desired}; with ?wait=1, answer "
+        f"once it is {desired}",
+        {"200": _body(_ref("Job"), f"the job (with ?wait=1: {desired})"),
+         **_errors(400, 404, 409, 504)},
+        params=("JobId", "Wait", "Timeout"), tags=("jobs",))}
+
+
+def _schemas() -> dict[str, Any]:
+    text = {"type": "string"}
+    nullable_text = {"type": ["string", "null"]}
+    stamp = {"type": "string", "format": "date-time"}
+    return {
+        "Error": {"type": "object", "required": ["error", "hint"],
+                  "properties": {"error": text, "hint": text}},
+        "JobSpec": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "archive_timeout": {"type": "integer", "minimum": 0,
+                                    "description": "seconds: bounds the data a crash loses"},
+                "cpu": {"type": ["string", "number"], "examples": ["500m", 2]},
+                "memory": {"type": "string", "examples": ["1Gi"]},
+                "disk": {"type": "string", "examples": ["10Gi"]}}},
+        "JobCreate": {"type": "object", "required": ["id"], "additionalProperties": False,
+                      "properties": {"id": {"type": "string",
+                                            "pattern": "^[a-z0-9][a-z0-9_-]{0,58}$"},
+                                     "spec": _ref("JobSpec")}},
+        "Job": {
+            "type": "object",
+            "required": ["id", "state", "desired_state", "spec", "attempts", "created_at"],
+            "properties": {
+                "id": text, "state": {"enum": list(STATES)},
+                "desired_state": {"enum": list(DESIRED)},
+                "host": nullable_text, "port": {"type": ["integer", "null"]},
+                "agent_url": nullable_text,
+                "spec": {"type": "object", "description": "JobSpec, plus 'source' for imports"},
+                "progress": nullable_text, "error": nullable_text,
+                "attempts": {"type": "integer"}, "last_active": stamp,
+                "created_at": stamp, "updated_at": stamp}},
+        "Snapshot": {"type": "object", "properties": {
+            "id": text, "kind": text, "size_bytes": {"type": ["integer", "null"]},
+            "stored_bytes": {"type": ["integer", "null"]}, "created_at": stamp}},
+        "Event": {"type": "object", "required": ["id", "job_id", "at", "kind"], "properties": {
+            "id": {"type": "integer"}, "job_id": text, "at": stamp, "kind": text,
+            "from_state": nullable_text, "to_state": nullable_text,
+            "duration_ms": {"type": ["number", "null"]}, "bytes": {"type": ["integer", "null"]},
+            "detail": {"type": "object"}}},
+        "JobDetail": {"allOf": [_ref("Job"), {"type": "object", "properties": {
+            "snapshots": {"type": "array", "items": _ref("Snapshot")},
+            "events": {"type": "array", "items": _ref("Event"),
+                       "description": "the newest 20, oldest first"}}}]},
+        "JobList": {"type": "object", "required": ["jobs"],
+                    "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
+        "EventList": {"type": "object", "required": ["events"],
+                      "properties": {"events": {"type": "array", "items": _ref("Event")}}},
+        "GrantEntry": {"type": "object", "properties": {
+            "pattern": text, "access": {"enum": ["read", "write"]}}},
+        "User": {"type": "object", "required": ["name", "admin", "grants"], "properties": {
+            "name": text, "admin": {"type": "boolean"},
+            "grants": {"type": "array", "items": _ref("GrantEntry")}}},
+        "UserCreate": {"type": "object", "required": ["name", "password"],
+                       "additionalProperties": False,
+                       "properties": {"name": text, "password": {"type": "string",
+                                                                 "minLength": 1}}},
+        "UserList": {"type": "object", "required": ["users"],
+                     "properties": {"users": {"type": "array", "items": _ref("User")}}},
+        "Grant": {"type": "object", "required": ["user", "pattern", "access"],
+                  "additionalProperties": False,
+                  "properties": {"user": text,
+                                 "pattern": {"type": "string", "examples": ["scrape-*", "*"]},
+                                 "access": {"enum": ["read", "write"]}}},
+        "Revoke": {"type": "object", "required": ["user", "pattern"],
+                   "additionalProperties": False,
+                   "properties": {"user": text, "pattern": text}},
+        "Status": {"type": "object", "required": ["jobs", "users", "router"], "properties": {
+            "jobs": {"type": "object", "properties": {
+                "total": {"type": "integer"},
+                "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "unsettled": {"type": "array", "items": {"type": "object"},
+                              "description": "jobs whose state is not (yet) the desired one"}}},
+            "users": {"type": "integer"},
+            "router": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+                "host": text, "port": {"type": "integer"}}}]}}},
+        "Health": {"type": "object", "required": ["status"],
+                   "properties": {"status": {"enum": ["ok", "unavailable"]},
+                                  "catalog": text}},
+    }
+
+
+def _parameters() -> dict[str, Any]:
+    return {
+        "JobId": {"name": "id", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,58}$"}},
+        "UserName": {"name": "name", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+        "Wait": {"name": "wait", "in": "query", "required": False,
+                 "description": "1: answer only once the job reached the wanted state",
+                 "schema": {"enum": ["0", "1", "true", "false", "yes", "no"]}},
+        "Timeout": {"name": "timeout", "in": "query", "required": False,
+                    "description": "seconds to wait (default 300, at most 3600); then 504",
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600}},
+        "Limit": {"name": "limit", "in": "query", "required": False,
+                  "schema": {"type": "integer", "minimum": 1, "maximum": 10000,
+                             "default": 100}},
+        "Kind": {"name": "kind", "in": "query", "required": False,
+                 "description": "only events of this kind (transition, wake-requested, ...)",
+                 "schema": {"type": "string"}},
+    }
+
+
+def _responses() -> dict[str, Any]:
+    def err(text: str) -> dict[str, Any]:
+        return _body(_ref("Error"), text)
+
+    return {
+        "BadRequest": err("the request is malformed: bad JSON, a bad id or field"),
+        "Unauthorized": err("the bearer token is missing or wrong"),
+        "NotFound": err("no such job, user or grant"),
+        "Conflict": err("it exists already, or the job's state does not allow this"),
+        "BadGateway": err("the job's agent failed or cannot be reached"),
+        "Unavailable": err("the catalog is unreachable, or the controller lacks a store"),
+        "Timeout": err("the job did not reach the wanted state in time; work goes on"),
+    }
+
+
+def _paths() -> dict[str, Any]:
+    job = _ref("Job")
+    return {
+        "/v1/healthz": {"get": _op(
+            "health", "Is the API up and its catalog reachable?",
+            {"200": _body(_ref("Health"), "ok"), "503": _body(_ref("Health"), "unavailable")},
+            public=True, tags=("mesh",))},
+        "/v1/openapi.json": {"get": _op(
+            "openapi", "This document", {"200": _body({"type": "object"}, "OpenAPI 3.1")},
+            public=True, tags=("mesh",))},
+        "/v1/status": {"get": _op(
+            "status", "Jobs by state, users, and where the router listens",
+            {"200": _body(_ref("Status"), "the mesh"), **_errors()}, tags=("mesh",))},
+        "/v1/jobs": {
+            "get": _op("listJobs", "All jobs", {"200": _body(_ref("JobList"), "the jobs"),
+                                                **_errors()}, tags=("jobs",)),
+            "post": _op(
+                "createJob", "Create a job (state creating); ?wait=1 answers once running",
+                {"201": _body(job, "the new job"), **_errors(400, 409, 504)},
+                params=("Wait", "Timeout"), body={"required": True, "content": {
+                    JSON: {"schema": _ref("JobCreate")}}}, tags=("jobs",))},
+        "/v1/jobs/{id}": {
+            "get": _op("showJob", "A job with its snapshots and newest events",
+                       {"200": _body(_ref("JobDetail"), "the job"), **_errors(400, 404)},
+                       params=("JobId",), tags=("jobs",)),
+            "delete": _op(
+                "deleteJob", "Delete a job and its stored data; ?wait=1 answers once gone",
+                {"202": _body(job, "deletion requested"),
+                 "204": {"description": "deleted (with ?wait=1)"}, **_errors(400, 404, 504)},
+                params=("JobId", "Wait", "Timeout"), tags=("jobs",))},
+        "/v1/jobs/{id}/pause": _action("pause", "paused"),
+        "/v1/jobs/{id}/resume": _action("resume", "running"),
+        "/v1/jobs/{id}/end": _action("end", "ended"),
+        "/v1/jobs/{id}/events": {"get": _op(
+            "jobEvents", "A job's events, oldest first",
+            {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},
+            params=("JobId", "Limit", "Kind"), tags=("jobs",))},
+        "/v1/jobs/{id}/export": {"get": _op(
+            "exportJob", "A fresh pg_dump -Fc of the job (woken first if paused), streamed",
+            {"200": {"description": "the dump", "headers": {
+                "Content-Length": {"schema": {"type": "integer"}},
+                "X-Jobmesh-Dump-Id": {"schema": {"type": "string"}},
+                "X-Jobmesh-Sha256": {"description": "sha256 of the body, hex",
+                                     "schema": {"type": "string"}}},
+                "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "contentMediaType":
+                               "application/octet-stream"}}}},
+             **_errors(400, 404, 409, 502, 503, 504)},
+            params=("JobId", "Timeout"), tags=("jobs",))},
+        "/v1/jobs/{id}/import": {"post": _op(
+            "importJob", "Create a job from a pg_dump -Fc archive (the request body)",
+            {"201": _body(job, "the new job"), **_errors(400, 409, 503, 504)},
+            params=("JobId", "Wait", "Timeout"),
+            body={"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string",
+                           "contentMediaType": "application/octet-stream"}}}},
+            tags=("jobs",))},
+        "/v1/users": {
+            "get": _op("listUsers", "Users and their grants",
+                       {"200": _body(_ref("UserList"), "the users"), **_errors()},
+                       tags=("users",)),
+            "post": _op("createUser", "Create a user (the password is kept as a SCRAM "
+                        "verifier only)", {"201": _body(_ref("User"), "the new user"),
+                                           **_errors(400, 409)},
+                        body={"required": True, "content": {
+                            JSON: {"schema": _ref("UserCreate")}}}, tags=("users",))},
+        "/v1/users/{name}": {"delete": _op(
+            "deleteUser", "Delete a user and its grants",
+            {"204": {"description": "deleted"}, **_errors(400, 404, 409)},
+            params=("UserName",), tags=("users",))},
+        "/v1/grants": {
+            "post": _op("grant", "Let a user reach the jobs matching a pattern",
+                        {"200": _body(_ref("Grant"), "the grant"), **_errors(400, 404)},
+                        body={"required": True, "content": {JSON: {"schema": _ref("Grant")}}},
+                        tags=("users",)),
+            "delete": _op("revoke", "Take a grant away",
+                          {"204": {"description": "revoked"}, **_errors(400, 404)},
+                          body={"required": True,
+                                "content": {JSON: {"schema": _ref("Revoke")}}},
+                          tags=("users",))},
+    }
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobmesh controller API", "version": "1",
+                 "description": "Jobs (each its own PostgreSQL), their export and import, "
+                                "users and grants. Errors are {error, hint}."},
+        "security": [{"bearerAuth": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "the token in <state-dir>/api-token"}},
+            "schemas": _schemas(), "parameters": _parameters(), "responses": _responses()},
+    }

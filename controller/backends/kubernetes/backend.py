@@ -1,0 +1,367 @@
+"""The Kubernetes backend: a pod per job (``k8s_objects`` builds it), through the official client.
+
+A start (create, resume, recover) makes sure of the job's anchor ConfigMap,
+its Secret and its catalog user, adopts a healthy pod of the job or replaces
+a failed one (deleting it with its grace period, so an agent still alive in
+it ships the WAL left in its spool first), creates the pod, watches it until
+it is Ready, and then waits over TCP until Postgres accepts writes: a restore
+may still be replaying archived WAL while ``pg_isready`` already answers. A
+pause asks the pod's agent for the pause snapshot and only then deletes the
+pod, waiting until it is gone. A pod that dies is not restarted
+(``restartPolicy: Never``): the job is marked failed and recovered from the
+store into a new pod. The watch thread (``k8s_client.PodWatcher``) tells the
+reconciler at once when a job pod fails or vanishes; its health check asks
+the API as a backstop.
+
+Every method is idempotent and holds a per-job lock, as the local backend's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import asyncpg
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.init import OWNER_ROLE
+from jobmesh.agent.manifest import ManifestError, snapshot_manifest_key
+from jobmesh.agent.store import StoreError, open_store
+
+from ...catalog.db import Catalog, CatalogError, Job
+from ...catalog.db import Conflict as CatalogConflict
+from ...catalog.db import NotFound as NoSuchUser
+from ...catalog.passwords import scram_verifier
+from ...core.backend import BackendError, Progress, Started, Stopped
+from ..job_database import wait_until_writable
+from ..job_store import delete_job_objects, latest_snapshot
+from ..step_report import mb
+from . import objects as objects
+from .client import Api, PodWatcher, one_line
+from .objects import PodSettings
+
+log = logging.getLogger("jobmesh.controller.kubernetes")
+
+DELETE_GRACE = 10  # seconds a deleted job's pod gets (nothing of it is kept)
+
+
+class KubernetesBackend:
+    name = "kubernetes"
+
+    def __init__(self, api: client.ApiClient, catalog: Catalog, settings: PodSettings, *,
+                 router_service: str, start_timeout: float = 600,
+                 pause_timeout: float = 3600) -> None:
+        self.api = Api(api, settings.namespace)
+        self.catalog = catalog
+        self.settings = settings
+        self.ns = settings.namespace
+        self.router_service = router_service
+        self.start_timeout = start_timeout  # until Postgres accepts writes (restore included)
+        self.pause_timeout = pause_timeout  # for the agent's stop, drain and snapshot upload
+        try:
+            self.store = open_store(settings.store_url, s3_endpoint=settings.s3_endpoint)
+        except StoreError as exc:
+            raise BackendError(str(exc)) from exc
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watcher: PodWatcher | None = None
+        self._closed = False
+
+    # --- Backend ------------------------------------------------------------------------
+
+    async def start(self, on_change: Callable[[str], None] | None = None) -> None:
+        async with self._errors("start the kubernetes backend"):
+            await self._ensure_network_policy()
+        if on_change is not None:
+            self._watcher = PodWatcher(self.api.client, self.ns, asyncio.get_running_loop(),
+                                       on_change)
+            self._watcher.start()
+
+    async def close(self) -> None:
+        """Stop watching; the job pods keep running."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+        await self.store.close()
+
+    async def create(self, job: Job, progress: Progress) -> Started:
+        async with self._job("create", job.id):
+            return await self._up(job, progress, restore=False)
+
+    async def resume(self, job: Job, progress: Progress) -> Started:
+        async with self._job("resume", job.id):
+            return await self._up(job, progress, restore=True)
+
+    async def recover(self, job: Job, progress: Progress) -> Started:
+        async with self._job("recover", job.id):
+            return await self._up(job, progress, restore=True)
+
+    async def pause(self, job: Job) -> Stopped:
+        async with self._job("pause", job.id):
+            pod = await self.api.pod(job.id)
+            seen = objects.view(pod)
+            manifest = None
+            if objects.agent_running(pod):
+                try:
+                    manifest = await self._request_pause(job, seen.ip)
+                except BackendError as exc:
+                    if not seen.broken:
+                        raise  # a healthy pod: the reconciler retries
+                    log.warning("job %s: the pause failed in its failing pod (%s): %s; "
+                                "recovering it from the store first", job.id, seen.why, exc)
+            elif pod is None:
+                # Retried after the pod was deleted: the snapshot is the pause.
+                m = await latest_snapshot(self.store, job.id)
+                if m is not None and m.kind == "pause":
+                    return Stopped(json.loads(m.to_json()), sum(o.size for o in m.objects))
+            if manifest is None:
+                # The pod died before its snapshot was stored: restore the latest recovery
+                # point and the archived WAL into a new pod, and take the snapshot there.
+                up = await self._up(job, _no_progress, restore=True)
+                manifest = await self._request_pause(job, up.host)
+            if await self.store.size(snapshot_manifest_key(job.id, manifest["id"])) is None:
+                raise BackendError(f"the agent answered pause snapshot {manifest['id']}, but "
+                                   f"its manifest is not in {self.store.url}")
+            await self.api.delete_pod(job.id, self.settings.grace_seconds)
+            return Stopped(manifest, sum(int(o["size"]) for o in manifest["objects"]))
+
+    async def alive(self, job: Job) -> bool | None:
+        try:
+            pod = await self.api.pod(job.id)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("job %s: cannot read its pod: %s", job.id, one_line(exc))
+            return None
+        return objects.view(pod).alive
+
+    async def delete(self, job: Job) -> None:
+        async with self._job("delete", job.id):
+            name = objects.object_name(job.id)
+            # Gone before the store is emptied: a dying agent could still upload WAL.
+            await self.api.delete_pod(job.id, DELETE_GRACE)
+            await self.api.delete(self.api.core.delete_namespaced_secret, name)
+            await self.api.delete(self.api.core.delete_namespaced_config_map, name)
+            with contextlib.suppress(NoSuchUser):
+                await self.catalog.delete_principal(objects.principal_name(job.id))
+            await delete_job_objects(self.store, job.id)
+
+    async def orphans(self, known: set[str]) -> list[str]:
+        async with self._errors("list job pods"):
+            found = {objects.job_id_of(p) for p in await self.api.job_pods()}
+        return sorted(i for i in found if i is not None and i not in known)
+
+    async def stop_orphan(self, job_id: str) -> None:
+        """Delete its pod: Postgres gets SIGTERM and the agent ships the spool's WAL in the
+        grace period. Its Secret, anchor and data in the store are kept."""
+        async with self._job("stop orphan", job_id):
+            await self.api.delete_pod(job_id, self.settings.grace_seconds)
+
+    # --- steps --------------------------------------------------------------------------
+
+    async def _up(self, job: Job, progress: Progress, *, restore: bool) -> Started:
+        if job.spec.get("source") is not None:
+            raise BackendError(f"job {job.id}: the kubernetes backend cannot create a job from "
+                               "a dump file yet; create it empty and load the dump through "
+                               "the router (pg_restore)")
+        owner = await self._ensure_anchor(job.id)
+        await self._ensure_credentials(job, owner)
+        pod = await self.api.pod(job.id)
+        seen = objects.view(pod)
+        if seen.broken:
+            log.warning("job %s: replacing its pod (%s)", job.id, seen.why)
+            await progress("replacing the failed pod")
+            await self.api.delete_pod(job.id, self.settings.grace_seconds)
+            pod = None
+        size = 0
+        if pod is None:
+            try:
+                body = objects.job_pod(job.id, job.spec, self.settings, restore=restore,
+                                       owner_uid=owner)
+            except ValueError as exc:
+                raise BackendError(f"job {job.id}: {exc}") from exc
+            if restore:
+                m = await latest_snapshot(self.store, job.id)
+                if m is None:
+                    raise BackendError(f"job {job.id} has no snapshot in {self.store.url}")
+                size = sum(o.size for o in m.objects)  # the newest; a bad one falls back
+                await progress(f"restoring {mb(size)}")
+            else:
+                # Nothing of an interrupted earlier attempt is worth keeping: no client has
+                # seen this job yet, and its WAL in the store would clash with the new one's.
+                await delete_job_objects(self.store, job.id)
+            try:
+                await self.api.call(self.api.core.create_namespaced_pod, self.ns, body)
+            except ApiException as exc:
+                if exc.status != 409:  # made meanwhile (by a former leader): adopt it
+                    raise
+        ip = await self._wait_ready(job, progress)
+        await self._wait_writable(job, ip)
+        return Started(ip, objects.POSTGRES_PORT, f"http://{ip}:{objects.AGENT_PORT}",
+                       bytes_moved=size,
+                       detail={"pod": objects.object_name(job.id), "adopted": pod is not None})
+
+    async def _ensure_anchor(self, job_id: str) -> str:
+        """The anchor ConfigMap's uid (it is created when missing)."""
+        core, name = self.api.core, objects.object_name(job_id)
+        found = await self.api.read(core.read_namespaced_config_map, name)
+        if found is None:
+            try:
+                found = await self.api.call(core.create_namespaced_config_map, self.ns,
+                                            objects.anchor(self.ns, job_id))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                found = await self.api.read(core.read_namespaced_config_map, name)
+        uid = ((found or {}).get("metadata") or {}).get("uid")
+        if not uid:
+            raise BackendError(f"the API server gave ConfigMap {name} no uid")
+        return str(uid)
+
+    async def _ensure_credentials(self, job: Job, owner_uid: str) -> None:
+        """The Secret (backend password, URL through the router) and the catalog user the
+        URL names, with a write grant on the job. A Secret left by an earlier job of the
+        same id is brought up to date, and then the user's password too."""
+        core, name = self.api.core, objects.object_name(job.id)
+        url = objects.connection_url(job.id, job.backend_password, self.router_service)
+        body = objects.job_secret(self.ns, job.id, job.backend_password, url, owner_uid)
+        current = await self.api.read(core.read_namespaced_secret, name)
+        changed = current is None or current.get("data") != body["data"]
+        if current is None:
+            await self.api.call(core.create_namespaced_secret, self.ns, body)
+        elif changed:
+            patch = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
+                     "data": body["data"]}
+            await self.api.call(core.patch_namespaced_secret, name, self.ns, patch)
+        user = objects.principal_name(job.id)
+        verifier = scram_verifier(job.backend_password)
+        if not await self.catalog.principals(user):
+            try:
+                await self.catalog.create_principal(user, verifier)
+                changed = False
+            except CatalogConflict:  # made meanwhile: make sure of its password
+                changed = True
+        if changed:
+            await self.catalog.set_verifier(user, verifier)
+        await self.catalog.grant(user, job.id, "write")
+
+    async def _wait_ready(self, job: Job, progress: Progress) -> str:
+        """The pod's IP once it is Ready; BackendError if it fails or takes too long."""
+        name = objects.object_name(job.id)
+        deadline = time.monotonic() + self.start_timeout
+        told = ""
+        while True:
+            pod = await self.api.pod(job.id)
+            seen = objects.view(pod)
+            if pod is None:
+                raise BackendError(f"pod {name} vanished while starting")
+            if seen.broken:
+                raise BackendError(f"pod {name} failed to start: {seen.why}")
+            if seen.ready and seen.ip:
+                return seen.ip
+            if seen.doing != told and not seen.doing.startswith("running its init"):
+                told = seen.doing  # (the restore's progress was told before)
+                await progress(seen.doing)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendError(f"pod {name} was not ready within {self.start_timeout:g} s "
+                                   f"({seen.doing})")
+            await self.api.pod_change(job.id, pod, min(left, 2.0))
+
+    async def _wait_writable(self, job: Job, ip: str) -> None:
+        """Over TCP as the job's owner (which proves its password works too): until archive
+        recovery has ended."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    host=ip, port=objects.POSTGRES_PORT, user=OWNER_ROLE,
+                    password=job.backend_password, database=f"job_{job.id}", timeout=10,
+                    server_settings={"application_name": "jobmesh controller"})
+                break
+            except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"cannot connect to job {job.id} at {ip}: "
+                                       f"{one_line(exc)}") from exc
+                await asyncio.sleep(0.2)
+        try:
+            await wait_until_writable(conn, max(deadline - time.monotonic(), 1))
+        finally:
+            await conn.close()
+
+    async def _request_pause(self, job: Job, ip: str | None) -> dict[str, Any]:
+        """POST /pause to the pod's agent: it stops Postgres, drains the spool and stores a
+        pause snapshot; returns the snapshot's manifest, as stored."""
+        limits = aiohttp.ClientTimeout(total=self.pause_timeout, sock_connect=10)
+        try:
+            async with aiohttp.ClientSession(timeout=limits) as session, \
+                    session.post(f"http://{ip}:{objects.AGENT_PORT}/pause") as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise BackendError(f"cannot ask the agent of job {job.id} to pause: "
+                               f"{one_line(exc)}") from exc
+        if resp.status != 200 or not isinstance(body, dict):
+            error = body.get("error") if isinstance(body, dict) else body
+            raise BackendError(f"the agent of job {job.id} could not pause: {error}")
+        if body.get("kind") != "pause" or not body.get("id") or "objects" not in body:
+            raise BackendError(f"the agent of job {job.id} answered the pause with something "
+                               "other than a pause snapshot's manifest")
+        return body
+
+    async def _ensure_network_policy(self) -> None:
+        net, body = self.api.net, objects.network_policy(self.ns)
+        current = await self.api.read(net.read_namespaced_network_policy, objects.NETWORK_POLICY)
+        if current is None:
+            try:
+                await self.api.call(net.create_namespaced_network_policy, self.ns, body)
+                log.info("created NetworkPolicy %s/%s", self.ns, objects.NETWORK_POLICY)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = await self.api.read(net.read_namespaced_network_policy,
+                                              objects.NETWORK_POLICY)
+        if current is not None and current.get("spec") != body["spec"]:
+            # Our spec's lists have no merge keys: a patch replaces them whole.
+            patch = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
+                     "spec": body["spec"]}
+            await self.api.call(net.patch_namespaced_network_policy, objects.NETWORK_POLICY,
+                                self.ns, patch)
+            log.info("updated NetworkPolicy %s/%s", self.ns, objects.NETWORK_POLICY)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _job(self, what: str, job_id: str) -> AsyncIterator[None]:
+        async with self._lock(job_id), self._errors(f"{what} job {job_id}"):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        """Everything fails as one BackendError line."""
+        try:
+            yield
+        except BackendError:
+            raise
+        except (ApiException, urllib3.exceptions.HTTPError, ValueError,  # (client checks)
+                AgentError, StoreError, ManifestError, CatalogError, OSError, TimeoutError,
+                aiohttp.ClientError, asyncpg.PostgresError) as exc:
+            raise BackendError(f"cannot {what}: {one_line(exc)}") from exc
+        except Exception as exc:  # our bugs: still one line, with the traceback logged
+            log.exception("cannot %s", what)
+            raise BackendError(f"cannot {what}: {type(exc).__name__}: {one_line(exc)}") from exc
+
+
+async def _no_progress(_text: str) -> None:
+    return None

@@ -1,0 +1,456 @@
+"""The local backend: each job's PostgreSQL and its agent as processes on this machine.
+
+A new job's PGDATA is a copy of the template snapshot (``template.py``), so a
+create is a rename, a start and three statements. A resume restores the
+job's latest snapshot from the store (replaying archived WAL after it when
+there is any) and starts it. A pause asks the agent to stop Postgres and
+snapshot it, and only once the agent answered with the stored manifest
+moves the local copy into the warm cache (``warm_cache.py``), or deletes
+it; a resume starts a cached copy that still equals the store's newest
+state instead of restoring. A recovery after a crash ships what WAL the
+spool still holds, discards the local remains and restores from the store,
+never from the cache (so the store, not the local disk, is what a job's
+durability rests on).
+
+Every method is idempotent and holds a per-job lock, so a reconciler that
+retries, or runs two steps for one job at once, never interleaves them. An
+instance counts as set up once its ``ready`` file exists; one that is running
+without it was interrupted mid-setup and is set up again from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from jobmesh.agent.errors import AgentError
+from jobmesh.agent.manifest import ManifestError, snapshot_manifest_key
+from jobmesh.agent.postgres import PostgresError, free_port, os_user, run_pg
+from jobmesh.agent.restore import restore
+from jobmesh.agent.store import StoreError, open_store
+
+from ...catalog.db import JOB_ID, Job
+from ...core.backend import BackendError, Progress, Started, Stopped
+from ..job_database import connect, import_dump, personalise, wait_until_writable
+from ..job_store import delete_job_objects, latest_snapshot
+from ..step_report import Laps, Relay, mb
+from .process import (
+    JobDir,
+    cleanly_stopped,
+    empty_trash,
+    is_ready,
+    mark_ready,
+    postgres_settings,
+    postmaster,
+    prepare,
+    remove,
+    start_postgres,
+    stop_postgres,
+)
+from .sidecar import (
+    AgentInfo,
+    agent_argv,
+    agent_running,
+    pick_port,
+    read_agent,
+    request_pause,
+    ship_last_wal,
+    spawn_agent,
+    stop_agent,
+    wait_listening,
+)
+from .template import Template
+from .warm_cache import WarmCache
+
+log = logging.getLogger("jobmesh.controller.local")
+
+HOST = "127.0.0.1"
+SHIP_WAIT = 30.0  # how long a recovery waits for the spool to reach the store
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, root: Path, store_url: str, *, s3_endpoint: str | None = None,
+                 archive_timeout: int = 60, base_backup_interval: float = 3600,
+                 python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
+                 pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30) -> None:
+        self.root = Path(root).absolute()
+        self.store_url = store_url
+        self.s3_endpoint = s3_endpoint
+        self.archive_timeout = archive_timeout
+        self.base_backup_interval = base_backup_interval
+        self.python = python
+        self.start_timeout = start_timeout  # until Postgres accepts writes (WAL replay included)
+        self.pause_timeout = pause_timeout  # for the agent's stop, drain and snapshot upload
+        try:
+            self.store = open_store(store_url, s3_endpoint=s3_endpoint)
+        except StoreError as exc:
+            raise BackendError(str(exc)) from exc
+        self.template = Template(self.root / "template", self.store, spares=spares)
+        if warm_cache_bytes < 0:
+            raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
+        self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._closed = False
+
+    # --- Backend ------------------------------------------------------------------------
+
+    async def start(self, on_change: Callable[[str], None] | None = None) -> None:
+        """``on_change`` is not used: the reconciler's health check finds dead processes."""
+        async with self._errors("start the local backend"):
+            await asyncio.to_thread(self._prepare_root)
+            await self.warm_cache.start()
+            await self.template.ensure()
+
+    async def close(self) -> None:
+        """Stop our own background work; the jobs' processes keep running."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.template.close()
+        self._reap()
+        await self.store.close()
+
+    async def create(self, job: Job, progress: Progress) -> Started:
+        async with self._job("create", job.id) as jd:
+            if (adopted := await self._adopt(job, jd)) is not None:
+                return adopted
+            dump = _dump_source(job)
+            laps = Laps()
+            # Nothing of an interrupted earlier attempt is worth keeping: no client has
+            # seen this job yet. Its WAL in the store would clash with ours.
+            await self._discard(jd)
+            await self.warm_cache.drop(job.id)
+            await delete_job_objects(self.store, job.id)
+            if self.template.manifest is None:
+                await progress("preparing the template")
+            await asyncio.to_thread(prepare, jd)
+            how = await self.template.take(jd.pgdata)
+            laps("template")
+            port, info = await self._start(job, jd, progress, "create", dump=dump, laps=laps)
+            log.info("created job %s in %.0f ms (%s)", job.id, laps.total(), laps)
+            return Started(HOST, port, info.url,
+                           detail={"template": how, "timings_ms": laps.laps})
+
+    async def resume(self, job: Job, progress: Progress) -> Started:
+        async with self._job("resume", job.id) as jd:
+            if (adopted := await self._adopt(job, jd)) is not None:
+                return adopted
+            await self._discard(jd)
+            if (cached := await self._from_cache(job, jd, progress)) is not None:
+                return cached
+            return await self._restore(job, jd, progress, "resume")
+
+    async def recover(self, job: Job, progress: Progress) -> Started:
+        async with self._job("recover", job.id) as jd:
+            if (adopted := await self._adopt(job, jd)) is not None:
+                return adopted
+            await self.warm_cache.drop(job.id)  # never used here; stale once the job runs
+            await ship_last_wal(jd, self.store, progress, timeout=SHIP_WAIT)
+            if await latest_snapshot(self.store, job.id) is None and await asyncio.to_thread(
+                    (jd.pgdata / "PG_VERSION").exists):
+                # Its first base backup never finished: the local data is the only copy.
+                log.warning("job %s has no recovery point in the store: restarting it from its "
+                            "local data", job.id)
+                await asyncio.to_thread(prepare, jd)
+                port, info = await self._start(job, jd, progress, "recover in place")
+                return Started(HOST, port, info.url, detail={"in_place": True})
+            await self._discard(jd)
+            return await self._restore(job, jd, progress, "recover")
+
+    async def pause(self, job: Job) -> Stopped:
+        async with self._job("pause", job.id) as jd:
+            if not await asyncio.to_thread(jd.path.exists):
+                # Retried after the local copy was deleted: the snapshot is the pause.
+                m = await latest_snapshot(self.store, job.id)
+                if m is not None and m.kind == "pause":
+                    return Stopped(json.loads(m.to_json()), sum(o.size for o in m.objects))
+                raise BackendError(f"job {job.id} has no instance here and its latest "
+                                   "snapshot is not a pause snapshot")
+            try:
+                manifest = await self._pause_through_agent(job, jd)
+            except BackendError:
+                if postmaster(jd) is not None or await self._stopped_cleanly(jd):
+                    raise
+                # Postgres crashed before the agent could stop it: once more, from the
+                # start (which lets Postgres recover from its own WAL first).
+                manifest = await self._pause_through_agent(job, jd)
+            if await self.store.size(snapshot_manifest_key(job.id, manifest["id"])) is None:
+                raise BackendError(f"the agent answered pause snapshot {manifest['id']}, but "
+                                   f"its manifest is not in {self.store.url}")
+            # The pause drained the spool and Postgres is down: the agent has nothing left
+            # to ship, so it gets little time to exit (one that cancelled a base backup
+            # hangs at exit: see agent.tarstream's aclose).
+            await stop_agent(jd, read_agent(jd), timeout=5)
+            await stop_postgres(jd, "immediate")  # the agent stopped it; nothing is left
+            await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
+            await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
+            self._reap()
+            return Stopped(manifest, sum(int(o["size"]) for o in manifest["objects"]))
+
+    async def _pause_through_agent(self, job: Job, jd: JobDir) -> dict[str, Any]:
+        pm = postmaster(jd)
+        if pm is None and not await self._stopped_cleanly(jd):
+            # A snapshot needs a clean shutdown: let Postgres replay its WAL first.
+            log.warning("job %s crashed: starting it to recover before the pause", job.id)
+            await asyncio.to_thread(prepare, jd)
+            pm = await start_postgres(jd, self._settings(job, jd, free_port()),
+                                      timeout=self.start_timeout)
+        info = read_agent(jd)
+        if not agent_running(jd, info):
+            info = await self._spawn_agent(jd, pm.port if pm else 0, info)
+        assert info is not None
+        await wait_listening(jd, info)
+        return await request_pause(jd, info, self.pause_timeout)
+
+    async def _stopped_cleanly(self, jd: JobDir) -> bool:
+        return await asyncio.to_thread(cleanly_stopped, jd.pgdata)
+
+    async def alive(self, job: Job) -> bool | None:
+        jd = self._dir(job.id)
+        try:
+            pm = postmaster(jd)
+        except OSError:
+            return None
+        if pm is None:
+            return False
+        lock = self._lock(job.id)
+        if not lock.locked() and is_ready(jd) and not agent_running(jd, read_agent(jd)):
+            async with lock:
+                info = read_agent(jd)
+                if postmaster(jd) is not None and not agent_running(jd, info):
+                    log.warning("job %s: its agent is not running; restarting it", job.id)
+                    try:
+                        await self._spawn_agent(jd, pm.port, info)
+                    except (OSError, BackendError) as exc:
+                        log.error("job %s: cannot restart its agent: %s", job.id, exc)
+        return True
+
+    async def delete(self, job: Job) -> None:
+        async with self._job("delete", job.id) as jd:
+            await self._discard(jd)
+            await self.warm_cache.drop(job.id)
+            await delete_job_objects(self.store, job.id)
+
+    async def orphans(self, known: set[str]) -> list[str]:
+        """Job directories here whose job the catalog does not know (stopped ones too:
+        their data is kept until an operator removes it)."""
+        def ids() -> list[str]:
+            try:
+                return [e.name for e in (self.root / "jobs").iterdir()
+                        if e.is_dir() and JOB_ID.fullmatch(e.name)]
+            except FileNotFoundError:
+                return []
+        return sorted(set(await asyncio.to_thread(ids)) - known)
+
+    async def stop_orphan(self, job_id: str) -> None:
+        async with self._job("stop orphan", job_id) as jd:
+            await stop_postgres(jd, "fast", timeout=self.start_timeout)
+            await stop_agent(jd, read_agent(jd), timeout=60)  # its final drain ships the WAL
+            self._reap()
+
+    # --- steps --------------------------------------------------------------------------
+
+    async def _adopt(self, job: Job, jd: JobDir) -> Started | None:
+        """The running, fully set up instance of ``job``, if there is one (its agent
+        restarted if need be)."""
+        pm = postmaster(jd)
+        if pm is None or not await asyncio.to_thread(is_ready, jd):
+            return None
+        try:
+            conn = await connect(jd.run, pm.port)
+        except (OSError, asyncpg.PostgresError):
+            if postmaster(jd) is None:
+                return None  # it was dying as we looked
+            raise
+        try:
+            await wait_until_writable(conn, self.start_timeout)
+            await personalise(conn, job.id, self.template.database, job.backend_password)
+        finally:
+            await conn.close()
+        info = read_agent(jd)
+        if not agent_running(jd, info):
+            info = await self._spawn_agent(jd, pm.port, info)
+        assert info is not None
+        return Started(HOST, pm.port, info.url, detail={"adopted": True})
+
+    async def _from_cache(self, job: Job, jd: JobDir, progress: Progress) -> Started | None:
+        """Start the job's PGDATA from the warm cache, if it holds the store's newest state
+        (None: restore from the store, as without a cache)."""
+        laps = Laps()
+        await asyncio.to_thread(prepare, jd)
+        entry = await self.warm_cache.take(job.id, jd.pgdata, self.store)
+        if entry is None:
+            return None
+        laps("cache")
+        try:
+            port, info = await self._start(job, jd, progress, "resume", laps=laps)
+        except Exception as exc:
+            log.warning("job %s: cannot start its PGDATA from the warm cache (%s); restoring "
+                        "from the store", job.id, _one_line(exc))
+            await self._discard(jd)
+            return None
+        log.info("resume of job %s: pause snapshot %s from the warm cache in %.0f ms (%s)",
+                 job.id, entry.snapshot, laps.total(), laps)
+        return Started(HOST, port, info.url, bytes_moved=0,
+                       detail={"source": "cache", "snapshot": entry.snapshot, "kind": "pause",
+                               "wal_replayed": False, "timings_ms": laps.laps})
+
+    async def _restore(self, job: Job, jd: JobDir, progress: Progress, how: str) -> Started:
+        laps = Laps()
+        manifest = await latest_snapshot(self.store, job.id)
+        if manifest is None:
+            raise BackendError(f"job {job.id} has no snapshot in {self.store.url}")
+        size = sum(o.size for o in manifest.objects)
+        await progress(f"restoring {mb(size)}")
+        await asyncio.to_thread(prepare, jd)
+        relay = Relay(progress, "restoring", size)
+        result = await restore(jd.pgdata, self.store, job.id, s3_endpoint=self.s3_endpoint,
+                               progress=relay)
+        await relay.flush()
+        laps("restore")
+        port, info = await self._start(job, jd, progress, how,
+                                       recovery=result.recovery_configured, laps=laps)
+        log.info("%s of job %s: %s snapshot %s, %s restored in %.0f ms (%s)", how, job.id,
+                 result.manifest.kind, result.manifest.id, mb(result.bytes_restored),
+                 laps.total(), laps)
+        return Started(HOST, port, info.url, bytes_moved=result.bytes_restored,
+                       detail={"source": "store", "snapshot": result.manifest.id,
+                               "kind": result.manifest.kind,
+                               "wal_replayed": result.recovery_configured,
+                               "skipped": [sid for sid, _ in result.skipped],
+                               "timings_ms": laps.laps})
+
+    async def _start(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
+                     recovery: bool = False, dump: Path | None = None,
+                     laps: Laps | None = None) -> tuple[int, AgentInfo]:
+        """Start the PGDATA in place, make it the job's, mark it ready, start its agent."""
+        laps = laps or Laps()
+        if how != "create":
+            await progress("starting PostgreSQL")
+        port = free_port()
+        await start_postgres(jd, self._settings(job, jd, port), timeout=self.start_timeout)
+        laps("start")
+        conn = await connect(jd.run, port)
+        try:
+            if recovery:
+                await progress("replaying archived WAL")
+                await wait_until_writable(conn, self.start_timeout)
+                laps("replay")
+            await personalise(conn, job.id, self.template.database, job.backend_password)
+        finally:
+            await conn.close()
+        laps("personalise")
+        if dump is not None:
+            await import_dump(jd.run, port, job.id, dump, progress)
+            laps("import")
+        await asyncio.to_thread(mark_ready, jd, how)
+        info = await self._spawn_agent(jd, port, None)
+        laps("agent")
+        return port, info
+
+    def _settings(self, job: Job, jd: JobDir, port: int) -> dict[str, str]:
+        raw = job.spec.get("archive_timeout", self.archive_timeout)
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            raise BackendError(f"job {job.id}: archive_timeout must be a whole number of "
+                               f"seconds >= 0, not {raw!r}")
+        return postgres_settings(jd, port, raw)
+
+    async def _spawn_agent(self, jd: JobDir, postgres_port: int,
+                           before: AgentInfo | None) -> AgentInfo:
+        """Start the job's agent, on the port its last one had when that is free (so the
+        agent URL the catalog holds stays right)."""
+        port = pick_port(before)
+        argv = agent_argv(self.python, jd, port, store_url=self.store_url,
+                          s3_endpoint=self.s3_endpoint,
+                          base_backup_interval=self.base_backup_interval)
+        info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
+        self._reap()
+        self._children.append(proc)
+        return info
+
+    async def _discard(self, jd: JobDir) -> None:
+        """Stop whatever runs of the job here and delete its local files."""
+        if not await asyncio.to_thread(jd.path.exists):
+            return
+        await stop_agent(jd, read_agent(jd), timeout=10)
+        await stop_postgres(jd, "immediate")
+        await asyncio.to_thread(remove, jd)
+        self._reap()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _prepare_root(self) -> None:
+        for d in (self.root, self.root / "jobs"):
+            if not d.exists():
+                d.mkdir(mode=0o755, parents=True)
+                d.chmod(0o755)
+        empty_trash(self.root)
+        if os_user() is None:
+            return
+        # Postgres (as that user) works under root, and reads WAL from a file:// store
+        # during recovery, where a path it cannot enter would end recovery early.
+        places = [self.root / "jobs"]
+        if self.store_url.startswith("file://") and Path(self.store_url[7:]).is_dir():
+            places.append(Path(self.store_url[7:]))
+        for place in places:
+            if run_pg(["test", "-x", str(place)], check=False).returncode != 0:
+                raise BackendError(f"the {os_user()} OS user cannot enter {place}: use a "
+                                   "directory it can reach (not under /root)")
+
+    def _dir(self, job_id: str) -> JobDir:
+        return JobDir(self.root, job_id)
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _job(self, what: str, job_id: str) -> AsyncIterator[JobDir]:
+        async with self._lock(job_id), self._errors(f"{what} job {job_id}"):
+            yield self._dir(job_id)
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        """Everything fails as one BackendError line (ours say what failed themselves;
+        others become "cannot <what>: <why>")."""
+        try:
+            yield
+        except BackendError:
+            raise
+        except (AgentError, StoreError, PostgresError, ManifestError, OSError, TimeoutError,
+                aiohttp.ClientError, subprocess.SubprocessError) as exc:
+            raise BackendError(f"cannot {what}: {_one_line(exc)}") from exc
+        except Exception as exc:  # asyncpg's errors, and our bugs: still one line
+            log.exception("cannot %s", what)
+            why = f"{type(exc).__name__}: {_one_line(exc)}"
+            raise BackendError(f"cannot {what}: {why}") from exc
+
+    def _reap(self) -> None:
+        """Collect agents of ours that exited (they would stay zombies until then)."""
+        self._children = [p for p in self._children if p.poll() is None]
+
+
+def _dump_source(job: Job) -> Path | None:
+    source = job.spec.get("source")
+    if source is None:
+        return None
+    if isinstance(source, dict) and set(source) == {"dump"} and isinstance(source["dump"], str):
+        return Path(source["dump"])
+    raise BackendError(f'cannot create job {job.id}: unsupported job source {source!r} (the '
+                       'local backend loads {"dump": "/path/to/file.pgdump"})')
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
