@@ -19,7 +19,6 @@ copied earlier, and silently corrupt the copy.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import re
@@ -232,34 +231,3 @@ async def wait_for_wal(store: Store, job: str, segments: list[str], spool: Path 
             raise AgentError(f"WAL {missing[0]} needed by the backup never reached the store "
                              f"(is the archiver running?)")
         await asyncio.sleep(0.2)  # waiting on Postgres's archiver: no event to wait on
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .cli import add_store_arguments
-
-    p = sub.add_parser("base-backup", help="back up a running PostgreSQL (needs archived WAL)",
-                       description="Take a base backup of a running server; prints its id.")
-    p.add_argument("--dsn", required=True,
-                   help="postgresql:// URI of the server, as a superuser")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
-    add_store_arguments(p)
-    p.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .store import open_store
-
-    async def go() -> Manifest:
-        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-        try:
-            progress = Progress(f"base backup {args.pgdata}", stream=sys.stderr)
-            return await take_base_backup(args.dsn, args.pgdata, store, args.job,
-                                          progress=progress)
-        finally:
-            await store.close()
-
-    print(asyncio.run(go()).id)
-    return 0

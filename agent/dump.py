@@ -15,15 +15,12 @@ so its transaction rolls back and nothing is loaded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import struct
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .cli import add_store_arguments
 from .errors import AgentError
 from .manifest import (
     Manifest,
@@ -38,7 +35,7 @@ from .manifest import (
 )
 from .postgres import PostgresError, bin_dir
 from .progress import NoProgress, Progress
-from .store import CHUNK, Digest, NotFound, Store, get_bytes, open_store, put_bytes
+from .store import CHUNK, Digest, NotFound, Store, get_bytes, put_bytes
 
 _STDERR_LINES = 50  # what we keep of a client tool's stderr to explain a failure
 
@@ -280,67 +277,3 @@ async def _write(proc: asyncio.subprocess.Process, data: bytes) -> bool:
     except (BrokenPipeError, ConnectionResetError):
         return False
     return True
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-class _ProgressOnceDataFlows(Progress):
-    """A progress bar that appears with the first byte, so a failure to even start
-    (a bad DSN, an unknown dump) stays one line on stderr."""
-
-    def __init__(self, label: str) -> None:
-        super().__init__(label, enabled=False)
-        self._bar: Progress | None = None
-
-    def advance(self, n: int) -> None:
-        if self._bar is None:
-            self._bar = Progress(self.label, self.total, stream=sys.stderr)
-        self._bar.advance(n)
-
-    def finish(self, note: str = "") -> None:
-        if self._bar is not None:
-            self._bar.finish(note)
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("dump", help="stream pg_dump -Fc of a database to the store",
-                       description="Stream `pg_dump -Fc` into the store (no local file); "
-                                   "prints the dump id.")
-    p.add_argument("--dsn", required=True, help="libpq connection string or URI")
-    add_store_arguments(p)
-    p.set_defaults(run=run_dump)
-
-    p = sub.add_parser("load", help="restore a stored dump into a database",
-                       description="Stream a stored dump into `pg_restore --single-transaction`, "
-                                   "verifying its sha256 before the transaction can commit.")
-    p.add_argument("--dsn", required=True, help="libpq connection string or URI")
-    add_store_arguments(p)
-    p.add_argument("--dump", metavar="ID", help="the dump to load (default: the newest)")
-    p.set_defaults(run=run_load)
-
-
-def run_dump(args: argparse.Namespace) -> int:
-    async def go() -> Manifest:
-        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-        try:
-            return await dump(args.dsn, store, args.job,
-                              progress=_ProgressOnceDataFlows(f"dump {args.job}"))
-        finally:
-            await store.close()
-
-    print(asyncio.run(go()).id)
-    return 0
-
-
-def run_load(args: argparse.Namespace) -> int:
-    async def go() -> Manifest:
-        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-        try:
-            return await load(args.dsn, store, args.job, dump_id=args.dump,
-                              progress=_ProgressOnceDataFlows(f"load {args.job}"))
-        finally:
-            await store.close()
-
-    asyncio.run(go())
-    return 0

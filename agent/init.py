@@ -20,16 +20,16 @@ router; neither is a trusted extension, so the owner could not create them).
 
 from __future__ import annotations
 
-import argparse
 import base64
-import os
 import re
 from pathlib import Path
 
 from scramp import ScramMechanism
 
+from jobmesh.defaults import ARCHIVE_TIMEOUT
+
 from .errors import AgentError
-from .postgres import Instance, PostgresError, free_port, give_to_postgres
+from .postgres import Instance, PostgresError, conf_quote, free_port, give_to_postgres
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
 OWNER_ROLE = "job_owner"
@@ -54,19 +54,20 @@ def check_job_id(job: str) -> None:
         raise AgentError(f"bad job id {job!r}: use letters, digits, '-' and '_' (max 59)")
 
 
+def default_spool(pgdata: Path) -> Path:
+    """``<pgdata>.spool`` beside PGDATA: where ``init`` points ``basic_archive``."""
+    return pgdata.absolute().with_name(pgdata.absolute().name + ".spool")
+
+
 def archiving_settings(spool: Path, archive_timeout: int) -> dict[str, str]:
     """What postgresql.conf needs so every finished segment lands in the spool."""
     return {
         "wal_level": "replica",
         "archive_mode": "on",
         "archive_library": "'basic_archive'",
-        "basic_archive.archive_directory": _conf_string(str(spool)),
+        "basic_archive.archive_directory": conf_quote(str(spool)),
         "archive_timeout": str(archive_timeout),
     }
-
-
-def _conf_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _ident(name: str) -> str:
@@ -82,7 +83,7 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
             f"${b64(stored_key).decode()}:{b64(server_key).decode()}")
 
 
-def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = 60,
+def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = ARCHIVE_TIMEOUT,
                 port: int | None = None, role_password: str | None = None) -> None:
     """Create PGDATA for ``job``, archiving into ``spool``; leaves the server stopped.
 
@@ -153,37 +154,3 @@ def _make_serving(inst: Instance, db: str, password: str) -> None:
               f" ALTER ROLE {reader} SET default_transaction_read_only = on")
     inst.psql("CREATE EXTENSION dblink; CREATE EXTENSION postgres_fdw;"
               f" GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {owner}", database=db)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("init", help="create a job's PGDATA with WAL archiving into a spool")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
-    p.add_argument("--job", required=True, metavar="ID")
-    p.add_argument("--spool", type=Path, metavar="DIR",
-                   help="where Postgres archives WAL for the agent (default: <pgdata>.spool)")
-    p.add_argument("--archive-timeout", type=int, default=60, metavar="S",
-                   help="force a WAL segment switch after S seconds of activity (default 60)")
-    p.add_argument("--port", type=int, help="the port to write into postgresql.conf")
-    p.add_argument("--role-password-env", metavar="VAR",
-                   help="serve at once: the job's roles LOGIN with the password in environment "
-                        "variable VAR, TCP from anywhere needs it (SCRAM), dblink and "
-                        "postgres_fdw are created")
-    p.set_defaults(run=_run)
-
-
-def default_spool(pgdata: Path) -> Path:
-    return pgdata.absolute().with_name(pgdata.absolute().name + ".spool")
-
-
-def _run(args: argparse.Namespace) -> int:
-    spool = args.spool or default_spool(args.pgdata)
-    password = None
-    if args.role_password_env is not None:
-        password = os.environ.get(args.role_password_env)
-        if not password:
-            raise AgentError(f"--role-password-env: environment variable "
-                             f"{args.role_password_env} is not set or empty")
-    init_pgdata(args.pgdata, args.job, spool=spool, archive_timeout=args.archive_timeout,
-                port=args.port, role_password=password)
-    print(f"initialised {args.pgdata.absolute()} for job {args.job}; WAL spool {spool}")
-    return 0

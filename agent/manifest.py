@@ -64,13 +64,26 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
+    def from_json(cls, data: bytes | str) -> Manifest:
+        """Parse a stored manifest, or the sidecar's answer to ``POST /pause`` and the like
+        (the same JSON); raises ManifestError for anything else."""
         try:
             raw = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"unreadable manifest: {exc}") from exc
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Manifest:
+        """A manifest from already decoded JSON (e.g. an HTTP client's ``.json()``)."""
+        try:
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             if raw.get("format") != FORMAT:
                 raise ManifestError(f"unsupported manifest format {raw.get('format')!r}")
-            raw["objects"] = [ObjectEntry(**o) for o in raw["objects"]]
-            return cls(**raw)
+            fields = dict(raw)
+            fields["objects"] = [ObjectEntry(**o) for o in raw["objects"]]
+            return cls(**fields)
         except (ValueError, TypeError, KeyError) as exc:
             if isinstance(exc, ManifestError):
                 raise

@@ -40,6 +40,11 @@ def bin_dir() -> Path:
     raise PostgresError("PostgreSQL server binaries not found; set JOBMESH_PG_BINDIR")
 
 
+def conf_quote(value: str) -> str:
+    """A postgresql.conf string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def os_user() -> str | None:
     """The OS user to run Postgres as, or None to run as ourselves."""
     if os.geteuid() != 0:

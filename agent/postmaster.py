@@ -70,8 +70,13 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
         fd = None
     loop = asyncio.get_running_loop()
     if fd is not None:
-        gone = loop.create_future()
-        loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await asyncio.wait_for(gone, timeout)
         finally:

@@ -14,18 +14,15 @@ the end of the archive or to ``--target-time``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import shutil
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .cli import add_store_arguments
 from .errors import AgentError
 from .manifest import (
     Manifest,
@@ -35,9 +32,9 @@ from .manifest import (
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
-from .postgres import PostgresError, bin_dir, give_to_postgres, run_pg
+from .postgres import PostgresError, bin_dir, conf_quote, give_to_postgres, run_pg
 from .progress import NoProgress, Progress
-from .store import Digest, NotFound, Store, get_bytes, open_store
+from .store import Digest, NotFound, Store, get_bytes
 from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
 from .wal import restore_command
 from .walnames import is_segment, parse_lsn, parse_segment, segment_of
@@ -74,11 +71,6 @@ def backup_end_time(m: Manifest) -> datetime:
     """When a base backup became restorable: its recorded end, else its manifest time."""
     raw = str(m.extra.get("end_time") or m.extra.get("stop_time") or m.created_at)
     return parse_target_time(raw)
-
-
-def conf_quote(value: str) -> str:
-    """A postgresql.conf string literal."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def recovery_settings(command: str, target: datetime | None) -> str:
@@ -268,7 +260,7 @@ async def _download(pgdata: Path, store: Store, key: str, size: int, sha256: str
                     progress: Progress) -> int:
     digest = Digest()
 
-    async def verified() -> AsyncIterator[bytes]:
+    async def verified() -> AsyncGenerator[bytes, None]:
         async for chunk in store.get(key):
             digest.update(chunk)
             progress.advance(len(chunk))
@@ -335,44 +327,3 @@ def _configure_recovery(pgdata: Path, settings: str) -> None:
     for path in (wal, pgdata / "recovery.signal", auto):
         give_to_postgres(path)
     os.chmod(auto, 0o600)
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("restore", help="restore PGDATA from a snapshot or base backup",
-                       description="Restore a job's newest (or the given) snapshot into an "
-                                   "empty PGDATA; a base backup is set up to replay archived "
-                                   "WAL at the next start.")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
-                   help="where to restore (must be empty or missing)")
-    p.add_argument("--from", dest="snapshot", default="latest", metavar="latest|ID",
-                   help="the snapshot to restore (default: the newest that verifies)")
-    p.add_argument("--target-time", metavar="T",
-                   help="recover to this time (ISO 8601; needs a base backup taken before T)")
-    add_store_arguments(p)
-    p.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    result = asyncio.run(_run(args))
-    m = result.manifest
-    how = ("archived WAL will be replayed at the next start"
-           + (f", up to {args.target_time}" if args.target_time else "")
-           if result.recovery_configured else "ready to start")
-    print(f"restored {m.kind} snapshot {m.id} into {args.pgdata}: {how}")
-    return 0
-
-
-async def _run(args: argparse.Namespace) -> RestoreResult:
-    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-    try:
-        def bar(m: Manifest, size: int) -> Progress:
-            return Progress(f"restore {m.kind} snapshot {m.id}", total=size, stream=sys.stderr)
-
-        return await restore(args.pgdata, store, args.job, snapshot_id=args.snapshot,
-                             target_time=args.target_time, s3_endpoint=args.s3_endpoint,
-                             progress=bar)
-    finally:
-        await store.close()

@@ -9,17 +9,14 @@ and the previous snapshot stays the latest.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import add_store_arguments
 from .errors import AgentError
 from .manifest import (
     Manifest,
@@ -33,7 +30,7 @@ from .manifest import (
 from .metrics import AgentMetrics
 from .postgres import PostgresError, bin_dir, pid_alive, run_pg
 from .progress import NoProgress, Progress
-from .store import Store, Stored, open_store, put_bytes
+from .store import Store, Stored, put_bytes
 from .tarstream import TarZstStream, tar_zst_chunks
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
@@ -212,31 +209,3 @@ async def take_snapshot(pgdata: Path, store: Store, job: str, *,
     ratio = stream.uncompressed_size / stored.size if stored.size else 0.0
     progress.finish(f"{stored.size / 1e6:,.1f} MB stored (x{ratio:.1f})")
     return manifest
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("snapshot", help="upload a pause snapshot of a stopped PGDATA",
-                       description="Stream a cleanly stopped PGDATA to the store as tar.zst; "
-                                   "prints the snapshot id.")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
-    add_store_arguments(p)
-    p.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    manifest = asyncio.run(_run(args))
-    print(manifest.id)
-    return 0
-
-
-async def _run(args: argparse.Namespace) -> Manifest:
-    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-    try:
-        await asyncio.to_thread(check_stopped_pgdata, args.pgdata)  # a refusal is the only line
-        progress = Progress(f"snapshot {args.pgdata}", stream=sys.stderr)
-        return await take_snapshot(args.pgdata, store, args.job, progress=progress)
-    finally:
-        await store.close()

@@ -15,7 +15,6 @@ is an error, since it means two servers are archiving into one job.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -27,6 +26,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -34,7 +34,7 @@ import zstandard
 
 from .errors import AgentError
 from .manifest import history_key, wal_key
-from .store import CHUNK, NotFound, Store, StoreError
+from .store import CHUNK, Store, StoreError
 from .walnames import SEGMENT_SIZE, is_archivable, is_history, is_segment
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class Archiver:
             if task is None:
                 task = asyncio.create_task(self._push(path), name=f"wal-push {path.name}")
                 self._inflight[path.name] = task
-                task.add_done_callback(lambda _t, n=path.name: self._inflight.pop(n, None))
+                task.add_done_callback(partial(self._forget, path.name))
             tasks.append(task)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         self._update_lag()
@@ -217,6 +217,9 @@ class Archiver:
             if isinstance(r, BaseException):
                 raise r
         return len(tasks)
+
+    def _forget(self, name: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(name, None)
 
     async def _push(self, path: Path) -> None:
         async with self._slots:
@@ -305,7 +308,7 @@ def postgres_python() -> list[str]:
         return [sys.executable]
     def runs(cmd: list[str]) -> bool:
         try:
-            return run_pg([*cmd, "-c", "import agent.wal, jobmesh"], check=False).returncode == 0
+            return run_pg([*cmd, "-c", "import jobmesh.agent.wal"], check=False).returncode == 0
         except OSError:  # the interpreter itself is out of reach
             return False
 
@@ -323,58 +326,3 @@ def postgres_python() -> list[str]:
     raise AgentError(f"the Postgres OS user cannot run {sys.executable} and there is no "
                      f"system python{version} to run the agent with; install one or make "
                      f"the interpreter readable by {os_user()}")
-
-
-# --- CLI --------------------------------------------------------------------------------
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .cli import add_store_arguments
-
-    p = sub.add_parser("wal-push", help="upload one archived WAL file (archive_command style)")
-    add_store_arguments(p)
-    p.add_argument("file", type=Path, metavar="FILE")
-    p.set_defaults(run=_run_push)
-
-    p = sub.add_parser("wal-fetch", help="download one WAL file (for restore_command)")
-    add_store_arguments(p)
-    p.add_argument("walfile", metavar="WALFILE", help="the name Postgres asks for (%%f)")
-    p.add_argument("dest", type=Path, metavar="DEST", help="where to put it (%%p)")
-    p.set_defaults(run=_run_fetch)
-
-
-def _run_push(args: argparse.Namespace) -> int:
-    from .store import open_store
-
-    async def go() -> str:
-        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-        try:
-            return await push_segment(store, args.job, args.file)
-        finally:
-            await store.close()
-
-    if not args.file.is_file():
-        raise AgentError(f"{args.file} is not a file")
-    outcome = asyncio.run(go())
-    log.info("%s %s", args.file.name, outcome)
-    return 0
-
-
-def _run_fetch(args: argparse.Namespace) -> int:
-    from .store import open_store
-
-    async def go() -> None:
-        store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-        try:
-            await fetch_segment(store, args.job, args.walfile, args.dest)
-        finally:
-            await store.close()
-
-    try:
-        asyncio.run(go())
-    except NotFound:
-        # Routine during recovery: Postgres probes for the next segment and newer
-        # timelines. One line, exit 1, and recovery moves on.
-        print(f"wal-fetch: {args.walfile} is not archived", file=sys.stderr)
-        return 1
-    return 0

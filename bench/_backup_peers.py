@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _peers import REPO, BenchError, stop_process
+from _peers import REPO, BenchError
 
 from jobmesh.agent.postgres import Instance, PostgresError, free_port, give_to_postgres, run_pg
 from jobmesh.agent.store import Store, open_store
+from tests.support.s3 import running_s3_server
 
 PGBACKREST = Path("/usr/bin/pgbackrest")
 DATABASE = "job_bench"
@@ -169,19 +169,10 @@ log-level-file=info
 
 def start_moto(stack: contextlib.ExitStack) -> str:
     """moto's S3 server on a free loopback port with one bucket; returns its endpoint."""
-    port = free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    stack.callback(stop_process, proc, 15, 10)  # SIGTERM
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"moto_server did not start (exit {proc.poll()})")
-        time.sleep(0.1)
-    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        endpoint = stack.enter_context(running_s3_server()).endpoint
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from exc
     os.environ.update(MOTO_ENV)
     import boto3  # moto depends on it
 

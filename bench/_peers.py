@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import shutil
 import signal
@@ -16,9 +15,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobmesh.agent.postgres import Instance, bin_dir, free_port, give_to_postgres, os_user
@@ -30,6 +28,8 @@ SUPERUSER_PASSWORD = "pw"
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-pw"
 DATABASE = "job_bench"
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.support: the benches reuse the suite's harness
+from tests.support.process import LoggedProcess  # noqa: E402
 
 
 class BenchError(RuntimeError):
@@ -50,11 +50,15 @@ class Peer:
 
 @dataclass
 class Server:
-    """A proxy process we started; ``log`` collects its stderr lines (router only)."""
+    """A proxy process we started; ``log`` holds its stderr lines (router only)."""
 
     peer: Peer
     proc: subprocess.Popen[str]
-    log: list[str] = field(default_factory=list)
+    logged: LoggedProcess | None = None
+
+    @property
+    def log(self) -> list[str]:
+        return self.logged.log_lines() if self.logged is not None else []
 
     def rss_kb(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -138,31 +142,10 @@ def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance, *,
     )
     cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
            "--routes", str(routes), "--shutdown-timeout", "5", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(Peer(name, 0, BENCH_USER, BENCH_PASSWORD), proc)
-    stack.callback(stop_process, proc, signal.SIGTERM, 15)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc, lines, server.log), daemon=True).start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if m := re.search(r"router listening on [\d.]+:(\d+)", line):
-            server.peer = Peer(name, int(m.group(1)), BENCH_USER, BENCH_PASSWORD)
-            return server
-    raise BenchError("router did not start; its log:\n" + "\n".join(server.log))
-
-
-def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str], log: list[str]) -> None:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        log.append(line.rstrip("\n"))
-        lines.put(line)
+    router = LoggedProcess(name, cmd, cwd=REPO, failure=BenchError)
+    stack.callback(stop_process, router.proc, signal.SIGTERM, 15)
+    m = router.wait_for_log(r"router listening on [\d.]+:(\d+)", timeout=30)
+    return Server(Peer(name, int(m.group(1)), BENCH_USER, BENCH_PASSWORD), router.proc, router)
 
 
 def start_pgbouncer(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Server:

@@ -7,22 +7,15 @@ directory. ``start_mesh`` registers the teardown on the ExitStack it is given:
 the controller leaves job instances running when it stops, so the teardown also
 stops every PostgreSQL under ``jobs/`` (``pg_ctl stop -m immediate``) and kills
 whatever process still names the state directory on its command line (agents),
-as tests/mesh.py does.
+with tests/support's own helpers (the process harness is the test suite's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,56 +24,16 @@ from urllib.parse import quote
 import asyncpg
 from _peers import REPO, BenchError
 
-from jobmesh.agent.postgres import Instance, bin_dir, free_port, run_pg
-from jobmesh.controller.catalog.db import JOBS_CHANNEL, Catalog, Event, Job
+sys.path.insert(0, str(REPO))  # for tests.support: the benches reuse the suite's harness
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.catalog.models import JOBS_CHANNEL, Event, Job
+from tests.support.mesh import kill_processes_mentioning, stop_pgdata
+from tests.support.process import LoggedProcess
 
 CATALOG_PASSWORD = "catalog-pw"
 CATALOG_DB = "jobmesh"
 USER, PASSWORD = "bench", "bench-pw"  # write access on every job (maps to job_owner)
-
-
-class Proc:
-    """A subprocess whose stderr goes to a log file; its lines can be awaited."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        with self.log_path.open("a") as log:
-            for line in self.proc.stderr:
-                log.write(line)
-                log.flush()
-                self.lines.put(line.rstrip("\n"))
-
-    def wait_for_log(self, pattern: str, timeout: float = 120) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise BenchError(f"{self.name} never logged {pattern!r} (exit "
-                                 f"{self.proc.poll()}); its log:\n"
-                                 + "\n".join(self.seen[-30:])) from None
-            self.seen.append(line)
-            if m := regex.search(line):
-                return m
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
@@ -88,8 +41,8 @@ class Mesh:
     state: Path  # the controller's --state-dir
     catalog_dsn: str
     router_port: int = 0
-    controller: Proc | None = None
-    router: Proc | None = None
+    controller: LoggedProcess | None = None
+    router: LoggedProcess | None = None
 
     @property
     def store_url(self) -> str:
@@ -136,35 +89,18 @@ def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
     state.chmod(0o755)
     mesh = Mesh(state, catalog_dsn)
     stack.callback(mesh.stop)
-    mesh.controller = Proc("controller", [
+    mesh.controller = LoggedProcess("controller", [
         sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", catalog_dsn,
         "--state-dir", str(state), "--api-listen", f"127.0.0.1:{free_port()}",
-        "--idle-timeout", "0"], state / "jobmesh.controller.log")
-    mesh.controller.wait_for_log(r"controller API listening on")
-    mesh.router = Proc("router", [
+        "--idle-timeout", "0"], state / "jobmesh.controller.log", cwd=REPO, failure=BenchError)
+    mesh.controller.wait_for_log(r"controller API listening on", timeout=120)
+    mesh.router = LoggedProcess("router", [
         sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
         "--catalog-dsn", catalog_dsn, "--wake-timeout", f"{wake_timeout:g}"],
-        state / "jobmesh.router.log")
-    m = mesh.router.wait_for_log(r"router listening on [\d.]+:(\d+)")
+        state / "jobmesh.router.log", cwd=REPO, failure=BenchError)
+    m = mesh.router.wait_for_log(r"router listening on [\d.]+:(\d+)", timeout=120)
     mesh.router_port = int(m.group(1))
     return mesh
-
-
-def stop_pgdata(pgdata: Path) -> None:
-    if (pgdata / "postmaster.pid").exists():
-        with contextlib.suppress(Exception):
-            run_pg([str(bin_dir() / "pg_ctl"), "stop", "-D", str(pgdata), "-m", "immediate",
-                    "-w", "-t", "20"], check=False, timeout=30)
-
-
-def kill_processes_mentioning(text: str) -> None:
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                os.kill(int(entry.name), signal.SIGKILL)
 
 
 # --- the catalog, as an operator's API call would use it -----------------------------------
@@ -209,14 +145,6 @@ async def pause(catalog: Catalog, job_id: str) -> dict[str, Any]:
     return {"ms": round((time.perf_counter() - started) * 1000, 1),
             "controller_ms": paused.duration_ms if paused else None,
             "stored_bytes": paused.bytes if paused else None}
-
-
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} did not happen within {timeout:g} s")
-        await asyncio.sleep(0.05)
 
 
 def transition(events: list[Event], to_state: str) -> Event | None:

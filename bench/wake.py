@@ -48,6 +48,7 @@ from _peers import BenchError
 
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.passwords import scram_verifier
+from tests.support.waiting import until
 
 CORES = os.cpu_count() or 1
 ROW_BYTES = 141  # heap bytes per row of t (136-byte tuples + line pointer, 58 to a page)
@@ -210,7 +211,7 @@ async def create_rounds(catalog: Catalog, mesh: wm.Mesh, n: int,
     for i in range(n):
         job_id = f"new{i:02d}"
         try:
-            await wm.until(mesh.spares_ready, 60, "the template's spare copies")
+            await until(mesh.spares_ready, "the template's spare copies", timeout=60)
             await quiet()
             before = await wm.last_event_id(catalog)
             started, started_wall = time.perf_counter(), time.time()

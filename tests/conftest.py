@@ -7,29 +7,24 @@ pg_ctl's own wait.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
-import queue
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from jobmesh.agent.postgres import Instance, bin_dir, free_port, give_to_postgres
-
-SUPERUSER_PASSWORD = "pw"
-
-# psql and pgbench come with the server binaries; use those even where no
-# Debian client package put them on PATH.
-os.environ["PATH"] = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
+from jobmesh.agent.postgres import Instance, give_to_postgres
+from jobmesh.agent.store import Store
+from jobmesh.controller.catalog.db import Catalog
+from tests.support.kube_mesh import KubeMesh, running_kube_mesh
+from tests.support.mesh import Mesh
+from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
+from tests.support.router import RouterFactory, RouterProcess, routes_toml
+from tests.support.s3 import S3Server, running_s3_server
+from tests.support.stores import StoreSpec, new_store_spec
 
 
 @pytest.fixture(scope="session")
@@ -40,31 +35,6 @@ def pg_root() -> Iterator[Path]:
     give_to_postgres(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-class PgFactory:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.instances: list[Instance] = []
-
-    def __call__(self, name: str, *, auth_host: str = "scram-sha-256",
-                 databases: tuple[str, ...] = ("job_alpha",), **settings: str) -> Instance:
-        inst = Instance(self.root / name, port=free_port(),
-                        settings={"fsync": "off", "max_connections": "300", **settings})
-        inst.initdb(superuser_password=SUPERUSER_PASSWORD, auth_host=auth_host)
-        if auth_host == "md5":
-            inst.settings["password_encryption"] = "md5"
-        self.instances.append(inst)
-        inst.start()
-        if auth_host == "md5":
-            inst.psql(f"ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}'")
-        for db in databases:
-            inst.psql(f"CREATE DATABASE {db}")
-        return inst
-
-    def stop_all(self) -> None:
-        for inst in self.instances:
-            inst.stop_quietly()
 
 
 @pytest.fixture(scope="session")
@@ -78,110 +48,6 @@ def pg_factory(pg_root: Path) -> Iterator[PgFactory]:
 def pg(pg_factory: PgFactory) -> Instance:
     """The shared PostgreSQL 15 (SCRAM over TCP) with database job_alpha."""
     return pg_factory("shared")
-
-
-def routes_toml(pg: Instance, *, users: dict[str, tuple[str, list[str] | str]] | None = None,
-                jobs: dict[str, dict[str, object]] | None = None) -> str:
-    """A route file: job alpha -> ``pg``; users default to alice (alpha) and bob (no jobs)."""
-    jobs = jobs if jobs is not None else {
-        "alpha": {"host": "127.0.0.1", "port": pg.port, "user": "postgres",
-                  "password": SUPERUSER_PASSWORD},
-    }
-    users = users if users is not None else {
-        "alice": ("s3cret", ["alpha"]),
-        "bob": ("hunter2", []),
-    }
-    out = []
-    for job_id, spec in jobs.items():
-        out.append(f"[jobs.{job_id}]")
-        for k, v in spec.items():
-            out.append(f"{k} = {v!r}" if isinstance(v, int) else f'{k} = "{v}"')
-        out.append("")
-    for name, (password, granted) in users.items():
-        out.append(f"[users.{name}]")
-        out.append(f'password = "{password}"')
-        out.append('jobs = "*"' if granted == "*" else f"jobs = {granted!r}".replace("'", '"'))
-        out.append("")
-    return "\n".join(out)
-
-
-@dataclass
-class RouterProcess:
-    """A ``jobmesh router`` subprocess, with its log lines readable as they arrive."""
-
-    proc: subprocess.Popen[str]
-    routes_path: Path
-    port: int = 0
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
-
-    def wait_for_log(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        """Block until a log line matches; fails the test with the log if it never does."""
-        regex = re.compile(pattern)
-        for line in self.seen:
-            if m := regex.search(line):
-                self.seen.remove(line)
-                return m
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"router never logged {pattern!r}; log:\n" +
-                                     "\n".join(self.seen)) from None
-            if m := regex.search(line):
-                return m
-            self.seen.append(line)
-
-    def dsn(self, user: str = "alice", password: str = "s3cret", dbname: str = "job_alpha",
-            **extra: str) -> str:
-        parts = [f"host=127.0.0.1 port={self.port} user={user} password={password} "
-                 f"dbname={dbname}"]
-        parts += [f"{k}={v}" for k, v in extra.items()]
-        return " ".join(parts)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-class RouterFactory:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.routers: list[RouterProcess] = []
-
-    def __call__(self, routes: str, *args: str, wait: bool = True) -> RouterProcess:
-        path = self.tmp / f"routes-{len(self.routers)}.toml"
-        path.write_text(routes)
-        cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
-               "--routes", str(path), *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        router = RouterProcess(proc, path)
-        self.routers.append(router)
-        threading.Thread(target=_pump, args=(proc, router.lines), daemon=True).start()
-        if wait:
-            m = router.wait_for_log(r"router listening on [\d.]+:(\d+)")
-            router.port = int(m.group(1))
-        return router
-
-    def stop_all(self) -> None:
-        for r in self.routers:
-            r.stop()
-
-
-def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.put(line.rstrip("\n"))
 
 
 @pytest.fixture
@@ -218,86 +84,42 @@ def tls_files(tls_ca, tmp_path_factory) -> dict[str, Path]:
 # --- object storage --------------------------------------------------------------
 
 
-@dataclass
-class S3Server:
-    """moto's S3 API server on loopback; ``env`` holds what a client needs."""
-
-    endpoint: str
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def create_bucket(self, name: str) -> str:
-        import boto3  # moto depends on it; test setup only
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket=name)
-        return name
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A real S3 API (moto in server mode) on a free loopback port, for the whole session."""
-    port = free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    # Its request log is not read: a pipe nobody drains would block moto after ~64 KiB.
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc)
-        server = S3Server(f"http://127.0.0.1:{port}", proc)
+    with running_s3_server() as server:
         for k, v in server.env.items():
             os.environ.setdefault(k, v)
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Block until something accepts on the port (a connect either succeeds or is refused)."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            # Not listening yet: wait on the process for a moment instead of sleeping blindly.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
-    raise RuntimeError("moto_server did not start listening")
 
 
 @pytest.fixture(params=["file", "s3"])
-async def store(request: pytest.FixtureRequest, pg_root: Path):
-    """An empty store of each kind; the file one where the postgres user can read it
-    (restore_command runs wal-fetch as that user). Test files may define their own."""
-    from jobmesh.agent.store import open_store
+def store_spec(request: pytest.FixtureRequest, pg_root: Path) -> StoreSpec:
+    """An empty store of each kind, reachable in-process and from a CLI subprocess."""
+    return new_store_spec(request, request.param, pg_root)
 
-    if request.param == "file":
-        root = pg_root / f"store-{os.urandom(4).hex()}"
-        root.mkdir()
-        root.chmod(0o755)
-        s = open_store(f"file://{root}")
-    else:
-        server = request.getfixturevalue("s3_server")
-        bucket = server.create_bucket(f"store-{os.urandom(4).hex()}")
-        s = open_store(f"s3://{bucket}/jobs", s3_endpoint=server.endpoint)
+
+@pytest.fixture
+def file_store(request: pytest.FixtureRequest, pg_root: Path) -> StoreSpec:
+    """An empty file:// store."""
+    return new_store_spec(request, "file", pg_root)
+
+
+@pytest.fixture
+async def store(store_spec: StoreSpec) -> AsyncIterator[Store]:
+    """An empty store of each kind, open; the file one where the postgres user can read it."""
+    s = store_spec.open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+def restored_instances() -> Iterator[list[Instance]]:
+    """Clusters started from restored PGDATA; all stopped at the end."""
+    started: list[Instance] = []
+    yield started
+    for inst in started:
+        inst.stop_quietly()
 
 
 @pytest.fixture(scope="session")
@@ -318,9 +140,28 @@ def catalog_dsn(catalog_pg: Instance) -> Iterator[str]:
 @pytest.fixture
 async def catalog(catalog_dsn: str):
     """A migrated catalog, connected."""
-    from jobmesh.controller.catalog.db import Catalog
-
     cat = await Catalog.connect(catalog_dsn)
     await cat.migrate()
     yield cat
     await cat.close()
+
+
+@pytest.fixture
+async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog) -> AsyncIterator[Mesh]:
+    """Catalog, router and (once a test starts it) a controller on the local backend."""
+    root = pg_root / f"mesh-{os.urandom(4).hex()}"
+    root.mkdir(mode=0o755)
+    m = Mesh(root, catalog_dsn, catalog)
+    try:
+        yield m
+    finally:
+        await asyncio.to_thread(m.stop)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def kube(pg_root: Path, catalog_dsn: str, catalog: Catalog,
+               s3_server: S3Server) -> AsyncIterator[KubeMesh]:
+    """The mesh on the Kubernetes backend (API emulator, test kubelet, moto store)."""
+    async with running_kube_mesh(pg_root, catalog_dsn, catalog, s3_server) as k:
+        yield k

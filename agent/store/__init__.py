@@ -10,7 +10,7 @@ one level up, by its manifest (see ``manifest.py``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
@@ -44,7 +44,9 @@ class Store(Protocol):
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> Stored: ...
 
-    async def get(self, key: str) -> AsyncIterator[bytes]: ...
+    # An async generator (``async def`` with ``yield``): callers may ``aclose`` it to stop
+    # a download early.
+    def get(self, key: str) -> AsyncGenerator[bytes, None]: ...
 
     async def size(self, key: str) -> int | None: ...
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from . import CHUNK, Digest, NotFound, ObjectInfo, Stored, StoreError
@@ -45,7 +46,7 @@ class FileStore:
             raise
         return Stored(key, digest.size, digest.hexdigest())
 
-    async def get(self, key: str) -> AsyncIterator[bytes]:
+    async def get(self, key: str) -> AsyncGenerator[bytes, None]:
         path = self._path(key)
         try:
             f = await asyncio.to_thread(open, path, "rb")
@@ -68,8 +69,9 @@ class FileStore:
     async def list(self, prefix: str) -> list[ObjectInfo]:
         return await asyncio.to_thread(self._list, prefix)
 
-    def _list(self, prefix: str) -> list[ObjectInfo]:
-        out = []
+    # builtins.list: inside this class ``list`` is the method above
+    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
+        out: builtins.list[ObjectInfo] = []
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.exists():
             return out

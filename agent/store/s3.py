@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -144,15 +145,15 @@ class S3Store:
             raise
         return Stored(key, digest.size, digest.hexdigest())
 
-    async def get(self, key: str) -> AsyncIterator[bytes]:
+    async def get(self, key: str) -> AsyncGenerator[bytes, None]:
         s3 = await self._s3()
         offset = 0
         failures = 0
         progressed_to = 0  # a resume that got further resets the failure count
         while True:
             rng = {"Range": f"bytes={offset}-"} if offset else {}
-            resp = await self._retry(key, lambda rng=rng: s3.get_object(
-                Bucket=self.bucket, Key=self._key(key), **rng))
+            resp = await self._retry(key, partial(s3.get_object, Bucket=self.bucket,
+                                                  Key=self._key(key), **rng))
             body = resp["Body"]
             try:
                 while chunk := await body.read(CHUNK):
@@ -184,8 +185,8 @@ class S3Store:
         token: str | None = None
         while True:
             extra = {"ContinuationToken": token} if token else {}
-            resp = await self._retry(f"list {prefix}", lambda extra=extra: s3.list_objects_v2(
-                Bucket=self.bucket, Prefix=self._key(prefix), **extra))
+            resp = await self._retry(f"list {prefix}", partial(
+                s3.list_objects_v2, Bucket=self.bucket, Prefix=self._key(prefix), **extra))
             for obj in resp.get("Contents", []):
                 out.append(ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"])))
             if not resp.get("IsTruncated"):

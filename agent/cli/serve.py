@@ -1,0 +1,65 @@
+"""``agent serve``: the sidecar's flags (the daemon is ``jobmesh.agent.sidecar``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jobmesh.defaults import BASE_BACKUP_INTERVAL
+
+from ..errors import AgentError
+from . import add_store_arguments
+
+if TYPE_CHECKING:
+    from . import Subparsers
+
+
+def add_serve(sub: Subparsers) -> None:
+    p = sub.add_parser("serve", help="run beside a job's PostgreSQL: WAL, backups, HTTP API",
+                       description="Ship WAL continuously, take scheduled base backups and "
+                                   "serve /healthz, /status, /metrics, POST /pause, "
+                                   "/base-backup and /dump.")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    add_store_arguments(p)
+    p.add_argument("--listen", default="127.0.0.1:8008", metavar="HOST:PORT",
+                   help="HTTP address (default 127.0.0.1:8008; port 0 picks a free one)")
+    p.add_argument("--spool", type=Path, metavar="DIR",
+                   help="where Postgres archives WAL (default: <PGDATA>.spool)")
+    p.add_argument("--base-backup-interval", type=float, default=BASE_BACKUP_INTERVAL,
+                   metavar="S", help=f"seconds between base backups "
+                                     f"(default {BASE_BACKUP_INTERVAL:g}; 0: none)")
+    p.add_argument("--dsn", help="postgresql:// URI for base backups, dumps and status "
+                                 "(default: the local socket as postgres)")
+    p.add_argument("--stop-timeout", type=float, default=300, metavar="S",
+                   help="how long a pause waits for PostgreSQL to stop (default 300)")
+    p.set_defaults(run=run_serve)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise AgentError(f"--listen: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..sidecar.daemon import ServeConfig
+    from ..sidecar.serve import serve
+    from ..store import open_store
+
+    host, port = parse_listen(args.listen)
+    pgdata = args.pgdata.absolute()
+    if not (pgdata / "PG_VERSION").is_file():
+        raise AgentError(f"{pgdata} is not a PostgreSQL data directory")
+    if args.base_backup_interval < 0:
+        raise AgentError("--base-backup-interval must be >= 0")
+    spool = (args.spool or pgdata.with_name(pgdata.name + ".spool")).absolute()
+    config = ServeConfig(pgdata, args.job, spool, args.base_backup_interval, args.dsn,
+                         args.stop_timeout)
+    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    return asyncio.run(serve(config, store, host, port))
+
+
+PARSERS = {"serve": add_serve}

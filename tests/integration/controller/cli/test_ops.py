@@ -1,0 +1,386 @@
+"""The operator CLI (`jobmesh job|user|grant|revoke|psql|status`) as a subprocess against a
+real API on loopback, found through a state directory as `jobmesh up` leaves it.
+
+No controller runs: where a command waits for a state, the test moves the job
+there with ``catalog.transition``, as the reconciler would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from jobmesh.agent.dump import dump
+from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.store import Store, open_store
+from jobmesh.controller.api.app import build_app
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.mesh import MeshError, MeshInfo, ensure_secret, read_mesh, write_mesh
+from jobmesh.router.credentials import parse_verifier
+from tests.support.postgres import SUPERUSER_PASSWORD
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Mesh:
+    state_dir: Path
+    cwd: Path
+    catalog: Catalog
+    store: Store
+    agent_url: str  # a fake agent whose /dump is a real pg_dump
+
+    async def run(self, *args: str, stdin: bytes | None = None,
+                  env: dict[str, str] | None = None) -> Result:
+        """``python -m jobmesh ARGS`` with JOBMESH_STATE_DIR pointing at this mesh."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jobmesh", *args, cwd=self.cwd,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "JOBMESH_STATE_DIR": str(self.state_dir), **(env or {})})
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode is not None
+        return Result(proc.returncode, out.decode(), err.decode())
+
+
+def one_error_line(r: Result, *fragments: str) -> str:
+    """A failure: exit 1, nothing on stdout, one line on stderr, no traceback."""
+    assert r.code == 1, r
+    assert "Traceback" not in r.err, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1, r.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+def fake_agent(pg: Instance, store: Store) -> web.Application:
+    """An agent's ``POST /dump``: a real pg_dump of ``pg``'s job_alpha into the store."""
+
+    async def handle(_req: web.Request) -> web.Response:
+        dsn = (f"postgresql://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{pg.port}/job_alpha")
+        manifest = await dump(dsn, store, "alpha")
+        return web.Response(body=manifest.to_json(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/dump", handle)
+    return app
+
+
+@pytest.fixture
+async def mesh(catalog: Catalog, pg: Instance, tmp_path: Path) -> AsyncIterator[Mesh]:
+    state, cwd = tmp_path / "state", tmp_path / "cwd"
+    cwd.mkdir()
+    (tmp_path / "store").mkdir()
+    store = open_store(f"file://{tmp_path / 'store'}")
+    token = ensure_secret(state / "api-token")
+    ensure_secret(state / "admin-password")
+    runners = []
+    try:
+        runner, port = await _serve(build_app(catalog, token=token, store=store,
+                                              state_dir=state))
+        runners.append(runner)
+        agent, agent_port = await _serve(fake_agent(pg, store))
+        runners.append(agent)
+        write_mesh(state, f"http://127.0.0.1:{port}", "127.0.0.1", 16432, "admin")
+        yield Mesh(state, cwd, catalog, store, f"http://127.0.0.1:{agent_port}")
+    finally:
+        for r in runners:
+            await r.cleanup()
+        await store.close()
+
+
+async def until_job(catalog: Catalog, job_id: str, desired: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (job := await catalog.job(job_id)) is None or job.desired_state != desired:
+        if loop.time() > deadline:
+            raise AssertionError(f"job {job_id} never wanted {desired}")
+        await asyncio.sleep(0.02)
+
+
+# --- finding the mesh --------------------------------------------------------------------------
+
+
+def test_write_mesh_then_read_mesh(tmp_path: Path) -> None:
+    token = ensure_secret(tmp_path / "api-token")
+    password = ensure_secret(tmp_path / "admin-password")
+    write_mesh(tmp_path, "http://127.0.0.1:6480/", "127.0.0.1", 6432, "admin")
+    info = read_mesh(tmp_path)
+    assert info == MeshInfo(tmp_path, "http://127.0.0.1:6480", "127.0.0.1", 6432, "admin",
+                            token)
+    assert info.admin_password() == password
+    assert json.loads((tmp_path / "mesh.json").read_text())["router"] == {
+        "host": "127.0.0.1", "port": 6432}
+
+
+def test_ensure_secret_creates_a_private_secret_once(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "api-token"
+    first = ensure_secret(path)
+    assert len(first) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_secret(path) == first
+    assert [p.name for p in path.parent.iterdir()] == ["api-token"]
+
+
+def test_read_mesh_without_a_mesh_or_with_a_damaged_file(tmp_path: Path) -> None:
+    with pytest.raises(MeshError, match=f"no running mesh under {tmp_path}: start it with "
+                                        "`jobmesh up`"):
+        read_mesh(tmp_path)
+    (tmp_path / "mesh.json").write_text("{")
+    ensure_secret(tmp_path / "api-token")
+    with pytest.raises(MeshError, match="damaged"):
+        read_mesh(tmp_path)
+
+
+async def test_no_running_mesh_is_one_line_naming_the_directory(mesh: Mesh,
+                                                                tmp_path: Path) -> None:
+    empty = tmp_path / "elsewhere"
+    r = await mesh.run("job", "list", env={"JOBMESH_STATE_DIR": str(empty)})
+    line = one_error_line(r, "jobmesh job list:", f"no running mesh under {empty}",
+                          "`jobmesh up`")
+    assert line.startswith("jobmesh job list: ")
+
+
+async def test_state_dir_flag_beats_the_environment(mesh: Mesh, tmp_path: Path) -> None:
+    r = await mesh.run("job", "list", "--state-dir", str(mesh.state_dir),
+                       env={"JOBMESH_STATE_DIR": str(tmp_path / "nothing")})
+    assert r.code == 0, r
+    r = await mesh.run("status", "--state-dir", str(tmp_path / "nothing"))
+    one_error_line(r, "no running mesh")
+
+
+async def test_an_unreachable_api_is_one_line_with_a_hint(mesh: Mesh) -> None:
+    write_mesh(mesh.state_dir, f"http://127.0.0.1:{free_port()}", "127.0.0.1", 16432, "admin")
+    r = await mesh.run("status")
+    one_error_line(r, "cannot reach the API", "hint:")
+
+
+async def test_a_wrong_token_is_one_line(mesh: Mesh) -> None:
+    (mesh.state_dir / "api-token").write_text("not-the-token\n")
+    r = await mesh.run("job", "list")
+    one_error_line(r, "missing or wrong API token")
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+async def test_job_create_no_wait_list_and_show(mesh: Mesh) -> None:
+    r = await mesh.run("job", "create", "alpha", "--archive-timeout", "30", "--cpu", "500m",
+                       "--no-wait")
+    assert r.code == 0 and r.out.strip() == "job alpha: creating", r
+    job = await mesh.catalog.job("alpha")
+    assert job is not None and job.spec == {"archive_timeout": 30, "cpu": "500m"}
+    r = await mesh.run("job", "list")
+    assert r.code == 0
+    header, row = r.out.strip().splitlines()
+    assert header.split()[:3] == ["ID", "STATE", "DESIRED"]
+    assert row.split()[:3] == ["alpha", "creating", "running"]
+    r = await mesh.run("job", "show", "alpha")
+    assert r.code == 0 and "creating (wanted running)" in r.out and "created" in r.out
+
+
+async def test_job_create_waits_until_running(mesh: Mesh) -> None:
+    cli = asyncio.create_task(mesh.run("job", "create", "alpha"))
+    await until_job(mesh.catalog, "alpha", "running")
+    await mesh.catalog.transition("alpha", "creating", "running", host="127.0.0.1", port=5999)
+    r = await cli
+    assert r.code == 0, r
+    assert r.out.splitlines()[0] == "job alpha: running"
+    assert "port=16432 dbname=job_alpha" in r.out
+
+
+async def test_job_pause_waits_until_paused(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.transition("alpha", "creating", "running")
+    cli = asyncio.create_task(mesh.run("job", "pause", "alpha"))
+    await until_job(mesh.catalog, "alpha", "paused")
+    await mesh.catalog.transition("alpha", "running", "pausing")
+    await mesh.catalog.transition("alpha", "pausing", "paused")
+    r = await cli
+    assert (r.code, r.out.strip()) == (0, "job alpha: paused"), r
+
+
+async def test_a_wait_that_runs_out_is_one_line_even_with_a_multiline_job_error(
+        mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "initdb failed:\n  no space left")
+    r = await mesh.run("job", "end", "alpha", "--timeout", "0.5")
+    one_error_line(r, "still creating", "not yet ended", "initdb failed: no space left",
+                   "hint:", "job show alpha")
+
+
+async def test_resume_and_delete_without_waiting(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    r = await mesh.run("job", "resume", "alpha", "--no-wait")
+    assert r.code == 0 and r.out.strip() == "job alpha: creating (wanted running)"
+    r = await mesh.run("job", "delete", "alpha", "--no-wait")
+    assert r.code == 0 and "deletion requested" in r.out
+    assert (await mesh.catalog.job("alpha")).desired_state == "deleted"  # type: ignore[union-attr]
+
+
+async def test_an_unknown_job_is_one_line_with_the_api_hint(mesh: Mesh) -> None:
+    r = await mesh.run("job", "show", "nope")
+    one_error_line(r, "jobmesh job show: no job nope", "hint:", "jobmesh job list")
+
+
+async def test_a_bad_job_id_is_one_line(mesh: Mesh) -> None:
+    r = await mesh.run("job", "create", "Bad_ID", "--no-wait")
+    one_error_line(r, "jobmesh job create: bad job id")
+    r = await mesh.run("job", "create", "alpha", "--memory", "lots", "--no-wait")
+    one_error_line(r, "memory must be a Kubernetes quantity")
+    r = await mesh.run("job", "show", "alpha/events")  # never another endpoint
+    one_error_line(r, "jobmesh job show: bad job id 'alpha/events'")
+
+
+async def test_usage_errors_exit_2(mesh: Mesh) -> None:
+    r = await mesh.run("grant", "ann", "scrape-*")
+    assert r.code == 2 and "--read" in r.err and "Traceback" not in r.err
+    r = await mesh.run("job", "frobnicate", "alpha")
+    assert r.code == 2 and "Traceback" not in r.err
+
+
+async def test_export_downloads_a_verified_dump_to_id_pgdump(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.transition("alpha", "creating", "running",
+                                  agent_url=mesh.agent_url)
+    r = await mesh.run("job", "export", "alpha")
+    assert r.code == 0, r
+    out = mesh.cwd / "alpha.pgdump"
+    data = out.read_bytes()
+    assert data.startswith(b"PGDMP")
+    assert f"sha256 {hashlib.sha256(data).hexdigest()[:16]}" in r.out
+    assert "exporting job alpha" in r.err  # the progress bar's line when not on a terminal
+    assert list(mesh.cwd.iterdir()) == [out]  # the .partial was renamed
+
+
+async def test_export_to_a_named_file_and_a_failed_export_leaves_nothing(mesh: Mesh) -> None:
+    r = await mesh.run("job", "export", "nope", "-o", "x.pgdump")
+    one_error_line(r, "no job nope")
+    assert list(mesh.cwd.iterdir()) == []
+
+
+async def test_import_uploads_the_file_and_creates_the_job(mesh: Mesh, tmp_path: Path) -> None:
+    src = tmp_path / "in.pgdump"
+    src.write_bytes(b"PGDMP" + os.urandom(2 << 20))
+    r = await mesh.run("job", "import", "beta", str(src), "--no-wait")
+    assert r.code == 0, r
+    assert r.out.strip().startswith("job beta: creating (imported 2.1 MB)")
+    stored = mesh.state_dir / "imports" / "beta.pgdump"
+    assert stored.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o644
+    job = await mesh.catalog.job("beta")
+    assert job is not None and job.spec == {"source": {"dump": str(stored.absolute())}}
+
+
+async def test_import_of_a_file_that_is_not_a_dump_fails_before_uploading(
+        mesh: Mesh, tmp_path: Path) -> None:
+    src = tmp_path / "in.sql"
+    src.write_text("SELECT 1;\n")
+    r = await mesh.run("job", "import", "beta", str(src))
+    one_error_line(r, "not a pg_dump custom-format archive")
+    r = await mesh.run("job", "import", "beta", str(tmp_path / "missing"))
+    one_error_line(r, "cannot read", "No such file")
+    assert await mesh.catalog.job("beta") is None
+
+
+async def test_import_over_an_existing_job_is_one_line(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.catalog.create_job("beta")
+    src = tmp_path / "in.pgdump"
+    src.write_bytes(b"PGDMP" + bytes(1000))
+    r = await mesh.run("job", "import", "beta", str(src))
+    one_error_line(r, "job beta already exists")
+
+
+# --- users and grants ---------------------------------------------------------------------------
+
+
+async def test_user_create_shows_a_generated_password_once_and_it_verifies(mesh: Mesh) -> None:
+    r = await mesh.run("user", "create", "ann")
+    assert r.code == 0, r
+    password = r.out.split("password (shown once): ")[1].strip()
+    [row] = await mesh.catalog.principals("ann")
+    assert parse_verifier(row.verifier).matches(password)
+
+
+async def test_user_create_with_password_stdin(mesh: Mesh) -> None:
+    r = await mesh.run("user", "create", "ann", "--password-stdin", stdin=b"hunter2\n")
+    assert r.code == 0 and "hunter2" not in r.out, r
+    [row] = await mesh.catalog.principals("ann")
+    assert parse_verifier(row.verifier).matches("hunter2")
+    r = await mesh.run("user", "create", "bob", "--password-stdin", stdin=b"")
+    one_error_line(r, "no password on stdin")
+
+
+async def test_users_grants_and_revokes(mesh: Mesh) -> None:
+    await mesh.run("user", "create", "ann")
+    r = await mesh.run("grant", "ann", "scrape-*", "--read")
+    assert (r.code, r.out.strip()) == (0, "granted ann read access to scrape-*"), r
+    r = await mesh.run("user", "list")
+    assert r.code == 0
+    assert r.out.splitlines()[1].split() == ["ann", "scrape-*:read"]
+    r = await mesh.run("revoke", "ann", "scrape-*")
+    assert r.code == 0, r
+    assert (await mesh.catalog.principals("ann"))[0].grants == ()
+    r = await mesh.run("revoke", "ann", "scrape-*")
+    one_error_line(r, "jobmesh revoke: user ann has no grant")
+    r = await mesh.run("grant", "nobody", "*", "--write")
+    one_error_line(r, "no user nobody")
+    r = await mesh.run("user", "delete", "ann")
+    assert (r.code, r.out.strip()) == (0, "deleted user ann")
+    r = await mesh.run("user", "delete", "ann")
+    one_error_line(r, "jobmesh user delete: no user ann", "hint:")
+
+
+# --- the mesh -----------------------------------------------------------------------------------
+
+
+async def test_status_shows_jobs_by_state_and_the_router(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    r = await mesh.run("status")
+    assert r.code == 0, r
+    assert "router:  127.0.0.1:16432" in r.out
+    assert "creating   1" in r.out and "alpha: creating -> running" in r.out
+
+
+async def test_psql_runs_psql_through_the_router_as_the_admin(mesh: Mesh,
+                                                              tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "psql"
+    fake.write_text('#!/bin/sh\necho "$PGHOST $PGPORT $PGUSER $PGDATABASE $PGPASSWORD $*"\n')
+    fake.chmod(0o755)
+    r = await mesh.run("psql", "alpha", "-c", "select 1",
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert r.code == 0, r
+    password = (mesh.state_dir / "admin-password").read_text().strip()
+    assert r.out.strip() == f"127.0.0.1 16432 admin job_alpha {password} -c select 1"

@@ -1,0 +1,101 @@
+"""The lifecycle's pure decisions: every state and desired state, idle pause, eviction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from jobmesh.controller.catalog.states import DesiredState as DESIRED
+from jobmesh.controller.catalog.states import JobState as STATES
+from jobmesh.controller.core.lifecycle import (
+    Action,
+    Activity,
+    decide,
+    evictions,
+    has_room,
+    idle,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("state", "desired", "alive", "action", "in_flight", "done"), [
+    ("creating", "running", None, Action.CREATE, "creating", "running"),
+    ("running", "running", True, Action.NOTHING, None, None),
+    ("running", "running", False, Action.FAIL, None, "failed"),
+    ("running", "paused", True, Action.PAUSE, "pausing", "paused"),
+    ("running", "ended", True, Action.END, "ending", "ended"),
+    ("pausing", "paused", None, Action.PAUSE, "pausing", "paused"),
+    ("pausing", "running", None, Action.PAUSE, "pausing", "paused"),  # finish, then resume
+    ("paused", "running", None, Action.RESUME, "resuming", "running"),
+    ("paused", "paused", None, Action.NOTHING, None, None),
+    ("paused", "ended", None, Action.SETTLE, None, "ended"),
+    ("resuming", "running", None, Action.RESUME, "resuming", "running"),
+    ("resuming", "paused", None, Action.RESUME, "resuming", "running"),  # finish, then pause
+    ("ended", "running", None, Action.RESUME, "resuming", "running"),
+    ("failed", "running", None, Action.RECOVER, "recovering", "running"),
+    ("failed", "paused", None, Action.SETTLE, None, "paused"),
+    ("recovering", "running", None, Action.RECOVER, "recovering", "running"),
+    ("ending", "ended", None, Action.END, "ending", "ended"),
+    ("running", "deleted", True, Action.DELETE, "deleting", None),
+    ("deleting", "deleted", None, Action.DELETE, "deleting", None),
+])
+def test_decide(state: str, desired: str, alive: bool | None, action: Action,
+                in_flight: str | None, done: str | None) -> None:
+    step = decide(state, desired, alive)
+    assert (step.action, step.in_flight, step.done) == (action, in_flight, done)
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("desired", DESIRED)
+def test_every_decision_ends_in_a_known_state(state: str, desired: str) -> None:
+    step = decide(state, desired, True)
+    assert step.in_flight in (None, *STATES)
+    assert step.done in (None, *STATES)
+    if step.action is Action.DELETE:
+        assert step.done is None
+
+
+def test_interrupted_work_is_redone_from_its_in_flight_state() -> None:
+    """A controller killed mid-transition finds the in-flight state; deciding again
+    from it gives the same work and the same end."""
+    for state in STATES:
+        for desired in DESIRED:
+            step = decide(state, desired, True)
+            if step.in_flight is None:
+                continue
+            again = decide(step.in_flight, desired, None)
+            assert (again.action, again.done) == (step.action, step.done), (state, desired)
+
+
+def _job(job_id: str, state: str = "running", desired: str = "running",
+         idle_s: float = 0) -> Activity:
+    return Activity(job_id, state, desired, NOW - timedelta(seconds=idle_s))
+
+
+def test_idle_finds_running_jobs_unused_past_the_timeout() -> None:
+    jobs = [_job("a", idle_s=700), _job("b", idle_s=10), _job("c", "paused", "paused", 9999),
+            _job("d", "resuming", idle_s=9999)]
+    assert idle(jobs, NOW, 600) == ["a"]
+
+
+def test_has_room_counts_jobs_that_hold_or_take_a_slot() -> None:
+    jobs = [_job("a"), _job("b", "resuming"), _job("c", "pausing", "paused"),
+            _job("d", "paused", "running")]
+    assert has_room(jobs, "d", 3)
+    assert not has_room(jobs, "d", 2)
+    assert has_room(jobs, "d", None)
+
+
+def test_evictions_pick_the_least_recently_active_quiet_jobs() -> None:
+    jobs = [_job("a", idle_s=100), _job("b", idle_s=300), _job("c", idle_s=1),
+            _job("w", "paused", "running")]
+    assert evictions(jobs, 3, NOW, quiet_for=15) == ["b"]
+    assert evictions(jobs, 2, NOW, quiet_for=15) == ["b", "a"]
+    assert evictions(jobs, 4, NOW, quiet_for=15) == []
+
+
+def test_busy_jobs_are_never_evicted() -> None:
+    jobs = [_job("a", idle_s=1), _job("b", idle_s=2), _job("w", "paused", "running")]
+    assert evictions(jobs, 2, NOW, quiet_for=15) == []
