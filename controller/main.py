@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .catalog.db import Catalog, CatalogError
+from jobmesh import defaults
+from jobmesh.errors import CommandFailed, UsageError
+
+from .catalog.db import Catalog
+from .catalog.models import CatalogError
 from .core.backend import Backend, BackendError
 from .core.metrics import ControllerMetrics
 from .core.reconciler import Reconciler, ReconcilerConfig
@@ -34,10 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobmesh.controller")
 
 
-class UsageError(CatalogError):
-    """A flag or setting that cannot work; one line for the user."""
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--catalog-dsn", default=env("JOBMESH_CATALOG_DSN"), metavar="DSN",
@@ -46,32 +47,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=env("JOBMESH_BACKEND", "local"),
                    help="where jobs run: local (processes on this machine, the default) or "
                    "kubernetes (a pod per job; env JOBMESH_BACKEND)")
-    p.add_argument("--state-dir", type=Path, default=Path(env("JOBMESH_STATE_DIR", ".jobmesh")),
-                   metavar="DIR", help="the local backend keeps jobs under DIR/jobs "
-                   "(env JOBMESH_STATE_DIR, default ./.jobmesh)")
+    p.add_argument("--state-dir", type=Path, default=defaults.state_dir(), metavar="DIR",
+                   help="the local backend keeps jobs under DIR/jobs "
+                   f"(env {defaults.STATE_DIR_ENV}, default ./{defaults.DEFAULT_STATE_DIR})")
     p.add_argument("--store", default=env("JOBMESH_STORE"), metavar="URL",
                    help="file:///path or s3://bucket/prefix (default file://DIR/store)")
     p.add_argument("--s3-endpoint", default=env("JOBMESH_S3_ENDPOINT"), metavar="URL")
-    p.add_argument("--api-listen", default=env("JOBMESH_API_LISTEN", "127.0.0.1:6480"),
-                   metavar="HOST:PORT", help="the HTTP API and /metrics (default 127.0.0.1:6480)")
+    p.add_argument("--api-listen", default=env("JOBMESH_API_LISTEN", defaults.API_LISTEN),
+                   metavar="HOST:PORT",
+                   help=f"the HTTP API and /metrics (default {defaults.API_LISTEN})")
     p.add_argument("--api-token-file", type=Path, metavar="FILE",
                    help="the API's bearer token (default DIR/api-token, created if missing)")
-    p.add_argument("--idle-timeout", type=float, default=600, metavar="S",
-                   help="pause jobs with no client for S seconds (default 600; 0: never)")
+    p.add_argument("--idle-timeout", type=float, default=defaults.IDLE_TIMEOUT, metavar="S",
+                   help="pause jobs with no client for S seconds "
+                   f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--max-running", type=int, metavar="N",
                    help="at most N jobs running; a wake beyond pauses the least recently "
                    "active idle job first")
-    p.add_argument("--archive-timeout", type=int, default=60, metavar="S",
-                   help="jobs' archive_timeout: the data at risk from a crash (default 60)")
-    p.add_argument("--warm-cache-bytes", type=int, default=10 * 2**30, metavar="N",
+    p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S",
+                   help="jobs' archive_timeout: the data at risk from a crash "
+                   f"(default {defaults.ARCHIVE_TIMEOUT})")
+    p.add_argument("--warm-cache-bytes", type=int, default=defaults.WARM_CACHE_BYTES,
+                   metavar="N",
                    help="local backend: keep paused jobs' clean PGDATA up to N bytes so a "
-                   "wake starts them in place (default 10 GiB; 0: always restore from the "
-                   "store)")
-    p.add_argument("--base-backup-interval", type=float, default=3600, metavar="S")
-    p.add_argument("--resync-interval", type=float, default=30, metavar="S")
-    p.add_argument("--health-interval", type=float, default=2, metavar="S")
-    p.add_argument("--quiet-for", type=float, default=15, metavar="S",
-                   help="a job without sessions for S seconds may be evicted (default 15)")
+                   f"wake starts them in place (default {defaults.WARM_CACHE_BYTES // 2**30} "
+                   "GiB; 0: always restore from the store)")
+    p.add_argument("--base-backup-interval", type=float, default=defaults.BASE_BACKUP_INTERVAL,
+                   metavar="S")
+    reconciler = ReconcilerConfig()  # its defaults are the flags' defaults
+    p.add_argument("--resync-interval", type=float, default=reconciler.resync_interval,
+                   metavar="S")
+    p.add_argument("--health-interval", type=float, default=reconciler.health_interval,
+                   metavar="S")
+    p.add_argument("--quiet-for", type=float, default=reconciler.quiet_for, metavar="S",
+                   help="a job without sessions for S seconds may be evicted "
+                   f"(default {reconciler.quiet_for:g})")
     k = p.add_argument_group("kubernetes backend")
     k.add_argument("--namespace", default=env("JOBMESH_NAMESPACE"), metavar="NS",
                    help="where job pods run (env JOBMESH_NAMESPACE; default: our own pod's)")
@@ -117,17 +127,17 @@ class ControllerSettings:
     s3_endpoint: str | None
     api_host: str
     api_port: int
-    token: str
+    token_file: Path  # the API's bearer token, created (random) when the controller starts
     reconciler: ReconcilerConfig
-    archive_timeout: int
-    base_backup_interval: float
+    archive_timeout: int = defaults.ARCHIVE_TIMEOUT
+    base_backup_interval: float = defaults.BASE_BACKUP_INTERVAL
     kubernetes: KubernetesSettings | None = None  # None: the local backend
-    warm_cache_bytes: int = 10 * 2**30  # the local backend's cache of paused PGDATA
+    warm_cache_bytes: int = defaults.WARM_CACHE_BYTES  # the local backend's cache of paused PGDATA
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
-    from .mesh import ensure_secret
-
+    """The settings the flags ask for, checked (UsageError), with nothing created yet:
+    ``serve`` makes the state directory and the token file when it starts."""
     if not args.catalog_dsn:
         raise UsageError("--catalog-dsn (or JOBMESH_CATALOG_DSN) is required")
     if args.max_running is not None and args.max_running < 1:
@@ -136,12 +146,11 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     if not host or not port.isdigit():
         raise UsageError(f"--api-listen {args.api_listen!r}: expected HOST:PORT")
     state = args.state_dir.absolute()
-    state.mkdir(parents=True, exist_ok=True)
     return ControllerSettings(
         catalog_dsn=args.catalog_dsn, state_dir=state,
         store=args.store or f"file://{state / 'store'}", s3_endpoint=args.s3_endpoint,
         api_host=host, api_port=int(port),
-        token=ensure_secret(args.api_token_file or state / "api-token"),
+        token_file=args.api_token_file or state / "api-token",
         reconciler=ReconcilerConfig(
             resync_interval=args.resync_interval, health_interval=args.health_interval,
             idle_timeout=args.idle_timeout or None, max_running=args.max_running,
@@ -199,14 +208,20 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
     from jobmesh.agent.store import open_store
 
     from .api.app import build_app
+    from .mesh import ensure_secret
 
-    catalog = await Catalog.connect(s.catalog_dsn, max_size=10)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    token = ensure_secret(s.token_file)
+    try:
+        catalog = await Catalog.connect(s.catalog_dsn, max_size=10)
+    except asyncpg.ClientConfigurationError as exc:  # a DSN no retry can fix
+        raise UsageError(str(exc)) from exc
     store = open_store(s.store, s3_endpoint=s.s3_endpoint)
     runner: web.AppRunner | None = None
     try:
         await catalog.migrate()
         metrics = ControllerMetrics()
-        app = build_app(catalog, token=s.token, store=store, state_dir=s.state_dir)
+        app = build_app(catalog, token=token, store=store, state_dir=s.state_dir)
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),
@@ -290,5 +305,5 @@ def run(args: argparse.Namespace) -> int:
         import uvloop
         uvloop.run(main())
     except (CatalogError, BackendError) as exc:
-        raise UsageError(str(exc)) from exc
+        raise CommandFailed(str(exc)) from exc
     return 0

@@ -7,7 +7,7 @@ keeps across restarts: ``api-token`` (the API's bearer token) and
 so ``jobmesh job list`` needs no flags on the machine that runs the mesh.
 
 The state directory comes from ``--state-dir``, else ``JOBMESH_STATE_DIR``,
-else ``./.jobmesh``.
+else ``./.jobmesh`` (``jobmesh.defaults.state_dir``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 MESH_FILE = "mesh.json"
 TOKEN_FILE = "api-token"
 ADMIN_PASSWORD_FILE = "admin-password"
-DEFAULT_STATE_DIR = ".jobmesh"
 
 
 class MeshError(Exception):
@@ -39,11 +38,6 @@ class MeshInfo:
 
     def admin_password(self) -> str:
         return _read_secret(self.state_dir / ADMIN_PASSWORD_FILE, self.state_dir)
-
-
-def state_dir(arg: str | os.PathLike[str] | None = None) -> Path:
-    """``--state-dir``, else ``JOBMESH_STATE_DIR``, else ``./.jobmesh``."""
-    return Path(arg or os.environ.get("JOBMESH_STATE_DIR") or DEFAULT_STATE_DIR)
 
 
 def write_mesh(state_dir: Path, api_url: str, router_host: str, router_port: int,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from jobmesh import logs
+from jobmesh.errors import CommandFailed, UsageError, one_line
 
 
 def _router(p: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -42,7 +43,7 @@ def _up(p: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def _operator(command: str) -> Callable[[argparse.ArgumentParser, list[str]], None]:
-    """The operator commands talk to a running mesh's API (controller/cli.py)."""
+    """The operator commands talk to a running mesh's API (controller/cli/)."""
 
     def register(p: argparse.ArgumentParser, argv: list[str]) -> None:
         from jobmesh.controller.cli import main as operator_cli
@@ -105,21 +106,20 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup(args.log_level)
     from jobmesh.agent.errors import AgentError
     from jobmesh.agent.store import StoreError
-    from jobmesh.router.config import UsageError
 
     name = " ".join(filter(None, [args.command, getattr(args, "agent_command", None)]))
     try:
         code = args.run(args)
     except UsageError as exc:
-        print(f"jobmesh {name}: {exc}", file=sys.stderr)
+        print(f"jobmesh {name}: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except (AgentError, StoreError) as exc:
-        print(f"jobmesh {name}: {exc}", file=sys.stderr)
+    except (CommandFailed, AgentError, StoreError) as exc:
+        print(f"jobmesh {name}: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:  # a last resort: one line, details only at DEBUG
         logging.getLogger("jobmesh").debug("unhandled error", exc_info=True)
-        print(f"jobmesh {name}: {exc}", file=sys.stderr)
+        print(f"jobmesh {name}: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)

@@ -19,6 +19,8 @@ BASE_BACKUP_INTERVAL = 3600.0
 IDLE_TIMEOUT = 600.0
 # How long a client is held while its job wakes before 57P03, s.
 WAKE_TIMEOUT = 60.0
+# The local backend keeps paused jobs' clean PGDATA up to this many bytes.
+WARM_CACHE_BYTES = 10 * 2**30
 # The router's client port.
 ROUTER_PORT = 6432
 # The controller's HTTP API.

@@ -11,6 +11,11 @@ class UsageError(Exception):
     """Bad flags, settings or files: the CLI prints one line and exits with status 2."""
 
 
+class CommandFailed(Exception):
+    """The input was fine but the work failed (a service unreachable, a process that
+    did not start): the CLI prints one line and exits with status 1."""
+
+
 def one_line(exc: BaseException | str, width: int | None = None) -> str:
     """An error (or any text) as one line, whitespace folded; cut to ``width`` with "...".
 

@@ -20,8 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
+from jobmesh import defaults
 from jobmesh.agent.postgres import (
     Instance,
     PostgresError,
@@ -30,11 +32,14 @@ from jobmesh.agent.postgres import (
     pid_alive,
     reachable_by_postgres,
 )
-from jobmesh.controller.catalog.db import Catalog, CatalogError
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.catalog.models import CatalogError
 from jobmesh.controller.catalog.passwords import scram_verifier
+from jobmesh.controller.catalog.states import ACTIVE, DesiredState
 from jobmesh.controller.core.reconciler import ReconcilerConfig
-from jobmesh.controller.main import ControllerSettings, UsageError, serve
+from jobmesh.controller.main import ControllerSettings, serve
 from jobmesh.controller.mesh import ensure_secret, write_mesh
+from jobmesh.errors import CommandFailed
 
 log = logging.getLogger("jobmesh.up")
 ADMIN = "admin"
@@ -42,19 +47,20 @@ CATALOG_DB = "jobmesh"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    p.add_argument("--state-dir", type=Path, default=Path(env("JOBMESH_STATE_DIR", ".jobmesh")),
-                   metavar="DIR", help="everything lives here (env JOBMESH_STATE_DIR, "
-                   "default ./.jobmesh)")
-    p.add_argument("--port", type=int, default=6432, help="the router's port (default 6432)")
+    p.add_argument("--state-dir", type=Path, default=defaults.state_dir(), metavar="DIR",
+                   help=f"everything lives here (env {defaults.STATE_DIR_ENV}, "
+                   f"default ./{defaults.DEFAULT_STATE_DIR})")
+    p.add_argument("--port", type=int, default=defaults.ROUTER_PORT,
+                   help=f"the router's port (default {defaults.ROUTER_PORT})")
     p.add_argument("--api-port", type=int, default=0,
                    help="the controller API's port (default: any free port)")
     p.add_argument("--demo-job", metavar="ID", help="create this job if it does not exist")
-    p.add_argument("--idle-timeout", type=float, default=600, metavar="S",
-                   help="pause jobs with no client for S seconds (default 600; 0: never)")
+    p.add_argument("--idle-timeout", type=float, default=defaults.IDLE_TIMEOUT, metavar="S",
+                   help="pause jobs with no client for S seconds "
+                   f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--max-running", type=int, metavar="N", help="at most N jobs running")
-    p.add_argument("--archive-timeout", type=int, default=60, metavar="S")
-    p.add_argument("--wake-timeout", type=float, default=60, metavar="S")
+    p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S")
+    p.add_argument("--wake-timeout", type=float, default=defaults.WAKE_TIMEOUT, metavar="S")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the state directory {state}: {exc.strerror}") from exc
+        raise CommandFailed(f"cannot create the state directory {state}: {exc.strerror}") from exc
     state.chmod(0o755)  # the postgres OS user must reach the job and catalog directories
     data = data_root(state)
     try:
         return uvloop.run(_up(args, state, data))
     except CatalogError as exc:
-        raise UsageError(str(exc)) from exc
+        raise CommandFailed(str(exc)) from exc
 
 
 def data_root(state: Path) -> Path:
@@ -107,10 +113,10 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
         settings = ControllerSettings(
             catalog_dsn=dsn, state_dir=data, store=f"file://{data / 'store'}",
             s3_endpoint=None, api_host="127.0.0.1", api_port=api_port,
-            token=ensure_secret(state / "api-token"),
+            token_file=state / "api-token",
             reconciler=ReconcilerConfig(idle_timeout=args.idle_timeout or None,
                                         max_running=args.max_running),
-            archive_timeout=args.archive_timeout, base_backup_interval=3600)
+            archive_timeout=args.archive_timeout)
         ready = asyncio.Event()
         controller = asyncio.create_task(serve(settings, controller_stop, ready))
         await _first(ready.wait(), controller)
@@ -140,14 +146,14 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
     return 0
 
 
-async def _first(aw: object, controller: asyncio.Task[None]) -> None:
+async def _first(aw: Awaitable[object], controller: asyncio.Task[None]) -> None:
     """Wait for ``aw``, but fail at once if the controller task ends first (its error)."""
-    waiter = asyncio.ensure_future(aw)  # type: ignore[arg-type]
+    waiter = asyncio.ensure_future(aw)
     done, _ = await asyncio.wait({waiter, controller}, return_when=asyncio.FIRST_COMPLETED)
     if controller in done:
         waiter.cancel()
         controller.result()  # raises the controller's error
-        raise UsageError("the controller stopped unexpectedly")
+        raise CommandFailed("the controller stopped unexpectedly")
 
 
 def _stop_catalog(inst: Instance) -> None:
@@ -178,7 +184,8 @@ def _start_catalog(state: Path, data: Path) -> Instance:
         if inst.psql(f"SELECT 1 FROM pg_database WHERE datname = '{CATALOG_DB}'") != "1":
             inst.psql(f"CREATE DATABASE {CATALOG_DB}")
     except PostgresError as exc:
-        raise UsageError(f"cannot start the catalog PostgreSQL in {inst.datadir}: {exc}") from exc
+        raise CommandFailed(f"cannot start the catalog PostgreSQL in {inst.datadir}: "
+                            f"{exc}") from exc
     return inst
 
 
@@ -209,7 +216,7 @@ def _start_router(state: Path, dsn: str, args: argparse.Namespace) -> subprocess
         stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)
     pidfile.write_text(str(proc.pid))
     if not _wait_for_log(log_path, proc, "router listening on"):
-        raise UsageError(f"the router did not start; see {log_path}")
+        raise CommandFailed(f"the router did not start; see {log_path}")
     return proc
 
 
@@ -233,14 +240,12 @@ def _wait_for_log(path: Path, proc: subprocess.Popen[bytes], text: str,
 async def _pause_all(catalog: Catalog, controller: asyncio.Task[None],
                      timeout: float = 600) -> None:
     for job in await catalog.jobs():
-        if job.desired_state == "running":
-            await catalog.set_desired(job.id, "paused")
+        if job.desired_state == DesiredState.RUNNING:
+            await catalog.set_desired(job.id, DesiredState.PAUSED)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline and not controller.done():
-        busy = [j.id for j in await catalog.jobs()
-                if j.state in ("creating", "running", "pausing", "resuming", "ending",
-                               "recovering")]
+        busy = [j.id for j in await catalog.jobs() if j.state in ACTIVE]
         if not busy:
             return
         await asyncio.sleep(0.2)

@@ -25,8 +25,8 @@ from aiohttp import web
 
 from jobmesh.agent.store import Store
 
-from ..catalog.db import (
-    Catalog,
+from ..catalog.db import Catalog
+from ..catalog.models import (
     CatalogError,
     Conflict,
     Job,
@@ -36,6 +36,7 @@ from ..catalog.db import (
     check_principal,
 )
 from ..catalog.passwords import scram_verifier
+from ..catalog.states import DesiredState, settled
 from ..mesh import announced_router
 from . import openapi
 from .request import (
@@ -153,8 +154,9 @@ class Api:
         self.watch = JobWatch(catalog)
         self.importing: set[str] = set()  # one import per job id at a time
 
-    async def settle(self, job_id: str, target: str, timeout: float | None) -> Job | None:
-        """The job once its state is ``target`` (None: its row is gone), within ``timeout``."""
+    async def settle(self, job_id: str, target: DesiredState,
+                     timeout: float | None) -> Job | None:
+        """The job once it is what ``target`` asks (None: its row is gone), within ``timeout``."""
         if timeout is None:
             return await self.catalog.job(job_id)
         return await self.watch.wait(job_id, target, timeout)
@@ -176,7 +178,7 @@ class Api:
         body = await json_object(req, example)
         fields(body, example, ("id",), ("spec",))
         job = await self.catalog.create_job(body["id"], job_spec(body.get("spec", {})))
-        job = await self.settle(job.id, "running", timeout) or job
+        job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
         return json_response(job.public(), 201, {"Location": f"/v1/jobs/{job.id}"})
 
     async def show_job(self, req: web.Request) -> web.Response:
@@ -185,14 +187,14 @@ class Api:
         return json_response({**job.public(), "snapshots": await self.catalog.snapshots(job.id),
                               "events": [e.public() for e in events]})
 
-    async def set_desired(self, job_id: str, desired: str) -> Job:
+    async def set_desired(self, job_id: str, desired: DesiredState) -> Job:
         try:
             return await self.catalog.set_desired(job_id, desired)
         except Conflict as exc:  # the one refusal: a job being deleted
             raise ApiError(409, str(exc), "a job being deleted can only be deleted; its id is "
                                           "free again once that has finished") from None
 
-    def desire(self, desired: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def desire(self, desired: DesiredState) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(req: web.Request) -> web.Response:
             job_id, timeout = path_job_id(req), wait_params(req)
             job = await self.set_desired(job_id, desired)
@@ -202,10 +204,10 @@ class Api:
 
     async def delete_job(self, req: web.Request) -> web.Response:
         job_id, timeout = path_job_id(req), wait_params(req)
-        job = await self.set_desired(job_id, "deleted")
+        job = await self.set_desired(job_id, DesiredState.DELETED)
         if timeout is None:
             return json_response(job.public(), 202)
-        await self.settle(job_id, "deleted", timeout)
+        await self.settle(job_id, DesiredState.DELETED, timeout)
         return web.Response(status=204)
 
     async def job_events(self, req: web.Request) -> web.Response:
@@ -236,7 +238,7 @@ class Api:
                            "start the controller with --state-dir")
         job = await import_job(req, job_id, catalog=self.catalog, state_dir=self.state_dir,
                                importing=self.importing)
-        job = await self.settle(job_id, "running", timeout) or job
+        job = await self.settle(job_id, DesiredState.RUNNING, timeout) or job
         return json_response(job.public(), 201, {"Location": f"/v1/jobs/{job_id}"})
 
     # -- users and grants -------------------------------------------------------------
@@ -293,7 +295,7 @@ class Api:
         by_state = Counter(j.state for j in jobs)
         moving = [{"id": j.id, "state": j.state, "desired_state": j.desired_state,
                    "progress": j.progress, "error": j.error}
-                  for j in jobs if j.state != j.desired_state]
+                  for j in jobs if j.state != settled(j.desired_state)]
         users = await self.catalog.pool.fetchval("SELECT count(*) FROM principals")
         return json_response({
             "jobs": {"total": len(jobs), "by_state": dict(sorted(by_state.items())),
@@ -347,9 +349,9 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.post("/v1/jobs", api.create_job),
         get("/v1/jobs/{id}", api.show_job),
         web.delete("/v1/jobs/{id}", api.delete_job),
-        web.post("/v1/jobs/{id}/pause", api.desire("paused")),
-        web.post("/v1/jobs/{id}/resume", api.desire("running")),
-        web.post("/v1/jobs/{id}/end", api.desire("ended")),
+        web.post("/v1/jobs/{id}/pause", api.desire(DesiredState.PAUSED)),
+        web.post("/v1/jobs/{id}/resume", api.desire(DesiredState.RUNNING)),
+        web.post("/v1/jobs/{id}/end", api.desire(DesiredState.ENDED)),
         get("/v1/jobs/{id}/events", api.job_events),
         get("/v1/jobs/{id}/export", api.export),
         web.post("/v1/jobs/{id}/import", api.import_),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.lifecycle import DESIRED, STATES
+from ..catalog.states import ACCESS, DesiredState, JobState
 
 JSON = "application/json"
 
@@ -41,7 +41,7 @@ def _op(op_id: str, summary: str, responses: dict[str, Any], *,
     return op
 
 
-def _action(verb: str, desired: str) -> dict[str, Any]:
+def _action(verb: str, desired: DesiredState) -> dict[str, Any]:
     return {"post": _op(
         f"{verb}Job", f"{verb.capitalize()} a job: want it {desired}; with ?wait=1, answer "
         f"once it is {desired}",
@@ -73,8 +73,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["id", "state", "desired_state", "spec", "attempts", "created_at"],
             "properties": {
-                "id": text, "state": {"enum": list(STATES)},
-                "desired_state": {"enum": list(DESIRED)},
+                "id": text, "state": {"enum": [s.value for s in JobState]},
+                "desired_state": {"enum": [s.value for s in DesiredState]},
                 "host": nullable_text, "port": {"type": ["integer", "null"]},
                 "agent_url": nullable_text,
                 "spec": {"type": "object", "description": "JobSpec, plus 'source' for imports"},
@@ -98,7 +98,7 @@ def _schemas() -> dict[str, Any]:
         "EventList": {"type": "object", "required": ["events"],
                       "properties": {"events": {"type": "array", "items": _ref("Event")}}},
         "GrantEntry": {"type": "object", "properties": {
-            "pattern": text, "access": {"enum": ["read", "write"]}}},
+            "pattern": text, "access": {"enum": list(ACCESS)}}},
         "User": {"type": "object", "required": ["name", "admin", "grants"], "properties": {
             "name": text, "admin": {"type": "boolean"},
             "grants": {"type": "array", "items": _ref("GrantEntry")}}},
@@ -112,7 +112,7 @@ def _schemas() -> dict[str, Any]:
                   "additionalProperties": False,
                   "properties": {"user": text,
                                  "pattern": {"type": "string", "examples": ["scrape-*", "*"]},
-                                 "access": {"enum": ["read", "write"]}}},
+                                 "access": {"enum": list(ACCESS)}}},
         "Revoke": {"type": "object", "required": ["user", "pattern"],
                    "additionalProperties": False,
                    "properties": {"user": text, "pattern": text}},
@@ -197,9 +197,9 @@ def _paths() -> dict[str, Any]:
                 {"202": _body(job, "deletion requested"),
                  "204": {"description": "deleted (with ?wait=1)"}, **_errors(400, 404, 504)},
                 params=("JobId", "Wait", "Timeout"), tags=("jobs",))},
-        "/v1/jobs/{id}/pause": _action("pause", "paused"),
-        "/v1/jobs/{id}/resume": _action("resume", "running"),
-        "/v1/jobs/{id}/end": _action("end", "ended"),
+        "/v1/jobs/{id}/pause": _action("pause", DesiredState.PAUSED),
+        "/v1/jobs/{id}/resume": _action("resume", DesiredState.RUNNING),
+        "/v1/jobs/{id}/end": _action("end", DesiredState.ENDED),
         "/v1/jobs/{id}/events": {"get": _op(
             "jobEvents", "A job's events, oldest first",
             {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..catalog.db import check_job_id
+from ..catalog.models import check_job_id
 
 WAIT_DEFAULT = 300.0
 WAIT_MAX = 3600.0

@@ -26,7 +26,9 @@ from aiohttp import web
 from jobmesh.agent.manifest import Manifest, ManifestError, job_prefix
 from jobmesh.agent.store import CHUNK, Digest, Store, StoreError
 
-from ..catalog.db import Catalog, Conflict, Job, NotFound
+from ..catalog.db import Catalog
+from ..catalog.models import Conflict, Job, NotFound
+from ..catalog.states import DesiredState, JobState
 from .request import ApiError, timeout_param
 from .wait import JobWatch
 
@@ -90,12 +92,13 @@ async def _dump(job: Job, catalog: Catalog, http: aiohttp.ClientSession, watch: 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     for attempt in range(ATTEMPTS):
-        if job.desired_state == "ended" and job.state != "running":
+        if job.desired_state == DesiredState.ENDED and job.state != JobState.RUNNING:
             raise ApiError(409, f"job {job.id} is ended",
                            f"resume it first (`jobmesh job resume {job.id}`), then export")
-        if job.state != "running":
+        if job.state != JobState.RUNNING:
             await catalog.request_wake(job.id)
-            woken = await watch.wait(job.id, "running", max(deadline - loop.time(), 0.001))
+            woken = await watch.wait(job.id, DesiredState.RUNNING,
+                                     max(deadline - loop.time(), 0.001))
             assert woken is not None
             job = woken
         await catalog.touch([job.id])  # an export is a use: the idle reaper should wait

@@ -16,7 +16,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from ..catalog.db import JOBS_CHANNEL, Catalog, Job
+from jobmesh.errors import one_line
+
+from ..catalog.db import Catalog
+from ..catalog.models import JOBS_CHANNEL, Job
+from ..catalog.states import DesiredState, settled
 from .request import ApiError
 
 log = logging.getLogger("jobmesh.controller.api")
@@ -31,8 +35,8 @@ class JobWatch:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._lock = asyncio.Lock()
 
-    async def wait(self, job_id: str, target: str, timeout: float) -> Job | None:
-        """The job once its state is ``target`` ("deleted": once its row is gone).
+    async def wait(self, job_id: str, target: DesiredState, timeout: float) -> Job | None:
+        """The job once it is what ``target`` asks ("deleted": once its row is gone).
 
         ``target`` is also the desired state the caller set: when someone else wants
         something else meanwhile (a client's connect woke a job being paused), the wait
@@ -45,11 +49,11 @@ class JobWatch:
                 changed.clear()  # before the read: an announcement after it wakes us
                 job = await self._catalog.job(job_id)
                 if job is None:
-                    if target == "deleted":
+                    if target == DesiredState.DELETED:
                         return None
                     raise ApiError(404, f"job {job_id} was deleted while waiting for it to "
                                         f"be {target}", "`jobmesh job list` shows the jobs")
-                if job.state == target:
+                if job.state == settled(target):
                     return job
                 if job.desired_state != target:
                     raise ApiError(409, f"job {job_id} is now wanted {job.desired_state}, no "
@@ -102,9 +106,9 @@ class JobWatch:
             await conn.close()
 
 
-def _timed_out(job: Job, target: str, timeout: float) -> ApiError:
+def _timed_out(job: Job, target: DesiredState, timeout: float) -> ApiError:
     doing = f" ({job.progress})" if job.progress else ""
-    failed = f"; last error: {' '.join(job.error.split())}" if job.error else ""
+    failed = f"; last error: {one_line(job.error)}" if job.error else ""
     return ApiError(504, f"job {job.id} is still {job.state}{doing} after {timeout:g} s, "
                          f"not yet {target}{failed}",
                     f"the controller keeps working on it: see `jobmesh job show {job.id}`; is "

@@ -1,4 +1,4 @@
-"""What the backends read and delete of a job in the store."""
+"""What the backends read and delete of a job in the store, and how a pause is confirmed there."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from jobmesh.agent.manifest import (
     snapshot_manifest_key,
 )
 from jobmesh.agent.store import Store, StoreError, get_bytes
+
+from ..core.backend import BackendError, Stopped
 
 
 async def latest_snapshot(store: Store, job_id: str) -> Manifest | None:
@@ -35,3 +37,24 @@ async def delete_job_objects(store: Store, job_id: str, parallel: int = 16) -> i
 
     await asyncio.gather(*(one(o.key) for o in objects))
     return len(objects)
+
+
+async def stored_pause(store: Store, job_id: str) -> Stopped | None:
+    """The pause, if the job's latest snapshot is a pause snapshot: what a pause retried
+    after the instance was removed answers (the snapshot was the pause)."""
+    m = await latest_snapshot(store, job_id)
+    return stopped(m) if m is not None and m.kind == "pause" else None
+
+
+async def confirm_pause(store: Store, job_id: str, pause: Manifest) -> Stopped:
+    """The agent's answer to a pause, once its manifest is seen in the store: only then
+    may the instance (and its local copy of the data) go."""
+    if await store.size(snapshot_manifest_key(job_id, pause.id)) is None:
+        raise BackendError(f"the agent answered pause snapshot {pause.id}, but its manifest "
+                           f"is not in {store.url}")
+    return stopped(pause)
+
+
+def stopped(pause: Manifest) -> Stopped:
+    """The reconciler's record of a pause: the manifest (as stored) and the bytes uploaded."""
+    return Stopped(pause, sum(o.size for o in pause.objects))

@@ -1,143 +1,49 @@
-"""The catalog: jobs, principals, grants, snapshots and events in PostgreSQL (asyncpg).
+"""The catalog's queries: jobs, principals, grants, snapshots and events in PostgreSQL (asyncpg).
 
-It is the one source of truth. Every state change is a compare-and-set on
-``jobs.state`` plus an ``events`` row in the same transaction, so two
-controllers (or a controller and its own restarted self) never both apply a
-transition. Triggers announce changes with ``NOTIFY`` on two channels:
-``jobmesh_jobs`` (payload: the job id) and ``jobmesh_principals`` (payload:
-the principal's name); routers and the controller ``LISTEN`` and re-read.
+The catalog is the one source of truth. Every state change is a
+compare-and-set on ``jobs.state`` plus an ``events`` row in the same
+transaction, so two controllers (or a controller and its own restarted
+self) never both apply a transition. Triggers announce changes with
+``NOTIFY`` on two channels: ``jobmesh_jobs`` (payload: the job id) and
+``jobmesh_principals`` (payload: the principal's name); routers and the
+controller ``LISTEN`` and re-read.
 
-Routers use this module too (DESIGN.md: ``router -> controller.catalog``),
-so it imports nothing else of the controller.
+Routers use the catalog package too (an import contract: the router imports
+``jobmesh.controller.catalog`` and nothing else of the controller), so it
+imports nothing else of the controller. The values it returns are in
+``models.py``; the schema and its migrations in ``schema.py``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
-JOBS_CHANNEL = "jobmesh_jobs"
-PRINCIPALS_CHANNEL = "jobmesh_principals"
-JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,58}")
-PRINCIPAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}")
-PATTERN = re.compile(r"[a-z0-9_*?\[\]-]{1,63}")
-MIGRATIONS = Path(__file__).with_name("migrations")
-_MIGRATION_LOCK = 0x6A6F626D657368  # "jobmesh": one migrator at a time
-
-
-class CatalogError(Exception):
-    """A request the catalog refuses; the message says why, for the user."""
-
-
-class NotFound(CatalogError):
-    pass
-
-
-class Conflict(CatalogError):
-    pass
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    state: str
-    desired_state: str
-    host: str | None
-    port: int | None
-    agent_url: str | None
-    backend_password: str
-    spec: dict[str, Any]
-    progress: str | None
-    error: str | None
-    attempts: int
-    last_active: datetime
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def database(self) -> str:
-        return f"job_{self.id}"
-
-    def public(self) -> dict[str, Any]:
-        """What the API shows: everything but the backend password."""
-        return {
-            "id": self.id, "state": self.state, "desired_state": self.desired_state,
-            "host": self.host, "port": self.port, "agent_url": self.agent_url,
-            "spec": self.spec, "progress": self.progress, "error": self.error,
-            "attempts": self.attempts, "last_active": self.last_active.isoformat(),
-            "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
-        }
-
-
-@dataclass(frozen=True)
-class Grant:
-    pattern: str
-    access: str  # "read" or "write"
-
-
-@dataclass(frozen=True)
-class PrincipalRow:
-    name: str
-    verifier: str
-    admin: bool
-    grants: tuple[Grant, ...]
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    job_id: str
-    at: datetime
-    kind: str
-    from_state: str | None
-    to_state: str | None
-    duration_ms: float | None
-    bytes: int | None
-    detail: dict[str, Any]
-
-    def public(self) -> dict[str, Any]:
-        return {"id": self.id, "job_id": self.job_id, "at": self.at.isoformat(),
-                "kind": self.kind, "from_state": self.from_state, "to_state": self.to_state,
-                "duration_ms": self.duration_ms, "bytes": self.bytes, "detail": self.detail}
-
-
-def _job(row: asyncpg.Record) -> Job:
-    return Job(**{k: row[k] for k in Job.__dataclass_fields__})
-
-
-def _event(row: asyncpg.Record) -> Event:
-    return Event(**{k: row[k] for k in Event.__dataclass_fields__})
+from . import schema
+from .models import (
+    CatalogError,
+    Conflict,
+    Event,
+    Grant,
+    Job,
+    NotFound,
+    PrincipalRow,
+    check_access,
+    check_job_id,
+    check_pattern,
+    check_principal,
+)
+from .states import Access, DesiredState, JobState
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
                               schema="pg_catalog")
-
-
-def check_job_id(job_id: str) -> None:
-    if not JOB_ID.fullmatch(job_id):
-        raise CatalogError(f"bad job id {job_id!r}: use a-z, 0-9, '-' and '_', starting "
-                           "with a letter or digit, at most 59 characters")
-
-
-def check_principal(name: str) -> None:
-    if not PRINCIPAL.fullmatch(name):
-        raise CatalogError(f"bad user name {name!r}: use letters, digits, '_', '.', '@' "
-                           "and '-', at most 63 characters")
-
-
-def check_pattern(pattern: str) -> None:
-    if not PATTERN.fullmatch(pattern):
-        raise CatalogError(f"bad job pattern {pattern!r}: a job id or a glob such as "
-                           "'scrape-*' or '*'")
 
 
 class Catalog:
@@ -164,27 +70,7 @@ class Catalog:
 
     async def migrate(self) -> list[int]:
         """Apply the migrations not yet applied, in order; returns their versions."""
-        applied: list[int] = []
-        async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-            try:
-                await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                                   " version integer PRIMARY KEY,"
-                                   " name text NOT NULL,"
-                                   " applied_at timestamptz NOT NULL DEFAULT now())")
-                done = {r["version"] for r in
-                        await conn.fetch("SELECT version FROM schema_migrations")}
-                for version, path in migrations():
-                    if version in done:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(path.read_text())
-                        await conn.execute("INSERT INTO schema_migrations (version, name)"
-                                           " VALUES ($1, $2)", version, path.name)
-                    applied.append(version)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-        return applied
+        return await schema.migrate(self.pool)
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -198,31 +84,34 @@ class Catalog:
                 job_id, secrets.token_urlsafe(24), spec or {})
             if row is None:
                 raise Conflict(f"job {job_id} already exists")
-            await _insert_event(conn, job_id, "created", None, "creating", detail=spec or {})
-        return _job(row)
+            await _insert_event(conn, job_id, "created", None, JobState.CREATING,
+                                detail=spec or {})
+        return Job.from_row(row)
 
     async def job(self, job_id: str) -> Job | None:
         row = await self.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
-        return _job(row) if row else None
+        return Job.from_row(row) if row else None
 
     async def jobs(self) -> list[Job]:
-        return [_job(r) for r in await self.pool.fetch("SELECT * FROM jobs ORDER BY id")]
+        return [Job.from_row(r) for r in await self.pool.fetch("SELECT * FROM jobs ORDER BY id")]
 
-    async def set_desired(self, job_id: str, desired: str) -> Job:
+    async def set_desired(self, job_id: str, desired: DesiredState) -> Job:
         """The operator's wish (pause, resume, end, delete); the reconciler does the rest."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
             if row is None:
                 raise NotFound(f"no job {job_id}")
-            if row["desired_state"] == "deleted" and desired != "deleted":
+            if (row["desired_state"] == DesiredState.DELETED
+                    and desired != DesiredState.DELETED):
                 raise Conflict(f"job {job_id} is being deleted")
             if row["desired_state"] != desired:
                 row = await conn.fetchrow(
                     "UPDATE jobs SET desired_state = $2, attempts = 0, updated_at = now()"
                     " WHERE id = $1 RETURNING *", job_id, desired)
+                assert row is not None  # locked FOR UPDATE above: it is still there
                 await _insert_event(conn, job_id, "desired", None, None,
                                     detail={"desired_state": desired})
-        return _job(row)
+        return Job.from_row(row)
 
     async def request_wake(self, job_id: str) -> Job | None:
         """A client wants this job: want it running unless it was ended or deleted.
@@ -237,10 +126,10 @@ class Catalog:
                 " WHERE id = $1 AND desired_state = 'paused' RETURNING *", job_id)
             if row is not None:
                 await _insert_event(conn, job_id, "wake-requested", row["state"], None)
-                return _job(row)
+                return Job.from_row(row)
         return await self.job(job_id)
 
-    async def transition(self, job_id: str, from_state: str, to_state: str, *,
+    async def transition(self, job_id: str, from_state: JobState, to_state: JobState, *,
                          host: str | None = None, port: int | None = None,
                          agent_url: str | None = None, error: str | None = None,
                          duration_ms: float | None = None, bytes_moved: int | None = None,
@@ -248,7 +137,7 @@ class Catalog:
         """Compare-and-set the state, recording an event; None if the state was not
         ``from_state`` (someone else moved it). The address is kept only while the
         job is reachable (running) or being worked on; it is cleared otherwise."""
-        keep_address = to_state in ("running", "pausing", "ending")
+        keep_address = to_state in (JobState.RUNNING, JobState.PAUSING, JobState.ENDING)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE jobs SET state = $3,"
@@ -266,7 +155,7 @@ class Catalog:
             await _insert_event(conn, job_id, "transition", from_state, to_state,
                                 duration_ms=duration_ms, bytes_moved=bytes_moved,
                                 detail=detail or ({"error": error} if error else {}))
-        return _job(row)
+        return Job.from_row(row)
 
     async def pause_if_idle(self, job_id: str, idle_seconds: float, *,
                             reason: str = "idle") -> bool:
@@ -280,11 +169,11 @@ class Catalog:
                 job_id, idle_seconds)
             if row is None:
                 return False
-            await _insert_event(conn, job_id, reason, "running", None,
+            await _insert_event(conn, job_id, reason, JobState.RUNNING, None,
                                 detail={"idle_seconds": idle_seconds})
         return True
 
-    async def failed_attempt(self, job_id: str, state: str, error: str) -> None:
+    async def failed_attempt(self, job_id: str, state: JobState, error: str) -> None:
         """A transition's work failed; it stays in ``state`` and is retried later."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -308,7 +197,8 @@ class Catalog:
                                       job_id)
             if done.endswith(" 0"):
                 return False
-            await _insert_event(conn, job_id, "transition", "deleting", "deleted")
+            await _insert_event(conn, job_id, "transition", JobState.DELETING,
+                                DesiredState.DELETED)
         return True
 
     # --- snapshots -----------------------------------------------------------------
@@ -340,7 +230,7 @@ class Catalog:
             "SELECT * FROM (SELECT * FROM events WHERE ($1::text IS NULL OR job_id = $1)"
             " AND ($2::text IS NULL OR kind = $2) ORDER BY id DESC LIMIT $3) e ORDER BY id",
             job_id, kind, limit)
-        return [_event(r) for r in rows]
+        return [Event.from_row(r) for r in rows]
 
     # --- principals and grants ---------------------------------------------------------
 
@@ -363,10 +253,9 @@ class Catalog:
         if done.endswith(" 0"):
             raise NotFound(f"no user {name}")
 
-    async def grant(self, name: str, pattern: str, access: str) -> None:
+    async def grant(self, name: str, pattern: str, access: Access | str) -> None:
         check_pattern(pattern)
-        if access not in ("read", "write"):
-            raise CatalogError("access must be read or write")
+        access = check_access(access)
         try:
             await self.pool.execute(
                 "INSERT INTO grants (principal, pattern, access) VALUES ($1, $2, $3)"
@@ -389,7 +278,7 @@ class Catalog:
             " FROM principals p LEFT JOIN grants g ON g.principal = p.name"
             " WHERE $1::text IS NULL OR p.name = $1 GROUP BY p.name ORDER BY p.name", name)
         return [PrincipalRow(r["name"], r["verifier"], r["admin"],
-                             tuple(Grant(*g.rsplit(":", 1)) for g in r["grants"]))
+                             tuple(_grant(g) for g in r["grants"]))
                 for r in rows]
 
     # --- notifications -------------------------------------------------------------------
@@ -409,23 +298,19 @@ class Catalog:
         return conn
 
 
+def _grant(text: str) -> Grant:
+    """``pattern:access``, as the principals query aggregates a grant."""
+    pattern, access = text.rsplit(":", 1)
+    return Grant(pattern, check_access(access))
+
+
 def _relay(callback: Callable[[str], None]) -> Callable[..., None]:
     def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
         callback(payload)
     return on_notify
 
 
-def migrations() -> list[tuple[int, Path]]:
-    """``NNNN_name.sql`` files beside this module, by version."""
-    found = []
-    for path in sorted(MIGRATIONS.glob("*.sql")):
-        prefix = path.name.split("_", 1)[0]
-        if prefix.isdigit():
-            found.append((int(prefix), path))
-    return found
-
-
-async def _insert_event(conn: asyncpg.Connection, job_id: str, kind: str,
+async def _insert_event(conn: asyncpg.Connection | PoolConnectionProxy, job_id: str, kind: str,
                         from_state: str | None, to_state: str | None, *,
                         duration_ms: float | None = None, bytes_moved: int | None = None,
                         detail: dict[str, Any] | None = None) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
+from jobmesh.errors import one_line
+
 CHUNK = 1 << 20
 USER_AGENT = "jobmesh-cli/1"
 
@@ -30,7 +32,7 @@ class RequestFailed(Exception):
 
     def __str__(self) -> str:
         text = f"{self.error} (hint: {self.hint})" if self.hint else self.error
-        return " ".join(text.split())  # one line, whatever a job's error text holds
+        return one_line(text)  # one line, whatever a job's error text holds
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..catalog.db import Job
+from jobmesh.agent.manifest import Manifest
+
+from ..catalog.models import Job
 
 # Reports what a long step is doing ("restoring 120 MB"); routers show it to waiting clients.
 Progress = Callable[[str], Awaitable[None]]
@@ -38,7 +40,7 @@ class Started:
 class Stopped:
     """A job's instance is stopped and its snapshot is in the store."""
 
-    manifest: dict[str, Any]  # the snapshot's manifest, as stored
+    manifest: Manifest        # the snapshot's manifest, as stored
     bytes_moved: int = 0      # bytes uploaded
 
 

@@ -6,7 +6,7 @@ the in-flight state it records first, and the state it ends in, so a
 controller killed mid-transition finds the in-flight state after restart and
 does the same (idempotent) work again.
 
-States (DESIGN.md "The job lifecycle")::
+The states (``catalog/states.py``)::
 
     creating -> running -> pausing -> paused -> resuming -> running
     running -> ending -> ended            running -> failed -> recovering -> running
@@ -20,11 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-STATES = ("creating", "running", "pausing", "paused", "resuming", "ending", "ended",
-          "failed", "recovering", "deleting")
-DESIRED = ("running", "paused", "ended", "deleted")
-# States in which the job holds (or is about to hold) processes on a backend.
-ACTIVE = frozenset({"creating", "running", "pausing", "resuming", "ending", "recovering"})
+from ..catalog.states import ACTIVE, DesiredState, JobState, settled
 
 
 class Action(enum.Enum):
@@ -42,49 +38,49 @@ class Action(enum.Enum):
 @dataclass(frozen=True)
 class Step:
     action: Action
-    in_flight: str | None  # the state recorded before the work starts
-    done: str | None       # the state recorded when it succeeded (None: row deleted)
+    in_flight: JobState | None  # the state recorded before the work starts
+    done: JobState | None       # the state recorded when it succeeded (None: row deleted)
 
 
 NOTHING = Step(Action.NOTHING, None, None)
 
 
-def decide(state: str, desired: str, alive: bool | None) -> Step:
+def decide(state: JobState, desired: DesiredState, alive: bool | None) -> Step:
     """What to do for one job. ``alive``: are its processes running (None: unknown)."""
-    if desired == "deleted":
-        return Step(Action.DELETE, "deleting", None)
+    if desired == DesiredState.DELETED:
+        return Step(Action.DELETE, JobState.DELETING, None)
     match state:
-        case "creating":
-            return Step(Action.CREATE, "creating", "running")
-        case "running":
+        case JobState.CREATING:
+            return Step(Action.CREATE, JobState.CREATING, JobState.RUNNING)
+        case JobState.RUNNING:
             if alive is False:
-                return Step(Action.FAIL, None, "failed")
-            if desired == "paused":
-                return Step(Action.PAUSE, "pausing", "paused")
-            if desired == "ended":
-                return Step(Action.END, "ending", "ended")
+                return Step(Action.FAIL, None, JobState.FAILED)
+            if desired == DesiredState.PAUSED:
+                return Step(Action.PAUSE, JobState.PAUSING, JobState.PAUSED)
+            if desired == DesiredState.ENDED:
+                return Step(Action.END, JobState.ENDING, JobState.ENDED)
             return NOTHING
-        case "pausing":
-            return Step(Action.PAUSE, "pausing", "paused")
-        case "ending":
-            return Step(Action.END, "ending", "ended")
-        case "resuming":
-            return Step(Action.RESUME, "resuming", "running")
-        case "recovering":
-            return Step(Action.RECOVER, "recovering", "running")
-        case "paused" | "ended":
-            if desired == "running":
-                return Step(Action.RESUME, "resuming", "running")
-            if desired != state:
-                return Step(Action.SETTLE, None, desired)  # paused <-> ended: data is stored
+        case JobState.PAUSING:
+            return Step(Action.PAUSE, JobState.PAUSING, JobState.PAUSED)
+        case JobState.ENDING:
+            return Step(Action.END, JobState.ENDING, JobState.ENDED)
+        case JobState.RESUMING:
+            return Step(Action.RESUME, JobState.RESUMING, JobState.RUNNING)
+        case JobState.RECOVERING:
+            return Step(Action.RECOVER, JobState.RECOVERING, JobState.RUNNING)
+        case JobState.PAUSED | JobState.ENDED:
+            if desired == DesiredState.RUNNING:
+                return Step(Action.RESUME, JobState.RESUMING, JobState.RUNNING)
+            if settled(desired) != state:  # paused <-> ended: the data is stored
+                return Step(Action.SETTLE, None, settled(desired))
             return NOTHING
-        case "failed":
-            if desired == "running":
-                return Step(Action.RECOVER, "recovering", "running")
+        case JobState.FAILED:
+            if desired == DesiredState.RUNNING:
+                return Step(Action.RECOVER, JobState.RECOVERING, JobState.RUNNING)
             # The store holds the latest recovery point and WAL; a resume replays them.
-            return Step(Action.SETTLE, None, desired)
-        case "deleting":
-            return Step(Action.DELETE, "deleting", None)
+            return Step(Action.SETTLE, None, settled(desired))
+        case JobState.DELETING:
+            return Step(Action.DELETE, JobState.DELETING, None)
     raise ValueError(f"unknown job state {state!r}")
 
 
@@ -93,8 +89,8 @@ class Activity:
     """What idle pause and eviction need to know about a job."""
 
     job_id: str
-    state: str
-    desired: str
+    state: JobState
+    desired: DesiredState
     last_active: datetime
 
 
@@ -102,11 +98,13 @@ def idle(jobs: Iterable[Activity], now: datetime, idle_timeout: float) -> list[s
     """Running jobs that nobody used for ``idle_timeout`` seconds."""
     cutoff = now - timedelta(seconds=idle_timeout)
     return [j.job_id for j in jobs
-            if j.state == "running" and j.desired == "running" and j.last_active < cutoff]
+            if j.state == JobState.RUNNING and j.desired == DesiredState.RUNNING
+            and j.last_active < cutoff]
 
 
 def _holds_slot(j: Activity) -> bool:
-    return j.state in ACTIVE and j.state != "pausing" and j.desired == "running"
+    return (j.state in ACTIVE and j.state != JobState.PAUSING
+            and j.desired == DesiredState.RUNNING)
 
 
 def has_room(jobs: Iterable[Activity], job_id: str, max_running: int | None) -> bool:
@@ -114,6 +112,10 @@ def has_room(jobs: Iterable[Activity], job_id: str, max_running: int | None) -> 
     if max_running is None:
         return True
     return sum(1 for j in jobs if j.job_id != job_id and _holds_slot(j)) < max_running
+
+
+# Stopped jobs: wanted running, they wait for a slot to start in.
+_STOPPED = frozenset({JobState.PAUSED, JobState.ENDED, JobState.FAILED})
 
 
 def evictions(jobs: Sequence[Activity], max_running: int | None, now: datetime,
@@ -128,12 +130,12 @@ def evictions(jobs: Sequence[Activity], max_running: int | None, now: datetime,
     if max_running is None:
         return []
     holding = [j for j in jobs if _holds_slot(j)]
-    waiting = [j for j in jobs if j.state in ("paused", "ended", "failed")
-               and j.desired == "running"]
+    waiting = [j for j in jobs if j.state in _STOPPED and j.desired == DesiredState.RUNNING]
     over = len(holding) + len(waiting) - max_running
     if over <= 0:
         return []
     cutoff = now - timedelta(seconds=quiet_for)
-    candidates = sorted((j for j in holding if j.state == "running" and j.last_active < cutoff),
+    candidates = sorted((j for j in holding
+                         if j.state == JobState.RUNNING and j.last_active < cutoff),
                         key=lambda j: j.last_active)
     return [j.job_id for j in candidates[:over]]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .lifecycle import STATES
+from ..catalog.states import JobState
 
 _SECONDS = (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 
@@ -33,7 +33,7 @@ class ControllerMetrics:
         self.failures = Counter("jobmesh_job_failures_total",
                                 "Jobs whose PostgreSQL stopped unexpectedly", registry=r)
 
-    def set_job_states(self, states: Iterable[str]) -> None:
+    def set_job_states(self, states: Iterable[JobState]) -> None:
         counts = Tally(states)
-        for state in STATES:
+        for state in JobState:
             self.jobs.labels(state).set(counts.get(state, 0))

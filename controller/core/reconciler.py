@@ -2,7 +2,7 @@
 
 Level-triggered: whatever woke it (a NOTIFY, the periodic resync, a retry
 timer, a health check), it re-reads the job's row, asks the backend whether
-the job's processes are alive, and lets :func:`controller.lifecycle.decide`
+the job's processes are alive, and lets :func:`lifecycle.decide`
 say what to do. Work for one job is never run twice at once (a job has at
 most one worker task; a kick during work re-runs it afterwards), and every
 step is recorded in the catalog before and after, so a controller killed at
@@ -15,12 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from ..catalog.db import JOBS_CHANNEL, Catalog, Job
+from jobmesh import defaults
+
+from ..catalog.db import Catalog
+from ..catalog.models import JOBS_CHANNEL, Job
+from ..catalog.states import JobState
 from . import lifecycle
 from .backend import Backend, Started, Stopped
 from .lifecycle import Action, Activity, Step
@@ -33,7 +37,7 @@ log = logging.getLogger("jobmesh.controller")
 class ReconcilerConfig:
     resync_interval: float = 30.0   # re-read every job even without NOTIFY
     health_interval: float = 2.0    # how often running jobs' processes are checked
-    idle_timeout: float | None = 600.0  # pause jobs unused this long (None: never)
+    idle_timeout: float | None = defaults.IDLE_TIMEOUT  # pause unused jobs (None: never)
     max_running: int | None = None  # at most this many jobs up at once
     quiet_for: float = 15.0         # a job is evictable after this long without sessions
     retry_max: float = 60.0         # the longest back-off between failed attempts
@@ -126,7 +130,7 @@ class Reconciler:
             await asyncio.sleep(self.config.health_interval)
             try:
                 for job in await self.catalog.jobs():
-                    if job.state == "running" and await self.backend.alive(job) is False:
+                    if job.state == JobState.RUNNING and await self.backend.alive(job) is False:
                         self.kick(job.id)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("health check failed: %s", exc)
@@ -165,7 +169,7 @@ class Reconciler:
         job = await self.catalog.job(job_id)
         if job is None:
             return
-        alive = await self.backend.alive(job) if job.state == "running" else None
+        alive = await self.backend.alive(job) if job.state == JobState.RUNNING else None
         step = lifecycle.decide(job.state, job.desired_state, alive)
         if step.action is Action.NOTHING:
             return
@@ -181,7 +185,7 @@ class Reconciler:
             return
         if step.action is Action.FAIL:
             log.warning("job %s: PostgreSQL is not running: marking failed", job.id)
-            await self.catalog.transition(job.id, "running", "failed",
+            await self.catalog.transition(job.id, JobState.RUNNING, JobState.FAILED,
                                           error="PostgreSQL stopped unexpectedly")
             self.metrics.failures.inc()
             self._dirty.add(job.id)
@@ -267,11 +271,11 @@ class Reconciler:
                 await self._observe_wake(job)
         elif isinstance(result, Stopped):
             self.metrics.bytes_moved.labels("stored").inc(result.bytes_moved)
-            await self.catalog.record_snapshot(job.id, result.manifest)
+            await self.catalog.record_snapshot(job.id, asdict(result.manifest))
             await self.catalog.transition(
                 job.id, job.state, step.done, duration_ms=seconds * 1000,
                 bytes_moved=result.bytes_moved,
-                detail={"snapshot": result.manifest.get("id")})
+                detail={"snapshot": result.manifest.id})
             self._room_freed()
         log.info("job %s: %s in %.0f ms", job.id, step.done, seconds * 1000)
 

@@ -1,4 +1,4 @@
-"""The Kubernetes backend: a pod per job (``k8s_objects`` builds it), through the official client.
+"""The Kubernetes backend: a pod per job (``objects.py`` builds it), through the official client.
 
 A start (create, resume, recover) makes sure of the job's anchor ConfigMap,
 its Secret and its catalog user, adopts a healthy pod of the job or replaces
@@ -9,22 +9,21 @@ may still be replaying archived WAL while ``pg_isready`` already answers. A
 pause asks the pod's agent for the pause snapshot and only then deletes the
 pod, waiting until it is gone. A pod that dies is not restarted
 (``restartPolicy: Never``): the job is marked failed and recovered from the
-store into a new pod. The watch thread (``k8s_client.PodWatcher``) tells the
+store into a new pod. The watch thread (``client.PodWatcher``) tells the
 reconciler at once when a job pod fails or vanishes; its health check asks
 the API as a backstop.
 
-Every method is idempotent and holds a per-job lock, as the local backend's.
+Every method is idempotent and holds a per-job lock (``job_lock.py``), as the
+local backend's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 import asyncpg
@@ -34,16 +33,19 @@ from kubernetes.client.exceptions import ApiException
 
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.init import OWNER_ROLE
-from jobmesh.agent.manifest import ManifestError, snapshot_manifest_key
+from jobmesh.agent.manifest import Manifest, ManifestError
 from jobmesh.agent.store import StoreError, open_store
 
-from ...catalog.db import Catalog, CatalogError, Job
-from ...catalog.db import Conflict as CatalogConflict
-from ...catalog.db import NotFound as NoSuchUser
+from ...catalog.db import Catalog
+from ...catalog.models import CatalogError, Job
+from ...catalog.models import Conflict as CatalogConflict
+from ...catalog.models import NotFound as NoSuchUser
 from ...catalog.passwords import scram_verifier
 from ...core.backend import BackendError, Progress, Started, Stopped
+from ..agent_client import AgentClient
 from ..job_database import wait_until_writable
-from ..job_store import delete_job_objects, latest_snapshot
+from ..job_lock import JobLocks
+from ..job_store import confirm_pause, delete_job_objects, latest_snapshot, stored_pause
 from ..step_report import mb
 from . import objects as objects
 from .client import Api, PodWatcher, one_line
@@ -52,6 +54,11 @@ from .objects import PodSettings
 log = logging.getLogger("jobmesh.controller.kubernetes")
 
 DELETE_GRACE = 10  # seconds a deleted job's pod gets (nothing of it is kept)
+
+# What a step may fail with that is not a bug: "cannot <step>: <why>" (see job_lock).
+EXPECTED_ERRORS = (ApiException, urllib3.exceptions.HTTPError, ValueError,  # (client checks)
+                   AgentError, StoreError, ManifestError, CatalogError, OSError, TimeoutError,
+                   aiohttp.ClientError, asyncpg.PostgresError)
 
 
 class KubernetesBackend:
@@ -71,14 +78,14 @@ class KubernetesBackend:
             self.store = open_store(settings.store_url, s3_endpoint=settings.s3_endpoint)
         except StoreError as exc:
             raise BackendError(str(exc)) from exc
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.locks = JobLocks(EXPECTED_ERRORS, log, describe=one_line)
         self._watcher: PodWatcher | None = None
         self._closed = False
 
     # --- Backend ------------------------------------------------------------------------
 
     async def start(self, on_change: Callable[[str], None] | None = None) -> None:
-        async with self._errors("start the kubernetes backend"):
+        async with self.locks.errors("start the kubernetes backend"):
             await self._ensure_network_policy()
         if on_change is not None:
             self._watcher = PodWatcher(self.api.client, self.ns, asyncio.get_running_loop(),
@@ -95,19 +102,19 @@ class KubernetesBackend:
         await self.store.close()
 
     async def create(self, job: Job, progress: Progress) -> Started:
-        async with self._job("create", job.id):
+        async with self.locks.step("create", job.id):
             return await self._up(job, progress, restore=False)
 
     async def resume(self, job: Job, progress: Progress) -> Started:
-        async with self._job("resume", job.id):
+        async with self.locks.step("resume", job.id):
             return await self._up(job, progress, restore=True)
 
     async def recover(self, job: Job, progress: Progress) -> Started:
-        async with self._job("recover", job.id):
+        async with self.locks.step("recover", job.id):
             return await self._up(job, progress, restore=True)
 
     async def pause(self, job: Job) -> Stopped:
-        async with self._job("pause", job.id):
+        async with self.locks.step("pause", job.id):
             pod = await self.api.pod(job.id)
             seen = objects.view(pod)
             manifest = None
@@ -119,21 +126,16 @@ class KubernetesBackend:
                         raise  # a healthy pod: the reconciler retries
                     log.warning("job %s: the pause failed in its failing pod (%s): %s; "
                                 "recovering it from the store first", job.id, seen.why, exc)
-            elif pod is None:
-                # Retried after the pod was deleted: the snapshot is the pause.
-                m = await latest_snapshot(self.store, job.id)
-                if m is not None and m.kind == "pause":
-                    return Stopped(json.loads(m.to_json()), sum(o.size for o in m.objects))
+            elif pod is None and (done := await stored_pause(self.store, job.id)) is not None:
+                return done  # retried after the pod was deleted: the snapshot is the pause
             if manifest is None:
                 # The pod died before its snapshot was stored: restore the latest recovery
                 # point and the archived WAL into a new pod, and take the snapshot there.
                 up = await self._up(job, _no_progress, restore=True)
                 manifest = await self._request_pause(job, up.host)
-            if await self.store.size(snapshot_manifest_key(job.id, manifest["id"])) is None:
-                raise BackendError(f"the agent answered pause snapshot {manifest['id']}, but "
-                                   f"its manifest is not in {self.store.url}")
+            stopped = await confirm_pause(self.store, job.id, manifest)
             await self.api.delete_pod(job.id, self.settings.grace_seconds)
-            return Stopped(manifest, sum(int(o["size"]) for o in manifest["objects"]))
+            return stopped
 
     async def alive(self, job: Job) -> bool | None:
         try:
@@ -144,7 +146,7 @@ class KubernetesBackend:
         return objects.view(pod).alive
 
     async def delete(self, job: Job) -> None:
-        async with self._job("delete", job.id):
+        async with self.locks.step("delete", job.id):
             name = objects.object_name(job.id)
             # Gone before the store is emptied: a dying agent could still upload WAL.
             await self.api.delete_pod(job.id, DELETE_GRACE)
@@ -155,14 +157,14 @@ class KubernetesBackend:
             await delete_job_objects(self.store, job.id)
 
     async def orphans(self, known: set[str]) -> list[str]:
-        async with self._errors("list job pods"):
+        async with self.locks.errors("list job pods"):
             found = {objects.job_id_of(p) for p in await self.api.job_pods()}
         return sorted(i for i in found if i is not None and i not in known)
 
     async def stop_orphan(self, job_id: str) -> None:
         """Delete its pod: Postgres gets SIGTERM and the agent ships the spool's WAL in the
         grace period. Its Secret, anchor and data in the store are kept."""
-        async with self._job("stop orphan", job_id):
+        async with self.locks.step("stop orphan", job_id):
             await self.api.delete_pod(job_id, self.settings.grace_seconds)
 
     # --- steps --------------------------------------------------------------------------
@@ -205,7 +207,7 @@ class KubernetesBackend:
                     raise
         ip = await self._wait_ready(job, progress)
         await self._wait_writable(job, ip)
-        return Started(ip, objects.POSTGRES_PORT, f"http://{ip}:{objects.AGENT_PORT}",
+        return Started(ip, objects.POSTGRES_PORT, objects.agent_url(ip),
                        bytes_moved=size,
                        detail={"pod": objects.object_name(job.id), "adopted": pod is not None})
 
@@ -297,24 +299,14 @@ class KubernetesBackend:
         finally:
             await conn.close()
 
-    async def _request_pause(self, job: Job, ip: str | None) -> dict[str, Any]:
-        """POST /pause to the pod's agent: it stops Postgres, drains the spool and stores a
-        pause snapshot; returns the snapshot's manifest, as stored."""
-        limits = aiohttp.ClientTimeout(total=self.pause_timeout, sock_connect=10)
+    async def _request_pause(self, job: Job, ip: str | None) -> Manifest:
+        """The pod's agent stops Postgres, drains the spool and stores a pause snapshot;
+        returns the snapshot's manifest, as stored (see ``agent_client``)."""
         try:
-            async with aiohttp.ClientSession(timeout=limits) as session, \
-                    session.post(f"http://{ip}:{objects.AGENT_PORT}/pause") as resp:
-                body = await resp.json(content_type=None)
+            return await AgentClient(objects.agent_url(ip), job.id).pause(self.pause_timeout)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BackendError(f"cannot ask the agent of job {job.id} to pause: "
                                f"{one_line(exc)}") from exc
-        if resp.status != 200 or not isinstance(body, dict):
-            error = body.get("error") if isinstance(body, dict) else body
-            raise BackendError(f"the agent of job {job.id} could not pause: {error}")
-        if body.get("kind") != "pause" or not body.get("id") or "objects" not in body:
-            raise BackendError(f"the agent of job {job.id} answered the pause with something "
-                               "other than a pause snapshot's manifest")
-        return body
 
     async def _ensure_network_policy(self) -> None:
         net, body = self.api.net, objects.network_policy(self.ns)
@@ -336,31 +328,6 @@ class KubernetesBackend:
             await self.api.call(net.patch_namespaced_network_policy, objects.NETWORK_POLICY,
                                 self.ns, patch)
             log.info("updated NetworkPolicy %s/%s", self.ns, objects.NETWORK_POLICY)
-
-    # --- plumbing -----------------------------------------------------------------------
-
-    def _lock(self, job_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(job_id, asyncio.Lock())
-
-    @contextlib.asynccontextmanager
-    async def _job(self, what: str, job_id: str) -> AsyncIterator[None]:
-        async with self._lock(job_id), self._errors(f"{what} job {job_id}"):
-            yield
-
-    @contextlib.asynccontextmanager
-    async def _errors(self, what: str) -> AsyncIterator[None]:
-        """Everything fails as one BackendError line."""
-        try:
-            yield
-        except BackendError:
-            raise
-        except (ApiException, urllib3.exceptions.HTTPError, ValueError,  # (client checks)
-                AgentError, StoreError, ManifestError, CatalogError, OSError, TimeoutError,
-                aiohttp.ClientError, asyncpg.PostgresError) as exc:
-            raise BackendError(f"cannot {what}: {one_line(exc)}") from exc
-        except Exception as exc:  # our bugs: still one line, with the traceback logged
-            log.exception("cannot %s", what)
-            raise BackendError(f"cannot {what}: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 async def _no_progress(_text: str) -> None:

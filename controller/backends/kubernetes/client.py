@@ -1,7 +1,7 @@
 """The official Kubernetes client, fitted to an asyncio controller.
 
 The client is synchronous: every call here runs in a thread with a timeout,
-and objects come back as the API's JSON (camelCase dicts), as ``k8s_objects``
+and objects come back as the API's JSON (camelCase dicts), as ``objects.py``
 builds and reads them. :class:`Api` holds the calls the backend makes on one
 namespace; :class:`PodWatcher` is a thread that watches all job pods and tells
 the reconciler (on its event loop) when one fails, is evicted or vanishes.
@@ -20,6 +20,8 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+
+from jobmesh import errors
 
 from ...core.backend import BackendError
 from . import objects as objects
@@ -63,13 +65,19 @@ def in_cluster_namespace() -> str | None:
 
 
 def one_line(exc: BaseException) -> str:
-    """An error as one line; for the API's, its status and message."""
+    """An error as one line (``jobmesh.errors.one_line``); for the API's, its status and
+    the message its body carries."""
     if isinstance(exc, ApiException):
-        message = exc.reason or ""
+        return f"{exc.status} {errors.one_line(_api_message(exc))}"
+    return errors.one_line(exc)
+
+
+def _api_message(exc: ApiException) -> str:
+    message = exc.reason or ""
+    if exc.body:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             message = json.loads(exc.body).get("message") or message
-        return f"{exc.status} {' '.join(str(message).split())}"
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return str(message)
 
 
 def raw(fn: Callable[..., Any], *args: Any, timeout: float = REQUEST_TIMEOUT,

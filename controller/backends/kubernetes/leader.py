@@ -168,8 +168,8 @@ class LeaderElector:
                     return "taken"  # another candidate created it first
                 raise
             return "held"
-        spec = lease.get("spec") or {}
-        meta = lease.get("metadata") or {}
+        spec: dict[str, Any] = lease.get("spec") or {}
+        meta: dict[str, Any] = lease.get("metadata") or {}
         holder = spec.get("holderIdentity") or ""
         record = (holder, spec.get("renewTime"), meta.get("resourceVersion"))
         if record != self._observed:
@@ -182,7 +182,7 @@ class LeaderElector:
                      holder)
         ours = holder == cfg.identity
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
-        acquired = spec.get("acquireTime") if ours and spec.get("acquireTime") else now
+        acquired = (spec.get("acquireTime") or now) if ours else now
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": cfg.name, "namespace": cfg.namespace,
                              "resourceVersion": meta.get("resourceVersion")},

@@ -1,4 +1,4 @@
-"""The Kubernetes objects of a job, as plain dicts: built here, sent by ``k8s_backend``.
+"""The Kubernetes objects of a job, as plain dicts: built here, sent by ``backend.py``.
 
 Pure: no client, no I/O, so every object can be checked against the API's
 schema in a unit test. Per job there are four objects, all named
@@ -31,6 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
+
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
+
+from ..job_spec import archive_timeout
 
 Obj = dict[str, Any]
 
@@ -74,8 +78,8 @@ class PodSettings:
     store_url: str
     s3_endpoint: str | None = None
     s3_secret: str | None = None  # a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
-    archive_timeout: int = 60
-    base_backup_interval: float = 3600
+    archive_timeout: int = ARCHIVE_TIMEOUT
+    base_backup_interval: float = BASE_BACKUP_INTERVAL
     image_pull_policy: str = "IfNotPresent"
     # The agent's final WAL drain runs in this time when a pod is deleted.
     grace_seconds: int = 60
@@ -147,6 +151,11 @@ def connection_url(job_id: str, password: str, router_host: str,
             f"{quote(f'job_{job_id}', safe='')}")
 
 
+def agent_url(pod_ip: str | None) -> str:
+    """The HTTP API of the agent sidecar in the pod at ``pod_ip``."""
+    return f"http://{pod_ip}:{AGENT_PORT}"
+
+
 def job_secret(namespace: str, job_id: str, password: str, url: str, owner_uid: str) -> Obj:
     """The backend password (for the init step) and the URL (for the job's workload).
 
@@ -185,14 +194,6 @@ def resources(spec: Mapping[str, Any]) -> Obj:
     requests = {k: str(spec.get(k) or v) for k, v in DEFAULT_REQUESTS.items()}
     limits = {k: str(spec.get(k) or v) for k, v in DEFAULT_LIMITS.items()}
     return {"requests": requests, "limits": limits}
-
-
-def archive_timeout(spec: Mapping[str, Any], default: int) -> int:
-    raw = spec.get("archive_timeout", default)
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise ValueError(f"archive_timeout must be a whole number of seconds >= 0, "
-                         f"not {raw!r}")
-    return raw
 
 
 def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, restore: bool,

@@ -12,87 +12,64 @@ spool still holds, discards the local remains and restores from the store,
 never from the cache (so the store, not the local disk, is what a job's
 durability rests on).
 
-Every method is idempotent and holds a per-job lock, so a reconciler that
-retries, or runs two steps for one job at once, never interleaves them. An
-instance counts as set up once its ``ready`` file exists; one that is running
-without it was interrupted mid-setup and is set up again from scratch.
+Every method is idempotent and holds a per-job lock (``job_lock.py``), so a
+reconciler that retries, or runs two steps for one job at once, never
+interleaves them. An instance counts as set up once its ``ready`` file
+exists; one that is running without it was interrupted mid-setup and is set
+up again from scratch (``instance.py`` starts, adopts and discards them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import asyncpg
 
 from jobmesh.agent.errors import AgentError
-from jobmesh.agent.manifest import ManifestError, snapshot_manifest_key
-from jobmesh.agent.postgres import PostgresError, free_port, os_user, run_pg
+from jobmesh.agent.manifest import ManifestError
+from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
 from jobmesh.agent.store import StoreError, open_store
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
+from jobmesh.errors import one_line
 
-from ...catalog.db import JOB_ID, Job
+from ...catalog.models import JOB_ID, Job
 from ...core.backend import BackendError, Progress, Started, Stopped
-from ..job_database import connect, import_dump, personalise, wait_until_writable
-from ..job_store import delete_job_objects, latest_snapshot
+from ..job_lock import JobLocks
+from ..job_store import confirm_pause, delete_job_objects, latest_snapshot, stored_pause
 from ..step_report import Laps, Relay, mb
-from .process import (
-    JobDir,
-    cleanly_stopped,
-    empty_trash,
-    is_ready,
-    mark_ready,
-    postgres_settings,
-    postmaster,
-    prepare,
-    remove,
-    start_postgres,
-    stop_postgres,
-)
-from .sidecar import (
-    AgentInfo,
-    agent_argv,
-    agent_running,
-    pick_port,
-    read_agent,
-    request_pause,
-    ship_last_wal,
-    spawn_agent,
-    stop_agent,
-    wait_listening,
-)
+from .instance import HOST, Instances
+from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
+from .sidecar import agent_running, read_agent, ship_last_wal, stop_agent
 from .template import Template
 from .warm_cache import WarmCache
 
 log = logging.getLogger("jobmesh.controller.local")
 
-HOST = "127.0.0.1"
 SHIP_WAIT = 30.0  # how long a recovery waits for the spool to reach the store
+
+# What a step may fail with that is not a bug: "cannot <step>: <why>" (see job_lock).
+EXPECTED_ERRORS = (AgentError, StoreError, PostgresError, ManifestError, OSError, TimeoutError,
+                   aiohttp.ClientError, subprocess.SubprocessError)
 
 
 class LocalBackend:
     name = "local"
 
     def __init__(self, root: Path, store_url: str, *, s3_endpoint: str | None = None,
-                 archive_timeout: int = 60, base_backup_interval: float = 3600,
+                 archive_timeout: int = ARCHIVE_TIMEOUT,
+                 base_backup_interval: float = BASE_BACKUP_INTERVAL,
                  python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
                  pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30) -> None:
         self.root = Path(root).absolute()
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
-        self.archive_timeout = archive_timeout
-        self.base_backup_interval = base_backup_interval
-        self.python = python
-        self.start_timeout = start_timeout  # until Postgres accepts writes (WAL replay included)
-        self.pause_timeout = pause_timeout  # for the agent's stop, drain and snapshot upload
         try:
             self.store = open_store(store_url, s3_endpoint=s3_endpoint)
         except StoreError as exc:
@@ -101,15 +78,18 @@ class LocalBackend:
         if warm_cache_bytes < 0:
             raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
         self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._children: list[subprocess.Popen[bytes]] = []
+        self.instances = Instances(
+            self.template, store_url=store_url, s3_endpoint=s3_endpoint,
+            archive_timeout=archive_timeout, base_backup_interval=base_backup_interval,
+            python=python, start_timeout=start_timeout, pause_timeout=pause_timeout)
+        self.locks = JobLocks(EXPECTED_ERRORS, log)
         self._closed = False
 
     # --- Backend ------------------------------------------------------------------------
 
     async def start(self, on_change: Callable[[str], None] | None = None) -> None:
         """``on_change`` is not used: the reconciler's health check finds dead processes."""
-        async with self._errors("start the local backend"):
+        async with self.locks.errors("start the local backend"):
             await asyncio.to_thread(self._prepare_root)
             await self.warm_cache.start()
             await self.template.ensure()
@@ -120,18 +100,18 @@ class LocalBackend:
             return
         self._closed = True
         await self.template.close()
-        self._reap()
+        self.instances.reap()
         await self.store.close()
 
     async def create(self, job: Job, progress: Progress) -> Started:
         async with self._job("create", job.id) as jd:
-            if (adopted := await self._adopt(job, jd)) is not None:
+            if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
             dump = _dump_source(job)
             laps = Laps()
             # Nothing of an interrupted earlier attempt is worth keeping: no client has
             # seen this job yet. Its WAL in the store would clash with ours.
-            await self._discard(jd)
+            await self.instances.discard(jd)
             await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
             if self.template.manifest is None:
@@ -139,23 +119,24 @@ class LocalBackend:
             await asyncio.to_thread(prepare, jd)
             how = await self.template.take(jd.pgdata)
             laps("template")
-            port, info = await self._start(job, jd, progress, "create", dump=dump, laps=laps)
+            port, info = await self.instances.start(job, jd, progress, "create", dump=dump,
+                                                    laps=laps)
             log.info("created job %s in %.0f ms (%s)", job.id, laps.total(), laps)
             return Started(HOST, port, info.url,
                            detail={"template": how, "timings_ms": laps.laps})
 
     async def resume(self, job: Job, progress: Progress) -> Started:
         async with self._job("resume", job.id) as jd:
-            if (adopted := await self._adopt(job, jd)) is not None:
+            if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
-            await self._discard(jd)
+            await self.instances.discard(jd)
             if (cached := await self._from_cache(job, jd, progress)) is not None:
                 return cached
             return await self._restore(job, jd, progress, "resume")
 
     async def recover(self, job: Job, progress: Progress) -> Started:
         async with self._job("recover", job.id) as jd:
-            if (adopted := await self._adopt(job, jd)) is not None:
+            if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
             await self.warm_cache.drop(job.id)  # never used here; stale once the job runs
             await ship_last_wal(jd, self.store, progress, timeout=SHIP_WAIT)
@@ -165,31 +146,28 @@ class LocalBackend:
                 log.warning("job %s has no recovery point in the store: restarting it from its "
                             "local data", job.id)
                 await asyncio.to_thread(prepare, jd)
-                port, info = await self._start(job, jd, progress, "recover in place")
+                port, info = await self.instances.start(job, jd, progress, "recover in place")
                 return Started(HOST, port, info.url, detail={"in_place": True})
-            await self._discard(jd)
+            await self.instances.discard(jd)
             return await self._restore(job, jd, progress, "recover")
 
     async def pause(self, job: Job) -> Stopped:
         async with self._job("pause", job.id) as jd:
             if not await asyncio.to_thread(jd.path.exists):
                 # Retried after the local copy was deleted: the snapshot is the pause.
-                m = await latest_snapshot(self.store, job.id)
-                if m is not None and m.kind == "pause":
-                    return Stopped(json.loads(m.to_json()), sum(o.size for o in m.objects))
+                if (done := await stored_pause(self.store, job.id)) is not None:
+                    return done
                 raise BackendError(f"job {job.id} has no instance here and its latest "
                                    "snapshot is not a pause snapshot")
             try:
-                manifest = await self._pause_through_agent(job, jd)
+                manifest = await self.instances.pause(job, jd)
             except BackendError:
-                if postmaster(jd) is not None or await self._stopped_cleanly(jd):
+                if postmaster(jd) is not None or await self.instances.stopped_cleanly(jd):
                     raise
                 # Postgres crashed before the agent could stop it: once more, from the
                 # start (which lets Postgres recover from its own WAL first).
-                manifest = await self._pause_through_agent(job, jd)
-            if await self.store.size(snapshot_manifest_key(job.id, manifest["id"])) is None:
-                raise BackendError(f"the agent answered pause snapshot {manifest['id']}, but "
-                                   f"its manifest is not in {self.store.url}")
+                manifest = await self.instances.pause(job, jd)
+            stopped = await confirm_pause(self.store, job.id, manifest)
             # The pause drained the spool and Postgres is down: the agent has nothing left
             # to ship, so it gets little time to exit (one that cancelled a base backup
             # hangs at exit: see agent.tarstream's aclose).
@@ -197,26 +175,8 @@ class LocalBackend:
             await stop_postgres(jd, "immediate")  # the agent stopped it; nothing is left
             await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
             await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
-            self._reap()
-            return Stopped(manifest, sum(int(o["size"]) for o in manifest["objects"]))
-
-    async def _pause_through_agent(self, job: Job, jd: JobDir) -> dict[str, Any]:
-        pm = postmaster(jd)
-        if pm is None and not await self._stopped_cleanly(jd):
-            # A snapshot needs a clean shutdown: let Postgres replay its WAL first.
-            log.warning("job %s crashed: starting it to recover before the pause", job.id)
-            await asyncio.to_thread(prepare, jd)
-            pm = await start_postgres(jd, self._settings(job, jd, free_port()),
-                                      timeout=self.start_timeout)
-        info = read_agent(jd)
-        if not agent_running(jd, info):
-            info = await self._spawn_agent(jd, pm.port if pm else 0, info)
-        assert info is not None
-        await wait_listening(jd, info)
-        return await request_pause(jd, info, self.pause_timeout)
-
-    async def _stopped_cleanly(self, jd: JobDir) -> bool:
-        return await asyncio.to_thread(cleanly_stopped, jd.pgdata)
+            self.instances.reap()
+            return stopped
 
     async def alive(self, job: Job) -> bool | None:
         jd = self._dir(job.id)
@@ -226,21 +186,21 @@ class LocalBackend:
             return None
         if pm is None:
             return False
-        lock = self._lock(job.id)
+        lock = self.locks.lock(job.id)
         if not lock.locked() and is_ready(jd) and not agent_running(jd, read_agent(jd)):
             async with lock:
                 info = read_agent(jd)
                 if postmaster(jd) is not None and not agent_running(jd, info):
                     log.warning("job %s: its agent is not running; restarting it", job.id)
                     try:
-                        await self._spawn_agent(jd, pm.port, info)
+                        await self.instances.spawn_agent(jd, pm.port, info)
                     except (OSError, BackendError) as exc:
                         log.error("job %s: cannot restart its agent: %s", job.id, exc)
         return True
 
     async def delete(self, job: Job) -> None:
         async with self._job("delete", job.id) as jd:
-            await self._discard(jd)
+            await self.instances.discard(jd)
             await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
 
@@ -257,34 +217,11 @@ class LocalBackend:
 
     async def stop_orphan(self, job_id: str) -> None:
         async with self._job("stop orphan", job_id) as jd:
-            await stop_postgres(jd, "fast", timeout=self.start_timeout)
+            await stop_postgres(jd, "fast", timeout=self.instances.start_timeout)
             await stop_agent(jd, read_agent(jd), timeout=60)  # its final drain ships the WAL
-            self._reap()
+            self.instances.reap()
 
-    # --- steps --------------------------------------------------------------------------
-
-    async def _adopt(self, job: Job, jd: JobDir) -> Started | None:
-        """The running, fully set up instance of ``job``, if there is one (its agent
-        restarted if need be)."""
-        pm = postmaster(jd)
-        if pm is None or not await asyncio.to_thread(is_ready, jd):
-            return None
-        try:
-            conn = await connect(jd.run, pm.port)
-        except (OSError, asyncpg.PostgresError):
-            if postmaster(jd) is None:
-                return None  # it was dying as we looked
-            raise
-        try:
-            await wait_until_writable(conn, self.start_timeout)
-            await personalise(conn, job.id, self.template.database, job.backend_password)
-        finally:
-            await conn.close()
-        info = read_agent(jd)
-        if not agent_running(jd, info):
-            info = await self._spawn_agent(jd, pm.port, info)
-        assert info is not None
-        return Started(HOST, pm.port, info.url, detail={"adopted": True})
+    # --- where a resume's PGDATA comes from ---------------------------------------------
 
     async def _from_cache(self, job: Job, jd: JobDir, progress: Progress) -> Started | None:
         """Start the job's PGDATA from the warm cache, if it holds the store's newest state
@@ -296,11 +233,11 @@ class LocalBackend:
             return None
         laps("cache")
         try:
-            port, info = await self._start(job, jd, progress, "resume", laps=laps)
+            port, info = await self.instances.start(job, jd, progress, "resume", laps=laps)
         except Exception as exc:
             log.warning("job %s: cannot start its PGDATA from the warm cache (%s); restoring "
-                        "from the store", job.id, _one_line(exc))
-            await self._discard(jd)
+                        "from the store", job.id, one_line(exc))
+            await self.instances.discard(jd)
             return None
         log.info("resume of job %s: pause snapshot %s from the warm cache in %.0f ms (%s)",
                  job.id, entry.snapshot, laps.total(), laps)
@@ -321,8 +258,8 @@ class LocalBackend:
                                progress=relay)
         await relay.flush()
         laps("restore")
-        port, info = await self._start(job, jd, progress, how,
-                                       recovery=result.recovery_configured, laps=laps)
+        port, info = await self.instances.start(job, jd, progress, how,
+                                                recovery=result.recovery_configured, laps=laps)
         log.info("%s of job %s: %s snapshot %s, %s restored in %.0f ms (%s)", how, job.id,
                  result.manifest.kind, result.manifest.id, mb(result.bytes_restored),
                  laps.total(), laps)
@@ -332,63 +269,6 @@ class LocalBackend:
                                "wal_replayed": result.recovery_configured,
                                "skipped": [sid for sid, _ in result.skipped],
                                "timings_ms": laps.laps})
-
-    async def _start(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
-                     recovery: bool = False, dump: Path | None = None,
-                     laps: Laps | None = None) -> tuple[int, AgentInfo]:
-        """Start the PGDATA in place, make it the job's, mark it ready, start its agent."""
-        laps = laps or Laps()
-        if how != "create":
-            await progress("starting PostgreSQL")
-        port = free_port()
-        await start_postgres(jd, self._settings(job, jd, port), timeout=self.start_timeout)
-        laps("start")
-        conn = await connect(jd.run, port)
-        try:
-            if recovery:
-                await progress("replaying archived WAL")
-                await wait_until_writable(conn, self.start_timeout)
-                laps("replay")
-            await personalise(conn, job.id, self.template.database, job.backend_password)
-        finally:
-            await conn.close()
-        laps("personalise")
-        if dump is not None:
-            await import_dump(jd.run, port, job.id, dump, progress)
-            laps("import")
-        await asyncio.to_thread(mark_ready, jd, how)
-        info = await self._spawn_agent(jd, port, None)
-        laps("agent")
-        return port, info
-
-    def _settings(self, job: Job, jd: JobDir, port: int) -> dict[str, str]:
-        raw = job.spec.get("archive_timeout", self.archive_timeout)
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-            raise BackendError(f"job {job.id}: archive_timeout must be a whole number of "
-                               f"seconds >= 0, not {raw!r}")
-        return postgres_settings(jd, port, raw)
-
-    async def _spawn_agent(self, jd: JobDir, postgres_port: int,
-                           before: AgentInfo | None) -> AgentInfo:
-        """Start the job's agent, on the port its last one had when that is free (so the
-        agent URL the catalog holds stays right)."""
-        port = pick_port(before)
-        argv = agent_argv(self.python, jd, port, store_url=self.store_url,
-                          s3_endpoint=self.s3_endpoint,
-                          base_backup_interval=self.base_backup_interval)
-        info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
-        self._reap()
-        self._children.append(proc)
-        return info
-
-    async def _discard(self, jd: JobDir) -> None:
-        """Stop whatever runs of the job here and delete its local files."""
-        if not await asyncio.to_thread(jd.path.exists):
-            return
-        await stop_agent(jd, read_agent(jd), timeout=10)
-        await stop_postgres(jd, "immediate")
-        await asyncio.to_thread(remove, jd)
-        self._reap()
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -413,33 +293,11 @@ class LocalBackend:
     def _dir(self, job_id: str) -> JobDir:
         return JobDir(self.root, job_id)
 
-    def _lock(self, job_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(job_id, asyncio.Lock())
-
     @contextlib.asynccontextmanager
     async def _job(self, what: str, job_id: str) -> AsyncIterator[JobDir]:
-        async with self._lock(job_id), self._errors(f"{what} job {job_id}"):
+        """A step on the job (under its lock, failing as one line) and its directory."""
+        async with self.locks.step(what, job_id):
             yield self._dir(job_id)
-
-    @contextlib.asynccontextmanager
-    async def _errors(self, what: str) -> AsyncIterator[None]:
-        """Everything fails as one BackendError line (ours say what failed themselves;
-        others become "cannot <what>: <why>")."""
-        try:
-            yield
-        except BackendError:
-            raise
-        except (AgentError, StoreError, PostgresError, ManifestError, OSError, TimeoutError,
-                aiohttp.ClientError, subprocess.SubprocessError) as exc:
-            raise BackendError(f"cannot {what}: {_one_line(exc)}") from exc
-        except Exception as exc:  # asyncpg's errors, and our bugs: still one line
-            log.exception("cannot %s", what)
-            why = f"{type(exc).__name__}: {_one_line(exc)}"
-            raise BackendError(f"cannot {what}: {why}") from exc
-
-    def _reap(self) -> None:
-        """Collect agents of ours that exited (they would stay zombies until then)."""
-        self._children = [p for p in self._children if p.poll() is None]
 
 
 def _dump_source(job: Job) -> Path | None:
@@ -450,7 +308,3 @@ def _dump_source(job: Job) -> Path | None:
         return Path(source["dump"])
     raise BackendError(f'cannot create job {job.id}: unsupported job source {source!r} (the '
                        'local backend loads {"dump": "/path/to/file.pgdump"})')
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -20,16 +20,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-
+from jobmesh.agent.manifest import Manifest
 from jobmesh.agent.postgres import free_port, pid_alive
 from jobmesh.agent.postmaster import wait_for_exit
 from jobmesh.agent.store import Store
 from jobmesh.agent.wal import Archiver
+from jobmesh.errors import one_line
 
 from ...core.backend import BackendError, Progress
+from ..agent_client import AgentClient
 from .process import JobDir, spool_backlog, stop_postgres
 
 log = logging.getLogger("jobmesh.controller.local")
@@ -132,20 +132,10 @@ async def wait_listening(jd: JobDir, info: AgentInfo, timeout: float = 60) -> No
         return
 
 
-async def request_pause(jd: JobDir, info: AgentInfo, timeout: float) -> dict[str, Any]:
-    """POST /pause: the agent stops Postgres, drains the spool and stores a pause
-    snapshot; returns the snapshot's manifest, as stored."""
-    limits = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=limits) as session, \
-            session.post(f"{info.url}/pause") as resp:
-        body = await resp.json(content_type=None)
-    if resp.status != 200 or not isinstance(body, dict):
-        error = body.get("error") if isinstance(body, dict) else body
-        raise BackendError(f"the agent of job {jd.job_id} could not pause: {error}")
-    if body.get("kind") != "pause" or not body.get("id") or "objects" not in body:
-        raise BackendError(f"the agent of job {jd.job_id} answered the pause with something "
-                           "other than a pause snapshot's manifest")
-    return body
+async def request_pause(jd: JobDir, info: AgentInfo, timeout: float) -> Manifest:
+    """The agent stops Postgres, drains the spool and stores a pause snapshot; returns the
+    snapshot's manifest, as stored (see ``agent_client``)."""
+    return await AgentClient(info.url, jd.job_id).pause(timeout)
 
 
 async def stop_agent(jd: JobDir, info: AgentInfo | None, *, timeout: float = 30) -> None:
@@ -184,8 +174,7 @@ async def ship_last_wal(jd: JobDir, store: Store, report: Progress, *,
         try:
             await asyncio.wait_for(Archiver(store, jd.job_id, jd.spool).drain(), timeout)
         except Exception as exc:
-            log.error("job %s: cannot ship its spooled WAL: %s", jd.job_id,
-                      " ".join(str(exc).split()) or type(exc).__name__)
+            log.error("job %s: cannot ship its spooled WAL: %s", jd.job_id, one_line(exc))
 
 
 def last_line(path: Path) -> str:

@@ -34,10 +34,11 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+
+from jobmesh.agent.manifest import Manifest
 
 # The same test restore() makes before it replays WAL over a pause snapshot, so the
 # cache and the restore never disagree about what is newer than a snapshot.
@@ -45,7 +46,7 @@ from jobmesh.agent.restore import wal_after_pause
 from jobmesh.agent.snapshot import read_controldata, tree_size
 from jobmesh.agent.store import Store
 
-from ...catalog.db import JOB_ID
+from ...catalog.models import JOB_ID
 from ..job_store import latest_snapshot
 from .process import JobDir
 
@@ -113,7 +114,7 @@ class WarmCache:
         async with self._lock:
             await asyncio.to_thread(self._start)
 
-    async def put(self, jd: JobDir, pause: Mapping[str, Any]) -> bool:
+    async def put(self, jd: JobDir, pause: Manifest) -> bool:
         """Move the job's files in as the entry for ``pause`` (the pause snapshot's stored
         manifest), replacing any older entry of the job. False when it is not kept (no
         cache, too big, or PGDATA is not that snapshot's); then, and after a failure, the
@@ -129,7 +130,7 @@ class WarmCache:
                 log.info("job %s: its PGDATA (%d bytes) alone exceeds the warm cache's bound "
                          "(%d bytes): not kept", job, size, self.bound)
                 return False
-            entry = Entry(job, str(pause["id"]), size, time.time())
+            entry = Entry(job, pause.id, size, time.time())
             staging = await asyncio.to_thread(self._stage, jd, entry)
         except Exception as exc:  # the snapshot is stored: a cache failure costs speed only
             log.warning("job %s: cannot keep its PGDATA in the warm cache: %s", job, exc)
@@ -292,17 +293,17 @@ async def _stale(store: Store, job_id: str, entry: Entry) -> str | None:
     return None
 
 
-def _size_if_snapshotted(pgdata: Path, pause: Mapping[str, Any]) -> int | None:
+def _size_if_snapshotted(pgdata: Path, pause: Manifest) -> int | None:
     """PGDATA's size, if it is still the cluster the pause snapshot holds: shut down
     cleanly at the snapshot's checkpoint (any start since would have moved it)."""
     control = read_controldata(pgdata)
     same = (control.state == "shut down"
-            and control.checkpoint_lsn == pause.get("start_lsn")
-            and control.timeline == pause.get("timeline")
-            and control.system_identifier == pause.get("system_identifier"))
+            and control.checkpoint_lsn == pause.start_lsn
+            and control.timeline == pause.timeline
+            and control.system_identifier == pause.system_identifier)
     if not same:
         log.warning("%s is not the PGDATA of pause snapshot %s (state %s, checkpoint %s): not "
-                    "kept in the warm cache", pgdata, pause.get("id"), control.state,
+                    "kept in the warm cache", pgdata, pause.id, control.state,
                     control.checkpoint_lsn)
         return None
     return tree_size(pgdata)

@@ -1,0 +1,177 @@
+"""A local job's instance: a PGDATA here brought up as the job's, adopted, paused, discarded.
+
+The backend (``backend.py``) decides which PGDATA a step starts: the
+template's copy, the warm cache's, a restore's, the local remains. This
+module starts it in place: PostgreSQL on a free port, the job's database
+name and passwords (``job_database.py``), the ``ready`` marker, then the
+agent. It also finds and adopts an instance a former controller started,
+asks an instance's agent for the pause snapshot, and takes an instance away.
+The agents it spawns are its children until they exit: it reaps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from pathlib import Path
+
+import asyncpg
+
+from jobmesh.agent.manifest import Manifest
+from jobmesh.agent.postgres import free_port
+
+from ...catalog.models import Job
+from ...core.backend import BackendError, Progress, Started
+from ..job_database import connect, import_dump, personalise, wait_until_writable
+from ..job_spec import archive_timeout
+from ..step_report import Laps
+from .process import (
+    JobDir,
+    cleanly_stopped,
+    is_ready,
+    mark_ready,
+    postgres_settings,
+    postmaster,
+    prepare,
+    remove,
+    start_postgres,
+    stop_postgres,
+)
+from .sidecar import (
+    AgentInfo,
+    agent_argv,
+    agent_running,
+    pick_port,
+    read_agent,
+    request_pause,
+    spawn_agent,
+    stop_agent,
+    wait_listening,
+)
+from .template import Template
+
+log = logging.getLogger("jobmesh.controller.local")
+
+HOST = "127.0.0.1"
+
+
+class Instances:
+    """How the local backend starts, adopts, pauses and discards a job's instance."""
+
+    def __init__(self, template: Template, *, store_url: str, s3_endpoint: str | None,
+                 archive_timeout: int, base_backup_interval: float, python: str,
+                 start_timeout: float, pause_timeout: float) -> None:
+        self.template = template
+        self.store_url = store_url
+        self.s3_endpoint = s3_endpoint
+        self.archive_timeout = archive_timeout
+        self.base_backup_interval = base_backup_interval
+        self.python = python
+        self.start_timeout = start_timeout  # until Postgres accepts writes (WAL replay included)
+        self.pause_timeout = pause_timeout  # for the agent's stop, drain and snapshot upload
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    async def adopt(self, job: Job, jd: JobDir) -> Started | None:
+        """The running, fully set up instance of ``job``, if there is one (its agent
+        restarted if need be)."""
+        pm = postmaster(jd)
+        if pm is None or not await asyncio.to_thread(is_ready, jd):
+            return None
+        try:
+            conn = await connect(jd.run, pm.port)
+        except (OSError, asyncpg.PostgresError):
+            if postmaster(jd) is None:
+                return None  # it was dying as we looked
+            raise
+        try:
+            await wait_until_writable(conn, self.start_timeout)
+            await personalise(conn, job.id, self.template.database, job.backend_password)
+        finally:
+            await conn.close()
+        info = read_agent(jd)
+        if not agent_running(jd, info):
+            info = await self.spawn_agent(jd, pm.port, info)
+        assert info is not None
+        return Started(HOST, pm.port, info.url, detail={"adopted": True})
+
+    async def start(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
+                    recovery: bool = False, dump: Path | None = None,
+                    laps: Laps | None = None) -> tuple[int, AgentInfo]:
+        """Start the PGDATA in place, make it the job's, mark it ready, start its agent."""
+        laps = laps or Laps()
+        if how != "create":
+            await progress("starting PostgreSQL")
+        port = free_port()
+        await start_postgres(jd, self.settings(job, jd, port), timeout=self.start_timeout)
+        laps("start")
+        conn = await connect(jd.run, port)
+        try:
+            if recovery:
+                await progress("replaying archived WAL")
+                await wait_until_writable(conn, self.start_timeout)
+                laps("replay")
+            await personalise(conn, job.id, self.template.database, job.backend_password)
+        finally:
+            await conn.close()
+        laps("personalise")
+        if dump is not None:
+            await import_dump(jd.run, port, job.id, dump, progress)
+            laps("import")
+        await asyncio.to_thread(mark_ready, jd, how)
+        info = await self.spawn_agent(jd, port, None)
+        laps("agent")
+        return port, info
+
+    async def pause(self, job: Job, jd: JobDir) -> Manifest:
+        """The agent's pause snapshot (Postgres stopped by the agent); a crashed Postgres
+        is started first to recover from its own WAL, and a dead agent restarted."""
+        pm = postmaster(jd)
+        if pm is None and not await self.stopped_cleanly(jd):
+            # A snapshot needs a clean shutdown: let Postgres replay its WAL first.
+            log.warning("job %s crashed: starting it to recover before the pause", job.id)
+            await asyncio.to_thread(prepare, jd)
+            pm = await start_postgres(jd, self.settings(job, jd, free_port()),
+                                      timeout=self.start_timeout)
+        info = read_agent(jd)
+        if not agent_running(jd, info):
+            info = await self.spawn_agent(jd, pm.port if pm else 0, info)
+        assert info is not None
+        await wait_listening(jd, info)
+        return await request_pause(jd, info, self.pause_timeout)
+
+    async def stopped_cleanly(self, jd: JobDir) -> bool:
+        return await asyncio.to_thread(cleanly_stopped, jd.pgdata)
+
+    def settings(self, job: Job, jd: JobDir, port: int) -> dict[str, str]:
+        try:
+            timeout = archive_timeout(job.spec, self.archive_timeout)
+        except ValueError as exc:
+            raise BackendError(f"job {job.id}: {exc}") from exc
+        return postgres_settings(jd, port, timeout)
+
+    async def spawn_agent(self, jd: JobDir, postgres_port: int,
+                          before: AgentInfo | None) -> AgentInfo:
+        """Start the job's agent, on the port its last one had when that is free (so the
+        agent URL the catalog holds stays right)."""
+        port = pick_port(before)
+        argv = agent_argv(self.python, jd, port, store_url=self.store_url,
+                          s3_endpoint=self.s3_endpoint,
+                          base_backup_interval=self.base_backup_interval)
+        info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
+        self.reap()
+        self._children.append(proc)
+        return info
+
+    async def discard(self, jd: JobDir) -> None:
+        """Stop whatever runs of the job here and delete its local files."""
+        if not await asyncio.to_thread(jd.path.exists):
+            return
+        await stop_agent(jd, read_agent(jd), timeout=10)
+        await stop_postgres(jd, "immediate")
+        await asyncio.to_thread(remove, jd)
+        self.reap()
+
+    def reap(self) -> None:
+        """Collect agents of ours that exited (they would stay zombies until then)."""
+        self._children = [p for p in self._children if p.poll() is None]
