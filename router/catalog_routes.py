@@ -28,19 +28,16 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from jobmesh.controller.catalog.db import (
-    JOBS_CHANNEL,
-    PRINCIPALS_CHANNEL,
-    Catalog,
-    Job,
-    PrincipalRow,
-)
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.catalog.models import JOBS_CHANNEL, PRINCIPALS_CHANNEL, Job, PrincipalRow
+from jobmesh.controller.catalog.states import Access, DesiredState, JobState
+from jobmesh.errors import one_line
 
 from . import errors
 from .credentials import InvalidVerifier, parse_verifier
 from .metrics import RouterMetrics
 from .route_source import Notice
-from .routes import Access, JobRoute, Principal
+from .routes import JobRoute, Principal
 from .wake import Wakes, assess
 
 log = logging.getLogger(__name__)
@@ -76,7 +73,7 @@ class CachedJob:
 
     @classmethod
     def of(cls, row: Job) -> CachedJob:
-        return cls(row, routes_for(row) if row.state == "running" else None)
+        return cls(row, routes_for(row) if row.state == JobState.RUNNING else None)
 
 
 def routes_for(row: Job) -> dict[Access, JobRoute] | None:
@@ -94,8 +91,7 @@ def principal_from(row: PrincipalRow) -> Principal | None:
         log.warning("catalog: user %s has an unusable verifier (%s); nobody can log in as it",
                     row.name, exc)
         return None
-    grants: tuple[tuple[str, Access], ...] = tuple(
-        (g.pattern, "write" if g.access == "write" else "read") for g in row.grants)
+    grants = tuple((g.pattern, g.access) for g in row.grants)
     return Principal(row.name, verifier, grants, row.admin)
 
 
@@ -168,8 +164,9 @@ class CatalogRoutes:
         entry = self.jobs.get(job_id)
         if entry is None:
             raise errors.unknown_job(job_id)
-        if entry.routes is not None and entry.row.desired_state in ("running", "paused"):
-            if entry.row.desired_state == "paused":
+        desired = entry.row.desired_state
+        if entry.routes is not None and desired in (DesiredState.RUNNING, DesiredState.PAUSED):
+            if desired == DesiredState.PAUSED:
                 self._nudge(job_id)  # about to be paused, but a client wants it
             return entry.routes[access]
         assess(job_id, entry.row)  # raises when it will not come up
@@ -182,7 +179,7 @@ class CatalogRoutes:
             async with asyncio.timeout(QUERY_TIMEOUT):
                 row = await self._catalog.job(job_id)
         except CATALOG_ERRORS as exc:
-            log.warning("catalog: cannot look up job %s: %s", job_id, _why(exc))
+            log.warning("catalog: cannot look up job %s: %s", job_id, one_line(exc))
             raise errors.catalog_unavailable() from exc
         if row is not None:
             self._apply_job(job_id, row)
@@ -207,7 +204,7 @@ class CatalogRoutes:
             async with asyncio.timeout(QUERY_TIMEOUT):
                 return await self._catalog.request_wake(job_id)
         except CATALOG_ERRORS as exc:
-            log.warning("catalog: cannot request a wake of job %s: %s", job_id, _why(exc))
+            log.warning("catalog: cannot request a wake of job %s: %s", job_id, one_line(exc))
             raise errors.catalog_unavailable() from exc
 
     def _nudge(self, job_id: str) -> None:
@@ -258,7 +255,7 @@ class CatalogRoutes:
                 self._first_try.set()
                 return
             except CATALOG_ERRORS as exc:
-                log.warning("catalog: unreachable (%s); retrying in %.1fs", _why(exc), delay)
+                log.warning("catalog: unreachable (%s); retrying in %.1fs", one_line(exc), delay)
             except Exception:  # a bug; following the catalog must not stop for good
                 log.exception("catalog: unexpected error; reconnecting in %.1fs", delay)
             finally:
@@ -347,7 +344,3 @@ class CatalogRoutes:
     def _set_synced(self, synced: bool) -> None:
         self.synced = synced
         self._metrics.catalog_synced.set(1 if synced else 0)
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__

@@ -8,6 +8,7 @@ body and returns what to send back and whether the exchange is over.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from scramp import ScramException, ScramMechanism
 
@@ -31,7 +32,8 @@ class ScramExchange:
         # always fails at the proof, like Postgres.
         self._exists = exists
         self._binding = ("tls-server-end-point", cert_pem) if cert_pem else None
-        self._server = None
+        # A scramp ScramServer (scramp has no types, so to mypy it is Any).
+        self._server: Any = None
         self._stage = 0
 
     def mechanisms(self) -> list[str]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-
-class UsageError(Exception):
-    """Bad flags or files: reported as one line, exit status 2."""
+from jobmesh import defaults
 
 
 @dataclass
 class RouterConfig:
     host: str = "127.0.0.1"
-    port: int = 6432
+    port: int = defaults.ROUTER_PORT
     tls: ssl.SSLContext | None = None
     cert_pem: str | None = None  # for SCRAM channel binding (tls-server-end-point)
     require_tls: bool = False
@@ -22,7 +20,7 @@ class RouterConfig:
     startup_timeout: float = 10.0
     connect_timeout: float = 10.0
     shutdown_timeout: float = 30.0
-    wake_timeout: float = 60.0  # a client waits this long for its job to wake
+    wake_timeout: float = defaults.WAKE_TIMEOUT  # a client waits this long for its job to wake
     activity_interval: float = 5.0  # how often the catalog hears which jobs are in use
     # Worker mode (see supervisor.py): a socket inherited from the supervisor,
     # this worker's index, and the control directory the workers share.

@@ -24,6 +24,8 @@ class Inbox(asyncio.Protocol):
         self.on_made: Callable[[Inbox], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio types the argument as any BaseTransport; a stream server
+        # hands a stream protocol a Transport.
         self.transport = transport  # type: ignore[assignment]
         if self.on_made is not None:
             self.on_made(self)

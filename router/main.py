@@ -20,9 +20,11 @@ import signal
 import uvloop
 from prometheus_client import start_http_server
 
+from jobmesh.errors import UsageError
+
 from .activity import ActivityReporter
 from .catalog_routes import CatalogConfigError, CatalogRoutes
-from .config import RouterConfig, UsageError
+from .config import RouterConfig
 from .metrics import RouterMetrics
 from .routes import RouteFileError, RouteTable, load_routes
 from .server import Router
@@ -33,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:6432", metavar="HOST:PORT")
+    d = RouterConfig()  # its defaults are the flags' defaults
+    p.add_argument("--listen", default=f"{d.host}:{d.port}", metavar="HOST:PORT")
     p.add_argument("--routes", metavar="FILE", help="a static route file (TOML)")
     p.add_argument(
         "--catalog-dsn", metavar="DSN",
@@ -41,12 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              " (default: $JOBMESH_CATALOG_DSN unless --routes is given)",
     )
     p.add_argument(
-        "--wake-timeout", type=float, default=60.0, metavar="S",
-        help="how long a client waits for its paused job to wake (default 60)",
+        "--wake-timeout", type=float, default=d.wake_timeout, metavar="S",
+        help=f"how long a client waits for its paused job to wake (default {d.wake_timeout:g})",
     )
     p.add_argument(
-        "--activity-interval", type=float, default=5.0, metavar="S",
-        help="how often to tell the catalog which jobs have sessions (default 5)",
+        "--activity-interval", type=float, default=d.activity_interval, metavar="S",
+        help="how often to tell the catalog which jobs have sessions "
+        f"(default {d.activity_interval:g})",
     )
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")
@@ -57,13 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="over TLS, ask for a cleartext password instead of SCRAM",
     )
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    p.add_argument("--max-client-conn", type=int, default=10_000, metavar="N")
-    p.add_argument("--startup-timeout", type=float, default=10.0, metavar="S")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--max-client-conn", type=int, default=d.max_client_conn, metavar="N")
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout, metavar="S")
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout, metavar="S")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="S")
     p.add_argument(
-        "--workers", type=int, default=1, metavar="N",
-        help="worker processes sharing the listener (default 1; one per core uses every core)",
+        "--workers", type=int, default=d.workers, metavar="N",
+        help=f"worker processes sharing the listener (default {d.workers}; one per core uses "
+        "every core)",
     )
     # Set by the supervisor for its workers; not for people.
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

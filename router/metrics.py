@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 
 
 class SessionView(Protocol):
-    job_id: str
+    @property
+    def job_id(self) -> str: ...
 
     def byte_counts(self) -> tuple[int, int]: ...  # (from client, to client)
 

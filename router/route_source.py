@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from .routes import Access, JobRoute, Principal
+from jobmesh.controller.catalog.states import Access
+
+from .routes import JobRoute, Principal
 
 # Sends one line of progress to a waiting client (as a NoticeResponse).
 Notice = Callable[[str], None]

@@ -32,9 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from scramp import ScramException
+
+from jobmesh.controller.catalog.states import Access
 
 from . import errors
 from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
@@ -42,9 +44,6 @@ from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 JOB_DATABASE_PREFIX = "job_"
 ADMIN_DATABASE = "jobmesh"
-
-# What a grant allows; it picks the backend role the router logs in as.
-Access = Literal["read", "write"]
 
 
 class RouteFileError(ValueError):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from jobmesh.controller.catalog.states import Access
+
 from . import errors, peers
 from . import protocol as pg
 from .activity import ActivityReporter
@@ -42,7 +44,7 @@ from .hold import hold
 from .inbox import ConnectionClosed, Inbox
 from .metrics import RouterMetrics
 from .route_source import RouteSource
-from .routes import Access, JobRoute, Principal
+from .routes import JobRoute, Principal
 from .session import Session
 from .shutdown import terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
@@ -245,6 +247,7 @@ class Router:
                     raise pg.ProtocolViolation("received unencrypted data after SSL request")
                 inbox.write(b"S")
                 loop = asyncio.get_running_loop()
+                assert inbox.transport is not None
                 inbox.transport = await loop.start_tls(
                     inbox.transport, inbox, self.config.tls, server_side=True
                 )

@@ -17,8 +17,13 @@ import asyncio
 from collections.abc import Callable
 
 
-class Pipe:
-    """The protocol of one spliced transport (duck-typed asyncio.Protocol)."""
+class Pipe(asyncio.BaseProtocol):
+    """The protocol of one spliced transport: an asyncio.Protocol in all but name.
+
+    It derives from ``BaseProtocol`` (empty ``__slots__``, no methods that
+    matter) rather than ``Protocol`` because its ``data_received`` is a slot
+    holding the peer's ``write``, not a method to override.
+    """
 
     __slots__ = ("data_received", "on_lost", "peer", "transport")
 
@@ -26,7 +31,7 @@ class Pipe:
         self.transport = transport
         self.peer: Pipe | None = None
         self.on_lost = on_lost
-        self.data_received: Callable[[bytes], object] = _discard
+        self.data_received: Callable[[bytes], None] = _discard
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
         pass  # set_protocol does not call it; present for the protocol interface

@@ -23,7 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from jobmesh.controller.catalog.db import Job
+from jobmesh.controller.catalog.models import Job
+from jobmesh.controller.catalog.states import DesiredState, JobState
 
 from . import errors
 from .errors import ClientError
@@ -43,9 +44,11 @@ def assess(job_id: str, job: Job | None) -> bool:
     """
     if job is None:
         raise errors.unknown_job(job_id)
-    if job.desired_state in ("ended", "deleted") or job.state == "deleting":
-        raise errors.job_ended(job_id, "deleted" if job.state == "deleting" else job.desired_state)
-    if job.state == "running" and job.host and job.port:
+    if (job.desired_state in (DesiredState.ENDED, DesiredState.DELETED)
+            or job.state == JobState.DELETING):
+        raise errors.job_ended(job_id, DesiredState.DELETED if job.state == JobState.DELETING
+                               else job.desired_state)
+    if job.state == JobState.RUNNING and job.host and job.port:
         return True
     if job.error and job.attempts >= MAX_ATTEMPTS:
         raise errors.wake_failed(job_id, job.error, job.attempts)
