@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint bench-proxy bench-backup bench-wake clean
+.PHONY: up test soak lint bench-proxy bench-backup bench-wake clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 3 --durations=30
+
+# Measurements that check nothing a test does not (latency percentiles): not in `test`.
+soak: $(STAMP)
+	$(VENV)/bin/python -m pytest -m soak -s
 
 bench-proxy: $(STAMP)
 	$(VENV)/bin/python bench/proxy.py

@@ -1,9 +1,9 @@
-"""Shared fixtures: real PostgreSQL 15 instances and real router processes.
+"""Fixtures only: each wires a helper from tests/support (real PostgreSQL 15 instances,
+routers, moto S3, stores, the mesh on either backend) into pytest.
 
 Every server a fixture starts is stopped in its finaliser, even when the
 test fails. Nothing here sleeps to wait: readiness is a log line or
-pg_ctl's own wait.
-"""
+pg_ctl's own wait."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
 from tests.support.router import RouterFactory, RouterProcess, routes_toml
 from tests.support.s3 import S3Server, running_s3_server
 from tests.support.stores import StoreSpec, new_store_spec
+from tests.support.template_store import build_template_store, seed_store
 
 
 @pytest.fixture(scope="session")
@@ -146,11 +147,19 @@ async def catalog(catalog_dsn: str):
     await cat.close()
 
 
+@pytest.fixture(scope="session")
+def template_store(pg_root: Path) -> Path:
+    """A store holding only the local backend's template, made once per session (worker)."""
+    return build_template_store(pg_root / "template-store")
+
+
 @pytest.fixture
-async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog) -> AsyncIterator[Mesh]:
+async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog,
+               template_store: Path) -> AsyncIterator[Mesh]:
     """Catalog, router and (once a test starts it) a controller on the local backend."""
     root = pg_root / f"mesh-{os.urandom(4).hex()}"
     root.mkdir(mode=0o755)
+    seed_store(template_store, root / "store")  # the controller's default store
     m = Mesh(root, catalog_dsn, catalog)
     try:
         yield m

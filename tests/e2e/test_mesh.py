@@ -253,7 +253,11 @@ async def test_a_killed_postgres_is_recovered_from_the_store(mesh: Mesh) -> None
         await conn.execute("INSERT INTO t VALUES (-1)")
     conn.terminate()
 
-    await mesh.wait_state("alpha", "failed")
+    # On the transition events: the recovery may be under way before a read of the row.
+    async def failed() -> bool:
+        return await mesh.transitions("alpha", "failed") == 1
+
+    await mesh.wait_until("alpha", failed, "the failure seen")
     await mesh.wait_state("alpha", "running", timeout=180)
     present = sorted(r[0] for r in await _fetch(dsn, "SELECT id FROM t"))
     assert present == committed[: len(present)], "recovered rows are not a prefix of commits"

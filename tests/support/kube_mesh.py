@@ -23,7 +23,11 @@ from tests.support.process import LoggedProcess
 from tests.support.s3 import S3Server
 
 NS = "jm"
-LEASE = 3  # seconds: a killed leader is replaced within about five
+LEASE = 3  # seconds: a killed leader is replaced within about five (failover tests)
+# Everywhere else the lease only has to hold: the emulator and kubelet share the test's
+# process (and its GIL) with several pods, and on a loaded machine a renewal can take
+# seconds; a 3 s lease then lapses, the leader exits, and a job stalls half-made.
+STEADY_LEASE = 30
 S3_SECRET = "jobmesh-s3"
 
 
@@ -35,13 +39,15 @@ class KubeMesh:
     store: str
     s3_endpoint: str
     replicas: list[LoggedProcess] = field(default_factory=list)
+    lease: float = STEADY_LEASE  # seconds; failover tests set LEASE
 
     def controller_args(self, identity: str) -> list[str]:
         return ["--backend", "kubernetes", "--kube-api", self.emulator.url, "--namespace", NS,
                 "--image", "jobmesh:test", "--router-service", "127.0.0.1",
                 "--store", self.store, "--s3-endpoint", self.s3_endpoint,
                 "--s3-credentials-secret", S3_SECRET,
-                "--lease-duration", str(LEASE), "--identity", identity, "--idle-timeout", "0"]
+                "--lease-duration", f"{self.lease:g}", "--identity", identity,
+                "--idle-timeout", "0"]
 
     def start_controller(self, identity: str = "one") -> LoggedProcess:
         controller = self.mesh.start_controller(*self.controller_args(identity))

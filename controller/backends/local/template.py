@@ -101,6 +101,7 @@ class Template:
         self._lock = asyncio.Lock()
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
+        self._copying: asyncio.Future[None] | None = None  # the spare being copied, if any
 
     @property
     def database(self) -> str:
@@ -143,6 +144,13 @@ class Template:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filler
             self._filler = None
+        # A copy runs in a thread, which cancelling does not stop: wait for it, so
+        # that no half-made spare is renamed into place after we are gone (a backend
+        # started next on the same directory would hand it out as a template copy).
+        if self._copying is not None:
+            with contextlib.suppress(Exception):
+                await self._copying
+            self._copying = None
 
     # -- the store's template -----------------------------------------------------------
 
@@ -232,7 +240,9 @@ class Template:
         copy the master themselves meanwhile."""
         try:
             while len(await asyncio.to_thread(self._ready_spares)) < self.spares:
-                await asyncio.to_thread(self._make_spare)
+                self._copying = asyncio.ensure_future(asyncio.to_thread(self._make_spare))
+                await asyncio.shield(self._copying)  # close() waits for the thread
+                self._copying = None
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("cannot make a spare copy of the template: %s", exc)
         except Exception:

@@ -263,13 +263,7 @@ def test_restored_pgdata_belongs_to_postgres_with_mode_0700(
 @pytest.fixture(params=["file", "s3"])
 async def wal_store(request: pytest.FixtureRequest, pg_root: Path) -> AsyncIterator[StoreSpec]:
     """A store that wal-fetch, running as the Postgres OS user, can read."""
-    if request.param == "file":
-        root = pg_root / unique("walstore")
-        root.mkdir()
-        root.chmod(0o755)
-        yield StoreSpec(f"file://{root}", root=root)
-    else:
-        yield new_store_spec(request, "s3", pg_root)
+    yield new_store_spec(request, request.param, pg_root)
 
 
 async def start_recovered(pgdata: Path, started: list[Instance]) -> Instance:

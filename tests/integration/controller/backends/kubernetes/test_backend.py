@@ -176,6 +176,7 @@ async def test_an_evicted_job_pod_is_replaced_and_recovered(kube: KubeMesh) -> N
 
 async def test_when_the_leader_dies_mid_transition_the_other_replica_finishes_it(
         kube: KubeMesh) -> None:
+    kube.lease = LEASE
     first = kube.start_controller("first")
     first.wait_for_log(r"leading: lease")
     second = kube.start_replica("second")
@@ -200,6 +201,7 @@ async def test_when_the_leader_dies_mid_transition_the_other_replica_finishes_it
 
 
 async def test_a_leader_that_loses_its_lease_exits_at_once(kube: KubeMesh) -> None:
+    kube.lease = LEASE
     leader = kube.start_controller("first")
     leader.wait_for_log(r"leading: lease")
     with kube.emulator.api_client() as api:

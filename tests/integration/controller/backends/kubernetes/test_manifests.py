@@ -34,7 +34,7 @@ from kubernetes_validate.utils import major_minor
 
 from jobmesh.controller.backends.kubernetes import objects as k8s_objects
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[5]  # the repository
 MANIFESTS = ROOT / "manifests"
 TARGETS = ["base", "overlays/dev", "overlays/production"]
 OVERLAYS = [t for t in TARGETS if t.startswith("overlays/")]
@@ -389,7 +389,7 @@ _VERBS = {"read": "get", "replace": "update"}
 def api_calls_of_the_controller() -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) for every Kubernetes API call the controller's code makes."""
     needed: set[tuple[str, str, str]] = set()
-    for source in (ROOT / "controller").glob("*.py"):
+    for source in (ROOT / "controller").rglob("*.py"):  # every subpackage too
         text = source.read_text()
         for verb, kind, status in _CALL.findall(text):
             assert kind in _RESOURCES, f"{source.name} calls the API on {kind}: map it above"

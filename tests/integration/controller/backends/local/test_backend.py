@@ -277,7 +277,7 @@ async def test_a_restarted_controller_adopts_the_running_jobs(local_root, store_
         adopted = await successor.create(job, Said())
         assert (adopted.port, adopted.agent_url) == (first.port, first.agent_url)
         stopped = await successor.pause(job)  # its agent is not the successor's child
-        assert stopped.manifest["kind"] == "pause"
+        assert stopped.manifest.kind == "pause"
     finally:
         await successor.close()
 
@@ -352,12 +352,12 @@ async def test_pause_stores_a_pause_snapshot_and_leaves_nothing_running(backend,
     t = time.perf_counter()
     stopped = await backend.pause(job)
     print(f"\npause: {(time.perf_counter() - t) * 1000:.0f} ms, {stopped.bytes_moved} bytes stored")
-    assert stopped.manifest["kind"] == "pause" and stopped.bytes_moved > 0
+    assert stopped.manifest.kind == "pause" and stopped.bytes_moved > 0
     assert not pid_alive(pg_pid) and not pid_alive(agent_pid)
     assert not jd.path.exists()
     assert await backend.alive(job) is False
-    stored = await get_bytes(backend.store, snapshot_manifest_key(job.id, stopped.manifest["id"]))
-    assert json.loads(stored) == stopped.manifest
+    stored = await get_bytes(backend.store, snapshot_manifest_key(job.id, stopped.manifest.id))
+    assert Manifest.from_json(stored) == stopped.manifest
     again = await backend.pause(job)  # a retry after the local copy is gone
     assert again.manifest == stopped.manifest
 
@@ -436,7 +436,7 @@ async def test_pause_keeps_the_pgdata_of_its_snapshot_in_the_warm_cache(backend,
     entry = _entry(backend, job)
     assert sorted(p.name for p in entry.iterdir()) == ["entry.json", "pgdata"]
     marker = _marker(backend, job)
-    assert marker["job"] == job.id and marker["snapshot"] == stopped.manifest["id"]
+    assert marker["job"] == job.id and marker["snapshot"] == stopped.manifest.id
     assert marker["size"] > stopped.bytes_moved  # PGDATA, uncompressed
     proc = await asyncio.to_thread(  # as root: the cache is root's (0700)
         subprocess.run, [str(bin_dir() / "pg_controldata"), str(entry / "pgdata")],
@@ -444,7 +444,7 @@ async def test_pause_keeps_the_pgdata_of_its_snapshot_in_the_warm_cache(backend,
         timeout=30)
     control = parse_controldata(proc.stdout)
     assert control.state == "shut down"
-    assert control.checkpoint_lsn == stopped.manifest["start_lsn"]  # the snapshot's cluster
+    assert control.checkpoint_lsn == stopped.manifest.start_lsn  # the snapshot's cluster
 
 
 async def test_resume_from_the_warm_cache_brings_the_data_back_without_a_restore(backend,
@@ -458,7 +458,7 @@ async def test_resume_from_the_warm_cache_brings_the_data_back_without_a_restore
     resumed = await backend.resume(job, said)
     cache_ms = (time.perf_counter() - t) * 1000
     assert resumed.detail["source"] == "cache" and resumed.bytes_moved == 0
-    assert resumed.detail["snapshot"] == stopped.manifest["id"]
+    assert resumed.detail["snapshot"] == stopped.manifest.id
     assert not any(text.startswith("restoring") for text in said)
     assert not _entry(backend, job).exists()  # used once: the job runs on it now
     assert await count_items(resumed, job) == 5000
@@ -484,8 +484,8 @@ async def test_a_second_pause_replaces_the_entry_with_its_own_snapshot(backend, 
     assert resumed.detail["source"] == "cache"
     await write_items(resumed, job, 11, 20)
     second = await backend.pause(job)
-    assert second.manifest["id"] != first.manifest["id"]
-    assert _marker(backend, job)["snapshot"] == second.manifest["id"]
+    assert second.manifest.id != first.manifest.id
+    assert _marker(backend, job)["snapshot"] == second.manifest.id
     resumed = await backend.resume(job, Said())
     assert resumed.detail["source"] == "cache"
     assert await count_items(resumed, job) == 20
@@ -504,7 +504,7 @@ async def test_an_entry_is_stale_once_the_job_was_paused_on_another_machine(back
     second = await other.pause(job)
     resumed = await backend.resume(job, Said())
     assert resumed.detail["source"] == "store"
-    assert resumed.detail["snapshot"] == second.manifest["id"]
+    assert resumed.detail["snapshot"] == second.manifest.id
     assert await count_items(resumed, job) == 200
     assert not _entry(backend, job).exists()
 
@@ -534,7 +534,7 @@ async def test_an_entry_is_stale_once_wal_was_archived_after_its_pause(backend, 
         os.kill(pid, signal.SIGKILL)
         await until(lambda pid=pid: _is(asyncio.to_thread(pid_alive, pid), False),
                     f"the death of {pid}")
-    assert (await latest_snapshot(backend.store, job.id)).id == paused.manifest["id"]
+    assert (await latest_snapshot(backend.store, job.id)).id == paused.manifest.id
     resumed = await backend.resume(job, Said())
     assert resumed.detail["source"] == "store" and resumed.detail["wal_replayed"]
     assert await count_items(resumed, job) == 3000
@@ -613,7 +613,7 @@ async def test_entries_without_a_valid_marker_are_removed_at_start(local_root, s
     await write_items(started, job, 1, 100)
     stopped = await backend.pause(job)
     cache = backend.root / "cache"
-    valid = Entry(job.id, stopped.manifest["id"], 1, time.time()).to_json()
+    valid = Entry(job.id, stopped.manifest.id, 1, time.time()).to_json()
     (cache / "t-no-marker" / "pgdata").mkdir(parents=True)  # a crash before the marker
     (cache / "t-torn-marker" / "pgdata").mkdir(parents=True)
     (cache / "t-torn-marker" / "entry.json").write_bytes(valid[:20])
@@ -700,7 +700,7 @@ async def test_pausing_a_crashed_job_recovers_it_locally_first(backend, new_job)
     os.kill(pid, signal.SIGKILL)
     await until(lambda: _is(asyncio.to_thread(pid_alive, pid), False), "the postmaster's death")
     stopped = await backend.pause(job)
-    assert stopped.manifest["kind"] == "pause"
+    assert stopped.manifest.kind == "pause"
     resumed = await backend.resume(job, Said())
     assert await count_items(resumed, job) == 500
 
@@ -796,7 +796,7 @@ async def test_a_job_pauses_to_and_resumes_from_an_s3_store(pg_root, s3_server, 
         started = await s3.create(job, Said())
         await write_items(started, job, 1, 100)
         stopped = await s3.pause(job)
-        assert stopped.manifest["kind"] == "pause"
+        assert stopped.manifest.kind == "pause"
         resumed = await s3.resume(job, Said())
         assert await count_items(resumed, job) == 100
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,10 +25,14 @@ import pytest
 
 import jobmesh
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # tests/integration/ -> the checkout
 COMPONENTS = ("router", "agent", "controller")
 
 pytestmark = pytest.mark.timeout(300)
+
+# the end of a probe: every loaded module and its file, as JSON
+PRINT_MODULES = ("print(json.dumps({n: getattr(m, '__file__', None)"
+                 " for n, m in sys.modules.items()}))\n")
 
 
 def bare_copies(modules: dict[str, object]) -> list[str]:
@@ -45,10 +50,20 @@ def bare_copies(modules: dict[str, object]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel `pip install .` would install, built without touching the network."""
+    """The wheel `pip install .` would install, built without touching the network.
+
+    Built from a copy of what the build reads (the symlinks stay symlinks), so
+    setuptools' build/ directory is not left in the checkout.
+    """
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("jobmesh", *COMPONENTS):
+        shutil.copytree(ROOT / name, src / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(out), str(ROOT)],
+                    "--no-build-isolation", "--wheel-dir", str(out), str(src)],
                    check=True, cwd=out, capture_output=True, timeout=240)
     (path,) = out.glob("jobmesh-*.whl")
     return path
@@ -104,7 +119,7 @@ def test_every_module_loads_under_jobmesh_only() -> None:
         "         if m.name != 'jobmesh.__main__']\n"
         "for name in names:\n"
         "    importlib.import_module(name)\n"
-        "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()}))\n")
+        + PRINT_MODULES)
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -117,7 +132,7 @@ def test_the_guard_sees_a_bare_import() -> None:
     """The check above can fail: a bare ``router.protocol`` beside ``jobmesh.router.protocol``."""
     probe = ("import json, sys\n"
              "import jobmesh.router.protocol, router.protocol\n"
-             "print(json.dumps({n: getattr(m, '__file__', None) for n, m in sys.modules.items()}))\n")
+             + PRINT_MODULES)
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
