@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -42,6 +43,7 @@ from jobmesh.agent.postgres import (
     bin_dir,
     free_port,
     give_to_postgres,
+    pid_alive,
     run_pg,
 )
 from jobmesh.agent.restore import restore
@@ -201,7 +203,7 @@ class Template:
         spares = self.dir / keep / "spares"
         if spares.is_dir():
             for entry in spares.iterdir():
-                if entry.name.startswith("."):
+                if entry.name.startswith(".") and not _copying_now(entry.name):
                     shutil.rmtree(entry, ignore_errors=True)
 
     # -- spares -------------------------------------------------------------------------
@@ -253,12 +255,24 @@ class Template:
         spares = self._spare_dir()
         spares.mkdir(mode=0o700, exist_ok=True)
         token = secrets.token_hex(4)
-        scratch = spares / f".{token}"
+        scratch = spares / f".{os.getpid()}-{token}"  # _copying_now() reads the pid
         try:
             _copy_tree(self._master, scratch)
             scratch.rename(spares / token)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _copying_now(scratch_name: str) -> bool:
+    """Whether a half-made spare (``.<pid>-<token>``) is still being copied by a live process.
+
+    Another backend on the same root (a controller restarted while the old one's
+    copy thread still runs, or two in one process) must not delete it: ``cp``
+    would go on filling a directory whose first files are gone, succeed, and
+    the rename would hand out a copy without ``postgresql.conf``.
+    """
+    pid, _, _ = scratch_name.removeprefix(".").partition("-")
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def _copy_tree(src: Path, dest: Path) -> None:

@@ -806,6 +806,28 @@ async def test_a_job_pauses_to_and_resumes_from_an_s3_store(pg_root, s3_server, 
 
 
 # --- the template --------------------------------------------------------------------------
+async def test_a_second_backend_keeps_the_spares_a_live_process_is_copying(local_root,
+                                                                            store_url, backend):
+    """Only copies a dead process left half made are removed at start: a live one's ``cp``
+    would go on into a directory whose first files are gone and hand out a broken copy."""
+    spares = local_root / "template" / backend.template.manifest.id / "spares"
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    dead_pid = gone.pid  # that process has exited and been reaped
+    assert not pid_alive(dead_pid)
+    copying, crashed = spares / f".{os.getpid()}-0copying", spares / f".{dead_pid}-0crashed"
+    for scratch in (copying, crashed):
+        (scratch / "pgdata").mkdir(parents=True)
+        (scratch / "pgdata" / "postgresql.conf").write_text("# half made\n")
+    second = LocalBackend(local_root, store_url, spares=0)
+    try:
+        await second.start()
+        assert copying.is_dir() and not crashed.exists()
+    finally:
+        await second.close()
+        shutil.rmtree(copying, ignore_errors=True)
+
+
 
 
 async def test_the_template_is_made_once_per_store(pg_root, store_url, backend, new_job):
