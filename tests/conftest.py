@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from jobmesh.agent.postgres import Instance, give_to_postgres
 from jobmesh.agent.store import Store
 from jobmesh.controller.catalog.db import Catalog
+from tests.support.cleanup import remove_later
 from tests.support.kube_mesh import KubeMesh, running_kube_mesh
 from tests.support.mesh import Mesh
 from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
@@ -35,7 +35,7 @@ def pg_root() -> Iterator[Path]:
     root.chmod(0o755)
     give_to_postgres(root)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_later(root)
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +165,7 @@ async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog,
         yield m
     finally:
         await asyncio.to_thread(m.stop)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_later(root)
 
 
 @pytest.fixture

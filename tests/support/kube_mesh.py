@@ -16,6 +16,7 @@ from kubernetes import client
 
 from jobmesh.agent.postgres import free_port
 from jobmesh.controller.catalog.db import Catalog
+from tests.support.cleanup import remove_later
 from tests.support.k8s_emulator import K8sEmulator
 from tests.support.kubelet import Kubelet
 from tests.support.mesh import Mesh
@@ -111,6 +112,6 @@ async def running_kube_mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog,
         if keep := os.environ.get("JOBMESH_KEEP_TEST_DIRS"):
             shutil.copytree(root, Path(keep) / root.name, ignore_dangling_symlinks=True,
                             ignore=shutil.ignore_patterns("*.s.PGSQL*"))
-        shutil.rmtree(root, ignore_errors=True)
+        remove_later(root)
 
 
