@@ -5,6 +5,11 @@ The protocol rules live in the sans-IO modules (``handshake``,
 is the route source's business (``route_source``); holding a client while
 its job wakes is ``hold``'s. This module only moves bytes between them and
 sockets and keeps the books (sessions, limits, cancel keys, activity).
+
+At ~410 lines it is over the usual ~400 on purpose: it is one connection's
+path from accept to splice, read top to bottom; the parts that are ideas of
+their own (handshakes, splice, slots, cancel, hold, shutdown) already live
+in their own modules.
 """
 
 from __future__ import annotations

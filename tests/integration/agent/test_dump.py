@@ -74,7 +74,7 @@ def table_checksums(dsn: str) -> dict[str, tuple[int, str]]:
 @pytest.fixture(scope="module")
 def pgsrv(pg_factory) -> Instance:
     """One Postgres with a source database: pgbench tables plus a table of many types."""
-    inst = pg_factory("dump", databases=("src",))
+    inst = pg_factory(f"dump-{os.urandom(3).hex()}", databases=("src",))
     subprocess.run([str(bin_dir() / "pgbench"), "-i", "-s", "1", "-q", _dsn(inst, "src")],
                    check=True, capture_output=True, env={**os.environ, "PGPASSWORD": "pw"})
     with psycopg.connect(_dsn(inst, "src"), autocommit=True) as conn:

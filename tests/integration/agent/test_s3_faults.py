@@ -137,7 +137,7 @@ JOB = "faulty"
 @pytest.fixture(scope="module")
 def job_server(pg_root: Path) -> Iterator[Instance]:
     """A job's PostgreSQL (``agent init``), running and archiving into its spool."""
-    base = pg_root / "fault-tests"
+    base = pg_root / f"fault-tests-{os.urandom(3).hex()}"  # a module fixture may be set up twice
     base.mkdir()
     init_pgdata(base / "pgdata", JOB, spool=base / "spool", archive_timeout=0)
     inst = Instance(base / "pgdata", port=free_port(), settings={"fsync": "off"})

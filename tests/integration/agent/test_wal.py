@@ -37,7 +37,7 @@ JOB = "walt"
 @pytest.fixture(scope="module")
 def server(pg_root: Path) -> Iterator[Instance]:
     """A job initialised by ``init_pgdata``, running, archiving into its spool."""
-    base = pg_root / "wal-tests"
+    base = pg_root / f"wal-tests-{os.urandom(3).hex()}"  # a module fixture may be set up twice
     base.mkdir()
     init_pgdata(base / "pgdata", JOB, spool=base / "spool", archive_timeout=0)
     for leftover in (base / "spool").iterdir():  # from init itself; tests count segments
