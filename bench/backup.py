@@ -17,6 +17,9 @@ wal-push`` (a process per segment) and ``pgbackrest archive-push`` (a process
 per segment, as archive_command). Writes backup.json and backup.png to --out
 and prints a markdown table on stdout; progress goes to stderr. Everything it
 starts is stopped on exit, Ctrl-C included.
+
+Over ~400 lines on purpose: one benchmark run top to bottom (set-up, interleaved
+rounds, report); the peers' own code lives in bench/_backup_peers.py.
 """
 
 from __future__ import annotations

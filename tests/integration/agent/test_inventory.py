@@ -1,4 +1,8 @@
-"""list, verify and prune against real stores (a directory and moto's S3 API)."""
+"""list, verify and prune against real stores (a directory and moto's S3 API).
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
+"""
 
 from __future__ import annotations
 

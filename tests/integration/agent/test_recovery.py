@@ -4,6 +4,9 @@ Everything is real: ``init_pgdata`` clusters archiving into a spool, the
 ``Archiver`` shipping to a ``file://`` store and to moto's S3 server, the
 postmaster killed with SIGKILL under write load, and a restore that starts
 PostgreSQL with ``restore_command`` = ``agent wal-fetch``.
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
 """
 
 from __future__ import annotations

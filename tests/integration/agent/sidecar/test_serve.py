@@ -2,6 +2,9 @@
 
 Every wait polls HTTP or the store against a deadline; every process is
 stopped in a fixture finaliser, also when the test fails.
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
 """
 
 from __future__ import annotations

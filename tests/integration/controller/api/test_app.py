@@ -3,6 +3,9 @@
 No controller runs here, so job states only change when a test moves them with
 ``catalog.transition`` (as the reconciler would). Export runs against a real
 ``jobmesh agent serve`` beside a real PostgreSQL, with a ``file://`` store.
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ two or more routers, two controllers, resources on every container, selectors
 that match, a NetworkPolicy that admits only routers and controllers to job
 pods (the same one the controller applies), flags the real CLI accepts, and
 alerts and dashboard panels that query metrics the code really exports.
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Jobs come from a real catalog (for their backend passwords). Every job a
 test makes is deleted by a fixture finaliser, and anything of it still
 running afterwards is killed, also when the test fails. Waits poll a
 condition against a deadline; nothing sleeps for a fixed time.
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
 """
 
 from __future__ import annotations
