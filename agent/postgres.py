@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shlex
 import shutil
 import socket
@@ -133,10 +134,37 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (where outgoing connections'
+    local ports come from)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server about to start.
+
+    Not ``bind(0)``: that hands out ports from the ephemeral range, which every
+    outgoing connection on the machine draws its local port from, so a port picked
+    that way is often taken again by some client before the server binds it. A random
+    port below that range can only be taken by another server, and two pickers land on
+    the same one about once in 20,000 picks. Callers that start a server still retry
+    on a new port when its bind fails.
+    """
+    low, high = 10000, max(_ephemeral_low(), 10001)
+    for _ in range(64):
+        port = random.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -20,6 +20,7 @@ import asyncpg
 
 from jobmesh.agent.manifest import Manifest
 from jobmesh.agent.postgres import free_port
+from jobmesh.agent.postmaster import Postmaster
 
 from ...catalog.models import Job
 from ...core.backend import BackendError, Progress, Started
@@ -28,6 +29,7 @@ from ..job_spec import archive_timeout
 from ..step_report import Laps
 from .process import (
     JobDir,
+    PortTaken,
     cleanly_stopped,
     is_ready,
     mark_ready,
@@ -102,8 +104,7 @@ class Instances:
         laps = laps or Laps()
         if how != "create":
             await progress("starting PostgreSQL")
-        port = free_port()
-        await start_postgres(jd, self.settings(job, jd, port), timeout=self.start_timeout)
+        port = (await self.start_postgres(job, jd)).port
         laps("start")
         conn = await connect(jd.run, port)
         try:
@@ -131,14 +132,27 @@ class Instances:
             # A snapshot needs a clean shutdown: let Postgres replay its WAL first.
             log.warning("job %s crashed: starting it to recover before the pause", job.id)
             await asyncio.to_thread(prepare, jd)
-            pm = await start_postgres(jd, self.settings(job, jd, free_port()),
-                                      timeout=self.start_timeout)
+            pm = await self.start_postgres(job, jd)
         info = read_agent(jd)
         if not agent_running(jd, info):
             info = await self.spawn_agent(jd, pm.port if pm else 0, info)
         assert info is not None
         await wait_listening(jd, info)
         return await request_pause(jd, info, self.pause_timeout)
+
+    async def start_postgres(self, job: Job, jd: JobDir) -> Postmaster:
+        """Start the job's Postgres on a free port, on another one when a server that
+        started meanwhile took it first."""
+        for attempt in range(3):
+            try:
+                return await start_postgres(jd, self.settings(job, jd, free_port()),
+                                            timeout=self.start_timeout)
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                log.warning("job %s: its port was taken before PostgreSQL bound it; "
+                            "starting on another", job.id)
+        raise AssertionError("unreachable")
 
     async def stopped_cleanly(self, jd: JobDir) -> bool:
         return await asyncio.to_thread(cleanly_stopped, jd.pgdata)

@@ -187,6 +187,10 @@ def _why_it_failed(text: str) -> str | None:
     return None
 
 
+class PortTaken(BackendError):
+    """Another server bound the port picked for this start first: pick another."""
+
+
 async def start_postgres(jd: JobDir, settings: Mapping[str, str], *,
                          timeout: float) -> Postmaster:
     """Start the job's Postgres; returns once its postmaster.pid says ``ready`` (accepting
@@ -213,6 +217,9 @@ async def start_postgres(jd: JobDir, settings: Mapping[str, str], *,
                 return pm
         else:
             why = _why_it_failed(await asyncio.to_thread(_log_since, jd.postgres_log, offset))
+            if why == "could not create any TCP/IP sockets":
+                raise PortTaken(f"PostgreSQL of job {jd.job_id} could not listen on its "
+                                f"port {settings.get('port')}")
             if why or seen:
                 raise BackendError(f"PostgreSQL of job {jd.job_id} did not start: "
                                    f"{why or 'it exited (see ' + str(jd.postgres_log) + ')'}")

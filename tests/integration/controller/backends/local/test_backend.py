@@ -225,6 +225,29 @@ async def test_create_starts_a_job_its_owner_can_write_to_over_tcp(backend, new_
     assert postmaster(jd).port == started.port
 
 
+async def test_a_port_taken_before_postgres_binds_it_is_traded_for_another(backend, new_job,
+                                                                          monkeypatch):
+    import socket
+
+    from jobmesh.agent.postgres import free_port
+    from jobmesh.controller.backends.local import instance
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # a server that started between the pick and PostgreSQL's bind
+    held = taken.getsockname()[1]
+    picks = iter([held])
+    monkeypatch.setattr(instance, "free_port", lambda: next(picks, None) or free_port())
+    try:
+        job = await new_job()
+        started = await backend.create(job, Said())
+    finally:
+        taken.close()
+    assert started.port != held
+    await write_items(started, job, 1, 10)
+    assert postmaster(JobDir(backend.root, job.id)).port == started.port
+
+
 async def test_a_new_job_gets_its_first_recovery_point_at_once(backend, new_job):
     job = await new_job()
     started = await backend.create(job, Said())
