@@ -33,7 +33,7 @@ COPY router ./router
 COPY agent ./agent
 COPY controller ./controller
 # A regular (not editable) install: the runtime stage copies /opt/jobmesh alone.
-RUN /opt/jobmesh/bin/pip install --no-cache-dir . \
+RUN /opt/jobmesh/bin/pip install --no-cache-dir '.[s3,kubernetes]' \
  && /opt/jobmesh/bin/jobmesh --help >/dev/null
 
 # --- runtime -----------------------------------------------------------------------------

@@ -1,18 +1,24 @@
 # Two entry points: `make up` runs the main job, `make test` runs the whole suite.
 # Both create .venv when it is missing and install the project into it.
+# `up` installs what running the mesh needs; `test` adds the test extras (and S3, Kubernetes).
 PYTHON ?= python3
 VENV := .venv
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: up test soak lint bench-proxy bench-backup bench-wake clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-up: $(STAMP)
+up: $(RUNTIME)
+	@echo "the jobmesh CLI: $(CURDIR)/$(VENV)/bin/jobmesh"
 	$(VENV)/bin/jobmesh up --demo-job demo
 
 test: $(STAMP)

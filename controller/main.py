@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobmesh import defaults
 from jobmesh.errors import CommandFailed, UsageError
+from jobmesh.secretfile import read_secret_file
 
 from .catalog.db import Catalog
 from .catalog.models import CatalogError
@@ -42,7 +44,10 @@ log = logging.getLogger("jobmesh.controller")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--catalog-dsn", default=env("JOBMESH_CATALOG_DSN"), metavar="DSN",
-                   help="the catalog PostgreSQL (env JOBMESH_CATALOG_DSN)")
+                   help="the catalog PostgreSQL (env JOBMESH_CATALOG_DSN); it holds a "
+                   "password: prefer --catalog-dsn-file, as anyone can read a command line")
+    p.add_argument("--catalog-dsn-file", type=Path, metavar="FILE",
+                   help="read the catalog DSN from FILE (mode 0600; env JOBMESH_CATALOG_DSN_FILE)")
     p.add_argument("--backend", choices=["local", "kubernetes"],
                    default=env("JOBMESH_BACKEND", "local"),
                    help="where jobs run: local (processes on this machine, the default) or "
@@ -138,8 +143,13 @@ class ControllerSettings:
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
     """The settings the flags ask for, checked (UsageError), with nothing created yet:
     ``serve`` makes the state directory and the token file when it starts."""
-    if not args.catalog_dsn:
-        raise UsageError("--catalog-dsn (or JOBMESH_CATALOG_DSN) is required")
+    dsn_file = args.catalog_dsn_file or (
+        None if args.catalog_dsn else os.environ.get("JOBMESH_CATALOG_DSN_FILE"))
+    dsn = (read_secret_file(Path(dsn_file), "--catalog-dsn-file") if dsn_file
+           else args.catalog_dsn)
+    if not dsn:
+        raise UsageError("--catalog-dsn-file or --catalog-dsn (or JOBMESH_CATALOG_DSN) "
+                         "is required")
     if args.max_running is not None and args.max_running < 1:
         raise UsageError("--max-running must be at least 1")
     host, _, port = args.api_listen.rpartition(":")
@@ -147,7 +157,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         raise UsageError(f"--api-listen {args.api_listen!r}: expected HOST:PORT")
     state = args.state_dir.absolute()
     return ControllerSettings(
-        catalog_dsn=args.catalog_dsn, state_dir=state,
+        catalog_dsn=dsn, state_dir=state,
         store=args.store or f"file://{state / 'store'}", s3_endpoint=args.s3_endpoint,
         api_host=host, api_port=int(port),
         token_file=args.api_token_file or state / "api-token",
@@ -161,6 +171,9 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
 
 
 def kubernetes_settings(args: argparse.Namespace) -> KubernetesSettings:
+    if importlib.util.find_spec("kubernetes") is None:
+        raise UsageError("--backend kubernetes needs the kubernetes client: "
+                         "pip install 'jobmesh[kubernetes]'")
     from .backends.kubernetes.client import in_cluster_namespace
     from .backends.kubernetes.leader import default_identity
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from jobmesh.controller.core.reconciler import ReconcilerConfig
 from jobmesh.controller.main import ControllerSettings, serve
 from jobmesh.controller.mesh import ensure_secret, write_mesh
 from jobmesh.errors import CommandFailed
+from jobmesh.secretfile import write_secret_file
 
 log = logging.getLogger("jobmesh.up")
 ADMIN = "admin"
@@ -72,11 +74,40 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandFailed(f"cannot create the state directory {state}: {exc.strerror}") from exc
     state.chmod(0o755)  # the postgres OS user must reach the job and catalog directories
-    data = data_root(state)
+    lock = lock_state_dir(state)
     try:
+        data = data_root(state)
         return uvloop.run(_up(args, state, data))
     except CatalogError as exc:
         raise CommandFailed(str(exc)) from exc
+    finally:
+        os.close(lock)
+
+
+def lock_state_dir(state: Path) -> int:
+    """Hold ``DIR/jobmesh.lock`` (an exclusive ``flock``) for as long as this mesh runs;
+    a second ``up`` on the same directory fails at once, naming the first one's pid.
+
+    A lock, not a pid file: the kernel releases it when the process dies however it dies,
+    so it never goes stale, and a reused pid cannot fake it. The descriptor is not
+    inherited by what ``up`` starts (Python's default), so a router or PostgreSQL left
+    behind by a killed ``up`` does not keep the directory locked.
+    """
+    path = state / "jobmesh.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CommandFailed(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CommandFailed(f"{state} is in use by another `jobmesh up` (pid {holder}); "
+                            "stop it first (Ctrl-C there) or use another --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def data_root(state: Path) -> Path:
@@ -210,8 +241,9 @@ def _start_router(state: Path, dsn: str, args: argparse.Namespace) -> subprocess
             os.kill(old, signal.SIGTERM)  # left by an `up` that was killed
     log_path = state / "jobmesh.router.log"
     log_path.touch()
+    dsn_file = write_secret_file(state / "router-catalog-dsn", dsn)  # never in argv
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobmesh", "router", "--catalog-dsn", dsn,
+        [sys.executable, "-m", "jobmesh", "router", "--catalog-dsn-file", str(dsn_file),
          "--listen", f"127.0.0.1:{args.port}", "--wake-timeout", str(args.wake_timeout)],
         stdout=subprocess.DEVNULL, stderr=log_path.open("ab"), start_new_session=True)
     pidfile.write_text(str(proc.pid))

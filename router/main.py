@@ -16,11 +16,13 @@ import logging
 import os
 import resource
 import signal
+from pathlib import Path
 
 import uvloop
 from prometheus_client import start_http_server
 
 from jobmesh.errors import UsageError
+from jobmesh.secretfile import read_secret_file
 
 from .activity import ActivityReporter
 from .catalog_routes import CatalogConfigError, CatalogRoutes
@@ -41,7 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--catalog-dsn", metavar="DSN",
         help="take jobs, users and grants from the jobmesh catalog, and wake paused jobs"
-             " (default: $JOBMESH_CATALOG_DSN unless --routes is given)",
+             " (default: $JOBMESH_CATALOG_DSN unless --routes is given); it holds a"
+             " password: prefer --catalog-dsn-file, as anyone can read a command line",
+    )
+    p.add_argument(
+        "--catalog-dsn-file", type=Path, metavar="FILE",
+        help="read the catalog DSN from FILE (mode 0600; env JOBMESH_CATALOG_DSN_FILE)",
     )
     p.add_argument(
         "--wake-timeout", type=float, default=d.wake_timeout, metavar="S",
@@ -126,10 +133,16 @@ def raise_fd_limit() -> None:
 
 def catalog_dsn(args: argparse.Namespace) -> str | None:
     """The catalog to follow, or None for a route file; exactly one of the two."""
-    if args.routes and args.catalog_dsn:
+    if args.catalog_dsn and args.catalog_dsn_file:
+        raise UsageError("--catalog-dsn and --catalog-dsn-file are alternatives: give one")
+    if args.routes and (args.catalog_dsn or args.catalog_dsn_file):
         raise UsageError("--routes and --catalog-dsn are alternatives: give one")
     if args.routes:
         return None
+    dsn_file = args.catalog_dsn_file or (
+        None if args.catalog_dsn else os.environ.get("JOBMESH_CATALOG_DSN_FILE"))
+    if dsn_file:
+        return read_secret_file(Path(dsn_file), "--catalog-dsn-file")
     dsn = args.catalog_dsn or os.environ.get("JOBMESH_CATALOG_DSN")
     if not dsn:
         raise UsageError("give --routes FILE or --catalog-dsn DSN (or set JOBMESH_CATALOG_DSN)")

@@ -95,7 +95,9 @@ def open_store(url: str, *, s3_endpoint: str | None = None) -> Store:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StoreError(f"bad store URL {url!r}: use s3://bucket/prefix")
-        from .s3 import S3Store
-
+        try:
+            from .s3 import S3Store
+        except ModuleNotFoundError as exc:
+            raise StoreError(f"s3:// stores need {exc.name}: pip install 'jobmesh[s3]'") from None
         return S3Store(parsed.netloc, parsed.path.strip("/"), endpoint=s3_endpoint)
     raise StoreError(f"bad store URL {url!r}: expected file:///path or s3://bucket/prefix")

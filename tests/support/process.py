@@ -18,16 +18,20 @@ from pathlib import Path
 
 
 class LoggedProcess:
-    """``cmd`` started with its stderr readable line by line (stdout is discarded)."""
+    """``cmd`` started with its stderr readable line by line (stdout is discarded unless
+    ``with_stdout``)."""
 
     def __init__(self, name: str, cmd: list[str], log_path: Path | None = None, *,
                  cwd: Path | None = None, env: dict[str, str] | None = None,
-                 failure: type[Exception] = AssertionError) -> None:
+                 failure: type[Exception] = AssertionError, with_stdout: bool = False) -> None:
         self.name = name
         self.log_path = log_path
         self.failure = failure  # what wait_for_log raises (benches want their own error)
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
+        # with_stdout: stdout's lines are read as log lines too (what `jobmesh up` prints)
+        self.proc = subprocess.Popen(cmd, cwd=cwd,
+                                     stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE,
+                                     text=True,
                                      env={**(os.environ if env is None else env),
                                           "PYTHONUNBUFFERED": "1"})
         self.lines: queue.Queue[str] = queue.Queue()
@@ -35,10 +39,11 @@ class LoggedProcess:
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
-        assert self.proc.stderr is not None
+        stream = self.proc.stderr or self.proc.stdout
+        assert stream is not None
         log = self.log_path.open("a") if self.log_path is not None else None
         try:
-            for line in self.proc.stderr:
+            for line in stream:
                 if log is not None:
                     log.write(line)
                     log.flush()
