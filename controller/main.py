@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(env {defaults.STATE_DIR_ENV}, default ./{defaults.DEFAULT_STATE_DIR})")
     p.add_argument("--store", default=env("JOBMESH_STORE"), metavar="URL",
                    help="file:///path or s3://bucket/prefix (default file://DIR/store)")
-    p.add_argument("--s3-endpoint", default=env("JOBMESH_S3_ENDPOINT"), metavar="URL")
+    p.add_argument("--s3-endpoint", default=env("JOBMESH_S3_ENDPOINT"), metavar="URL",
+                   help="an S3-compatible server instead of AWS (env JOBMESH_S3_ENDPOINT)")
     p.add_argument("--api-listen", default=env("JOBMESH_API_LISTEN", defaults.API_LISTEN),
                    metavar="HOST:PORT",
                    help=f"the HTTP API and /metrics (default {defaults.API_LISTEN})")
@@ -78,12 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"wake starts them in place (default {defaults.WARM_CACHE_BYTES // 2**30} "
                    "GiB; 0: always restore from the store)")
     p.add_argument("--base-backup-interval", type=float, default=defaults.BASE_BACKUP_INTERVAL,
-                   metavar="S")
+                   metavar="S", help="a new base backup of each running job every S seconds "
+                   f"(default {defaults.BASE_BACKUP_INTERVAL:g})")
     reconciler = ReconcilerConfig()  # its defaults are the flags' defaults
     p.add_argument("--resync-interval", type=float, default=reconciler.resync_interval,
-                   metavar="S")
+                   metavar="S", help="look at every job every S seconds, besides the catalog's "
+                   f"notifications (default {reconciler.resync_interval:g})")
     p.add_argument("--health-interval", type=float, default=reconciler.health_interval,
-                   metavar="S")
+                   metavar="S", help="check running jobs' PostgreSQL every S seconds "
+                   f"(default {reconciler.health_interval:g})")
     p.add_argument("--quiet-for", type=float, default=reconciler.quiet_for, metavar="S",
                    help="a job without sessions for S seconds may be evicted "
                    f"(default {reconciler.quiet_for:g})")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from jobmesh import logs
+from jobmesh import defaults, logs
 from jobmesh.errors import CommandFailed, UsageError, one_line
 
 
@@ -74,7 +75,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     WAL segment during recovery, so start-up time matters); ``--help`` loads all."""
     parser = argparse.ArgumentParser(prog="jobmesh", description=__doc__.splitlines()[0])
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
-    parser.add_argument("--log-level", default="INFO", choices=levels)
+    parser.add_argument("--version", action="version", version=f"jobmesh {_version()}")
+    parser.add_argument("--log-level", default="INFO", choices=levels,
+                        help="how much the components log (default INFO)")
+    parser.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"the mesh's state directory, for every command (env "
+                        f"{defaults.STATE_DIR_ENV}, default ./{defaults.DEFAULT_STATE_DIR}); "
+                        "also accepted after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted, rest = _split_command(argv)
     for name, (text, register) in COMMANDS.items():
@@ -89,7 +96,7 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--log-level":
+        if arg in ("--log-level", "--state-dir"):
             i += 2
             continue
         if arg.startswith("-"):
@@ -99,9 +106,46 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jobmesh")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _state_dir_first(argv: list[str]) -> list[str]:
+    """``jobmesh --state-dir D COMMAND ...``: D becomes the state directory every command
+    reads (through its environment variable, which each command's default comes from);
+    the flag after the command still wins."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in COMMANDS:
+            return out + argv[i:]
+        if arg == "--state-dir" and i + 1 < len(argv):
+            os.environ[defaults.STATE_DIR_ENV] = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--state-dir="):
+            os.environ[defaults.STATE_DIR_ENV] = arg.split("=", 1)[1]
+            i += 1
+            continue
+        step = 2 if arg == "--log-level" else 1
+        out += argv[i : i + step]
+        i += step
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    argv = _state_dir_first(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser(argv)
+    if not argv:  # bare `jobmesh`: the help, as kubectl does
+        parser.print_help()
+        sys.exit(0)
+    args = parser.parse_args(argv)
     args.argv = argv  # router workers re-run the same command
     logs.setup(args.log_level)
     from jobmesh.agent.errors import AgentError

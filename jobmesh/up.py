@@ -61,8 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pause jobs with no client for S seconds "
                    f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--max-running", type=int, metavar="N", help="at most N jobs running")
-    p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S")
-    p.add_argument("--wake-timeout", type=float, default=defaults.WAKE_TIMEOUT, metavar="S")
+    p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S",
+                   help="archive a job's WAL at least every S seconds: what a lost machine "
+                   f"may lose at most (default {defaults.ARCHIVE_TIMEOUT})")
+    p.add_argument("--wake-timeout", type=float, default=defaults.WAKE_TIMEOUT, metavar="S",
+                   help="how long a client waits for its paused job to wake "
+                   f"(default {defaults.WAKE_TIMEOUT:g})")
 
 
 def run(args: argparse.Namespace) -> int:

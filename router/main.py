@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RouterConfig()  # its defaults are the flags' defaults
-    p.add_argument("--listen", default=f"{d.host}:{d.port}", metavar="HOST:PORT")
+    p.add_argument("--listen", default=f"{d.host}:{d.port}", metavar="HOST:PORT",
+                   help=f"where clients connect (default {d.host}:{d.port}; port 0: any)")
     p.add_argument("--routes", metavar="FILE", help="a static route file (TOML)")
     p.add_argument(
         "--catalog-dsn", metavar="DSN",
@@ -59,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how often to tell the catalog which jobs have sessions "
         f"(default {d.activity_interval:g})",
     )
-    p.add_argument("--tls-cert", metavar="FILE")
-    p.add_argument("--tls-key", metavar="FILE")
+    p.add_argument("--tls-cert", metavar="FILE", help="the server certificate (PEM) for TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--require-tls", action="store_true", help="refuse cleartext clients (28000)")
     p.add_argument(
         "--cleartext-over-tls",
@@ -68,10 +69,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="over TLS, ask for a cleartext password instead of SCRAM",
     )
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    p.add_argument("--max-client-conn", type=int, default=d.max_client_conn, metavar="N")
-    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout, metavar="S")
-    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout, metavar="S")
-    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="S")
+    p.add_argument("--max-client-conn", type=int, default=d.max_client_conn, metavar="N",
+                   help=f"client connections per worker; more are refused "
+                   f"(default {d.max_client_conn})")
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout, metavar="S",
+                   help="a client must finish its startup and authentication within S "
+                   f"seconds (default {d.startup_timeout:g})")
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout, metavar="S",
+                   help="how long to try to reach a running job's PostgreSQL "
+                   f"(default {d.connect_timeout:g})")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="S",
+                   help="on SIGTERM, how long sessions may finish before they are cut "
+                   f"(default {d.shutdown_timeout:g})")
     p.add_argument(
         "--workers", type=int, default=d.workers, metavar="N",
         help=f"worker processes sharing the listener (default {d.workers}; one per core uses "

@@ -28,7 +28,8 @@ def add_snapshot(sub: Subparsers) -> None:
     p = sub.add_parser("snapshot", help="upload a pause snapshot of a stopped PGDATA",
                        description="Stream a cleanly stopped PGDATA to the store as tar.zst; "
                                    "prints the snapshot id.")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
+                   help="the cleanly stopped PGDATA to upload")
     add_store_arguments(p)
     p.set_defaults(run=run_snapshot)
 
@@ -104,7 +105,8 @@ def add_base_backup(sub: Subparsers) -> None:
                        description="Take a base backup of a running server; prints its id.")
     p.add_argument("--dsn", required=True,
                    help="postgresql:// URI of the server, as a superuser")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
+                   help="the server's PGDATA (for its pg_control and configuration)")
     add_store_arguments(p)
     p.set_defaults(run=run_base_backup)
 

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 def add_init(sub: Subparsers) -> None:
     p = sub.add_parser("init", help="create a job's PGDATA with WAL archiving into a spool")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
-    p.add_argument("--job", required=True, metavar="ID")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
+                   help="the PGDATA to create (must not exist or be empty)")
+    p.add_argument("--job", required=True, metavar="ID",
+                   help="the job's id: its database is job_<ID>")
     p.add_argument("--spool", type=Path, metavar="DIR",
                    help="where Postgres archives WAL for the agent (default: <pgdata>.spool)")
     p.add_argument("--archive-timeout", type=int, default=ARCHIVE_TIMEOUT, metavar="S",

@@ -21,7 +21,8 @@ def add_serve(sub: Subparsers) -> None:
                        description="Ship WAL continuously, take scheduled base backups and "
                                    "serve /healthz, /status, /metrics, POST /pause, "
                                    "/base-backup and /dump.")
-    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR")
+    p.add_argument("--pgdata", required=True, type=Path, metavar="DIR",
+                   help="the job's PGDATA")
     add_store_arguments(p)
     p.add_argument("--listen", default="127.0.0.1:8008", metavar="HOST:PORT",
                    help="HTTP address (default 127.0.0.1:8008; port 0 picks a free one)")
