@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jobmesh import jobids
+
 from . import protocol as pg
 
 
@@ -23,6 +25,14 @@ def invalid_database(database: str) -> ClientError:
         "3D000",
         f'database "{database}" does not exist',
         "Connect with dbname=job_<id>, where <id> is a job's id.",
+    )
+
+
+def bad_job_id(database: str, job_id: str) -> ClientError:
+    return ClientError(
+        "3D000",
+        f'database "{database}" does not exist: {jobids.why_not(job_id)}',
+        f"Connect with dbname=job_<id>; {jobids.RULE}.",
     )
 
 
@@ -108,6 +118,15 @@ def wake_failed(job_id: str, error: str, attempts: int) -> ClientError:
         f'job "{job_id}" failed to start: {error}',
         f"The controller's last {attempts} attempts failed; it keeps retrying. "
         "Check the job's events, or reconnect later.",
+    )
+
+
+def wake_gave_up(job_id: str, error: str) -> ClientError:
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" failed to start: {error}',
+        "The controller will not retry it: fix the cause, then run "
+        f"jobmesh job retry {job_id} (or jobmesh job delete {job_id}).",
     )
 
 

@@ -26,7 +26,6 @@ the file names one backend role per job.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,12 +35,13 @@ from typing import Any
 
 from scramp import ScramException
 
+from jobmesh import jobids
 from jobmesh.controller.catalog.states import Access
+from jobmesh.jobids import is_job_id
 
 from . import errors
 from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
 
-JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 JOB_DATABASE_PREFIX = "job_"
 ADMIN_DATABASE = "jobmesh"
 
@@ -115,7 +115,7 @@ def job_id_from_database(database: str) -> str | None:
     if not database.startswith(JOB_DATABASE_PREFIX):
         return None
     job_id = database[len(JOB_DATABASE_PREFIX) :]
-    return job_id if JOB_ID.fullmatch(job_id) else None
+    return job_id if is_job_id(job_id) else None
 
 
 def load_routes(path: str | Path) -> RouteTable:
@@ -145,8 +145,8 @@ def parse_routes(doc: dict[str, Any], where: str = "routes") -> RouteTable:
 
 def _parse_job(job_id: str, raw: Any, where: str) -> JobRoute:
     at = f"{where}: jobs.{job_id}"
-    if not JOB_ID.fullmatch(job_id):
-        raise RouteFileError(f"{at}: job id must match {JOB_ID.pattern}")
+    if not is_job_id(job_id):
+        raise RouteFileError(f"{at}: {jobids.message(job_id)}")
     t = _table(raw, at)
     _no_unknown(t, {"host", "port", "database", "user", "password", "max_connections"}, at)
     port = _get(t, "port", int, at, required=True)
@@ -183,7 +183,7 @@ def _parse_user(name: str, raw: Any, where: str) -> Principal:
     if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
         raise RouteFileError(f'{at}.jobs: must be a list of job ids or "*"')
     for j in jobs:
-        if j != "*" and not JOB_ID.fullmatch(j):
+        if j != "*" and not is_job_id(j):
             raise RouteFileError(f"{at}.jobs: {j!r} is not a valid job id")
     return Principal(name, verifier, tuple((j, "write") for j in dict.fromkeys(jobs)))
 

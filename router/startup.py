@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from . import errors
 from . import protocol as pg
 from .errors import ClientError
-from .routes import ADMIN_DATABASE, job_id_from_database
+from .routes import ADMIN_DATABASE, JOB_DATABASE_PREFIX, job_id_from_database
 
 # Startup parameters that are the router's business, not the backend's.
 _NOT_FORWARDED = {"user", "database", "replication"}
@@ -48,6 +48,8 @@ def read_startup(startup: pg.StartupMessage) -> Startup:
         )
     job_id = job_id_from_database(database)
     if job_id is None:
+        if database.startswith(JOB_DATABASE_PREFIX):
+            raise errors.bad_job_id(database, database[len(JOB_DATABASE_PREFIX) :])
         raise errors.invalid_database(database)
     unsupported = [k for k in params if k.startswith("_pq_.")]
     negotiate = None

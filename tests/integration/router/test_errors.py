@@ -257,3 +257,11 @@ def test_backend_error_response_is_relayed(router_factory, pg):
     assert fields is not None
     assert fields["C"] == "3D000"
     assert fields["M"] == 'database "no_such_db" does not exist'  # Postgres's text, not ours
+
+
+def test_a_job_id_with_capitals_says_ids_are_lowercase(router_factory, pg):
+    r = router_factory(routes_toml(pg))
+    fields = login(r.port, database="job_Scrape-42")
+    assert fields is not None and fields["C"] == "3D000"
+    assert fields["M"] == 'database "job_Scrape-42" does not exist: ids are lowercase'
+    assert "job ids are 1-59 characters" in fields["H"]
