@@ -16,6 +16,19 @@ needs SCRAM (the pod's NetworkPolicy says who may connect at all), the
 socket trusts the superuser, the reader's sessions are read-only by default,
 and dblink and postgres_fdw are there (jobs read one another through the
 router; neither is a trusted extension, so the owner could not create them).
+
+What the two roles may do is set here once, for both the pods and the local
+backend's template (which goes through ``init_pgdata`` and ``prepare_serving``
+too). ``job_owner`` owns the database. ``job_reader`` may connect and read:
+SELECT on every table and sequence of schema public, now and later (pg_dump
+reads each sequence, so without SELECT a reader could not dump a table with a
+serial column), and nothing that writes, not even what PostgreSQL lets every
+role do by default: no TEMPORARY on the database (a temp table is a write) and
+no creating large objects (EXECUTE on ``lo_create``, ``lo_creat`` and
+``lo_from_bytea`` is the owner's only; writing into an existing large object
+needs its owner's grant, as ``lo_compat_privileges`` is off). Under row-level
+security a reader's ``pg_dump --enable-row-security`` dumps the rows the
+policies show it (without that option pg_dump refuses such a table).
 """
 
 from __future__ import annotations
@@ -34,6 +47,13 @@ from .postgres import Instance, PostgresError, conf_quote, free_port, give_to_po
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
 OWNER_ROLE = "job_owner"
 READER_ROLE = "job_reader"
+SUPERUSER = "postgres"  # initdb -U postgres: it creates what the template holds
+# What creates a large object, callable by every role in a new database. The owner keeps
+# them (pg_restore creates a dump's large objects with lo_create). The server-side
+# lo_import(text), lo_import(text, oid) and lo_export(oid, text) are superuser-only
+# already (no EXECUTE for PUBLIC since PostgreSQL 11) and must stay so: they read and
+# write the server's files as the postgres OS user.
+LARGE_OBJECT_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
 # pg_hba.conf of a cluster that serves over TCP at once (--role-password-env).
 SERVING_HBA = [
     "# jobmesh: the socket trusts the superuser (only the pod's own containers reach it);",
@@ -127,30 +147,50 @@ def init_pgdata(pgdata: Path, job: str, *, spool: Path, archive_timeout: int = A
         raise AgentError(f"cannot initialise {pgdata}: {exc}") from exc
 
 
+def reader_grants(schema: str) -> str:
+    """SQL that lets the reader read every table and sequence in ``schema``, now and later.
+
+    Later: whoever creates them, the owner (its sessions, an import) or the superuser
+    (the template's own objects). Also run after an import for each schema it brought
+    (``grant_reader_everywhere`` in the controller).
+    """
+    reader, s = _ident(READER_ROLE), _ident(schema)
+    statements = [f"GRANT USAGE ON SCHEMA {s} TO {reader}",
+                  f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {reader}",
+                  f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {reader}"]
+    for creator in (OWNER_ROLE, SUPERUSER):
+        statements += [f"ALTER DEFAULT PRIVILEGES FOR ROLE {_ident(creator)} IN SCHEMA {s}"
+                       f" GRANT SELECT ON {kind} TO {reader}" for kind in ("TABLES", "SEQUENCES")]
+    return "; ".join(statements)
+
+
 def _create_database(inst: Instance, db: str) -> None:
     owner, reader, qdb = _ident(OWNER_ROLE), _ident(READER_ROLE), _ident(db)
     inst.psql(f"CREATE ROLE {owner} NOLOGIN; CREATE ROLE {reader} NOLOGIN")
     inst.psql(f"CREATE DATABASE {qdb} OWNER {owner}")
+    # No TEMPORARY for the reader (PUBLIC's default): a temp table is a write.
     inst.psql(f"REVOKE ALL ON DATABASE {qdb} FROM PUBLIC;"
-              f" GRANT CONNECT, TEMPORARY ON DATABASE {qdb} TO {reader}")
-    # Inside the job's database: the reader sees every table, now and later, whoever
-    # creates it (the owner role, or the superuser during imports).
-    inst.psql(
-        f"GRANT USAGE ON SCHEMA public TO {reader};"
-        f" GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader};"
-        f" ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public"
-        f" GRANT SELECT ON TABLES TO {reader};"
-        f" ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public"
-        f" GRANT SELECT ON TABLES TO {reader}",
-        database=db,
-    )
+              f" GRANT CONNECT ON DATABASE {qdb} TO {reader}")
+    creators = ", ".join(LARGE_OBJECT_CREATORS)
+    inst.psql(f"{reader_grants('public')};"
+              f" REVOKE EXECUTE ON FUNCTION {creators} FROM PUBLIC;"
+              f" GRANT EXECUTE ON FUNCTION {creators} TO {owner}", database=db)
 
 
 def _make_serving(inst: Instance, db: str, password: str) -> None:
     owner, reader = _ident(OWNER_ROLE), _ident(READER_ROLE)
     verifier = f"'{scram_verifier(password)}'"  # base64, '$' and ':': nothing to escape
     inst.psql(f"ALTER ROLE {owner} LOGIN PASSWORD {verifier};"
-              f" ALTER ROLE {reader} LOGIN PASSWORD {verifier};"
-              f" ALTER ROLE {reader} SET default_transaction_read_only = on")
+              f" ALTER ROLE {reader} LOGIN PASSWORD {verifier}")
+    prepare_serving(inst, db)
+
+
+def prepare_serving(inst: Instance, db: str) -> None:
+    """What a serving job's cluster has besides passwords (a pod's at init, the local
+    template's once): the reader's sessions read-only unless it asks otherwise (its
+    privileges are what really keep it from writing), and dblink and postgres_fdw, which
+    are not trusted extensions, so the owner could not create them."""
+    owner, reader = _ident(OWNER_ROLE), _ident(READER_ROLE)
+    inst.psql(f"ALTER ROLE {reader} SET default_transaction_read_only = on")
     inst.psql("CREATE EXTENSION dblink; CREATE EXTENSION postgres_fdw;"
               f" GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {owner}", database=db)

@@ -25,6 +25,11 @@ class BackendError(Exception):
     """A backend operation failed; the message says what, for the events and the log."""
 
 
+class PermanentError(BackendError):
+    """A failure that retrying cannot fix (a dump that does not load, a snapshot that does
+    not exist, a bad spec): the reconciler stops retrying and shows it at once."""
+
+
 @dataclass(frozen=True)
 class Started:
     """A job's instance is up and accepts connections from routers."""

@@ -14,12 +14,14 @@ are kept ready beside the master: a create renames one into place, which
 takes no time, and the spare is replaced in the background.
 
 What the template bakes in: the job database ``job_TEMPLATE-15`` (renamed at
-create) owned by ``job_owner``, ``job_reader`` with SELECT only and read-only
-transactions by default, the dblink and postgres_fdw extensions (jobs read one another through
-the router), pg_hba (socket: trust, since the socket directory is private;
-TCP from 127.0.0.1: SCRAM), SCRAM password hashing, and modest memory so many
-small jobs share a machine. What differs per job (port, sockets,
-spool, archive_timeout) is given on the command line at every start.
+create) owned by ``job_owner``, ``job_reader`` with SELECT only (tables and
+sequences; no temporary tables, no large objects: see ``jobmesh.agent.init``)
+and read-only transactions by default, the dblink and postgres_fdw extensions
+(jobs read one another through the router), pg_hba (socket: trust, since the
+socket directory is private; TCP from 127.0.0.1: SCRAM), SCRAM password
+hashing, and modest memory so many small jobs share a machine. What differs
+per job (port, sockets, spool, archive_timeout) is given on the command line at
+every start.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from jobmesh.agent.init import OWNER_ROLE, READER_ROLE, init_pgdata
+from jobmesh.agent.init import init_pgdata, prepare_serving
 from jobmesh.agent.manifest import Manifest, ManifestError, now_iso, snapshot_manifest_key
 from jobmesh.agent.postgres import (
     Instance,
@@ -53,8 +55,11 @@ from jobmesh.agent.store import NotFound, Store, StoreError, get_bytes, put_byte
 log = logging.getLogger("jobmesh.controller.template")
 
 REFILL_DELAY = 1.0  # seconds after a spare was taken before another is made
-# What goes into the template changed: a store's older template is replaced by a new one.
-REVISION = 3
+# What goes into the template changed: a store's older template is replaced by a new one
+# (and its local master and spares with it). Bump it with every change to what
+# init_pgdata, prepare_serving or _make_pgdata set up. 4: the reader may read sequences,
+# has no TEMPORARY, and may not create large objects.
+REVISION = 4
 ABOUT = "template.json"  # in the template's store prefix: its revision and snapshot id
 
 HBA = [
@@ -299,14 +304,8 @@ def _make_pgdata(build: Path, name: str) -> None:
     inst = Instance(pgdata, port=free_port())
     inst.start()
     try:
-        # The reader's sessions are read-only unless it asks otherwise; its privileges
-        # (SELECT only) are what really keeps it from writing.
-        inst.psql(f"ALTER ROLE {READER_ROLE} SET default_transaction_read_only = on")
-        # Jobs read one another through the router (the data mesh); dblink and
-        # postgres_fdw are not trusted extensions, so the owner could not create them.
-        inst.psql("CREATE EXTENSION dblink; CREATE EXTENSION postgres_fdw;"
-                  f" GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {OWNER_ROLE}",
-                  database=f"job_{name}")
+        # As a pod's `agent init --role-password-env` does: the same grants and extensions.
+        prepare_serving(inst, f"job_{name}")
         inst.psql("CHECKPOINT")
     finally:
         inst.stop("fast")
