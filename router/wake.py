@@ -11,9 +11,10 @@ from its own arrival.
 
 A wake ends when the row says the job runs at an address (the clients go
 on to log in), or when it will not come up: the job is wanted ended or
-deleted, its row is gone, or the controller's last ``MAX_ATTEMPTS`` attempts
-failed (``error`` set and ``attempts >= MAX_ATTEMPTS``): then every waiter
-gets the same 57P03 at once.
+deleted, its row is gone, the controller gave up on starting it (``gave_up``:
+a failure retrying cannot fix), or its last ``MAX_ATTEMPTS`` attempts failed
+(``error`` set and ``attempts >= MAX_ATTEMPTS``): then every waiter gets the
+same 57P03 at once.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def assess(job_id: str, job: Job | None) -> bool:
                                else job.desired_state)
     if job.state == JobState.RUNNING and job.host and job.port:
         return True
+    # Wanted paused, a wake's request clears the mark and the controller tries again.
+    if job.gave_up and job.error and job.desired_state == DesiredState.RUNNING:
+        raise errors.wake_gave_up(job_id, job.error)
     if job.error and job.attempts >= MAX_ATTEMPTS:
         raise errors.wake_failed(job_id, job.error, job.attempts)
     return False

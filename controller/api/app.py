@@ -202,6 +202,15 @@ class Api:
             return json_response(job.public())
         return handler
 
+    async def retry_job(self, req: web.Request) -> web.Response:
+        """Try again now what the controller gave up on (or is waiting to retry)."""
+        job_id, timeout = path_job_id(req), wait_params(req)
+        job = await self.catalog.retry(job_id)
+        if job.desired_state == DesiredState.DELETED:
+            return json_response(job.public())  # the deletion goes on; it never gave up
+        job = await self.settle(job_id, job.desired_state, timeout) or job
+        return json_response(job.public())
+
     async def delete_job(self, req: web.Request) -> web.Response:
         job_id, timeout = path_job_id(req), wait_params(req)
         job = await self.set_desired(job_id, DesiredState.DELETED)
@@ -294,7 +303,7 @@ class Api:
         jobs = await self.catalog.jobs()
         by_state = Counter(j.state for j in jobs)
         moving = [{"id": j.id, "state": j.state, "desired_state": j.desired_state,
-                   "progress": j.progress, "error": j.error}
+                   "progress": j.progress, "error": j.error, "gave_up": j.gave_up}
                   for j in jobs if j.state != settled(j.desired_state)]
         users = await self.catalog.pool.fetchval("SELECT count(*) FROM principals")
         return json_response({
@@ -352,6 +361,7 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.post("/v1/jobs/{id}/pause", api.desire(DesiredState.PAUSED)),
         web.post("/v1/jobs/{id}/resume", api.desire(DesiredState.RUNNING)),
         web.post("/v1/jobs/{id}/end", api.desire(DesiredState.ENDED)),
+        web.post("/v1/jobs/{id}/retry", api.retry_job),
         get("/v1/jobs/{id}/events", api.job_events),
         get("/v1/jobs/{id}/export", api.export),
         web.post("/v1/jobs/{id}/import", api.import_),

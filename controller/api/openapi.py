@@ -71,16 +71,27 @@ def _schemas() -> dict[str, Any]:
                                      "spec": _ref("JobSpec")}},
         "Job": {
             "type": "object",
-            "required": ["id", "state", "desired_state", "spec", "attempts", "created_at"],
+            "required": ["id", "state", "desired_state", "spec", "attempts", "gave_up",
+                         "created_at"],
             "properties": {
                 "id": text, "state": {"enum": [s.value for s in JobState]},
                 "desired_state": {"enum": [s.value for s in DesiredState]},
                 "host": nullable_text, "port": {"type": ["integer", "null"]},
                 "agent_url": nullable_text,
                 "spec": {"type": "object", "description": "JobSpec, plus 'source' for imports"},
-                "progress": nullable_text, "error": nullable_text,
-                "attempts": {"type": "integer"}, "last_active": stamp,
-                "created_at": stamp, "updated_at": stamp}},
+                "progress": nullable_text,
+                "error": {"type": ["string", "null"],
+                          "description": "why the last attempt failed (kept until one succeeds)"},
+                "attempts": {"type": "integer",
+                             "description": "failed attempts of the current transition"},
+                "next_attempt_at": {"type": ["string", "null"], "format": "date-time",
+                                    "description": "when the failed transition is tried "
+                                                   "again (null: no retry due)"},
+                "gave_up": {"type": "boolean",
+                            "description": "the error is one retrying cannot fix: nothing is "
+                                           "tried until POST /v1/jobs/{id}/retry, a new "
+                                           "desired state, or a delete"},
+                "last_active": stamp, "created_at": stamp, "updated_at": stamp}},
         "Snapshot": {"type": "object", "properties": {
             "id": text, "kind": text, "size_bytes": {"type": ["integer", "null"]},
             "stored_bytes": {"type": ["integer", "null"]}, "created_at": stamp}},
@@ -160,7 +171,9 @@ def _responses() -> dict[str, Any]:
         "BadRequest": err("the request is malformed: bad JSON, a bad id or field"),
         "Unauthorized": err("the bearer token is missing or wrong"),
         "NotFound": err("no such job, user or grant"),
-        "Conflict": err("it exists already, or the job's state does not allow this"),
+        "Conflict": err("it exists already, or the job's state does not allow this, or "
+                        "(?wait=1) the controller gave up on the job: a failure retrying "
+                        "cannot fix"),
         "BadGateway": err("the job's agent failed or cannot be reached"),
         "Unavailable": err("the catalog is unreachable, or the controller lacks a store"),
         "Timeout": err("the job did not reach the wanted state in time; work goes on"),
@@ -200,6 +213,12 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs/{id}/pause": _action("pause", DesiredState.PAUSED),
         "/v1/jobs/{id}/resume": _action("resume", DesiredState.RUNNING),
         "/v1/jobs/{id}/end": _action("end", DesiredState.ENDED),
+        "/v1/jobs/{id}/retry": {"post": _op(
+            "retryJob", "Try again now what the controller gave up on (or is waiting to "
+            "retry); with ?wait=1, answer once the job is what it is wanted to be",
+            {"200": _body(job, "the job (with ?wait=1: settled)"),
+             **_errors(400, 404, 409, 504)},
+            params=("JobId", "Wait", "Timeout"), tags=("jobs",))},
         "/v1/jobs/{id}/events": {"get": _op(
             "jobEvents", "A job's events, oldest first",
             {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},

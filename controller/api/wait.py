@@ -40,7 +40,8 @@ class JobWatch:
 
         ``target`` is also the desired state the caller set: when someone else wants
         something else meanwhile (a client's connect woke a job being paused), the wait
-        ends with a 409 rather than running into its timeout.
+        ends with a 409 rather than running into its timeout. So it does, at once, when
+        the controller gave up on the job (a failure retrying cannot fix).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -60,6 +61,8 @@ class JobWatch:
                                         f"longer {target} (it is {job.state})",
                                    "someone changed it meanwhile; `jobmesh job show "
                                    f"{job_id}` shows its events")
+                if job.gave_up and target != DesiredState.DELETED:  # deletes never give up
+                    raise gave_up(job)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise _timed_out(job, target, timeout)
@@ -104,6 +107,14 @@ class JobWatch:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             await conn.close()
+
+
+def gave_up(job: Job) -> ApiError:
+    """The answer to a wait for a job the controller gave up on: its error, and what the
+    user can do about it."""
+    return ApiError(409, f"job {job.id}: {one_line(job.error or 'failed')}",
+                    f"it will not be retried: fix the cause, then `jobmesh job retry {job.id}` "
+                    f"(POST /v1/jobs/{job.id}/retry), or `jobmesh job delete {job.id}`")
 
 
 def _timed_out(job: Job, target: DesiredState, timeout: float) -> ApiError:

@@ -5,12 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.backend import PermanentError
+
+
+class BadSpec(PermanentError, ValueError):
+    """A job spec no backend can run: retrying cannot fix it (the API checks specs, so
+    only a row written otherwise has one; delete the job and create it again). A
+    ValueError too, for the callers that check values; a backend that wraps it
+    (``raise BackendError(...) from exc``) keeps the failure permanent for the
+    reconciler."""
+
 
 def archive_timeout(spec: Mapping[str, Any], default: int) -> int:
     """The job's PostgreSQL ``archive_timeout`` (s): the spec's, else ``default``.
-    ValueError for anything but a whole number >= 0."""
+    BadSpec for anything but a whole number >= 0."""
     raw = spec.get("archive_timeout", default)
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise ValueError(f"archive_timeout must be a whole number of seconds >= 0, "
-                         f"not {raw!r}")
+        raise BadSpec(f"archive_timeout must be a whole number of seconds >= 0, "
+                      f"not {raw!r}")
     return raw

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from jobmesh.agent.manifest import (
     Manifest,
@@ -14,16 +13,46 @@ from jobmesh.agent.manifest import (
 )
 from jobmesh.agent.store import Store, StoreError, get_bytes
 
-from ..core.backend import BackendError, Stopped
+from ..core.backend import BackendError, PermanentError, Stopped
 
 
 async def latest_snapshot(store: Store, job_id: str) -> Manifest | None:
     """The newest snapshot (pause or base backup) with a readable manifest, or None."""
+    return (await _newest_snapshot(store, job_id))[0]
+
+
+async def snapshot_to_restore(store: Store, job_id: str) -> Manifest:
+    """The snapshot a resume or a recovery restores: the newest readable one.
+
+    PermanentError when there is none (or every manifest is damaged): the job's data
+    is not in this store (lost, or the controller was pointed at another store), and
+    retrying cannot change that. A store that fails to list or read is an ordinary,
+    retried, BackendError.
+    """
+    manifest, unread = await _newest_snapshot(store, job_id)
+    if manifest is not None:
+        return manifest
+    if unread is not None:
+        raise BackendError(f"cannot read the snapshots of job {job_id} in {store.url}: "
+                           f"{unread}")
+    raise PermanentError(f"job {job_id} has no snapshot to restore from in {store.url}")
+
+
+async def _newest_snapshot(store: Store, job_id: str) -> tuple[Manifest | None,
+                                                                StoreError | None]:
+    """The newest snapshot with a readable manifest; else None, and the last error of a
+    manifest that could not be read (None: there were none, or only damaged ones)."""
     keys = [o.key for o in await store.list(f"{job_prefix(job_id)}snapshots/")]
+    unread: StoreError | None = None
     for sid in reversed(snapshot_ids_with_manifest(keys, job_id)):
-        with contextlib.suppress(ManifestError, StoreError):
-            return Manifest.from_json(await get_bytes(store, snapshot_manifest_key(job_id, sid)))
-    return None
+        try:
+            raw = await get_bytes(store, snapshot_manifest_key(job_id, sid))
+            return Manifest.from_json(raw), None
+        except ManifestError:
+            continue  # damaged: an older snapshot may do
+        except StoreError as exc:
+            unread = exc
+    return None, unread
 
 
 async def delete_job_objects(store: Store, job_id: str, parallel: int = 16) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -39,6 +40,10 @@ from .models import (
     check_principal,
 )
 from .states import Access, DesiredState, JobState
+
+# What a new start on a job's work resets: no failed attempts, no retry due, nothing
+# given up on (the error stays, for `job show`, until a transition succeeds).
+_FRESH_ATTEMPTS = "attempts = 0, next_attempt_at = NULL, gave_up = false"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -105,8 +110,9 @@ class Catalog:
                     and desired != DesiredState.DELETED):
                 raise Conflict(f"job {job_id} is being deleted")
             if row["desired_state"] != desired:
+                # Something new is wanted: whatever gave up before is tried again.
                 row = await conn.fetchrow(
-                    "UPDATE jobs SET desired_state = $2, attempts = 0, updated_at = now()"
+                    f"UPDATE jobs SET desired_state = $2, {_FRESH_ATTEMPTS}, updated_at = now()"
                     " WHERE id = $1 RETURNING *", job_id, desired)
                 assert row is not None  # locked FOR UPDATE above: it is still there
                 await _insert_event(conn, job_id, "desired", None, None,
@@ -122,7 +128,7 @@ class Catalog:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE jobs SET desired_state = 'running', last_active = now(),"
-                " attempts = 0, updated_at = now()"
+                f" {_FRESH_ATTEMPTS}, updated_at = now()"
                 " WHERE id = $1 AND desired_state = 'paused' RETURNING *", job_id)
             if row is not None:
                 await _insert_event(conn, job_id, "wake-requested", row["state"], None)
@@ -136,7 +142,8 @@ class Catalog:
                          detail: dict[str, Any] | None = None) -> Job | None:
         """Compare-and-set the state, recording an event; None if the state was not
         ``from_state`` (someone else moved it). The address is kept only while the
-        job is reachable (running) or being worked on; it is cleared otherwise."""
+        job is reachable (running) or being worked on; it is cleared otherwise. A new
+        state is a new step: no retry is due and nothing has been given up on."""
         keep_address = to_state in (JobState.RUNNING, JobState.PAUSING, JobState.ENDING)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -146,6 +153,7 @@ class Catalog:
                 " agent_url = CASE WHEN $4::bool THEN COALESCE($7, agent_url) END,"
                 " error = $8, progress = NULL,"
                 " attempts = CASE WHEN $8::text IS NULL THEN 0 ELSE attempts END,"
+                " next_attempt_at = NULL, gave_up = false,"
                 " last_active = CASE WHEN $3 = 'running' THEN now() ELSE last_active END,"
                 " updated_at = now()"
                 " WHERE id = $1 AND state = $2 RETURNING *",
@@ -173,13 +181,40 @@ class Catalog:
                                 detail={"idle_seconds": idle_seconds})
         return True
 
-    async def failed_attempt(self, job_id: str, state: JobState, error: str) -> None:
-        """A transition's work failed; it stays in ``state`` and is retried later."""
+    async def failed_attempt(self, job_id: str, state: JobState, error: str, *,
+                             next_attempt_at: datetime | None = None,
+                             gave_up: bool = False) -> Job | None:
+        """A transition's work failed; the job stays in ``state``. It is retried at
+        ``next_attempt_at``, or (``gave_up``) not at all: retrying cannot fix ``error``.
+        None if the job is no longer in ``state``."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            row = await conn.fetchrow(
                 "UPDATE jobs SET error = $3, progress = NULL, attempts = attempts + 1,"
-                " updated_at = now() WHERE id = $1 AND state = $2", job_id, state, error)
-            await _insert_event(conn, job_id, "error", state, None, detail={"error": error})
+                " next_attempt_at = CASE WHEN $5::bool THEN NULL ELSE $4::timestamptz END,"
+                " gave_up = $5,"
+                " updated_at = now() WHERE id = $1 AND state = $2 RETURNING *",
+                job_id, state, error, next_attempt_at, gave_up)
+            if row is None:
+                return None
+            detail: dict[str, Any] = {"error": error}
+            if gave_up:
+                detail["gave_up"] = True
+            elif next_attempt_at is not None:
+                detail["next_attempt_at"] = next_attempt_at.isoformat()
+            await _insert_event(conn, job_id, "error", state, None, detail=detail)
+        return Job.from_row(row)
+
+    async def retry(self, job_id: str) -> Job:
+        """The user's "try again": whatever the controller gave up on, or is waiting to
+        retry, is attempted now (the reconciler is kicked by the row's NOTIFY)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE jobs SET {_FRESH_ATTEMPTS}, updated_at = now() WHERE id = $1"
+                " RETURNING *", job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            await _insert_event(conn, job_id, "retry", row["state"], None)
+        return Job.from_row(row)
 
     async def set_progress(self, job_id: str, text: str | None) -> None:
         await self.pool.execute("UPDATE jobs SET progress = $2 WHERE id = $1", job_id, text)

@@ -59,6 +59,11 @@ class Job:
     last_active: datetime
     created_at: datetime
     updated_at: datetime
+    # When the failed transition is tried again (None: no retry due), and whether the
+    # controller gave up on it (``error`` is a failure retrying cannot fix: it waits for
+    # the user to retry, want something else, or delete the job).
+    next_attempt_at: datetime | None = None
+    gave_up: bool = False
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -70,7 +75,9 @@ class Job:
             backend_password=row["backend_password"], spec=row["spec"],
             progress=row["progress"], error=row["error"], attempts=row["attempts"],
             last_active=row["last_active"], created_at=row["created_at"],
-            updated_at=row["updated_at"])
+            updated_at=row["updated_at"],
+            next_attempt_at=_added(row, "next_attempt_at", None),
+            gave_up=_added(row, "gave_up", False))
 
     @property
     def database(self) -> str:
@@ -82,9 +89,21 @@ class Job:
             "id": self.id, "state": self.state, "desired_state": self.desired_state,
             "host": self.host, "port": self.port, "agent_url": self.agent_url,
             "spec": self.spec, "progress": self.progress, "error": self.error,
-            "attempts": self.attempts, "last_active": self.last_active.isoformat(),
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at
+            else None,
+            "gave_up": self.gave_up, "last_active": self.last_active.isoformat(),
             "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
         }
+
+
+def _added(row: Row, column: str, default: Any) -> Any:
+    """A column a later migration added: routers of a new release may read a catalog
+    that the (older) controller has not migrated yet, during a rolling upgrade."""
+    try:
+        return row[column]
+    except KeyError:
+        return default
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,13 @@ class RequestFailed(Exception):
         self.error, self.hint, self.status = error, hint, status
 
     def __str__(self) -> str:
-        text = f"{self.error} (hint: {self.hint})" if self.hint else self.error
+        hint = _API_REFERENCE.sub("", self.hint)  # the CLI's words, not the API's
+        text = f"{self.error} (hint: {hint})" if hint else self.error
         return one_line(text)  # one line, whatever a job's error text holds
+
+
+# "(GET /v1/jobs)" in the API's hints: an API client wants it, a CLI user does not.
+_API_REFERENCE = re.compile(r"\s*\((?:GET|POST|PUT|PATCH|DELETE) /v1/[^)]*\)")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""``jobmesh job ...``: create, list, show, pause, resume, end, delete, export, import."""
+"""``jobmesh job ...``: create, list, show, pause, resume, end, retry, delete, export, import."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from jobmesh.errors import one_line
 
@@ -46,7 +49,8 @@ def job_list(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     rows = [("ID", "STATE", "DESIRED", "ADDRESS", "LAST ACTIVE", "ERROR")]
     rows += [(j["id"], j["state"], j["desired_state"],
               f"{j['host']}:{j['port']}" if j["host"] else "-", when(j["last_active"]),
-              one_line(j["error"] or "", WIDTH)) for j in jobs]
+              one_line(("gave up: " if j["gave_up"] else "") + (j["error"] or ""), WIDTH))
+             for j in jobs]
     table(rows)
     return 0
 
@@ -60,6 +64,7 @@ def job_show(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
         ("state", f"{job['state']} (wanted {job['desired_state']})"),
         ("progress", job["progress"] or "-"),
         ("error", one_line(job["error"] or "-")),
+        ("attempts", attempts(job)),
         ("address", f"{job['host']}:{job['port']}" if job["host"] else "-"),
         ("agent", job["agent_url"] or "-"), ("spec", json.dumps(job["spec"])),
         ("created", when(job["created_at"])), ("last active", when(job["last_active"])),
@@ -85,10 +90,33 @@ def job_show(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
     return 0
 
 
+def attempts(job: dict[str, Any], now: datetime | None = None) -> str:
+    """How many attempts failed, and what comes next: a retry in so many seconds, or
+    none (the controller gave up: what the user can do about it)."""
+    line = str(job["attempts"])
+    if job["gave_up"]:
+        return (f"{line}, gave up: it will not be retried (fix the cause, then `jobmesh job "
+                f"retry {job['id']}`, or `jobmesh job delete {job['id']}`)")
+    if job["next_attempt_at"]:
+        due = datetime.fromisoformat(job["next_attempt_at"])
+        wait = math.ceil((due - (now or datetime.now(UTC))).total_seconds())
+        return f"{line}, next in {wait} s" if wait > 0 else f"{line}, next now"
+    return line
+
+
 def job_action(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     job = client.call("POST", f"/v1/jobs/{seg(args.id)}/{args.verb}", query=wait_query(args),
                       timeout=socket_timeout(args))
     wanted = ACTIONS[args.verb]
+    note = "" if job["state"] == wanted else f" (wanted {wanted})"
+    print(f"job {job['id']}: {job['state']}{note}")
+    return 0
+
+
+def job_retry(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
+    job = client.call("POST", f"/v1/jobs/{seg(args.id)}/retry", query=wait_query(args),
+                      timeout=socket_timeout(args))
+    wanted = job["desired_state"]
     note = "" if job["state"] == wanted else f" (wanted {wanted})"
     print(f"job {job['id']}: {job['state']}{note}")
     return 0
@@ -140,9 +168,12 @@ def job_import(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
         f.seek(0)
         _must_be_new(client, args.id)  # before sending what may be gigabytes
         bar = Bar(f"importing {args.file}", size)
-        job = client.upload(f"/v1/jobs/{seg(args.id)}/import", f, size, query=wait_query(args),
-                            timeout=socket_timeout(args), advance=bar.advance)
-        bar.finish()
+        try:
+            job = client.upload(f"/v1/jobs/{seg(args.id)}/import", f, size,
+                                query=wait_query(args), timeout=socket_timeout(args),
+                                advance=bar.advance)
+        finally:
+            bar.finish()  # a failure (the load, after the upload) goes on a line of its own
     print(f"job {job['id']}: {job['state']} (imported {mb(size)})")
     return 0
 

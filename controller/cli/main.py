@@ -30,6 +30,7 @@ from .jobs import (
     job_export,
     job_import,
     job_list,
+    job_retry,
     job_show,
 )
 from .psql import psql
@@ -115,6 +116,10 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
         a = sub.add_parser(verb, parents=[common, waiting], help=f"want the job {state}")
         a.add_argument("id", metavar="ID")
         a.set_defaults(run=_runs(job_action), verb=verb)
+    r = sub.add_parser("retry", parents=[common, waiting],
+                       help="try again what the controller gave up on (after fixing the cause)")
+    r.add_argument("id", metavar="ID")
+    r.set_defaults(run=_runs(job_retry))
     d = sub.add_parser("delete", parents=[common, waiting],
                        help="delete a job and everything stored of it")
     d.add_argument("id", metavar="ID")

@@ -45,10 +45,15 @@ class Step:
 NOTHING = Step(Action.NOTHING, None, None)
 
 
-def decide(state: JobState, desired: DesiredState, alive: bool | None) -> Step:
-    """What to do for one job. ``alive``: are its processes running (None: unknown)."""
+def decide(state: JobState, desired: DesiredState, alive: bool | None, *,
+           gave_up: bool = False) -> Step:
+    """What to do for one job. ``alive``: are its processes running (None: unknown);
+    ``gave_up``: its last attempt failed in a way retrying cannot fix, so nothing is
+    done until the user retries it or wants something else, except a delete."""
     if desired == DesiredState.DELETED:
         return Step(Action.DELETE, JobState.DELETING, None)
+    if gave_up:
+        return NOTHING
     match state:
         case JobState.CREATING:
             return Step(Action.CREATE, JobState.CREATING, JobState.RUNNING)
@@ -82,6 +87,19 @@ def decide(state: JobState, desired: DesiredState, alive: bool | None) -> Step:
         case JobState.DELETING:
             return Step(Action.DELETE, JobState.DELETING, None)
     raise ValueError(f"unknown job state {state!r}")
+
+
+def retry_delay(attempts: int, longest: float) -> float:
+    """Seconds until the next try after ``attempts`` failed ones: 1 s doubling (0.5 s
+    times 2^attempts), at most ``longest``."""
+    return min(0.5 * 2.0 ** min(attempts, 10), longest)
+
+
+def gives_up(action: Action, permanent: bool) -> bool:
+    """Is a failure of ``action`` the end of trying? Only a permanent one, and never for
+    a delete: a deletion is what the user does about a job that gave up, so it must
+    always go on."""
+    return permanent and action is not Action.DELETE
 
 
 @dataclass(frozen=True)

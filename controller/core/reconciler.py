@@ -7,6 +7,12 @@ say what to do. Work for one job is never run twice at once (a job has at
 most one worker task; a kick during work re-runs it afterwards), and every
 step is recorded in the catalog before and after, so a controller killed at
 any point finds the in-flight state after restart and finishes the work.
+
+A failed step is retried with back-off (the row says when: ``next_attempt_at``),
+unless retrying cannot fix it (a ``PermanentError``, or an error raised from
+one): then the row says ``gave_up`` and the job is left alone, so waiting
+clients and commands hear of it at once, until the user retries it, wants
+something else of it, or deletes it (deletes always run).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..catalog.db import Catalog
 from ..catalog.models import JOBS_CHANNEL, Job
 from ..catalog.states import JobState
 from . import lifecycle
-from .backend import Backend, Started, Stopped
+from .backend import Backend, PermanentError, Started, Stopped
 from .lifecycle import Action, Activity, Step
 from .metrics import ControllerMetrics
 
@@ -170,13 +176,16 @@ class Reconciler:
         if job is None:
             return
         alive = await self.backend.alive(job) if job.state == JobState.RUNNING else None
-        step = lifecycle.decide(job.state, job.desired_state, alive)
+        step = lifecycle.decide(job.state, job.desired_state, alive, gave_up=job.gave_up)
         if step.action is Action.NOTHING:
             return
         backoff = self._backoff.get(job.id)
         if backoff is not None:
-            if backoff[0] is step.action and time.monotonic() < backoff[1]:
-                return  # the retry timer kicks it when the back-off ends
+            # A retry still due in the row: the timer kicks the job when the back-off ends.
+            # None there: the user asked to retry now (or wants something new).
+            if (backoff[0] is step.action and job.next_attempt_at is not None
+                    and time.monotonic() < backoff[1]):
+                return
             del self._backoff[job.id]
         if step.action is Action.SETTLE:
             assert step.done is not None
@@ -242,16 +251,29 @@ class Reconciler:
                     result = None
                 case _:
                     raise AssertionError(step)
-        except Exception as exc:  # the backend's failure: recorded, retried with back-off
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            log.warning("job %s: %s failed: %s", job.id, step.action.value, error)
-            self.metrics.action_failures.labels(step.action.value).inc()
-            delay = self._retry(job.id, job.attempts + 1)
-            self._backoff[job.id] = (step.action, time.monotonic() + delay)
-            await self.catalog.failed_attempt(job.id, job.state, error)
+        except Exception as exc:  # the backend's failure: recorded; retried, or given up on
+            await self._failed(job, step, exc)
             return
         seconds = time.monotonic() - started_at
         await self._finish(job, step, result, seconds)
+
+    async def _failed(self, job: Job, step: Step, exc: Exception) -> None:
+        """Record a failed step: retried after its back-off, or given up on."""
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        self.metrics.action_failures.labels(step.action.value).inc()
+        if lifecycle.gives_up(step.action, permanent(exc)):
+            log.error("job %s: %s failed, and retrying cannot fix it (left until "
+                      "`jobmesh job retry %s`): %s", job.id, step.action.value, job.id, error)
+            self._forget_retry(job.id)
+            await self.catalog.failed_attempt(job.id, job.state, error, gave_up=True)
+            return
+        delay = self._retry(job.id, job.attempts + 1)
+        log.warning("job %s: %s failed (retrying in %g s): %s", job.id, step.action.value,
+                    delay, error)
+        self._backoff[job.id] = (step.action, time.monotonic() + delay)
+        await self.catalog.failed_attempt(job.id, job.state, error,
+                                          next_attempt_at=datetime.now(UTC)
+                                          + timedelta(seconds=delay))
 
     async def _finish(self, job: Job, step: Step, result: Started | Stopped | None,
                       seconds: float) -> None:
@@ -288,13 +310,19 @@ class Reconciler:
                                               .total_seconds())
 
     def _retry(self, job_id: str, attempts: int) -> float:
-        delay = min(0.5 * 2 ** min(attempts, 10), self.config.retry_max)
+        delay = lifecycle.retry_delay(attempts, self.config.retry_max)
         loop = asyncio.get_running_loop()
         old = self._timers.pop(job_id, None)
         if old is not None:
             old.cancel()
         self._timers[job_id] = loop.call_later(delay, self._retry_now, job_id)
         return delay
+
+    def _forget_retry(self, job_id: str) -> None:
+        timer = self._timers.pop(job_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._backoff.pop(job_id, None)
 
     def _retry_now(self, job_id: str) -> None:
         self._timers.pop(job_id, None)
@@ -304,3 +332,18 @@ class Reconciler:
 
 def _activity(job: Job) -> Activity:
     return Activity(job.id, job.state, job.desired_state, job.last_active)
+
+
+def permanent(exc: BaseException) -> bool:
+    """Can retrying not fix ``exc``? A ``PermanentError``, or an error raised from one
+    (``raise BackendError(...) from exc``: a backend wrapping what it called keeps the
+    failure permanent). Only explicit causes count: an error raised while handling
+    one (a cleanup that failed) says nothing about whether a retry helps."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, PermanentError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False

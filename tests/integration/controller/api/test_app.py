@@ -18,6 +18,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,77 @@ async def test_a_wait_ends_with_409_when_someone_wants_otherwise(api: Api) -> No
     await api.catalog.set_desired("alpha", "running")  # a client connected meanwhile
     status, body = await asyncio.wait_for(call, 5)
     assert_error(status, body, 409, "now wanted running")
+
+
+async def test_a_job_shows_its_attempts_and_when_the_next_is_due(api: Api) -> None:
+    await api.catalog.create_job("alpha")
+    due = datetime.now(UTC) + timedelta(seconds=8)
+    await api.catalog.failed_attempt("alpha", "creating", "disk full", next_attempt_at=due)
+    status, body = await api.call("GET", "/v1/jobs/alpha")
+    assert status == 200
+    assert (body["error"], body["attempts"], body["gave_up"]) == ("disk full", 1, False)
+    assert datetime.fromisoformat(body["next_attempt_at"]) == due
+    _, listed = await api.call("GET", "/v1/jobs")
+    assert listed["jobs"][0]["next_attempt_at"] == body["next_attempt_at"]
+
+
+async def test_a_wait_for_a_job_given_up_on_answers_at_once_with_its_error(api: Api) -> None:
+    await api.catalog.create_job("alpha")
+    await api.catalog.failed_attempt("alpha", "creating", "cannot import a.pgdump: bad\nmore",
+                                     gave_up=True)
+    status, body = await asyncio.wait_for(
+        api.call("POST", "/v1/jobs/alpha/resume?wait=1&timeout=60"), 5)
+    assert_error(status, body, 409, "job alpha: cannot import a.pgdump: bad more")
+    assert "will not be retried" in body["hint"]
+    assert "`jobmesh job retry alpha`" in body["hint"] and "job delete alpha" in body["hint"]
+
+
+async def test_a_wait_ends_as_soon_as_the_controller_gives_up(api: Api) -> None:
+    call = asyncio.create_task(api.call("POST", "/v1/jobs?wait=1&timeout=60",
+                                        json={"id": "alpha"}))
+    await until(lambda: api.catalog.job("alpha"), "the job row")
+    await asyncio.sleep(0.1)
+    assert not call.done()
+    await api.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                     gave_up=True)
+    status, body = await asyncio.wait_for(call, 5)  # the NOTIFY, not the 5 s re-read
+    assert_error(status, body, 409, "job alpha: the dump does not load")
+
+
+async def test_retry_clears_the_mark_and_with_wait_answers_once_settled(api: Api) -> None:
+    await api.catalog.create_job("alpha")
+    await api.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                     gave_up=True)
+    status, body = await api.call("POST", "/v1/jobs/alpha/retry")
+    assert status == 200
+    assert (body["gave_up"], body["attempts"], body["state"]) == (False, 0, "creating")
+    assert [e.kind for e in await api.catalog.events("alpha", kind="retry")] == ["retry"]
+    await api.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                     gave_up=True)
+    call = asyncio.create_task(api.call("POST", "/v1/jobs/alpha/retry?wait=1"))
+    await until(lambda: _retried(api.catalog, "alpha", 2), "a second retry")
+    assert not call.done()
+    await api.catalog.transition("alpha", "creating", "running", host="127.0.0.1", port=5999)
+    status, body = await asyncio.wait_for(call, 5)
+    assert status == 200 and body["state"] == "running"
+
+
+async def test_retry_of_an_unknown_job_is_a_404(api: Api) -> None:
+    status, body = await api.call("POST", "/v1/jobs/nope/retry")
+    assert_error(status, body, 404, "no job nope")
+
+
+async def test_delete_of_a_job_given_up_on_waits_for_the_deletion(api: Api) -> None:
+    await api.catalog.create_job("alpha")
+    await api.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                     gave_up=True)
+    call = asyncio.create_task(api.call("DELETE", "/v1/jobs/alpha?wait=1"))
+    await until(lambda: _desired(api.catalog, "alpha", "deleted"), "desired deleted")
+    job = await api.catalog.job("alpha")
+    assert job is not None and not job.gave_up  # the wish to delete it is new
+    await api.catalog.transition("alpha", "creating", "deleting")
+    assert await api.catalog.delete_job_row("alpha")
+    assert (await asyncio.wait_for(call, 5))[0] == 204
 
 
 @pytest.mark.parametrize("query", ["wait=maybe", "wait=1&timeout=0", "wait=1&timeout=x",
@@ -560,6 +632,10 @@ async def test_export_of_an_ended_job_is_a_409(export_api: tuple[Api, Store]) ->
     await api.catalog.transition(JOB, "running", "ended")
     status, _headers, body = await _export(api, f"/v1/jobs/{JOB}/export")
     assert status == 409 and b"resume it first" in body
+
+
+async def _retried(catalog: Catalog, job_id: str, times: int) -> bool:
+    return len(await catalog.events(job_id, kind="retry")) >= times
 
 
 async def _desired(catalog: Catalog, job_id: str, desired: str) -> bool:

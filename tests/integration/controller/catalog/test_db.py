@@ -1,9 +1,10 @@
 """The catalog against a real PostgreSQL: migrations, compare-and-set transitions, events,
-wakes, grants and NOTIFY."""
+wakes, failed attempts and retries, grants and NOTIFY."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,14 +14,40 @@ from jobmesh.controller.catalog.models import (
     PRINCIPALS_CHANNEL,
     CatalogError,
     Conflict,
+    NotFound,
 )
+from jobmesh.controller.catalog.schema import MIGRATIONS
+
+pytestmark = pytest.mark.timeout(60)
 
 
 async def test_migrations_apply_once(catalog_dsn: str) -> None:
     cat = await Catalog.connect(catalog_dsn)
     try:
-        assert await cat.migrate() == [1]
+        assert await cat.migrate() == [1, 2]
         assert await cat.migrate() == []
+    finally:
+        await cat.close()
+
+
+async def test_the_attempts_migration_applies_to_a_catalog_with_jobs(catalog_dsn: str) -> None:
+    """A catalog made by the first release, with a job in it, gains the new columns."""
+    cat = await Catalog.connect(catalog_dsn)
+    try:
+        async with cat.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                               " name text NOT NULL, applied_at timestamptz NOT NULL"
+                               " DEFAULT now())")
+            await conn.execute((MIGRATIONS / "0001_catalog.sql").read_text())
+            await conn.execute("INSERT INTO schema_migrations VALUES (1, '0001_catalog.sql')")
+            await conn.execute("INSERT INTO jobs (id, desired_state, state, backend_password,"
+                               " error, attempts) VALUES ('old', 'running', 'creating', 'pw',"
+                               " 'disk full', 2)")
+        assert await cat.migrate() == [2]
+        job = await cat.job("old")
+        assert job is not None
+        assert (job.error, job.attempts, job.next_attempt_at, job.gave_up) == (
+            "disk full", 2, None, False)
     finally:
         await cat.close()
 
@@ -71,6 +98,101 @@ async def test_ended_jobs_are_not_woken(catalog: Catalog) -> None:
     await catalog.set_desired("alpha", "ended")
     job = await catalog.request_wake("alpha")
     assert job is not None and job.desired_state == "ended"
+
+
+async def test_a_failed_attempt_records_when_the_next_one_is_due(catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    due = datetime.now(UTC) + timedelta(seconds=4)
+    job = await catalog.failed_attempt("alpha", "creating", "disk full", next_attempt_at=due)
+    assert job is not None
+    assert (job.error, job.attempts, job.next_attempt_at, job.gave_up) == (
+        "disk full", 1, due, False)
+    job = await catalog.failed_attempt("alpha", "creating", "disk full")
+    assert job is not None and job.attempts == 2 and job.next_attempt_at is None
+    [first, _] = await catalog.events("alpha", kind="error")
+    assert first.detail == {"error": "disk full", "next_attempt_at": due.isoformat()}
+
+
+async def test_a_failed_attempt_given_up_on_is_marked_and_has_no_next_attempt(
+        catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await catalog.failed_attempt("alpha", "creating", "disk full",
+                                 next_attempt_at=datetime.now(UTC) + timedelta(seconds=1))
+    job = await catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                       gave_up=True)
+    assert job is not None
+    assert (job.error, job.attempts, job.next_attempt_at, job.gave_up) == (
+        "the dump does not load", 2, None, True)
+    assert (await catalog.events("alpha", kind="error"))[-1].detail == {
+        "error": "the dump does not load", "gave_up": True}
+
+
+async def test_a_failed_attempt_of_a_job_that_moved_on_changes_nothing(
+        catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await catalog.transition("alpha", "creating", "running")
+    assert await catalog.failed_attempt("alpha", "creating", "late", gave_up=True) is None
+    job = await catalog.job("alpha")
+    assert job is not None and (job.error, job.attempts, job.gave_up) == (None, 0, False)
+
+
+async def _given_up(catalog: Catalog, job_id: str = "alpha", state: str = "creating") -> None:
+    job = await catalog.failed_attempt(job_id, state, "the dump does not load", gave_up=True)
+    assert job is not None and job.gave_up
+
+
+async def test_a_transition_clears_the_attempts_and_the_mark(catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await _given_up(catalog)
+    job = await catalog.transition("alpha", "creating", "running")
+    assert job is not None
+    assert (job.error, job.attempts, job.next_attempt_at, job.gave_up) == (None, 0, None, False)
+
+
+async def test_retry_clears_the_mark_and_the_back_off_and_records_an_event(
+        catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await _given_up(catalog)
+    job = await catalog.retry("alpha")
+    assert (job.attempts, job.next_attempt_at, job.gave_up) == (0, None, False)
+    assert job.error == "the dump does not load"  # shown until an attempt succeeds
+    [event] = await catalog.events("alpha", kind="retry")
+    assert event.from_state == "creating"
+    with pytest.raises(NotFound):
+        await catalog.retry("nope")
+
+
+async def test_a_new_desired_state_clears_the_mark_and_the_same_one_does_not(
+        catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await _given_up(catalog)
+    job = await catalog.set_desired("alpha", "running")  # what it already wanted
+    assert job.gave_up
+    job = await catalog.set_desired("alpha", "paused")
+    assert (job.attempts, job.next_attempt_at, job.gave_up) == (0, None, False)
+
+
+async def test_a_wake_clears_the_mark(catalog: Catalog) -> None:
+    await catalog.create_job("alpha")
+    await catalog.transition("alpha", "creating", "running")
+    await catalog.set_desired("alpha", "paused")
+    await catalog.transition("alpha", "running", "pausing")
+    await _given_up(catalog, state="pausing")
+    job = await catalog.request_wake("alpha")
+    assert job is not None and job.desired_state == "running" and not job.gave_up
+
+
+async def test_a_change_of_the_mark_or_the_next_attempt_alone_is_announced(
+        catalog: Catalog) -> None:
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    await catalog.create_job("alpha")
+    conn = await catalog.listen({JOBS_CHANNEL: seen.put_nowait})  # after the create
+    try:
+        for change in ("gave_up = true", "next_attempt_at = now()"):
+            await catalog.pool.execute(f"UPDATE jobs SET {change} WHERE id = 'alpha'")
+            assert await asyncio.wait_for(seen.get(), 10) == "alpha"
+    finally:
+        await conn.close()
 
 
 async def test_grants_are_listed_with_principals(catalog: Catalog) -> None:

@@ -2,7 +2,11 @@
 real API on loopback, found through a state directory as `jobmesh up` leaves it.
 
 No controller runs: where a command waits for a state, the test moves the job
-there with ``catalog.transition``, as the reconciler would.
+there with ``catalog.transition``, as the reconciler would (and marks a failure it
+gives up on with ``catalog.failed_attempt``).
+
+Over ~400 lines on purpose: a list of specifications of one component, one
+behaviour per test, sharing this module's fixtures.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -28,6 +35,7 @@ from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.mesh import MeshError, MeshInfo, ensure_secret, read_mesh, write_mesh
 from jobmesh.router.credentials import parse_verifier
 from tests.support.postgres import SUPERUSER_PASSWORD
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -118,6 +126,11 @@ async def mesh(catalog: Catalog, pg: Instance, tmp_path: Path) -> AsyncIterator[
         for r in runners:
             await r.cleanup()
         await store.close()
+
+
+async def _not_given_up(catalog: Catalog, job_id: str) -> bool:
+    job = await catalog.job(job_id)
+    return job is not None and not job.gave_up
 
 
 async def until_job(catalog: Catalog, job_id: str, desired: str, timeout: float = 30) -> None:
@@ -237,6 +250,82 @@ async def test_a_wait_that_runs_out_is_one_line_even_with_a_multiline_job_error(
     r = await mesh.run("job", "end", "alpha", "--timeout", "0.5")
     one_error_line(r, "still creating", "not yet ended", "initdb failed: no space left",
                    "hint:", "job show alpha")
+
+
+async def test_job_show_tells_the_attempts_and_when_the_next_is_due(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "disk full",
+                                      next_attempt_at=datetime.now(UTC) + timedelta(seconds=30))
+    r = await mesh.run("job", "show", "alpha")
+    assert r.code == 0, r
+    assert "  error:       disk full\n" in r.out
+    assert re.search(r"^  attempts:    1, next in (29|30) s$", r.out, re.M), r.out
+
+
+async def test_job_show_tells_a_job_given_up_on_and_what_to_do(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                      gave_up=True)
+    r = await mesh.run("job", "show", "alpha")
+    assert r.code == 0, r
+    assert ("  attempts:    1, gave up: it will not be retried (fix the cause, then "
+            "`jobmesh job retry alpha`, or `jobmesh job delete alpha`)") in r.out
+    r = await mesh.run("job", "list")
+    assert "gave up: the dump does not load" in r.out
+
+
+async def test_a_wait_for_a_job_given_up_on_is_one_line_at_once(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                      gave_up=True)
+    started = time.monotonic()
+    r = await mesh.run("job", "resume", "alpha")  # the default wait: 600 s
+    assert time.monotonic() - started < 10
+    one_error_line(r, "jobmesh job resume: job alpha: the dump does not load",
+                   "it will not be retried", "`jobmesh job retry alpha`",
+                   "`jobmesh job delete alpha`")
+
+
+async def test_an_import_that_gives_up_is_one_line_within_seconds(mesh: Mesh,
+                                                                   tmp_path: Path) -> None:
+    src = tmp_path / "in.pgdump"
+    src.write_bytes(b"PGDMP" + bytes(1000))
+    cli = asyncio.create_task(mesh.run("job", "import", "beta", str(src)))
+    await until(lambda: mesh.catalog.job("beta"), "the imported job's row")
+    started = time.monotonic()
+    await mesh.catalog.failed_attempt("beta", "creating", "cannot import beta.pgdump into "
+                                      "job beta: could not read from input file: end of file",
+                                      gave_up=True)
+    r = await cli
+    assert time.monotonic() - started < 10
+    *upload, _ = r.err.strip().splitlines()
+    assert all(line.startswith(f"importing {src}") for line in upload), r.err
+    one_error_line(Result(r.code, r.out, r.err.strip().splitlines()[-1]),
+                   "jobmesh job import: job beta: cannot import beta.pgdump",
+                   "end of file", "`jobmesh job retry beta`")
+
+
+async def test_job_retry_tries_again_and_waits(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                      gave_up=True)
+    cli = asyncio.create_task(mesh.run("job", "retry", "alpha"))
+    await until(lambda: _not_given_up(mesh.catalog, "alpha"), "the retry")
+    await mesh.catalog.transition("alpha", "creating", "running")
+    r = await cli
+    assert (r.code, r.out.strip()) == (0, "job alpha: running"), r
+    r = await mesh.run("job", "retry", "nope")
+    one_error_line(r, "jobmesh job retry: no job nope")
+
+
+async def test_job_delete_of_a_job_given_up_on(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.failed_attempt("alpha", "creating", "the dump does not load",
+                                      gave_up=True)
+    r = await mesh.run("job", "delete", "alpha", "--no-wait")
+    assert r.code == 0 and "deletion requested" in r.out, r
+    job = await mesh.catalog.job("alpha")
+    assert job is not None and job.desired_state == "deleted" and not job.gave_up
 
 
 async def test_resume_and_delete_without_waiting(mesh: Mesh) -> None:

@@ -1,4 +1,5 @@
-"""The lifecycle's pure decisions: every state and desired state, idle pause, eviction."""
+"""The lifecycle's pure decisions: every state and desired state, giving up and back-off,
+idle pause, eviction."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from jobmesh.controller.core.lifecycle import (
     Activity,
     decide,
     evictions,
+    gives_up,
     has_room,
     idle,
+    retry_delay,
 )
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -67,6 +70,30 @@ def test_interrupted_work_is_redone_from_its_in_flight_state() -> None:
                 continue
             again = decide(step.in_flight, desired, None)
             assert (again.action, again.done) == (step.action, step.done), (state, desired)
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("desired", [d for d in DESIRED if d != DESIRED.DELETED])
+def test_a_job_given_up_on_is_left_alone(state: str, desired: str) -> None:
+    assert decide(state, desired, False, gave_up=True).action is Action.NOTHING
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_a_job_given_up_on_is_still_deleted(state: str) -> None:
+    step = decide(state, DESIRED.DELETED, None, gave_up=True)
+    assert (step.action, step.in_flight, step.done) == (Action.DELETE, "deleting", None)
+
+
+def test_only_permanent_failures_give_up_and_never_a_delete() -> None:
+    for action in Action:
+        assert not gives_up(action, permanent=False)
+        assert gives_up(action, permanent=True) == (action is not Action.DELETE)
+
+
+def test_retries_back_off_from_one_second_doubling_up_to_the_longest() -> None:
+    assert [retry_delay(n, 60) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert retry_delay(10_000, 60) == 60  # no overflow, however many attempts failed
+    assert retry_delay(3, 2.5) == 2.5
 
 
 def _job(job_id: str, state: str = "running", desired: str = "running",
