@@ -18,7 +18,7 @@ from pathlib import Path
 
 import asyncpg
 
-from jobmesh.agent.init import OWNER_ROLE, READER_ROLE, reader_grants
+from jobmesh.agent.init import LARGE_OBJECT_CREATORS, OWNER_ROLE, READER_ROLE, reader_grants
 from jobmesh.agent.postgres import bin_dir
 
 from ..catalog.passwords import scram_verifier
@@ -67,16 +67,20 @@ async def wait_until_writable(conn: asyncpg.Connection, timeout: float) -> None:
 
 
 async def personalise(conn: asyncpg.Connection, job_id: str, template_db: str,
-                      password: str) -> None:
+                      password: str) -> bool:
     """Name the database ``job_<id>`` and let the job's roles log in with ``password``.
 
     One round trip and one commit (a multi-statement query is one transaction).
     Idempotent: a database already renamed stays; passwords are set every time (that
     is also how a new backend password reaches a job that was paused meanwhile).
+    Returns True when the job's database predates the reader's current privileges (its
+    reader may create temporary tables): then call :func:`upgrade_reader`.
     """
     job_db = f"job_{job_id}"
-    found = {r["datname"] for r in await conn.fetch(
-        "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", [template_db, job_db])}
+    rows = await conn.fetch(
+        "SELECT datname, has_database_privilege($2, oid, 'TEMPORARY') AS temp"
+        " FROM pg_database WHERE datname = ANY($1::text[])", [template_db, job_db], READER_ROLE)
+    found = {r["datname"]: r["temp"] for r in rows}
     statements = []
     if job_db not in found:
         if template_db not in found:
@@ -87,6 +91,26 @@ async def personalise(conn: asyncpg.Connection, job_id: str, template_db: str,
     statements += [f"ALTER ROLE {quote_ident(role)} LOGIN PASSWORD {verifier}"
                    for role in (OWNER_ROLE, READER_ROLE)]
     await conn.execute("; ".join(statements))
+    return bool(found.get(job_db, found.get(template_db)))
+
+
+async def upgrade_reader(run_dir: Path, port: int, job_id: str) -> None:
+    """Give the reader of a job made before its privileges changed what a new job's has
+    (``agent/init.py``): SELECT on sequences, no TEMPORARY, no large-object creation.
+    Run once per such job, at its next start; then :func:`personalise` says no more."""
+    conn = await connect(run_dir, port, database=f"job_{job_id}")
+    try:
+        creators = ", ".join(LARGE_OBJECT_CREATORS)
+        owner, reader = quote_ident(OWNER_ROLE), quote_ident(READER_ROLE)
+        async with conn.transaction():
+            await grant_reader_everywhere(conn)
+            await conn.execute(
+                f"REVOKE EXECUTE ON FUNCTION {creators} FROM PUBLIC;"
+                f" GRANT EXECUTE ON FUNCTION {creators} TO {owner};"
+                f" REVOKE TEMPORARY ON DATABASE {quote_ident(f'job_{job_id}')}"
+                f" FROM PUBLIC, {reader}")
+    finally:
+        await conn.close()
 
 
 async def import_dump(run_dir: Path, port: int, job_id: str, path: Path,

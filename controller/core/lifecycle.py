@@ -110,6 +110,7 @@ class Activity:
     state: JobState
     desired: DesiredState
     last_active: datetime
+    gave_up: bool = False  # its last attempt failed for good: it waits for the user
 
 
 def idle(jobs: Iterable[Activity], now: datetime, idle_timeout: float) -> list[str]:
@@ -121,8 +122,10 @@ def idle(jobs: Iterable[Activity], now: datetime, idle_timeout: float) -> list[s
 
 
 def _holds_slot(j: Activity) -> bool:
+    # A job given up on mid-start holds no processes (the backend freed them): no slot.
     return (j.state in ACTIVE and j.state != JobState.PAUSING
-            and j.desired == DesiredState.RUNNING)
+            and j.desired == DesiredState.RUNNING
+            and not (j.gave_up and j.state != JobState.RUNNING))
 
 
 def has_room(jobs: Iterable[Activity], job_id: str, max_running: int | None) -> bool:
@@ -148,7 +151,8 @@ def evictions(jobs: Sequence[Activity], max_running: int | None, now: datetime,
     if max_running is None:
         return []
     holding = [j for j in jobs if _holds_slot(j)]
-    waiting = [j for j in jobs if j.state in _STOPPED and j.desired == DesiredState.RUNNING]
+    waiting = [j for j in jobs if j.state in _STOPPED and j.desired == DesiredState.RUNNING
+               and not j.gave_up]
     over = len(holding) + len(waiting) - max_running
     if over <= 0:
         return []

@@ -85,12 +85,15 @@ class Reconciler:
             if self._workers:
                 await asyncio.wait(list(self._workers.values()))
             if self._listener is not None:
+                listener, self._listener = self._listener, None  # (closing it is not a loss)
                 with contextlib.suppress(Exception):
-                    await self._listener.close()
+                    await listener.close()
             await self.backend.close()
 
     async def _listen(self) -> None:
         def lost() -> None:
+            if self._listener is None:
+                return  # closed by run() on the way out
             log.warning("lost the catalog LISTEN connection; resyncing")
             self._listener = None
             self._resync.set()
@@ -331,7 +334,7 @@ class Reconciler:
 
 
 def _activity(job: Job) -> Activity:
-    return Activity(job.id, job.state, job.desired_state, job.last_active)
+    return Activity(job.id, job.state, job.desired_state, job.last_active, job.gave_up)
 
 
 def permanent(exc: BaseException) -> bool:

@@ -44,7 +44,7 @@ def make_job_databases(inst: Instance) -> None:
         db = f"job_{job_id}"
         inst.psql(f"CREATE DATABASE {db} OWNER job_owner")
         inst.psql(f"REVOKE ALL ON DATABASE {db} FROM PUBLIC")
-        inst.psql(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO job_reader")
+        inst.psql(f"GRANT CONNECT ON DATABASE {db} TO job_reader")
         inst.psql("GRANT USAGE ON SCHEMA public TO job_reader", database=db)
         inst.psql("SET ROLE job_owner; CREATE TABLE t (n int); GRANT SELECT ON t TO job_reader",
                   database=db)

@@ -41,11 +41,16 @@ from ...catalog.models import CatalogError, Job
 from ...catalog.models import Conflict as CatalogConflict
 from ...catalog.models import NotFound as NoSuchUser
 from ...catalog.passwords import scram_verifier
-from ...core.backend import BackendError, Progress, Started, Stopped
+from ...core.backend import BackendError, PermanentError, Progress, Started, Stopped
 from ..agent_client import AgentClient
 from ..job_database import wait_until_writable
 from ..job_lock import JobLocks
-from ..job_store import confirm_pause, delete_job_objects, latest_snapshot, stored_pause
+from ..job_store import (
+    confirm_pause,
+    delete_job_objects,
+    snapshot_to_restore,
+    stored_pause,
+)
 from ..step_report import mb
 from . import objects as objects
 from .client import Api, PodWatcher, one_line
@@ -171,9 +176,9 @@ class KubernetesBackend:
 
     async def _up(self, job: Job, progress: Progress, *, restore: bool) -> Started:
         if job.spec.get("source") is not None:
-            raise BackendError(f"job {job.id}: the kubernetes backend cannot create a job from "
-                               "a dump file yet; create it empty and load the dump through "
-                               "the router (pg_restore)")
+            raise PermanentError(f"job {job.id}: the kubernetes backend cannot create a job "
+                                 "from a dump file yet; create it empty and load the dump "
+                                 "through the router (pg_restore)")
         owner = await self._ensure_anchor(job.id)
         await self._ensure_credentials(job, owner)
         pod = await self.api.pod(job.id)
@@ -188,12 +193,10 @@ class KubernetesBackend:
             try:
                 body = objects.job_pod(job.id, job.spec, self.settings, restore=restore,
                                        owner_uid=owner)
-            except ValueError as exc:
-                raise BackendError(f"job {job.id}: {exc}") from exc
+            except ValueError as exc:  # a bad spec: no retry makes it good
+                raise PermanentError(f"job {job.id}: {exc}") from exc
             if restore:
-                m = await latest_snapshot(self.store, job.id)
-                if m is None:
-                    raise BackendError(f"job {job.id} has no snapshot in {self.store.url}")
+                m = await snapshot_to_restore(self.store, job.id)  # none: PermanentError
                 size = sum(o.size for o in m.objects)  # the newest; a bad one falls back
                 await progress(f"restoring {mb(size)}")
             else:

@@ -40,9 +40,15 @@ from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
 from jobmesh.errors import one_line
 
 from ...catalog.models import JOB_ID, Job
-from ...core.backend import BackendError, Progress, Started, Stopped
+from ...core.backend import BackendError, PermanentError, Progress, Started, Stopped
 from ..job_lock import JobLocks
-from ..job_store import confirm_pause, delete_job_objects, latest_snapshot, stored_pause
+from ..job_store import (
+    confirm_pause,
+    delete_job_objects,
+    latest_snapshot,
+    snapshot_to_restore,
+    stored_pause,
+)
 from ..step_report import Laps, Relay, mb
 from .instance import HOST, Instances
 from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
@@ -119,8 +125,14 @@ class LocalBackend:
             await asyncio.to_thread(prepare, jd)
             how = await self.template.take(jd.pgdata)
             laps("template")
-            port, info = await self.instances.start(job, jd, progress, "create", dump=dump,
-                                                    laps=laps)
+            try:
+                port, info = await self.instances.start(job, jd, progress, "create",
+                                                        dump=dump, laps=laps)
+            except PermanentError:
+                # It will not be retried (a dump that does not load): free its PostgreSQL
+                # now rather than hold it until the user retries or deletes the job.
+                await self.instances.discard(jd)
+                raise
             log.info("created job %s in %.0f ms (%s)", job.id, laps.total(), laps)
             return Started(HOST, port, info.url,
                            detail={"template": how, "timings_ms": laps.laps})
@@ -247,9 +259,7 @@ class LocalBackend:
 
     async def _restore(self, job: Job, jd: JobDir, progress: Progress, how: str) -> Started:
         laps = Laps()
-        manifest = await latest_snapshot(self.store, job.id)
-        if manifest is None:
-            raise BackendError(f"job {job.id} has no snapshot in {self.store.url}")
+        manifest = await snapshot_to_restore(self.store, job.id)  # none: PermanentError
         size = sum(o.size for o in manifest.objects)
         await progress(f"restoring {mb(size)}")
         await asyncio.to_thread(prepare, jd)
@@ -306,5 +316,5 @@ def _dump_source(job: Job) -> Path | None:
         return None
     if isinstance(source, dict) and set(source) == {"dump"} and isinstance(source["dump"], str):
         return Path(source["dump"])
-    raise BackendError(f'cannot create job {job.id}: unsupported job source {source!r} (the '
-                       'local backend loads {"dump": "/path/to/file.pgdump"})')
+    raise PermanentError(f'cannot create job {job.id}: unsupported job source {source!r} '
+                         '(the local backend loads {"dump": "/path/to/file.pgdump"})')

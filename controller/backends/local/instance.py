@@ -24,7 +24,13 @@ from jobmesh.agent.postmaster import Postmaster
 
 from ...catalog.models import Job
 from ...core.backend import BackendError, Progress, Started
-from ..job_database import connect, import_dump, personalise, wait_until_writable
+from ..job_database import (
+    connect,
+    import_dump,
+    personalise,
+    upgrade_reader,
+    wait_until_writable,
+)
 from ..job_spec import archive_timeout
 from ..step_report import Laps
 from .process import (
@@ -88,9 +94,12 @@ class Instances:
             raise
         try:
             await wait_until_writable(conn, self.start_timeout)
-            await personalise(conn, job.id, self.template.database, job.backend_password)
+            outdated = await personalise(conn, job.id, self.template.database,
+                                         job.backend_password)
         finally:
             await conn.close()
+        if outdated:
+            await upgrade_reader(jd.run, pm.port, job.id)
         info = read_agent(jd)
         if not agent_running(jd, info):
             info = await self.spawn_agent(jd, pm.port, info)
@@ -112,9 +121,12 @@ class Instances:
                 await progress("replaying archived WAL")
                 await wait_until_writable(conn, self.start_timeout)
                 laps("replay")
-            await personalise(conn, job.id, self.template.database, job.backend_password)
+            outdated = await personalise(conn, job.id, self.template.database,
+                                         job.backend_password)
         finally:
             await conn.close()
+        if outdated:
+            await upgrade_reader(jd.run, port, job.id)
         laps("personalise")
         if dump is not None:
             await import_dump(jd.run, port, job.id, dump, progress)

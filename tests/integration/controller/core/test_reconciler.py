@@ -38,6 +38,7 @@ from tests.support.catalog_harness import (
     row_becomes,
     wire_login,
 )
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,3 +278,16 @@ async def test_a_client_waiting_for_a_wake_hears_at_once_that_it_was_given_up_on
     error = assert_error(login, "57P03", "jobmesh job retry alpha")
     assert "no snapshot to restore from" in error["M"]
     assert login.notices[0] == "waking job_alpha"
+
+
+async def test_a_clean_stop_does_not_report_a_lost_listen_connection(
+        catalog: Catalog, caplog: pytest.LogCaptureFixture) -> None:
+    reconciler = Reconciler(catalog, ScriptedBackend(), ReconcilerConfig(idle_timeout=None))
+    stop = asyncio.Event()
+    task = asyncio.create_task(reconciler.run(stop))
+    await catalog.create_job("quiet", {})  # the loop is up once it has seen this
+    with caplog.at_level("WARNING", logger="jobmesh.controller"):
+        await until(lambda: reconciler._listener is not None, "the LISTEN connection")
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert [r.getMessage() for r in caplog.records if "LISTEN" in r.getMessage()] == []

@@ -126,3 +126,17 @@ def test_evictions_pick_the_least_recently_active_quiet_jobs() -> None:
 def test_busy_jobs_are_never_evicted() -> None:
     jobs = [_job("a", idle_s=1), _job("b", idle_s=2), _job("w", "paused", "running")]
     assert evictions(jobs, 2, NOW, quiet_for=15) == []
+
+
+def test_a_job_given_up_on_mid_start_holds_no_slot_and_waits_for_none() -> None:
+    stuck = [Activity("c", STATES.CREATING, DESIRED.RUNNING, NOW, gave_up=True),
+             Activity("r", STATES.RECOVERING, DESIRED.RUNNING, NOW, gave_up=True)]
+    jobs = [_job("a", idle_s=100), *stuck]
+    assert has_room(jobs, "d", 2)  # only "a" holds one
+    # A job that gave up waits for the user, not for a slot: nobody is evicted for it.
+    waiting = [_job("a", idle_s=100),
+               Activity("w", STATES.PAUSED, DESIRED.RUNNING, NOW, gave_up=True)]
+    assert evictions(waiting, 1, NOW, quiet_for=15) == []
+    # Running and given up (a pause that cannot be done) still holds its processes.
+    assert not has_room([Activity("p", STATES.RUNNING, DESIRED.RUNNING, NOW,
+                                  gave_up=True)], "d", 1)

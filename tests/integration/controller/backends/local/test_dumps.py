@@ -29,7 +29,7 @@ import pytest
 
 from jobmesh.agent.manifest import Manifest, job_prefix
 from jobmesh.agent.postgres import Instance, bin_dir
-from jobmesh.controller.backends.job_database import restore_list
+from jobmesh.controller.backends.job_database import connect, restore_list
 from jobmesh.controller.backends.local.backend import LocalBackend
 from jobmesh.controller.backends.local.process import JobDir, kill_leftovers, postmaster
 from jobmesh.controller.backends.local.sidecar import read_agent, wait_listening
@@ -501,3 +501,35 @@ async def test_the_reader_cannot_write_tables_temp_tables_or_large_objects(backe
     finally:
         await owner.close()
 
+
+
+async def test_a_job_made_before_the_readers_privileges_changed_gets_them_at_its_next_start(
+        backend, new_job, tmp_path):
+    job = await new_job()
+    started = await backend.create(job, said)
+    await owner_sql(started, job, FILL)
+    jd = JobDir(backend.root, job.id)
+    # As an older template made it: the reader may create temp tables and large objects,
+    # and cannot read sequences.
+    su = await connect(jd.run, started.port, database=job.database)
+    try:
+        await su.execute(
+            f"GRANT TEMPORARY ON DATABASE \"{job.database}\" TO job_reader;"
+            " GRANT EXECUTE ON FUNCTION lo_create(oid) TO PUBLIC;"
+            " REVOKE SELECT ON ALL SEQUENCES IN SCHEMA public FROM job_reader")
+    finally:
+        await su.close()
+    paused = await backend.pause(job)
+    assert paused.manifest.kind == "pause"
+    started = await backend.resume(job, said)
+    reader = await connect_as(started, job, "job_reader", default_transaction_read_only="off")
+    try:
+        for statement in ("CREATE TEMP TABLE mine (x int)", "SELECT lo_create(0)"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.execute(statement)
+        assert await reader.fetchval("SELECT last_value FROM pages_id_seq") == 300
+    finally:
+        await reader.close()
+    await run("pg_dump", "-Fc", "-f", str(tmp_path / "after.pgdump"), "-h", started.host,
+              "-p", str(started.port), "-U", "job_reader", "--no-password", job.database,
+              env=reader_env(job))
