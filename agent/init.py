@@ -34,17 +34,16 @@ policies show it (without that option pg_dump refuses such a table).
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 
 from scramp import ScramMechanism
 
+from jobmesh import jobids
 from jobmesh.defaults import ARCHIVE_TIMEOUT
 
 from .errors import AgentError
 from .postgres import Instance, PostgresError, conf_quote, free_port, give_to_postgres
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")  # job_<id> fits in 63 bytes
 OWNER_ROLE = "job_owner"
 READER_ROLE = "job_reader"
 SUPERUSER = "postgres"  # initdb -U postgres: it creates what the template holds
@@ -70,8 +69,11 @@ def database_name(job: str) -> str:
 
 
 def check_job_id(job: str) -> None:
-    if not JOB_ID.match(job):
-        raise AgentError(f"bad job id {job!r}: use letters, digits, '-' and '_' (max 59)")
+    """The one rule (jobmesh/jobids.py: ``job_<id>`` fits in PostgreSQL's 63 bytes), in
+    either case: the agent also makes what is no catalog job, named in upper case so that
+    no job id can ever be the same (the local backend's template, ``TEMPLATE-15``)."""
+    if not (job.isascii() and jobids.is_job_id(job.lower())):
+        raise AgentError(jobids.message(job))
 
 
 def default_spool(pgdata: Path) -> Path:

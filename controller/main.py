@@ -238,7 +238,14 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
     try:
         await catalog.migrate()
         metrics = ControllerMetrics()
-        app = build_app(catalog, token=token, store=store, state_dir=s.state_dir)
+        # Kubernetes sets a job pod's requests and limits and its volume's size; the
+        # local backend runs plain processes, so a job's cpu, memory and disk are not
+        # enforced: the API says so when a job asks for them.
+        kubernetes = s.kubernetes is not None
+        app = build_app(catalog, token=token, store=store, state_dir=s.state_dir,
+                        backend="kubernetes" if kubernetes else "local",
+                        enforced_limits=frozenset({"cpu", "memory", "disk"}) if kubernetes
+                        else frozenset())
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
-from jobmesh import defaults
+from jobmesh import defaults, jobids
 from jobmesh.agent.postgres import (
     Instance,
     PostgresError,
@@ -40,7 +41,7 @@ from jobmesh.controller.catalog.states import ACTIVE, DesiredState
 from jobmesh.controller.core.reconciler import ReconcilerConfig
 from jobmesh.controller.main import ControllerSettings, serve
 from jobmesh.controller.mesh import ensure_secret, write_mesh
-from jobmesh.errors import CommandFailed
+from jobmesh.errors import CommandFailed, UsageError
 from jobmesh.secretfile import write_secret_file
 
 log = logging.getLogger("jobmesh.up")
@@ -71,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvloop
+
+    if args.demo_job is not None and not jobids.is_job_id(args.demo_job):
+        raise UsageError(f"--demo-job: {jobids.message(args.demo_job)}")
 
     state = args.state_dir.absolute()
     try:
@@ -296,6 +300,20 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait()
 
 
+def cli_name() -> str:
+    """How to call this jobmesh from the user's shell: ``jobmesh`` when that is the one on
+    PATH, else its path (``.venv/bin/jobmesh`` after ``make up``)."""
+    me = Path(sys.argv[0])
+    if me.name != "jobmesh":
+        me = Path(sys.executable).parent / "jobmesh"
+    on_path = shutil.which("jobmesh")
+    if on_path and Path(on_path).resolve() == me.resolve():
+        return "jobmesh"
+    with contextlib.suppress(ValueError):
+        return str(me.absolute().relative_to(Path.cwd()))
+    return str(me.absolute())
+
+
 def _greet(state: Path, args: argparse.Namespace, shown: bool) -> None:
     password = (state / "admin-password").read_text().strip()
     job = args.demo_job or "<id>"
@@ -307,7 +325,7 @@ def _greet(state: Path, args: argparse.Namespace, shown: bool) -> None:
         "Connect:",
         f'  psql "postgresql://{ADMIN}:{password if shown else "<admin-password>"}'
         f'@127.0.0.1:{args.port}/job_{job}"',
-        f"  jobmesh psql {job}",
+        f"  {cli_name()} psql {job}",
         "",
         "Ctrl-C pauses running jobs (snapshots in the store) and stops; "
         "the next `jobmesh up` continues.",

@@ -23,6 +23,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from jobmesh import jobids
 from jobmesh.agent.store import Store
 
 from ..catalog.db import Catalog
@@ -35,18 +36,19 @@ from ..catalog.models import (
     check_pattern,
     check_principal,
 )
-from ..catalog.passwords import scram_verifier
 from ..catalog.states import DesiredState, settled
-from ..mesh import announced_router
+from ..mesh import ADMIN_PASSWORD_FILE, announced_router
 from . import openapi
 from .request import (
     ApiError,
+    LimitWarning,
     error_response,
     fields,
     job_spec,
     json_object,
     json_response,
     path_job_id,
+    verifier_of,
     wait_params,
 )
 from .transfer import export_job, import_job
@@ -61,8 +63,7 @@ HINTS = {
     ("jobs", NotFound): "`jobmesh job list` (GET /v1/jobs) shows the jobs there are",
     ("jobs", Conflict): "pick another id, or delete the job first (its id is free again once "
                         "the deletion has finished)",
-    ("jobs", CatalogError): "job ids are 1-59 characters: a-z, 0-9, '-' and '_', starting "
-                            "with a letter or digit",
+    ("jobs", CatalogError): jobids.RULE,  # the message says what is wrong with this id
     ("users", NotFound): "`jobmesh user list` (GET /v1/users) shows the users there are",
     ("users", Conflict): "pick another name, or delete the user first",
     ("users", CatalogError): "user names are 1-63 characters: letters, digits, '_', '.', "
@@ -145,12 +146,15 @@ class Api:
 
     def __init__(self, catalog: Catalog, store: Store | None,
                  agent_http: aiohttp.ClientSession | None, state_dir: Path | None,
-                 router: tuple[str, int] | None) -> None:
+                 router: tuple[str, int] | None, backend: str,
+                 enforced_limits: frozenset[str]) -> None:
         self.catalog = catalog
         self.store = store
         self.agent_http = agent_http
         self.state_dir = state_dir
         self.router = router
+        self.backend = backend
+        self.enforced_limits = enforced_limits
         self.watch = JobWatch(catalog)
         self.importing: set[str] = set()  # one import per job id at a time
 
@@ -167,6 +171,11 @@ class Api:
             raise NotFound(f"no job {job_id}")
         return job
 
+    def warnings(self, job: Job) -> list[dict[str, Any]]:
+        """What the job's spec asks for that it will not get (limits the backend ignores)."""
+        w = LimitWarning.of(job.spec, self.backend, self.enforced_limits)
+        return [w.public()] if w is not None else []
+
     # -- jobs ------------------------------------------------------------------------
 
     async def list_jobs(self, _req: web.Request) -> web.Response:
@@ -179,12 +188,14 @@ class Api:
         fields(body, example, ("id",), ("spec",))
         job = await self.catalog.create_job(body["id"], job_spec(body.get("spec", {})))
         job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
-        return json_response(job.public(), 201, {"Location": f"/v1/jobs/{job.id}"})
+        return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
+                             {"Location": f"/v1/jobs/{job.id}"})
 
     async def show_job(self, req: web.Request) -> web.Response:
         job = await self.job_or_404(path_job_id(req))
         events = await self.catalog.events(job.id, limit=20)
-        return json_response({**job.public(), "snapshots": await self.catalog.snapshots(job.id),
+        return json_response({**job.public(), "warnings": self.warnings(job),
+                              "snapshots": await self.catalog.snapshots(job.id),
                               "events": [e.public() for e in events]})
 
     async def set_desired(self, job_id: str, desired: DesiredState) -> Job:
@@ -261,14 +272,29 @@ class Api:
         body = await json_object(req, example)
         fields(body, example, ("name", "password"))
         check_principal(body["name"])
-        try:
-            verifier = scram_verifier(body["password"])
-        except ValueError as exc:  # SASLprep refuses control characters and the like
-            raise ApiError(400, f"unusable password: {exc}",
-                           "use printable characters") from None
-        await self.catalog.create_principal(body["name"], verifier)
+        await self.catalog.create_principal(body["name"], verifier_of(body["password"]))
         return json_response({"name": body["name"], "admin": False, "grants": []}, 201,
                              {"Location": f"/v1/users/{body['name']}"})
+
+    async def set_password(self, req: web.Request) -> web.Response:
+        """A new password for a user who lost theirs (kept, like the first, as a verifier)."""
+        name = req.match_info["name"]
+        check_principal(name)
+        example = '{"password": "..."}'
+        body = await json_object(req, example)
+        fields(body, example, ("password",))
+        found = await self.catalog.principals(name)
+        if not found:
+            raise NotFound(f"no user {name}")
+        if found[0].admin:  # `jobmesh up` owns it: a verifier set here would not last
+            where = (self.state_dir / ADMIN_PASSWORD_FILE if self.state_dir
+                     else f"<state-dir>/{ADMIN_PASSWORD_FILE}")
+            raise ApiError(409, f"user {name} is the mesh's administrator: its password is "
+                                f"the file {where}",
+                           "to get a new one, stop `jobmesh up`, remove that file and start "
+                           "`jobmesh up` again: it makes a new password and shows it once")
+        await self.catalog.set_verifier(name, verifier_of(body["password"]))
+        return web.Response(status=204)
 
     async def delete_user(self, req: web.Request) -> web.Response:
         name = req.match_info["name"]
@@ -328,12 +354,17 @@ class Api:
 
 def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
               agent_http: aiohttp.ClientSession | None = None, state_dir: Path | None = None,
-              router: tuple[str, int] | None = None) -> web.Application:
+              router: tuple[str, int] | None = None, backend: str = "local",
+              enforced_limits: frozenset[str] = frozenset()) -> web.Application:
     """The API. ``agent_http``: the session for the agents' APIs (made here when None);
-    ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json)."""
+    ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json);
+    ``backend``: the kind of backend the controller runs jobs on, and ``enforced_limits``
+    the spec fields (cpu, memory, disk) it enforces: a job asking for one it does not is
+    created with a warning. No field counts as enforced unless the controller says so."""
     if not token:
         raise ValueError("the API needs a token")
-    api = Api(catalog, store, agent_http, state_dir.absolute() if state_dir else None, router)
+    api = Api(catalog, store, agent_http, state_dir.absolute() if state_dir else None, router,
+              backend, enforced_limits)
     app = web.Application(middlewares=[errors, auth(token)])
 
     async def lifetime(_app: web.Application) -> Any:
@@ -368,6 +399,7 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         get("/v1/users", api.list_users),
         web.post("/v1/users", api.create_user),
         web.delete("/v1/users/{name}", api.delete_user),
+        web.put("/v1/users/{name}/password", api.set_password),
         web.post("/v1/grants", api.grant),
         web.delete("/v1/grants", api.revoke),
     ])

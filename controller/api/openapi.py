@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobmesh import jobids
+
 from ..catalog.states import ACCESS, DesiredState, JobState
+from .request import LIMITS
 
 JSON = "application/json"
+JOB_ID_PATTERN = f"^{jobids.JOB_ID.pattern}$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -50,6 +54,10 @@ def _action(verb: str, desired: DesiredState) -> dict[str, Any]:
         params=("JobId", "Wait", "Timeout"), tags=("jobs",))}
 
 
+def _warnings() -> dict[str, Any]:
+    return {"type": "array", "items": _ref("Warning")}
+
+
 def _schemas() -> dict[str, Any]:
     text = {"type": "string"}
     nullable_text = {"type": ["string", "null"]}
@@ -66,8 +74,8 @@ def _schemas() -> dict[str, Any]:
                 "memory": {"type": "string", "examples": ["1Gi"]},
                 "disk": {"type": "string", "examples": ["10Gi"]}}},
         "JobCreate": {"type": "object", "required": ["id"], "additionalProperties": False,
-                      "properties": {"id": {"type": "string",
-                                            "pattern": "^[a-z0-9][a-z0-9_-]{0,58}$"},
+                      "properties": {"id": {"type": "string", "pattern": JOB_ID_PATTERN,
+                                            "maxLength": jobids.MAX_LENGTH},
                                      "spec": _ref("JobSpec")}},
         "Job": {
             "type": "object",
@@ -100,7 +108,20 @@ def _schemas() -> dict[str, Any]:
             "from_state": nullable_text, "to_state": nullable_text,
             "duration_ms": {"type": ["number", "null"]}, "bytes": {"type": ["integer", "null"]},
             "detail": {"type": "object"}}},
+        "Warning": {
+            "type": "object", "required": ["kind", "message"],
+            "description": "something the job asked for that it does not get",
+            "properties": {
+                "kind": {"enum": ["unenforced_limits"]},
+                "backend": {"type": "string", "examples": ["local"]},
+                "fields": {"type": "array", "items": {"enum": list(LIMITS)},
+                           "description": "the spec's limits this controller's backend "
+                                          "does not enforce: the job runs without them"},
+                "message": text}},
+        "JobCreated": {"allOf": [_ref("Job"), {"type": "object", "required": ["warnings"],
+                                               "properties": {"warnings": _warnings()}}]},
         "JobDetail": {"allOf": [_ref("Job"), {"type": "object", "properties": {
+            "warnings": _warnings(),
             "snapshots": {"type": "array", "items": _ref("Snapshot")},
             "events": {"type": "array", "items": _ref("Event"),
                        "description": "the newest 20, oldest first"}}}]},
@@ -117,6 +138,9 @@ def _schemas() -> dict[str, Any]:
                        "additionalProperties": False,
                        "properties": {"name": text, "password": {"type": "string",
                                                                  "minLength": 1}}},
+        "UserPassword": {"type": "object", "required": ["password"],
+                         "additionalProperties": False,
+                         "properties": {"password": {"type": "string", "minLength": 1}}},
         "UserList": {"type": "object", "required": ["users"],
                      "properties": {"users": {"type": "array", "items": _ref("User")}}},
         "Grant": {"type": "object", "required": ["user", "pattern", "access"],
@@ -145,7 +169,7 @@ def _schemas() -> dict[str, Any]:
 def _parameters() -> dict[str, Any]:
     return {
         "JobId": {"name": "id", "in": "path", "required": True,
-                  "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,58}$"}},
+                  "schema": {"type": "string", "pattern": JOB_ID_PATTERN}},
         "UserName": {"name": "name", "in": "path", "required": True,
                      "schema": {"type": "string"}},
         "Wait": {"name": "wait", "in": "query", "required": False,
@@ -198,7 +222,9 @@ def _paths() -> dict[str, Any]:
                                                 **_errors()}, tags=("jobs",)),
             "post": _op(
                 "createJob", "Create a job (state creating); ?wait=1 answers once running",
-                {"201": _body(job, "the new job"), **_errors(400, 409, 504)},
+                {"201": _body(_ref("JobCreated"), "the new job, with warnings about what "
+                              "its spec asks for that the backend does not enforce"),
+                 **_errors(400, 409, 504)},
                 params=("Wait", "Timeout"), body={"required": True, "content": {
                     JSON: {"schema": _ref("JobCreate")}}}, tags=("jobs",))},
         "/v1/jobs/{id}": {
@@ -256,6 +282,13 @@ def _paths() -> dict[str, Any]:
             "deleteUser", "Delete a user and its grants",
             {"204": {"description": "deleted"}, **_errors(400, 404, 409)},
             params=("UserName",), tags=("users",))},
+        "/v1/users/{name}/password": {"put": _op(
+            "setUserPassword", "Give a user a new password (kept as a SCRAM verifier only); "
+            "the administrator's is refused (409): `jobmesh up` keeps it in "
+            "<state-dir>/admin-password",
+            {"204": {"description": "changed"}, **_errors(400, 404, 409)},
+            params=("UserName",), body={"required": True, "content": {
+                JSON: {"schema": _ref("UserPassword")}}}, tags=("users",))},
         "/v1/grants": {
             "post": _op("grant", "Let a user reach the jobs matching a pattern",
                         {"200": _body(_ref("Grant"), "the grant"), **_errors(400, 404)},

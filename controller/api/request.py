@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from ..catalog.models import check_job_id
+from ..catalog.passwords import scram_verifier
 
 WAIT_DEFAULT = 300.0
 WAIT_MAX = 3600.0
 QUANTITY = r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?"
+LIMITS = ("memory", "cpu", "disk")  # the spec fields a backend may enforce, or may not
 
 
 class ApiError(Exception):
@@ -95,6 +98,40 @@ def job_spec(raw: Any) -> dict[str, Any]:
                            f"the spec fields are archive_timeout, cpu, memory and disk, as in "
                            f"{example}")
     return spec
+
+
+@dataclass(frozen=True)
+class LimitWarning:
+    """A job's spec asks for limits its backend does not enforce: the job runs without them.
+
+    The local backend runs jobs as plain processes; saying nothing would let a user
+    believe ``--memory 1Gi`` protects the machine."""
+
+    backend: str
+    fields: tuple[str, ...]  # in the order of LIMITS
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], backend: str,
+           enforced: frozenset[str]) -> LimitWarning | None:
+        ignored = tuple(k for k in LIMITS if k in spec and k not in enforced)
+        return cls(backend, ignored) if ignored else None
+
+    def public(self) -> dict[str, Any]:
+        names = " and ".join(self.fields) if len(self.fields) < 3 else \
+            f"{', '.join(self.fields[:-1])} and {self.fields[-1]}"
+        those = "that limit" if len(self.fields) == 1 else "those limits"
+        return {"kind": "unenforced_limits", "backend": self.backend,
+                "fields": list(self.fields),
+                "message": f"the {self.backend} backend does not enforce {names}: the job "
+                           f"runs without {those}"}
+
+
+def verifier_of(password: Any) -> str:
+    """The SCRAM verifier the catalog keeps instead of a password (never the password)."""
+    try:
+        return scram_verifier(password)
+    except ValueError as exc:  # SASLprep refuses control characters and the like
+        raise ApiError(400, f"unusable password: {exc}", "use printable characters") from None
 
 
 def wait_params(request: web.Request) -> float | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from jobmesh import jobids
+
 from .states import ACCESS, Access, DesiredState, JobState
 
 # NOTIFY channels (triggers in the migrations announce on them); the payload
@@ -20,7 +22,7 @@ from .states import ACCESS, Access, DesiredState, JobState
 JOBS_CHANNEL = "jobmesh_jobs"
 PRINCIPALS_CHANNEL = "jobmesh_principals"
 
-JOB_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,58}")
+JOB_ID = jobids.JOB_ID  # the one rule (jobmesh/jobids.py); the backends scan with it
 PRINCIPAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}")
 PATTERN = re.compile(r"[a-z0-9_*?\[\]-]{1,63}")
 
@@ -148,9 +150,11 @@ class Event:
 
 
 def check_job_id(job_id: str) -> None:
-    if not JOB_ID.fullmatch(job_id):
-        raise CatalogError(f"bad job id {job_id!r}: use a-z, 0-9, '-' and '_', starting "
-                           "with a letter or digit, at most 59 characters")
+    """CatalogError ``bad job id 'X': <why>``; the rule itself is the API's hint
+    (``jobids.RULE``), so the two never say it twice."""
+    why = jobids.why_not(job_id)
+    if why is not None:
+        raise CatalogError(f"bad job id {job_id!r}: {why}")
 
 
 def check_principal(name: str) -> None:

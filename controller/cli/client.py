@@ -15,7 +15,7 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlencode, urlsplit
 
 from jobmesh.errors import one_line
@@ -51,6 +51,12 @@ class Downloaded:
 # A progress sink: called with the total (None if unknown) when the body starts to flow,
 # it returns the function to call with each chunk's size.
 ProgressFactory = Callable[[int | None], Callable[[int], None]]
+
+
+class Readable(Protocol):
+    """What an upload reads its body from: a file, or a wrapper of one."""
+
+    def read(self, n: int, /) -> bytes: ...
 
 
 def _no_progress(_total: int | None) -> Callable[[int], None]:
@@ -94,16 +100,22 @@ class Client:
         return RequestFailed(f"cannot reach the API at {self.base_url}: {reason}",
                              "is the mesh running? start it with `jobmesh up`")
 
-    @staticmethod
-    def _failure(resp: http.client.HTTPResponse) -> RequestFailed:
+    def _failure(self, resp: http.client.HTTPResponse) -> RequestFailed:
         raw = resp.read()
         try:
             body = json.loads(raw)
-            return RequestFailed(str(body["error"]), str(body.get("hint") or ""), resp.status)
+            error, hint = str(body["error"]), str(body.get("hint") or "")
         except (ValueError, KeyError, TypeError):
             text = raw.decode("utf-8", "replace").strip().splitlines()
             return RequestFailed(f"the API answered {resp.status} {resp.reason}"
                                  + (f": {text[0][:200]}" if text else ""), "", resp.status)
+        if (resp.status == 404 and error.startswith("no endpoint ")) or (
+                resp.status == 405 and " is not allowed on " in error):
+            # The route itself is unknown (not the job or user): an older controller.
+            return RequestFailed(f"the API at {self.base_url} does not know this request "
+                                 f"({error})", "is the controller older than this CLI? run "
+                                 "the same jobmesh version for both", resp.status)
+        return RequestFailed(error, hint, resp.status)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -174,7 +186,7 @@ class Client:
                                 f"expected {announced[:12]}...", "retry the export")
         return Downloaded(size, digest.hexdigest(), resp.getheader("X-Jobmesh-Dump-Id") or "")
 
-    def upload(self, path: str, src: BinaryIO, size: int, *,
+    def upload(self, path: str, src: Readable, size: int, *,
                query: dict[str, Any] | None = None, timeout: float | None = None,
                advance: Callable[[int], None] = lambda _n: None) -> Any:
         """Stream ``size`` bytes of ``src`` as the body of a POST; the decoded JSON answer."""

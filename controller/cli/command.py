@@ -9,10 +9,11 @@ before any request is an ``OpsError``; what the API refuses is the client's
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
+
+from jobmesh import jobids
 
 from ..mesh import MeshInfo
 from .client import Client
@@ -41,5 +42,9 @@ def seg(value: str) -> str:
     return quote(value, safe="")
 
 
-def print_json(body: Any) -> None:
-    print(json.dumps(body, indent=2))
+def job_id(text: str) -> str:
+    """``text`` if it is a job id; else OpsError with the one rule (jobmesh/jobids.py), so
+    the user reads the CLI's words before any request, not the API's."""
+    if not jobids.is_job_id(text):
+        raise OpsError(jobids.message(text))
+    return text

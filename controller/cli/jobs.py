@@ -1,26 +1,25 @@
-"""``jobmesh job ...``: create, list, show, pause, resume, end, retry, delete, export, import."""
+"""``jobmesh job ...``: create, list, show, pause, resume, end, retry and delete
+(export and import are in ``transfer``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from jobmesh.errors import one_line
 
 from ..catalog.states import DesiredState, JobState
 from ..mesh import MeshInfo
-from .client import Client, RequestFailed
-from .command import OpsError, print_json, seg, socket_timeout, wait_query
-from .output import WIDTH, Bar, mb, table, when
+from .client import Client
+from .command import job_id, seg, socket_timeout, wait_query
+from .formats import print_data
+from .output import WIDTH, and_list, mb, table, when
+from .psql import connect_lines
 
-DUMP_MAGIC = b"PGDMP"
 # The verbs that set a job's desired state, and the state each asks for.
 ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
            "end": DesiredState.ENDED}
@@ -29,37 +28,53 @@ ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
 def job_create(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
     spec = {k: v for k in ("archive_timeout", "cpu", "memory", "disk")
             if (v := getattr(args, k)) is not None}
-    job = client.call("POST", "/v1/jobs", body={"id": args.id, "spec": spec},
+    job = client.call("POST", "/v1/jobs", body={"id": job_id(args.id), "spec": spec},
                       query=wait_query(args), timeout=socket_timeout(args))
+    for w in job.get("warnings") or []:
+        print(f"warning: {warning_text(w)}", file=sys.stderr)
     print(f"job {job['id']}: {job['state']}")
     if job["state"] == JobState.RUNNING:
-        print(f"connect: psql \"host={mesh.router_host} port={mesh.router_port} "
-              f"dbname=job_{job['id']} user=<user>\" (or `jobmesh psql {job['id']}`)")
+        command, note = connect_lines(mesh, job["id"])
+        print(f"connect: {command}\n         {note}")
     return 0
+
+
+def warning_text(w: dict[str, Any]) -> str:
+    """An API warning in the CLI's words: the flags the user gave, not the spec's fields."""
+    if w.get("kind") == "unenforced_limits" and w.get("fields"):
+        flags = and_list([f"--{f}" for f in w["fields"]])
+        those = "that limit" if len(w["fields"]) == 1 else "those limits"
+        return (f"the {w.get('backend') or 'controller'} backend does not enforce {flags} "
+                f"(the job runs without {those})")
+    return one_line(str(w.get("message") or w))
 
 
 def job_list(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     jobs = client.call("GET", "/v1/jobs")["jobs"]
-    if args.json:
-        print_json(jobs)
+    if print_data(jobs, args.output):
         return 0
     if not jobs:
         print("no jobs yet: create one with `jobmesh job create ID`", file=sys.stderr)
         return 0
-    rows = [("ID", "STATE", "DESIRED", "ADDRESS", "LAST ACTIVE", "ERROR")]
-    rows += [(j["id"], j["state"], j["desired_state"],
-              f"{j['host']}:{j['port']}" if j["host"] else "-", when(j["last_active"]),
-              one_line(("gave up: " if j["gave_up"] else "") + (j["error"] or ""), WIDTH))
-             for j in jobs]
+    wide = args.output == "wide"  # more columns, and errors not cut short
+    more = ("ATTEMPTS", "CREATED", "AGENT", "SPEC") if wide else ()
+    rows = [("ID", "STATE", "DESIRED", "ADDRESS", "LAST ACTIVE", *more, "ERROR")]
+    for j in jobs:
+        extra = (str(j["attempts"]), when(j["created_at"]), j["agent_url"] or "-",
+                 json.dumps(j["spec"]) if j["spec"] else "-") if wide else ()
+        error = ("gave up: " if j["gave_up"] else "") + (j["error"] or "")
+        rows.append((j["id"], j["state"], j["desired_state"],
+                     f"{j['host']}:{j['port']}" if j["host"] else "-", when(j["last_active"]),
+                     *extra, one_line(error, None if wide else WIDTH)))
     table(rows)
     return 0
 
 
 def job_show(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
-    job = client.call("GET", f"/v1/jobs/{seg(args.id)}")
-    if args.json:
-        print_json(job)
+    job = client.call("GET", f"/v1/jobs/{seg(job_id(args.id))}")
+    if print_data(job, args.output):
         return 0
+    command, note = connect_lines(mesh, job["id"])
     fields = [
         ("state", f"{job['state']} (wanted {job['desired_state']})"),
         ("progress", job["progress"] or "-"),
@@ -67,12 +82,13 @@ def job_show(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
         ("attempts", attempts(job)),
         ("address", f"{job['host']}:{job['port']}" if job["host"] else "-"),
         ("agent", job["agent_url"] or "-"), ("spec", json.dumps(job["spec"])),
+        *(("warning", warning_text(w)) for w in job.get("warnings") or []),
         ("created", when(job["created_at"])), ("last active", when(job["last_active"])),
-        ("connect", f"host={mesh.router_host} port={mesh.router_port} dbname=job_{job['id']}"),
+        ("connect", command), ("", note),
     ]
     print(f"job {job['id']}")
     for k, v in fields:
-        print(f"  {k + ':':<13}{v}")
+        print(f"  {k + ':' if k else '':<13}{v}")
     if job["snapshots"]:
         print("snapshots:")
         table([("ID", "KIND", "SIZE", "STORED", "CREATED")] + [
@@ -105,8 +121,8 @@ def attempts(job: dict[str, Any], now: datetime | None = None) -> str:
 
 
 def job_action(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    job = client.call("POST", f"/v1/jobs/{seg(args.id)}/{args.verb}", query=wait_query(args),
-                      timeout=socket_timeout(args))
+    job = client.call("POST", f"/v1/jobs/{seg(job_id(args.id))}/{args.verb}",
+                      query=wait_query(args), timeout=socket_timeout(args))
     wanted = ACTIONS[args.verb]
     note = "" if job["state"] == wanted else f" (wanted {wanted})"
     print(f"job {job['id']}: {job['state']}{note}")
@@ -114,7 +130,7 @@ def job_action(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int
 
 
 def job_retry(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    job = client.call("POST", f"/v1/jobs/{seg(args.id)}/retry", query=wait_query(args),
+    job = client.call("POST", f"/v1/jobs/{seg(job_id(args.id))}/retry", query=wait_query(args),
                       timeout=socket_timeout(args))
     wanted = job["desired_state"]
     note = "" if job["state"] == wanted else f" (wanted {wanted})"
@@ -123,67 +139,8 @@ def job_retry(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
 
 
 def job_delete(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    job = client.call("DELETE", f"/v1/jobs/{seg(args.id)}", query=wait_query(args),
+    job = client.call("DELETE", f"/v1/jobs/{seg(job_id(args.id))}", query=wait_query(args),
                       timeout=socket_timeout(args))
     print(f"job {args.id}: deleted" if job is None else f"job {args.id}: {job['state']} "
           "(deletion requested)")
     return 0
-
-
-def job_export(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    out = Path(args.output or f"{args.id}.pgdump")
-    partial = out.with_name(out.name + ".partial")
-    bar = Bar(f"exporting job {args.id}")
-
-    def progress(total: int | None) -> Callable[[int], None]:
-        bar.total = total
-        return bar.advance
-
-    try:
-        with partial.open("wb") as f:
-            got = client.download(f"/v1/jobs/{seg(args.id)}/export", f,
-                                  query={"timeout": args.timeout}, progress=progress)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, out)
-    except OSError as exc:
-        raise OpsError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    bar.finish(f"dump {got.dump_id}")
-    print(f"exported job {args.id} to {out} ({mb(got.size)}, sha256 {got.sha256[:16]}...)")
-    return 0
-
-
-def job_import(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
-    try:
-        f = args.file.open("rb")
-    except OSError as exc:
-        raise OpsError(f"cannot read {args.file}: {exc.strerror}") from None
-    with f:
-        if f.read(len(DUMP_MAGIC)) != DUMP_MAGIC:
-            raise OpsError(f"{args.file} is not a pg_dump custom-format archive (hint: make "
-                           "one with `pg_dump -Fc` or `jobmesh job export`)")
-        size = os.fstat(f.fileno()).st_size
-        f.seek(0)
-        _must_be_new(client, args.id)  # before sending what may be gigabytes
-        bar = Bar(f"importing {args.file}", size)
-        try:
-            job = client.upload(f"/v1/jobs/{seg(args.id)}/import", f, size,
-                                query=wait_query(args), timeout=socket_timeout(args),
-                                advance=bar.advance)
-        finally:
-            bar.finish()  # a failure (the load, after the upload) goes on a line of its own
-    print(f"job {job['id']}: {job['state']} (imported {mb(size)})")
-    return 0
-
-
-def _must_be_new(client: Client, job_id: str) -> None:
-    try:
-        client.call("GET", f"/v1/jobs/{seg(job_id)}")
-    except RequestFailed as exc:
-        if exc.status == 404:
-            return
-        raise
-    raise OpsError(f"job {job_id} already exists (hint: pick another id, or delete the job "
-                   "first)")

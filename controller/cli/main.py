@@ -7,35 +7,29 @@ default, until the controller has done it (the API's ``?wait=1``), so
 stderr (the API's error and hint) and exit status 1; usage errors exit 2.
 
 This module registers the commands and runs them; each lives in the module
-named for what it acts on (``jobs``, ``users``, ``psql``, ``status``).
+named for what it acts on (``jobs``, ``transfer`` for export and import,
+``users``, ``psql``, ``status``); ``formats`` prints ``-o json|yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jobmesh import defaults
 
-from ..mesh import MeshError, read_mesh
+from ..mesh import TOKEN_FILE, MeshError, MeshInfo, read_mesh
 from .client import Client, RequestFailed
 from .command import WAIT_TIMEOUT, Command, OpsError
-from .jobs import (
-    ACTIONS,
-    job_action,
-    job_create,
-    job_delete,
-    job_export,
-    job_import,
-    job_list,
-    job_retry,
-    job_show,
-)
+from .formats import FORMATS
+from .jobs import ACTIONS, job_action, job_create, job_delete, job_list, job_retry, job_show
 from .psql import psql
 from .status import status
-from .users import grant, revoke, user_create, user_delete, user_list
+from .transfer import job_export, job_import
+from .users import grant, revoke, user_create, user_delete, user_list, user_passwd
 
 # --- registering ------------------------------------------------------------------------
 
@@ -63,6 +57,34 @@ def _waiting() -> argparse.ArgumentParser:
     return p
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    """``-o FORMAT`` (kubectl's), and ``--json``, which came first."""
+    p.add_argument("-o", "--output", choices=FORMATS, default="table", metavar="FORMAT",
+                   help="table (the default), wide (more columns), or the API's answer as "
+                   "json or yaml")
+    p.add_argument("--json", dest="output", action="store_const", const="json",
+                   help="the same as -o json")
+
+
+class _PsqlArgs(argparse.Action):
+    """psql's arguments: all after JOB, but for a ``--user NAME`` right after JOB, which is
+    ours (argparse leaves an option after JOB to the remainder)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        rest = list(values or [])
+        if rest and (rest[0] == "--user" or rest[0].startswith("--user=")):
+            if getattr(namespace, "user", None) is not None:
+                parser.error("argument --user: given twice")
+            if rest[0] == "--user":
+                if len(rest) < 2:
+                    parser.error("argument --user: expected one argument")
+                namespace.user, rest = rest[1], rest[2:]
+            else:
+                namespace.user, rest = rest[0].partition("=")[2], rest[1:]
+        setattr(namespace, self.dest, rest)
+
+
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     """Register ``command`` (job, user, grant, revoke, psql or status) on ``p``."""
     common, waiting = _common(), _waiting()
@@ -75,20 +97,27 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("user", metavar="USER")
         p.add_argument("pattern", metavar="JOB_PATTERN", help="a job id or a glob: 'scrape-*'")
         access = p.add_mutually_exclusive_group(required=True)
-        access.add_argument("--read", dest="access", action="store_const", const="read")
-        access.add_argument("--write", dest="access", action="store_const", const="write")
+        access.add_argument("--read", dest="access", action="store_const", const="read",
+                            help="log in as the jobs' reader: SELECT only")
+        access.add_argument("--write", dest="access", action="store_const", const="write",
+                            help="log in as the jobs' owner: read, write, create")
         p.set_defaults(run=_runs(grant))
     elif command == "revoke":
         p.add_argument("user", metavar="USER")
         p.add_argument("pattern", metavar="JOB_PATTERN")
         p.set_defaults(run=_runs(revoke))
     elif command == "psql":
+        p.add_argument("--user", metavar="NAME",
+                       help="connect as NAME, for whom psql asks the password (default: as "
+                       "the admin, whose password it is given); before JOB or right after "
+                       "it: `jobmesh psql JOB --user NAME -c 'select 1'`")
         p.add_argument("job", metavar="JOB")
         p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="PSQL_ARGS",
+                       action=_PsqlArgs,
                        help="passed on to psql (-c 'select 1', -f FILE, ...)")
         p.set_defaults(run=_runs(psql))
     elif command == "status":
-        p.add_argument("--json", action="store_true", help="the API's answer, as JSON")
+        _add_output(p)
         p.set_defaults(run=_runs(status))
     else:
         raise ValueError(f"unknown operator command {command!r}")
@@ -106,11 +135,11 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     c.add_argument("--disk", help="disk, e.g. 10Gi")
     c.set_defaults(run=_runs(job_create))
     ls = sub.add_parser("list", parents=[common], help="list jobs")
-    ls.add_argument("--json", action="store_true")
+    _add_output(ls)
     ls.set_defaults(run=_runs(job_list))
     show = sub.add_parser("show", parents=[common], help="a job, its snapshots and events")
     show.add_argument("id", metavar="ID")
-    show.add_argument("--json", action="store_true")
+    _add_output(show)
     show.set_defaults(run=_runs(job_show))
     for verb, state in ACTIONS.items():
         a = sub.add_parser(verb, parents=[common, waiting], help=f"want the job {state}")
@@ -126,14 +155,17 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     d.set_defaults(run=_runs(job_delete))
     e = sub.add_parser("export", parents=[common], help="download a pg_dump of the job")
     e.add_argument("id", metavar="ID")
-    e.add_argument("-o", "--output", metavar="FILE", help="where to (default ID.pgdump)")
+    e.add_argument("-o", "--output", metavar="PATH",
+                   help="a file, or DIR/ (an existing directory) for DIR/ID.pgdump "
+                   "(default ./ID.pgdump)")
+    e.add_argument("--force", action="store_true", help="replace the file if it exists")
     e.add_argument("--timeout", type=float, default=WAIT_TIMEOUT, metavar="S",
                    help="how long a paused job may take to wake")
     e.set_defaults(run=_runs(job_export))
     i = sub.add_parser("import", parents=[common, waiting],
                        help="create a job from a pg_dump -Fc file")
     i.add_argument("id", metavar="ID")
-    i.add_argument("file", metavar="FILE", type=Path)
+    i.add_argument("file", metavar="FILE")
     i.set_defaults(run=_runs(job_import))
 
 
@@ -144,11 +176,17 @@ def _add_user(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> No
     c.add_argument("--password-stdin", action="store_true",
                    help="read the password from stdin (default: generate one, shown once)")
     c.set_defaults(run=_runs(user_create))
+    pw = sub.add_parser("passwd", parents=[common],
+                        help="give a user a new password (the old one stops working)")
+    pw.add_argument("name", metavar="NAME")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the password from stdin (default: generate one, shown once)")
+    pw.set_defaults(run=_runs(user_passwd))
     d = sub.add_parser("delete", parents=[common], help="delete a user and its grants")
     d.add_argument("name", metavar="NAME")
     d.set_defaults(run=_runs(user_delete))
     ls = sub.add_parser("list", parents=[common], help="users and their grants")
-    ls.add_argument("--json", action="store_true")
+    _add_output(ls)
     ls.set_defaults(run=_runs(user_list))
 
 
@@ -157,12 +195,31 @@ def _runs(command: Command) -> Callable[[argparse.Namespace], int]:
 
     def run(args: argparse.Namespace) -> int:
         name = " ".join(filter(None, ["jobmesh", args.command, getattr(args, "op", None)]))
+        mesh: MeshInfo | None = None
         try:
             mesh = read_mesh(defaults.state_dir(getattr(args, "state_dir", None)))
-            return command(args, mesh, Client(mesh.api, mesh.token))
-        except (MeshError, RequestFailed, OpsError) as exc:
+            code = command(args, mesh, Client(mesh.api, mesh.token))
+            sys.stdout.flush()  # a closed pipe fails here, where it is caught
+            return code
+        except RequestFailed as exc:
+            print(f"{name}: {_refused_token(exc, mesh) or exc}", file=sys.stderr)
+            return 1
+        except (MeshError, OpsError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:  # `jobmesh job list | head -1`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # as a shell reports SIGPIPE
     return run
+
+
+def _refused_token(exc: RequestFailed, mesh: MeshInfo | None) -> str | None:
+    """A 401 in the CLI's words: which token file, for which API (the API's own hint tells
+    an HTTP client which header to send)."""
+    if exc.status != 401 or mesh is None:
+        return None
+    return (f"{exc.error}: the API at {mesh.api} refused the one in "
+            f"{mesh.state_dir.absolute() / TOKEN_FILE} (hint: is the mesh that answers there "
+            "the one of this state directory? `jobmesh up` writes both)")

@@ -41,3 +41,8 @@ class Bar:
     def finish(self, note: str = "") -> None:
         if self._bar is not None:
             self._bar.finish(note)
+
+
+def and_list(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(items) if len(items) < 3 else f"{', '.join(items[:-1])} and {items[-1]}"

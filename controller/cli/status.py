@@ -8,14 +8,13 @@ from jobmesh.errors import one_line
 
 from ..mesh import MeshInfo
 from .client import Client
-from .command import print_json
+from .formats import print_data
 from .output import WIDTH
 
 
 def status(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
     body = client.call("GET", "/v1/status")
-    if args.json:
-        print_json(body)
+    if print_data(body, args.output):
         return 0
     router = body["router"] or {"host": mesh.router_host, "port": mesh.router_port}
     print(f"mesh under {mesh.state_dir}")

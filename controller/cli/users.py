@@ -1,4 +1,9 @@
-"""``jobmesh user ...``, ``jobmesh grant`` and ``jobmesh revoke``: who may log in, to what."""
+"""``jobmesh user ...``, ``jobmesh grant`` and ``jobmesh revoke``: who may log in, to what.
+
+A password is generated (and shown once) unless ``--password-stdin`` gives it;
+the API keeps only its SCRAM verifier, so a lost one is replaced
+(``jobmesh user passwd``), never shown again.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,41 @@ import argparse
 import secrets
 import sys
 
-from ..mesh import MeshInfo
+from ..mesh import ADMIN_PASSWORD_FILE, MeshInfo
 from .client import Client
-from .command import OpsError, print_json, seg
+from .command import OpsError, seg
+from .formats import print_data
 from .output import table
 
 
+def new_password(args: argparse.Namespace) -> str:
+    """The password ``--password-stdin`` reads (its first line), else a generated one."""
+    if not args.password_stdin:
+        return secrets.token_urlsafe(18)
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise OpsError("no password on stdin")
+    return password
+
+
 def user_create(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise OpsError("no password on stdin")
-    else:
-        password = secrets.token_urlsafe(18)
+    password = new_password(args)
     client.call("POST", "/v1/users", body={"name": args.name, "password": password})
     print(f"created user {args.name}")
+    if not args.password_stdin:
+        print(f"password (shown once): {password}")
+    return 0
+
+
+def user_passwd(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
+    if args.name == mesh.admin_user:  # `jobmesh up` owns it (and sets it from the file)
+        where = mesh.state_dir.absolute() / ADMIN_PASSWORD_FILE
+        raise OpsError(f"the admin's password is the file {where}, which `jobmesh up` keeps "
+                       "(hint: to get a new one, stop `jobmesh up`, remove that file and "
+                       "start `jobmesh up` again: it makes a new password and shows it once)")
+    password = new_password(args)
+    client.call("PUT", f"/v1/users/{seg(args.name)}/password", body={"password": password})
+    print(f"changed the password of user {args.name}")
     if not args.password_stdin:
         print(f"password (shown once): {password}")
     return 0
@@ -34,8 +59,7 @@ def user_delete(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> in
 
 def user_list(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     users = client.call("GET", "/v1/users")["users"]
-    if args.json:
-        print_json(users)
+    if print_data(users, args.output):
         return 0
     rows = [("NAME", "ADMIN", "GRANTS")]
     rows += [(u["name"], "yes" if u["admin"] else "",

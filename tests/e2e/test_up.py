@@ -120,3 +120,74 @@ def test_no_process_of_the_mesh_has_a_secret_on_its_command_line(up: Up) -> None
             assert secret not in argv, f"{what} is on pid {pid}'s command line"
     mode = (up.state / "router-catalog-dsn").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+def test_an_export_imports_into_a_new_job_through_the_cli(up: Up, tmp_path: Path) -> None:
+    made = up.psql(up.admin_dsn(), "CREATE TABLE IF NOT EXISTS pages (id serial PRIMARY KEY,"
+                   " url text); INSERT INTO pages (url) SELECT 'u' || g"
+                   " FROM generate_series(1, 50) g; CREATE OR REPLACE VIEW n AS"
+                   " SELECT count(*) FROM pages")
+    assert made.returncode == 0, made.stderr
+    before = up.psql(up.admin_dsn(), "SELECT count(*) || ':' || max(id) FROM pages").stdout
+    dump = tmp_path / "demo.pgdump"
+    exported = up.cli("job", "export", "demo", "-o", str(dump), timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    imported = up.cli("job", "import", "demo-copy", str(dump), timeout=180)
+    assert imported.returncode == 0, imported.stderr
+    after = up.psql(up.admin_dsn("demo-copy"), "SELECT count(*) || ':' || max(id) FROM pages")
+    assert after.returncode == 0 and after.stdout == before, after.stderr
+    grown = up.psql(up.admin_dsn("demo-copy"), "INSERT INTO pages (url) VALUES ('x')"
+                    " RETURNING id")
+    assert grown.returncode == 0, grown.stderr
+    assert int(grown.stdout.split()[0]) > int(before.split(":")[1])  # the sequence went on
+
+
+def test_a_reader_pg_dumps_a_job_through_the_router_and_cannot_write(
+        up: Up, tmp_path: Path) -> None:
+    made = up.cli("user", "create", "analyst-e2e", "--password-stdin", stdin="reader-pw-1\n")
+    assert made.returncode == 0, made.stderr
+    granted = up.cli("grant", "analyst-e2e", "demo", "--read")
+    assert granted.returncode == 0, granted.stderr
+    up.psql(up.admin_dsn(), "CREATE TABLE IF NOT EXISTS serials (id serial, x int);"
+            " INSERT INTO serials (x) VALUES (1)")
+    dsn = f"postgresql://analyst-e2e:reader-pw-1@127.0.0.1:{up.port}/job_demo"
+    out = tmp_path / "by-reader.pgdump"
+    dumped = subprocess.run([str(bin_dir() / "pg_dump"), "-Fc", "-f", str(out), dsn],
+                            capture_output=True, text=True, timeout=120)
+    assert dumped.returncode == 0, dumped.stderr
+    assert out.stat().st_size > 0
+    for sql in ("INSERT INTO serials (x) VALUES (2)", "CREATE TEMP TABLE t (x int)",
+                "SELECT lo_create(0)", "SELECT nextval('serials_id_seq')"):
+        # A read-write transaction, so that only privileges stand in the way.
+        refused = up.psql(dsn, f"BEGIN READ WRITE; {sql}; COMMIT")
+        assert refused.returncode != 0 and "permission denied" in refused.stderr, sql
+
+
+def test_the_line_job_create_prints_connects_once_the_password_is_filled_in(up: Up) -> None:
+    made = up.cli("job", "create", "printed", timeout=120)
+    assert made.returncode == 0, made.stderr
+    line = next(ln for ln in made.stdout.splitlines() if ln.startswith("connect: psql "))
+    dsn = line.removeprefix("connect: psql ").strip('"')
+    assert "<password>" in dsn
+    password = (up.state / "admin-password").read_text().strip()
+    out = up.psql(dsn.replace("<password>", password), "SELECT current_database()")
+    assert out.returncode == 0 and out.stdout.strip() == "job_printed", out.stderr
+
+
+def test_jobmesh_psql_as_another_user_through_the_router(up: Up) -> None:
+    made = up.cli("user", "create", "psql-user", "--password-stdin", stdin="psql-pw-1\n")
+    assert made.returncode == 0, made.stderr
+    assert up.cli("grant", "psql-user", "demo", "--read").returncode == 0
+    env = {**os.environ, "JOBMESH_STATE_DIR": str(up.state), "PGPASSWORD": "psql-pw-1"}
+    ran = subprocess.run([sys.executable, "-m", "jobmesh", "psql", "demo", "--user", "psql-user",
+                          "-X", "-A", "-t", "-c", "SELECT current_user"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "job_reader"  # a read grant logs in as the job's reader
+    # The new password works; `user passwd` then replaces it.
+    changed = up.cli("user", "passwd", "psql-user", "--password-stdin", stdin="psql-pw-2\n")
+    assert changed.returncode == 0, changed.stderr
+    old = subprocess.run([sys.executable, "-m", "jobmesh", "psql", "demo", "--user",
+                          "psql-user", "-X", "-c", "SELECT 1"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert old.returncode != 0 and "password authentication failed" in old.stderr

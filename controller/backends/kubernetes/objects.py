@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from jobmesh import jobids
 from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
 
 from ..job_spec import archive_timeout
@@ -92,7 +93,7 @@ def job_key(job_id: str) -> str:
     """The job's part of Kubernetes names and of its label: the id itself when it is a
     valid DNS label, else a safe form with a hash of the id (job ids may hold ``_`` or
     end in ``-``, which names cannot), so two ids never share a key."""
-    if _DNS_LABEL.fullmatch(job_id) and len(job_id) <= 59:
+    if _DNS_LABEL.fullmatch(job_id) and len(job_id) <= jobids.MAX_LENGTH:
         return job_id
     safe = job_id.replace("_", "-")[:50].rstrip("-")
     return f"{safe}-{hashlib.sha256(job_id.encode()).hexdigest()[:8]}"

@@ -11,6 +11,7 @@ behaviour per test, sharing this module's fixtures; its helpers live in tests/su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -27,6 +28,7 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
+from jobmesh import jobids
 from jobmesh.agent.dump import parse_dump_header
 from jobmesh.agent.init import init_pgdata
 from jobmesh.agent.manifest import Manifest, dump_manifest_key
@@ -72,11 +74,9 @@ async def file_store(tmp_path: Path) -> AsyncIterator[Store]:
     await store.close()
 
 
-@pytest.fixture
-async def api(catalog: Catalog, file_store: Store, tmp_path: Path) -> AsyncIterator[Api]:
-    state = tmp_path / "state"
-    state.mkdir()
-    app = build_app(catalog, token=TOKEN, store=file_store, state_dir=state, router=ROUTER)
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, catalog: Catalog, state: Path) -> AsyncIterator[Api]:
+    """``app`` on a free loopback port until the block ends (however it ends)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -87,6 +87,17 @@ async def api(catalog: Catalog, file_store: Store, tmp_path: Path) -> AsyncItera
             yield Api(f"http://127.0.0.1:{port}", http, state, catalog)
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def api(catalog: Catalog, file_store: Store, tmp_path: Path) -> AsyncIterator[Api]:
+    """The API of a controller on the local backend, which enforces no cpu, memory or disk."""
+    state = tmp_path / "state"
+    state.mkdir()
+    app = build_app(catalog, token=TOKEN, store=file_store, state_dir=state, router=ROUTER,
+                    backend="local", enforced_limits=frozenset())
+    async with serving(app, catalog, state) as api:
+        yield api
 
 
 async def running_job(catalog: Catalog, job_id: str = "alpha", **where: Any) -> None:
@@ -171,6 +182,43 @@ async def test_bad_job_requests_are_400_with_a_hint(api: Api, payload: Any, text
 async def test_a_bad_job_id_in_the_path_is_a_400(api: Api) -> None:
     status, body = await api.call("GET", "/v1/jobs/Not_Valid")
     assert_error(status, body, 400, "bad job id")
+
+
+@pytest.mark.parametrize("job_id, why", [("Scrape-42", "ids are lowercase"),
+                                         ("a.b", "it contains '.'"),
+                                         ("x" * 60, "it is 60 characters long")])
+async def test_a_bad_job_id_says_what_is_wrong_and_the_hint_says_the_rule_once(
+        api: Api, job_id: str, why: str) -> None:
+    status, body = await api.call("POST", "/v1/jobs", json={"id": job_id})
+    assert (status, body) == (400, {"error": f"bad job id {job_id!r}: {why}",
+                                    "hint": jobids.RULE})
+    status, body = await api.call("GET", f"/v1/jobs/{job_id}")
+    assert (status, body) == (400, {"error": f"bad job id {job_id!r}: {why}",
+                                    "hint": jobids.RULE})
+
+
+async def test_create_and_show_warn_of_limits_the_backend_does_not_enforce(api: Api) -> None:
+    status, body = await api.call("POST", "/v1/jobs", json={
+        "id": "alpha", "spec": {"archive_timeout": 5, "cpu": "2", "memory": "1Gi"}})
+    warning = {"kind": "unenforced_limits", "backend": "local", "fields": ["memory", "cpu"],
+               "message": "the local backend does not enforce memory and cpu: the job runs "
+                          "without those limits"}
+    assert status == 201 and body["warnings"] == [warning], body
+    status, body = await api.call("GET", "/v1/jobs/alpha")
+    assert status == 200 and body["warnings"] == [warning]
+    status, body = await api.call("POST", "/v1/jobs", json={
+        "id": "beta", "spec": {"archive_timeout": 5}})
+    assert status == 201 and body["warnings"] == []
+
+
+async def test_a_backend_that_enforces_the_limits_gives_no_warning(
+        catalog: Catalog, tmp_path: Path) -> None:
+    app = build_app(catalog, token=TOKEN, backend="kubernetes",
+                    enforced_limits=frozenset({"cpu", "memory", "disk"}))
+    async with serving(app, catalog, tmp_path) as k8s:
+        status, body = await k8s.call("POST", "/v1/jobs", json={
+            "id": "alpha", "spec": {"cpu": "2", "memory": "1Gi", "disk": "10Gi"}})
+        assert status == 201 and body["warnings"] == [], body
 
 
 async def test_an_unknown_job_is_a_404(api: Api) -> None:
@@ -419,6 +467,39 @@ async def test_the_admin_cannot_be_deleted(api: Api) -> None:
     await api.catalog.create_principal("admin", "SCRAM-SHA-256$x", admin=True)
     status, body = await api.call("DELETE", "/v1/users/admin")
     assert_error(status, body, 409, "administrator")
+
+
+async def test_a_new_password_replaces_the_old_one_as_a_verifier(api: Api) -> None:
+    await api.call("POST", "/v1/users", json={"name": "ann", "password": "old"})
+    status, body = await api.call("PUT", "/v1/users/ann/password", json={"password": "new"})
+    assert (status, body) == (204, b"")
+    [row] = await api.catalog.principals("ann")
+    assert row.verifier.startswith("SCRAM-SHA-256$")
+    verifier = parse_verifier(row.verifier)
+    assert verifier.matches("new") and not verifier.matches("old")
+
+
+@pytest.mark.parametrize("name, payload, expected, text", [
+    ("nobody", {"password": "x"}, 404, "no user nobody"),
+    ("ann", {"password": ""}, 400, "'password'"),
+    ("ann", {"password": "x", "name": "bob"}, 400, "unknown field"),
+    ("no%20spaces", {"password": "x"}, 400, "bad user name"),
+])
+async def test_bad_password_changes(api: Api, name: str, payload: Any, expected: int,
+                                    text: str) -> None:
+    await api.call("POST", "/v1/users", json={"name": "ann", "password": "old"})
+    status, body = await api.call("PUT", f"/v1/users/{name}/password", json=payload)
+    assert_error(status, body, expected, text)
+    [row] = await api.catalog.principals("ann")
+    assert parse_verifier(row.verifier).matches("old")
+
+
+async def test_the_admins_password_is_not_changed_here_but_in_its_file(api: Api) -> None:
+    await api.catalog.create_principal("admin", "SCRAM-SHA-256$x", admin=True)
+    status, body = await api.call("PUT", "/v1/users/admin/password", json={"password": "x"})
+    assert_error(status, body, 409, f"its password is the file {api.state_dir}/admin-password")
+    assert "remove that file" in body["hint"] and "jobmesh up" in body["hint"]
+    assert (await api.catalog.principals("admin"))[0].verifier == "SCRAM-SHA-256$x"
 
 
 async def test_grant_and_revoke_round_trip(api: Api) -> None:

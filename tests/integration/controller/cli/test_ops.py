@@ -6,7 +6,8 @@ there with ``catalog.transition``, as the reconciler would (and marks a failure 
 gives up on with ``catalog.failed_attempt``).
 
 Over ~400 lines on purpose: a list of specifications of one component, one
-behaviour per test, sharing this module's fixtures.
+behaviour per test, sharing this module's fixtures (moving ``Mesh``, ``one_error_line``
+and ``fake_agent`` to tests/support would let it split by command).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
 
+from jobmesh import jobids
 from jobmesh.agent.dump import dump
 from jobmesh.agent.postgres import Instance, free_port
 from jobmesh.agent.store import Store, open_store
 from jobmesh.controller.api.app import build_app
 from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.cli.client import Client, RequestFailed
 from jobmesh.controller.mesh import MeshError, MeshInfo, ensure_secret, read_mesh, write_mesh
 from jobmesh.router.credentials import parse_verifier
 from tests.support.postgres import SUPERUSER_PASSWORD
@@ -116,7 +120,8 @@ async def mesh(catalog: Catalog, pg: Instance, tmp_path: Path) -> AsyncIterator[
     runners = []
     try:
         runner, port = await _serve(build_app(catalog, token=token, store=store,
-                                              state_dir=state))
+                                              state_dir=state, backend="local",
+                                              enforced_limits=frozenset()))
         runners.append(runner)
         agent, agent_port = await _serve(fake_agent(pg, store))
         runners.append(agent)
@@ -198,10 +203,41 @@ async def test_an_unreachable_api_is_one_line_with_a_hint(mesh: Mesh) -> None:
     one_error_line(r, "cannot reach the API", "hint:")
 
 
-async def test_a_wrong_token_is_one_line(mesh: Mesh) -> None:
+async def test_a_wrong_token_is_one_line_naming_the_token_file(mesh: Mesh) -> None:
     (mesh.state_dir / "api-token").write_text("not-the-token\n")
     r = await mesh.run("job", "list")
-    one_error_line(r, "missing or wrong API token")
+    line = one_error_line(r, "missing or wrong API token", "hint:",
+                          f"refused the one in {mesh.state_dir}/api-token")
+    assert "Authorization" not in line  # the API's words for an HTTP client
+
+
+async def test_a_request_the_api_does_not_know_is_said_to_be_a_version_mismatch(
+        mesh: Mesh) -> None:
+    info = read_mesh(mesh.state_dir)
+    with pytest.raises(RequestFailed) as exc:
+        await asyncio.to_thread(Client(info.api, info.token).call, "GET", "/v1/nothing")
+    assert str(exc.value) == (f"the API at {info.api} does not know this request (no endpoint "
+                              "/v1/nothing) (hint: is the controller older than this CLI? "
+                              "run the same jobmesh version for both)")
+
+
+async def test_output_into_a_closed_pipe_is_no_traceback(mesh: Mesh) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jobmesh", "status", "-o", "json", stdout=write_end,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ,
+                                                 "JOBMESH_STATE_DIR": str(mesh.state_dir)})
+    finally:
+        os.close(write_end)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, err.decode()) == (141, "")
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -228,8 +264,34 @@ async def test_job_create_waits_until_running(mesh: Mesh) -> None:
     await mesh.catalog.transition("alpha", "creating", "running", host="127.0.0.1", port=5999)
     r = await cli
     assert r.code == 0, r
-    assert r.out.splitlines()[0] == "job alpha: running"
-    assert "port=16432 dbname=job_alpha" in r.out
+    assert r.out.splitlines() == [
+        "job alpha: running",
+        'connect: psql "postgresql://admin:<password>@127.0.0.1:16432/job_alpha"',
+        f"         <password>: the admin's, in {mesh.state_dir}/admin-password; "
+        "or: jobmesh psql alpha"]
+    assert r.err == ""  # nothing asked for that the backend ignores
+
+
+async def test_job_show_has_the_same_connect_line(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    r = await mesh.run("job", "show", "alpha")
+    assert r.code == 0, r
+    assert ('  connect:     psql "postgresql://admin:<password>@127.0.0.1:16432/job_alpha"\n'
+            f"               <password>: the admin's, in {mesh.state_dir}/admin-password; "
+            "or: jobmesh psql alpha\n") in r.out
+
+
+async def test_limits_the_local_backend_does_not_enforce_are_a_warning(mesh: Mesh) -> None:
+    r = await mesh.run("job", "create", "alpha", "--memory", "1Gi", "--cpu", "2", "--no-wait")
+    assert (r.code, r.out.strip()) == (0, "job alpha: creating"), r
+    assert r.err.splitlines() == ["warning: the local backend does not enforce --memory and "
+                                  "--cpu (the job runs without those limits)"]
+    r = await mesh.run("job", "create", "beta", "--disk", "1Gi", "--no-wait")
+    assert r.err.splitlines() == ["warning: the local backend does not enforce --disk (the "
+                                  "job runs without that limit)"]
+    r = await mesh.run("job", "show", "alpha")
+    assert ("  warning:     the local backend does not enforce --memory and --cpu (the job "
+            "runs without those limits)\n") in r.out
 
 
 async def test_job_pause_waits_until_paused(mesh: Mesh) -> None:
@@ -473,3 +535,198 @@ async def test_psql_runs_psql_through_the_router_as_the_admin(mesh: Mesh,
     assert r.code == 0, r
     password = (mesh.state_dir / "admin-password").read_text().strip()
     assert r.out.strip() == f"127.0.0.1 16432 admin job_alpha {password} -c select 1"
+
+
+async def test_psql_as_another_user_leaves_the_password_to_psql(mesh: Mesh, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "psql"
+    fake.write_text('#!/bin/sh\necho "$PGUSER $PGDATABASE ${PGPASSWORD-unset} $*"\n')
+    fake.chmod(0o755)
+    path = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for args in (["psql", "alpha", "--user", "ann", "-c", "select 1"],
+                 ["psql", "--user", "ann", "alpha", "-c", "select 1"],
+                 ["psql", "alpha", "--user=ann", "-c", "select 1"]):
+        r = await mesh.run(*args, env=path)
+        assert (r.code, r.out.strip()) == (0, "ann job_alpha unset -c select 1"), (args, r)
+    r = await mesh.run("psql", "alpha", "-c", "select 1", "--user", "x", env=path)
+    password = (mesh.state_dir / "admin-password").read_text().strip()
+    assert r.out.strip() == f"admin job_alpha {password} -c select 1 --user x"  # psql's own
+    r = await mesh.run("psql", "alpha", "--user", env=path)
+    assert r.code == 2 and "--user" in r.err and "Traceback" not in r.err
+
+
+# --- one rule for job ids ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id, why", [("Scrape-42", "ids are lowercase"),
+                                         ("x" * 60, "it is 60 characters long"),
+                                         ("a.b", "it contains '.'")])
+async def test_a_bad_job_id_is_the_rule_in_one_line_before_any_request(
+        mesh: Mesh, tmp_path: Path, job_id: str, why: str) -> None:
+    write_mesh(mesh.state_dir, f"http://127.0.0.1:{free_port()}", "127.0.0.1", 16432, "admin")
+    dump_file = tmp_path / "in.pgdump"
+    dump_file.write_bytes(b"PGDMP" + bytes(100))
+    for args in (["job", "create", job_id], ["job", "show", job_id],
+                 ["job", "pause", job_id], ["job", "delete", job_id],
+                 ["job", "export", job_id], ["job", "import", job_id, str(dump_file)],
+                 ["psql", job_id]):
+        r = await mesh.run(*args)
+        line = one_error_line(r, f": bad job id {job_id!r}: {why}; {jobids.RULE}")
+        assert line.count("1-59") == 1 and "'id'" not in line and "{" not in line, line
+    assert list(mesh.cwd.iterdir()) == []
+
+
+# --- passwords -----------------------------------------------------------------------------------
+
+
+async def test_user_passwd_shows_a_new_password_once_and_only_it_verifies(mesh: Mesh) -> None:
+    await mesh.run("user", "create", "ann", "--password-stdin", stdin=b"old-one\n")
+    r = await mesh.run("user", "passwd", "ann")
+    assert r.code == 0, r
+    first, second = r.out.splitlines()
+    assert first == "changed the password of user ann"
+    password = second.removeprefix("password (shown once): ")
+    assert password != second and len(password) >= 16
+    [row] = await mesh.catalog.principals("ann")
+    verifier = parse_verifier(row.verifier)
+    assert verifier.matches(password) and not verifier.matches("old-one")
+
+
+async def test_user_passwd_with_password_stdin(mesh: Mesh) -> None:
+    await mesh.run("user", "create", "ann")
+    r = await mesh.run("user", "passwd", "ann", "--password-stdin", stdin=b"hunter2\n")
+    assert (r.code, r.out.strip()) == (0, "changed the password of user ann"), r
+    [row] = await mesh.catalog.principals("ann")
+    assert parse_verifier(row.verifier).matches("hunter2")
+    r = await mesh.run("user", "passwd", "ann", "--password-stdin", stdin=b"")
+    one_error_line(r, "jobmesh user passwd: no password on stdin")
+
+
+async def test_user_passwd_of_the_admin_says_where_its_password_is(mesh: Mesh) -> None:
+    r = await mesh.run("user", "passwd", "admin")
+    one_error_line(r, "jobmesh user passwd: the admin's password is the file "
+                      f"{mesh.state_dir}/admin-password", "remove that file",
+                   "start `jobmesh up` again")
+
+
+async def test_user_passwd_of_an_unknown_user_is_one_line(mesh: Mesh) -> None:
+    r = await mesh.run("user", "passwd", "nobody")
+    line = one_error_line(r, "jobmesh user passwd: no user nobody", "jobmesh user list")
+    assert "/v1/" not in line
+
+
+# --- output formats ------------------------------------------------------------------------------
+
+
+async def test_o_json_and_o_yaml_are_the_same_answer_as_json(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha", {"memory": "1Gi"})
+    await mesh.run("user", "create", "ann")
+    for command in (["job", "list"], ["job", "show", "alpha"], ["user", "list"], ["status"]):
+        legacy = await mesh.run(*command, "--json")
+        as_json = await mesh.run(*command, "-o", "json")
+        as_yaml = await mesh.run(*command, "-o", "yaml")
+        assert legacy.code == as_json.code == as_yaml.code == 0, (legacy, as_json, as_yaml)
+        body = json.loads(legacy.out)
+        assert json.loads(as_json.out) == body and body
+        assert yaml.safe_load(as_yaml.out) == body, as_yaml.out
+    assert json.loads((await mesh.run("job", "show", "alpha", "-o", "json")).out)[
+        "warnings"][0]["fields"] == ["memory"]
+
+
+async def test_job_list_o_wide_has_more_columns(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha", {"cpu": "2"})
+    r = await mesh.run("job", "list", "-o", "wide")
+    assert r.code == 0, r
+    header, row = r.out.splitlines()
+    assert header.split() == ["ID", "STATE", "DESIRED", "ADDRESS", "LAST", "ACTIVE",
+                              "ATTEMPTS", "CREATED", "AGENT", "SPEC", "ERROR"]
+    assert '{"cpu": "2"}' in row
+
+
+async def test_a_bad_output_format_is_a_usage_error(mesh: Mesh) -> None:
+    for command in (["job", "list"], ["job", "show", "alpha"], ["user", "list"], ["status"]):
+        r = await mesh.run(*command, "-o", "xml")
+        assert r.code == 2 and "invalid choice: 'xml'" in r.err, r
+        assert "Traceback" not in r.err
+
+
+# --- export and import paths ---------------------------------------------------------------------
+
+
+async def _running_with_agent(mesh: Mesh) -> None:
+    await mesh.catalog.create_job("alpha")
+    await mesh.catalog.transition("alpha", "creating", "running", agent_url=mesh.agent_url)
+
+
+async def test_export_into_a_directory_and_over_a_file_only_with_force(mesh: Mesh,
+                                                                       tmp_path: Path) -> None:
+    await _running_with_agent(mesh)
+    out_dir = tmp_path / "dumps"
+    out_dir.mkdir()
+    r = await mesh.run("job", "export", "alpha", "-o", f"{out_dir}/")
+    assert r.code == 0, r
+    out = out_dir / "alpha.pgdump"
+    assert out.read_bytes().startswith(b"PGDMP") and f"to {out} " in r.out
+    out.write_bytes(b"mine")
+    r = await mesh.run("job", "export", "alpha", "-o", str(out_dir))  # a directory: no '/'
+    one_error_line(r, f"jobmesh job export: {out} exists", "--force")
+    assert out.read_bytes() == b"mine"
+    r = await mesh.run("job", "export", "alpha", "-o", str(out), "--force")
+    assert r.code == 0, r
+    assert out.read_bytes().startswith(b"PGDMP")
+    assert list(out_dir.iterdir()) == [out]  # no .partial left
+
+
+@pytest.mark.parametrize("output, fragments", [
+    ("/", ["no job nope"]),
+    ("", ["-o names no file", "-o DIR/"]),
+    ("/nonexistent/dir/f", ["cannot write /nonexistent/dir/f",
+                            "there is no directory /nonexistent/dir"]),
+    ("{tmp}/missing/", ["cannot write {tmp}/missing/", "there is no directory {tmp}/missing"]),
+    ("{tmp}/a-file/f", ["cannot write {tmp}/a-file/f", "{tmp}/a-file is not a directory"]),
+])
+async def test_export_to_odd_paths_is_one_line_without_python_words(
+        mesh: Mesh, tmp_path: Path, output: str, fragments: list[str]) -> None:
+    (tmp_path / "a-file").write_text("x")
+    r = await mesh.run("job", "export", "nope", "-o", output.format(tmp=tmp_path))
+    line = one_error_line(r, *(f.format(tmp=tmp_path) for f in fragments))
+    assert "Path(" not in line and "Errno" not in line, line
+    assert _left_behind(tmp_path) == []
+
+
+def _left_behind(tmp_path: Path) -> list[Path]:
+    """What a failed export left: a .partial in / (for -o /), anything new in tmp_path."""
+    made = {"a-file", "cwd", "state", "store"}
+    return [*Path("/").glob(".nope.pgdump.*.partial"),
+            *(p for p in tmp_path.iterdir() if p.name not in made)]
+
+
+def _unreadable(tmp_path: Path) -> Path:
+    """A file that cannot be opened for reading, even by root (who ignores mode 000)."""
+    path = tmp_path / "locked.pgdump"
+    path.write_bytes(b"PGDMP")
+    path.chmod(0)
+    if not os.access(path, os.R_OK):
+        return path
+    sysctl = Path("/proc/sys/vm/compact_memory")  # write-only, for root too
+    if sysctl.exists() and not os.access(sysctl, os.R_OK):
+        return sysctl
+    pytest.skip("no file here that root cannot read")
+
+
+async def test_import_of_odd_files_is_one_line_without_python_words(mesh: Mesh,
+                                                                     tmp_path: Path) -> None:
+    cases = [(str(tmp_path), "Is a directory"),
+             (str(tmp_path / "missing"), "No such file or directory"),
+             (str(_unreadable(tmp_path)), "Permission denied"),
+             ("/proc/self/mem", "Input/output error"),  # opens, then the read fails
+             ("/dev/null", "not a regular file"),
+             ("", "no file to import")]
+    for path, fragment in cases:
+        r = await mesh.run("job", "import", "beta", path)
+        line = one_error_line(r, "jobmesh job import: ", fragment)
+        assert "Path(" not in line and "Errno" not in line, line
+    assert await mesh.catalog.job("beta") is None
