@@ -161,10 +161,14 @@ async def test_an_evicted_job_pod_is_replaced_and_recovered(kube: KubeMesh) -> N
     kube.start_controller()
     kube.mesh.start_router()
     await kube.mesh.add_user("alice", PW, alpha="write")
-    await kube.mesh.create_job("alpha")
+    job = await kube.mesh.create_job("alpha", archive_timeout=1)
     dsn = kube.mesh.dsn("alpha", "alice", PW)
     psql(dsn, "CREATE TABLE t AS SELECT 42 AS x")
     await kube.mesh.wait_for_base_backup("alpha")
+    # The first base backup may have begun before the table: its WAL must be in the store
+    # (what a job loses at most is the last archive_timeout, and this test is not about that).
+    assert job.agent_url is not None
+    await wait_until_archived(job.agent_url)
     old = kube.pod("alpha")
 
     await asyncio.to_thread(kube.kubelet.fail_pod, "job-alpha")  # stays there, Failed

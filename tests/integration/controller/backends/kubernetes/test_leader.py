@@ -117,11 +117,13 @@ async def test_a_leader_that_stops_cleanly_hands_over_at_once(
     b = Candidate(elector(api, "b"))
     candidates.append(b)
     await asyncio.sleep(0.5)
-    stopped = time.monotonic()
     await a.close()
     assert a.result is True  # it held the lease until told to stop
+    # At once: the lease was given back on the way out (no holder, or b took it already),
+    # so b takes it at its next try instead of waiting for it to expire. (Not timed: how
+    # soon b's next try comes is the machine's business.)
+    assert holder(emulator) in ("", "b")
     await asyncio.wait_for(b.leading.wait(), DURATION)
-    assert time.monotonic() - stopped < DURATION / 3 + 1  # its next try, not an expiry
     assert holder(emulator) == "b"
 
 

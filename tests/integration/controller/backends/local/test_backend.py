@@ -45,6 +45,8 @@ from jobmesh.controller.backends.local.warm_cache import Entry, evictions
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
 from jobmesh.controller.core.backend import BackendError, Started
+from tests.support.local_jobs import MakeJob, making_jobs
+from tests.support.mesh import pids_mentioning
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(180)
@@ -95,29 +97,12 @@ async def spare_copies_finished(root: Path) -> None:
                 timeout=60)
 
 
-MakeJob = Callable[..., Awaitable[Job]]
-
-
 @pytest.fixture
 async def new_job(backend: LocalBackend, catalog: Catalog) -> AsyncIterator[MakeJob]:
-    """Makes catalog jobs; afterwards each is deleted from the backend, and whatever of it
-    still runs is killed."""
-    made: list[Job] = []
+    """Makes catalog jobs; afterwards each is deleted and whatever of it runs is killed."""
+    async with making_jobs(backend, catalog, "t") as make:
+        yield make
 
-    async def make(spec: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
-        job = await catalog.create_job(job_id or f"t-{os.urandom(3).hex()}", spec)
-        made.append(job)
-        return job
-
-    yield make
-    for job in made:
-        with contextlib.suppress(BackendError):
-            await backend.delete(job)
-        jd = JobDir(backend.root, job.id)
-        await kill_leftovers(jd.pgdata)
-        for pid in _processes_mentioning(str(jd.path)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 MakeBackend = Callable[..., Awaitable[LocalBackend]]
@@ -144,7 +129,7 @@ async def other_backend(pg_root: Path, store_url: str, new_job: MakeJob
         with contextlib.suppress(FileNotFoundError):
             for jd in [JobDir(b.root, e.name) for e in (b.root / "jobs").iterdir()]:
                 await kill_leftovers(jd.pgdata)
-        for pid in _processes_mentioning(str(b.root) + "/"):
+        for pid in pids_mentioning(str(b.root) + "/"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await b.close()
@@ -153,19 +138,9 @@ async def other_backend(pg_root: Path, store_url: str, new_job: MakeJob
             await asyncio.to_thread(shutil.rmtree, b.root / d, True)
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text.encode() in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
-    return found
-
-
 def _agents_of(jd: JobDir) -> list[int]:
     found = []
-    for pid in _processes_mentioning(str(jd.pgdata)):
+    for pid in pids_mentioning(str(jd.pgdata)):
         with contextlib.suppress(OSError):
             if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
                 found.append(pid)

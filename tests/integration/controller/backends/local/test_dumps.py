@@ -15,13 +15,10 @@ are test_backend.py's, copied: they want a home in tests/support).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -31,13 +28,14 @@ from jobmesh.agent.manifest import Manifest, job_prefix
 from jobmesh.agent.postgres import Instance, bin_dir
 from jobmesh.controller.backends.job_database import connect, restore_list
 from jobmesh.controller.backends.local.backend import LocalBackend
-from jobmesh.controller.backends.local.process import JobDir, kill_leftovers, postmaster
+from jobmesh.controller.backends.local.process import JobDir, postmaster
 from jobmesh.controller.backends.local.sidecar import read_agent, wait_listening
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
-from jobmesh.controller.core.backend import BackendError, PermanentError, Started
+from jobmesh.controller.core.backend import PermanentError, Started
+from tests.support.local_jobs import MakeJob, making_jobs
+from tests.support.mesh import pids_mentioning
 from tests.support.template_store import seed_store
-from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,39 +67,12 @@ async def backend(dumps_root: Path, dumps_store_url: str) -> AsyncIterator[Local
     await b.close()
 
 
-MakeJob = Callable[..., Awaitable[Job]]
-
-
 @pytest.fixture
 async def new_job(backend: LocalBackend, catalog: Catalog) -> AsyncIterator[MakeJob]:
-    """Makes catalog jobs; afterwards each is deleted from the backend, and whatever of it
-    still runs is killed."""
-    made: list[Job] = []
+    """Makes catalog jobs; afterwards each is deleted and whatever of it runs is killed."""
+    async with making_jobs(backend, catalog, "d") as make:
+        yield make
 
-    async def make(spec: dict[str, Any] | None = None) -> Job:
-        job = await catalog.create_job(f"d-{os.urandom(3).hex()}", spec)
-        made.append(job)
-        return job
-
-    yield make
-    for job in made:
-        with contextlib.suppress(BackendError):
-            await backend.delete(job)
-        jd = JobDir(backend.root, job.id)
-        await kill_leftovers(jd.pgdata)
-        for pid in _processes_mentioning(str(jd.path)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text.encode() in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
-    return found
 
 
 ScratchDb = Callable[[], str]
@@ -335,23 +306,11 @@ async def test_a_dump_that_needs_a_superuser_fails_in_one_line_and_runs_nothing(
     assert "\n" not in message and message.startswith(f"cannot import {path} into job {job.id}")
     assert "permission denied for language c" in message or "external program" in message
     assert not marker.exists()
-    su = await asyncpg.connect(host=str(JobDir(backend.root, job.id).run),
-                               port=await _port(backend, job), user="postgres",
-                               database=job.database)
-    try:  # nothing was loaded, and the owner gained nothing
-        assert await su.fetchval(
-            "SELECT count(*) FROM pg_class WHERE relname IN ('sink', 't', 'mv')") == 0
-        assert await su.fetchval(
-            "SELECT count(*) FROM pg_proc WHERE proname IN ('f', 'touch', 'same')") == 0
-        assert await su.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = 'job_owner'"
-                                 ) is False
-    finally:
-        await su.close()
-
-
-async def _port(backend: LocalBackend, job: Job) -> int:
-    pm = await until(lambda: postmaster(JobDir(backend.root, job.id)), "the job's postmaster")
-    return pm.port
+    # Given up on: its PostgreSQL is freed at once, and nothing of the attempt is kept
+    # (the restore was one transaction, and a retry starts from the template again).
+    jd = JobDir(backend.root, job.id)
+    assert postmaster(jd) is None and not jd.path.exists()
+    assert pids_mentioning(str(jd.path)) == []
 
 
 async def test_a_file_that_is_not_a_dump_fails_at_once_as_permanent(backend, new_job,
