@@ -114,6 +114,7 @@ class CatalogRoutes:
         self._config_error: Exception | None = None
         self._task: asyncio.Task[None] | None = None
         self._nudges: dict[str, asyncio.Task[None]] = {}
+        self._reports: dict[str, asyncio.Task[None]] = {}
         self._wakes = Wakes(self._request_wake, metrics, wake_timeout)
 
     @classmethod
@@ -196,6 +197,23 @@ class CatalogRoutes:
 
     async def touch(self, job_ids: list[str]) -> None:
         await self._catalog.touch(job_ids)
+
+    def unreachable(self, job_id: str) -> bool:
+        """Tell the controller (NOTIFY) so its health check looks at the job now rather
+        than at its next round; one report in flight per job."""
+        if job_id not in self._reports:
+            async def report() -> None:
+                try:
+                    async with asyncio.timeout(QUERY_TIMEOUT):
+                        await self._catalog.report_unreachable(job_id)
+                except CATALOG_ERRORS as exc:  # the health check finds it all the same
+                    log.warning("catalog: cannot report job %s unreachable: %s", job_id,
+                                one_line(exc))
+                finally:
+                    del self._reports[job_id]
+
+            self._reports[job_id] = asyncio.get_running_loop().create_task(report())
+        return True
 
     # --- following the catalog -----------------------------------------------------------
 

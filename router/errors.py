@@ -72,6 +72,26 @@ def unreachable(job_id: str, detail: str) -> ClientError:
     )
 
 
+class NotAnswering(Exception):
+    """The job's PostgreSQL is not there right now (connection refused or reset, or it
+    answered 57P03: starting up, in crash recovery, shutting down): a client may be held
+    until it is back. ``error`` is what the client gets if it is not."""
+
+    def __init__(self, error: ClientError, detail: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.detail = detail
+
+
+def not_back(job_id: str, seconds: float, detail: str) -> ClientError:
+    return ClientError(
+        "57P03",
+        f'job "{job_id}" is not reachable: {detail}, and it was not back within {seconds:g} s',
+        "The controller restarts a job whose PostgreSQL died; see `jobmesh job show` for "
+        "why it is not back yet.",
+    )
+
+
 def shutting_down() -> ClientError:
     return ClientError(
         "57P01",

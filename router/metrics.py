@@ -63,6 +63,11 @@ class RouterMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
             registry=self.registry,
         )
+        self.clients_held = Counter(
+            "jobmesh_router_clients_held_total",
+            "Clients held because their running job's PostgreSQL did not answer (a crash)",
+            registry=self.registry,
+        )
         self.clients_waiting = Gauge(
             "jobmesh_router_clients_waiting",
             "Authenticated clients waiting for their job to wake",

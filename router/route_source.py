@@ -61,3 +61,8 @@ class RouteSource(Protocol):
     async def wake(self, job_id: str, access: Access, notice: Notice) -> JobRoute:
         """Wake the job (once, however many clients wait) and return its route when it runs."""
         ...
+
+    def unreachable(self, job_id: str) -> bool:
+        """The job's route did not answer: have it looked at now (in the background).
+        True when someone will bring it back, so that its clients are worth holding."""
+        ...

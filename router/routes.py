@@ -109,6 +109,9 @@ class RouteTable:
         # route() answers for every job the file names, so nothing is ever woken.
         raise errors.unknown_job(job_id)
 
+    def unreachable(self, job_id: str) -> bool:
+        return False  # nobody restarts a route file's servers: the client is told at once
+
 
 def job_id_from_database(database: str) -> str | None:
     """``job_<id>`` -> ``<id>``; None when the name is not of that form."""

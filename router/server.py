@@ -6,7 +6,7 @@ is the route source's business (``route_source``); holding a client while
 its job wakes is ``hold``'s. This module only moves bytes between them and
 sockets and keeps the books (sessions, limits, cancel keys, activity).
 
-At ~410 lines it is over the usual ~400 on purpose: it is one connection's
+At ~450 lines it is over the usual ~400 on purpose: it is one connection's
 path from accept to splice, read top to bottom; the parts that are ideas of
 their own (handshakes, splice, slots, cancel, hold, shutdown) already live
 in their own modules.
@@ -57,6 +57,9 @@ from .splice import Pipe, splice
 from .startup import Startup, read_startup
 
 log = logging.getLogger(__name__)
+
+# A held client's backend is tried again after this long, doubling up to the second, s.
+HOLD_RETRY = (0.05, 0.5)
 
 
 class Router:
@@ -209,17 +212,61 @@ class Router:
         inbox.write(pg.auth_ok())
         spliced = False
         try:
+            spliced = await self._reach(
+                inbox, job_id, access, route, user, request.forwarded, pipelined, slot
+            )
+        finally:
+            if not spliced and slot is not None:
+                self.slots.release(slot)
+
+    async def _reach(
+        self,
+        inbox: Inbox,
+        job_id: str,
+        access: Access,
+        route: JobRoute | None,
+        user: str,
+        params: dict[str, str],
+        pipelined: bytes,
+        slot: object | None,
+    ) -> bool:
+        """Log in to the job's backend, waking the job first if it is not running.
+
+        A backend that is not there (its PostgreSQL died, or is in crash recovery)
+        holds the client as a wake does, when the route source has someone to bring
+        it back (the catalog's controller, told at once): until it answers, its row
+        says it is recovering (then this is a wake), or --wake-timeout passes.
+        """
+        loop = asyncio.get_running_loop()
+        held_until: float | None = None
+        delay = HOLD_RETRY[0]
+        while True:
             if route is None:
                 route, more = await self._wait_for_wake(inbox, job_id, access)
                 pipelined += more
             assert inbox.transport is not None
             inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
-            spliced = await self._connect_backend(
-                inbox, route, user, request.forwarded, pipelined, slot
-            )
-        finally:
-            if not spliced and slot is not None:
-                self.slots.release(slot)
+            try:
+                return await self._connect_backend(inbox, route, user, params, pipelined, slot)
+            except errors.NotAnswering as exc:
+                now = loop.time()
+                if held_until is None:
+                    if not self.routes.unreachable(job_id):
+                        raise exc.error from exc
+                    held_until = now + self.config.wake_timeout
+                    self.metrics.clients_held.inc()
+                    log.info("job %s is not answering (%s): holding a client until it is "
+                             "back", job_id, exc.detail)
+                    inbox.write(pg.notice_response(
+                        f"job_{job_id} is not answering ({exc.detail}): waiting for it to "
+                        "come back"))
+                elif now >= held_until:
+                    raise errors.not_back(job_id, self.config.wake_timeout, exc.detail) from exc
+            inbox.transport.resume_reading()
+            _, more = await hold(inbox, asyncio.sleep(delay))
+            pipelined += more
+            delay = min(delay * 2, HOLD_RETRY[1])
+            route = self.routes.route(job_id, access)  # moved, or no longer running: a wake
 
     async def _wait_for_wake(
         self, inbox: Inbox, job_id: str, access: Access
@@ -332,8 +379,12 @@ class Router:
             self.metrics.backend_connect.observe(loop.time() - started)
             spliced = self._splice(inbox, backend, job, user, ready, key, pipelined, slot)
             return spliced
-        except (OSError, ConnectionClosed) as exc:
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionClosed) as exc:
             detail = getattr(exc, "strerror", None) or "connection closed during login"
+            where = f"{job.host}:{job.port}: {detail}"
+            raise errors.NotAnswering(errors.unreachable(job.job_id, where), detail) from exc
+        except OSError as exc:
+            detail = exc.strerror or str(exc)
             raise errors.unreachable(job.job_id, f"{job.host}:{job.port}: {detail}") from exc
         except TimeoutError as exc:
             raise errors.unreachable(job.job_id, "timed out logging in") from exc
@@ -359,7 +410,12 @@ class Router:
             elif isinstance(event, KeyData):
                 key = event
             elif isinstance(event, BackendError):
-                self.metrics.errors.labels(event.fields.get("C", "XX000")).inc()
+                code = event.fields.get("C", "XX000")
+                if code == "57P03":  # starting up, in recovery, shutting down: not there yet
+                    message = event.fields.get("M", "cannot connect now")
+                    error = ClientError(code, message, event.fields.get("H"))
+                    raise errors.NotAnswering(error, message)
+                self.metrics.errors.labels(code).inc()
                 inbox.write(event.raw)
                 return None, key
             else:

@@ -6,7 +6,9 @@ transaction, so two controllers (or a controller and its own restarted
 self) never both apply a transition. Triggers announce changes with
 ``NOTIFY`` on two channels: ``jobmesh_jobs`` (payload: the job id) and
 ``jobmesh_principals`` (payload: the principal's name); routers and the
-controller ``LISTEN`` and re-read.
+controller ``LISTEN`` and re-read. A router that finds a running job's
+PostgreSQL not answering says so on ``jobmesh_check``, so that the
+controller's health check looks at the job at once.
 
 Routers use the catalog package too (an import contract: the router imports
 ``jobmesh.controller.catalog`` and nothing else of the controller), so it
@@ -27,6 +29,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from . import schema
 from .models import (
+    CHECK_CHANNEL,
     CatalogError,
     Conflict,
     Event,
@@ -218,6 +221,10 @@ class Catalog:
 
     async def set_progress(self, job_id: str, text: str | None) -> None:
         await self.pool.execute("UPDATE jobs SET progress = $2 WHERE id = $1", job_id, text)
+
+    async def report_unreachable(self, job_id: str) -> None:
+        """A router could not reach the job's PostgreSQL: the controller checks it now."""
+        await self.pool.execute("SELECT pg_notify($1, $2)", CHECK_CHANNEL, job_id)
 
     async def touch(self, job_ids: Iterable[str]) -> None:
         """Routers: these jobs had client sessions just now (idle pause reads it)."""

@@ -21,6 +21,8 @@ from .states import ACCESS, Access, DesiredState, JobState
 # names one row: a job's id, a principal's name.
 JOBS_CHANNEL = "jobmesh_jobs"
 PRINCIPALS_CHANNEL = "jobmesh_principals"
+# A router found a running job's PostgreSQL not answering (payload: the job id).
+CHECK_CHANNEL = "jobmesh_check"
 
 JOB_ID = jobids.JOB_ID  # the one rule (jobmesh/jobids.py); the backends scan with it
 PRINCIPAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}")

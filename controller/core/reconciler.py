@@ -29,7 +29,7 @@ import asyncpg
 from jobmesh import defaults
 
 from ..catalog.db import Catalog
-from ..catalog.models import JOBS_CHANNEL, Job
+from ..catalog.models import CHECK_CHANNEL, JOBS_CHANNEL, Job
 from ..catalog.states import JobState
 from . import lifecycle
 from .backend import Backend, PermanentError, Started, Stopped
@@ -97,7 +97,9 @@ class Reconciler:
             log.warning("lost the catalog LISTEN connection; resyncing")
             self._listener = None
             self._resync.set()
-        self._listener = await self.catalog.listen({JOBS_CHANNEL: self.kick}, on_lost=lost)
+        # A router's report that a job does not answer: the same look as the health check's.
+        self._listener = await self.catalog.listen({JOBS_CHANNEL: self.kick,
+                                                    CHECK_CHANNEL: self.kick}, on_lost=lost)
 
     async def _stop_orphans(self) -> None:
         known = {j.id for j in await self.catalog.jobs()}

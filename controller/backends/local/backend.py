@@ -8,9 +8,12 @@ snapshot it, and only once the agent answered with the stored manifest
 moves the local copy into the warm cache (``warm_cache.py``), or deletes
 it; a resume starts a cached copy that still equals the store's newest
 state instead of restoring. A recovery after a crash ships what WAL the
-spool still holds, discards the local remains and restores from the store,
-never from the cache (so the store, not the local disk, is what a job's
-durability rests on).
+A recovery after a crash starts the job again on its own PGDATA when that is
+whole (``in_place.py``): PostgreSQL's crash recovery replays its local WAL
+and no acknowledged commit is lost. Only when the local data is gone, not
+known to be whole, or does not start (then it is kept aside) does a
+recovery ship what WAL the spool still holds, discard the local remains and
+restore from the store, never from the cache.
 
 Every method is idempotent and holds a per-job lock (``job_lock.py``), so a
 reconciler that retries, or runs two steps for one job at once, never
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.manifest import ManifestError
@@ -50,6 +54,7 @@ from ..job_store import (
     stored_pause,
 )
 from ..step_report import Laps, Relay, mb
+from .in_place import FAILED_COPIES_BYTES, CrashLoop, FailedCopies, whole
 from .instance import HOST, Instances
 from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
 from .sidecar import agent_running, read_agent, ship_last_wal, stop_agent
@@ -72,7 +77,8 @@ class LocalBackend:
                  archive_timeout: int = ARCHIVE_TIMEOUT,
                  base_backup_interval: float = BASE_BACKUP_INTERVAL,
                  python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
-                 pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30) -> None:
+                 pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30,
+                 failed_copies_bytes: int = FAILED_COPIES_BYTES) -> None:
         self.root = Path(root).absolute()
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
@@ -89,6 +95,8 @@ class LocalBackend:
             archive_timeout=archive_timeout, base_backup_interval=base_backup_interval,
             python=python, start_timeout=start_timeout, pause_timeout=pause_timeout)
         self.locks = JobLocks(EXPECTED_ERRORS, log)
+        self.crash_loop = CrashLoop()
+        self.failed_copies = FailedCopies(self.root / "failed", failed_copies_bytes)
         self._closed = False
 
     # --- Backend ------------------------------------------------------------------------
@@ -151,6 +159,14 @@ class LocalBackend:
             if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
             await self.warm_cache.drop(job.id)  # never used here; stale once the job runs
+            if await asyncio.to_thread(whole, jd):
+                if self.crash_loop.allow(job.id):
+                    if (started := await self._in_place(job, jd, progress)) is not None:
+                        return started
+                else:
+                    log.warning("job %s crashed %d times within %g s on its own data: "
+                                "restoring it from the store", job.id, self.crash_loop.limit,
+                                self.crash_loop.window)
             await ship_last_wal(jd, self.store, progress, timeout=SHIP_WAIT)
             if await latest_snapshot(self.store, job.id) is None and await asyncio.to_thread(
                     (jd.pgdata / "PG_VERSION").exists):
@@ -162,6 +178,26 @@ class LocalBackend:
                 return Started(HOST, port, info.url, detail={"in_place": True})
             await self.instances.discard(jd)
             return await self._restore(job, jd, progress, "recover")
+
+    async def _in_place(self, job: Job, jd: JobDir, progress: Progress) -> Started | None:
+        """Start the crashed job again on its own PGDATA; None when that fails (the copy is
+        then kept aside, and the caller restores from the store)."""
+        laps = Laps()
+        await progress("restarting PostgreSQL on its own data (crash recovery)")
+        try:
+            await asyncio.to_thread(prepare, jd)
+            port, info = await self.instances.restart(job, jd, laps=laps)
+        except (*EXPECTED_ERRORS, BackendError, asyncpg.PostgresError) as exc:
+            await stop_postgres(jd, "immediate")
+            kept = await asyncio.to_thread(self.failed_copies.keep, jd)
+            log.warning("job %s does not start on its own data (%s): restoring it from the "
+                        "store%s", job.id, one_line(exc),
+                        f"; the copy that failed is kept in {kept}" if kept else "")
+            return None
+        log.info("recovery of job %s in place: crash recovery on its own data in %.0f ms "
+                 "(%s)", job.id, laps.total(), laps)
+        return Started(HOST, port, info.url, bytes_moved=0,
+                       detail={"source": "local", "in_place": True, "timings_ms": laps.laps})
 
     async def pause(self, job: Job) -> Stopped:
         async with self._job("pause", job.id) as jd:

@@ -152,12 +152,37 @@ class Instances:
         await wait_listening(jd, info)
         return await request_pause(jd, info, self.pause_timeout)
 
-    async def start_postgres(self, job: Job, jd: JobDir) -> Postmaster:
-        """Start the job's Postgres on a free port, on another one when a server that
-        started meanwhile took it first."""
+    async def restart(self, job: Job, jd: JobDir, *, laps: Laps) -> tuple[int, AgentInfo]:
+        """Start a crashed instance again on its own data: PostgreSQL replays its local WAL
+        (on the port it had, when that is free, so routes need not change). Its agent is
+        kept if it still runs (it finds the new server through postmaster.pid)."""
+        pm = await self.start_postgres(job, jd, prefer=job.port)
+        laps("start")
+        conn = await connect(jd.run, pm.port)
+        try:
+            await wait_until_writable(conn, self.start_timeout)
+            laps("crash recovery")
+            outdated = await personalise(conn, job.id, self.template.database,
+                                         job.backend_password)
+        finally:
+            await conn.close()
+        if outdated:
+            await upgrade_reader(jd.run, pm.port, job.id)
+        info = read_agent(jd)
+        if not agent_running(jd, info):
+            info = await self.spawn_agent(jd, pm.port, info)
+            laps("agent")
+        assert info is not None
+        return pm.port, info
+
+    async def start_postgres(self, job: Job, jd: JobDir, *,
+                             prefer: int | None = None) -> Postmaster:
+        """Start the job's Postgres on a free port (``prefer`` first, if given), on another
+        one when a server that started meanwhile took it first."""
         for attempt in range(3):
+            port = prefer if attempt == 0 and prefer else free_port()
             try:
-                return await start_postgres(jd, self.settings(job, jd, free_port()),
+                return await start_postgres(jd, self.settings(job, jd, port),
                                             timeout=self.start_timeout)
             except PortTaken:
                 if attempt == 2:

@@ -6,7 +6,8 @@ Layout, under the backend's root::
     jobs/<id>/spool         where basic_archive puts finished WAL for the agent
     jobs/<id>/run           the Unix socket directory (0700: the socket trusts the superuser)
     jobs/<id>/agent.json    the agent's pid and port (and the Postgres port it serves)
-    jobs/<id>/ready         the instance was fully set up (restored, started, personalised)
+    jobs/<id>/ready         the instance was fully set up (restored or copied and synced,
+                            started, personalised): a crash restarts it on this data
     jobs/<id>/postgres.log, agent.log
     cache/<id>/pgdata       a paused job's PGDATA, kept warm (see ``warm_cache.py``)
 
@@ -131,7 +132,19 @@ def empty_trash(root: Path) -> None:
 
 
 def mark_ready(jd: JobDir, how: str) -> None:
-    jd.ready.write_text(json.dumps({"how": how, "at": time.time()}) + "\n")
+    """The marker a crash recovery trusts (``in_place.py``): written and synced after
+    everything it stands for, and renamed into place, so it is whole or absent."""
+    tmp = jd.ready.with_name(".ready.tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"how": how, "at": time.time()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(jd.ready)
+    fd = os.open(jd.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_ready(jd: JobDir) -> bool:
@@ -245,6 +258,16 @@ async def clear_stale_pid_file(jd: JobDir) -> None:
         raise BackendError(f"PostgreSQL of job {jd.job_id} is already running")
     await kill_leftovers(jd.pgdata)  # (a pid that lives on elsewhere was reused: not ours)
     await asyncio.to_thread(pid_file.unlink, True)
+    await asyncio.to_thread(_remove_socket_locks, jd)
+
+
+def _remove_socket_locks(jd: JobDir) -> None:
+    """The dead server's socket lock files: a restart on the same port would otherwise
+    refuse to start while the pid they name is a zombie or reused."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in jd.run.iterdir():
+            if entry.name.startswith(".s.PGSQL."):
+                entry.unlink(missing_ok=True)
 
 
 async def stop_postgres(jd: JobDir, mode: str = "fast", *, timeout: float = 60) -> None:

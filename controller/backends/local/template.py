@@ -52,6 +52,8 @@ from jobmesh.agent.restore import restore
 from jobmesh.agent.snapshot import take_snapshot
 from jobmesh.agent.store import NotFound, Store, StoreError, get_bytes, put_bytes
 
+from .in_place import sync_tree
+
 log = logging.getLogger("jobmesh.controller.template")
 
 REFILL_DELAY = 1.0  # seconds after a spare was taken before another is made
@@ -281,12 +283,14 @@ def _copying_now(scratch_name: str) -> bool:
 
 
 def _copy_tree(src: Path, dest: Path) -> None:
-    """A copy keeping owners and modes (reflinked where the file system can)."""
+    """A copy keeping owners and modes (reflinked where the file system can), synced, so
+    that the job's ``ready`` marker never stands for data a host crash could tear."""
     proc = subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(dest, ignore_errors=True)
         raise OSError(f"cannot copy the template to {dest}: {proc.stderr.strip()}")
+    sync_tree(dest)
 
 
 def _mkdir_reachable(path: Path) -> None:

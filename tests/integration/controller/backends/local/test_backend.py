@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -635,7 +636,27 @@ async def test_entries_without_a_valid_marker_are_removed_at_start(local_root, s
 # --- failures -----------------------------------------------------------------------------
 
 
-async def test_recover_after_kill_9_keeps_what_was_archived(backend, new_job):
+async def test_a_killed_postgres_recovers_in_place_with_every_commit(backend, new_job):
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await write_items(started, job, 1, 3000)  # in the local WAL only: nothing archived
+    jd = JobDir(backend.root, job.id)
+    agent = read_agent(jd).pid
+    os.kill(postmaster(jd).pid, signal.SIGKILL)
+    assert await until(lambda: _is(backend.alive(job), False), "the job to be seen dead")
+    said = Said()
+    job = dataclasses.replace(job, host=started.host, port=started.port)  # as the row says
+    recovered = await backend.recover(job, said)
+    assert recovered.detail["in_place"] is True and recovered.bytes_moved == 0
+    assert not any(text.startswith("restoring ") for text in said)
+    assert recovered.port == started.port  # its old port was free: routes need not change
+    assert await count_items(recovered, job) == 3000
+    assert read_agent(jd).pid == agent  # the agent lived on, and serves the new server
+    await write_items(recovered, job, 3001, 3010)
+    assert await backend.alive(job) is True
+
+
+async def test_recover_after_the_local_disk_is_lost_keeps_what_was_archived(backend, new_job):
     job = await new_job({"archive_timeout": 1})
     started = await backend.create(job, Said())
     await until(lambda: stored_base_backup(backend, job), "the first base backup")
@@ -651,17 +672,59 @@ async def test_recover_after_kill_9_keeps_what_was_archived(backend, new_job):
         return await backend.store.size(wal_key(job.id, segment)) is not None
 
     await until(shipped, f"{segment} in the store")
-    os.kill(postmaster(jd).pid, signal.SIGKILL)
-    assert await until(lambda: _is(backend.alive(job), False), "the job to be seen dead")
+    for pid in (postmaster(jd).pid, read_agent(jd).pid):
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda pid=pid: _is(asyncio.to_thread(pid_alive, pid), False),
+                    f"the death of {pid}")
+    await kill_leftovers(jd.pgdata)
+    shutil.rmtree(jd.path)  # the machine's disk is gone
     said = Said()
-    t = time.perf_counter()
     recovered = await backend.recover(job, said)
-    print(f"\nrecover: {(time.perf_counter() - t) * 1000:.0f} ms; {recovered.detail}")
     assert recovered.detail["kind"] == "base" and recovered.detail["wal_replayed"]
     assert any(text.startswith("restoring ") for text in said)
     assert await count_items(recovered, job) == 3000
     await write_items(recovered, job, 3001, 3010)
     assert await backend.alive(job) is True
+
+
+async def test_a_pgdata_that_does_not_start_is_kept_aside_and_the_store_restored(
+        backend, new_job):
+    job = await new_job({"archive_timeout": 1})
+    started = await backend.create(job, Said())
+    await until(lambda: stored_base_backup(backend, job), "the first base backup")
+    await write_items(started, job, 1, 100)
+    jd = JobDir(backend.root, job.id)
+    os.kill(postmaster(jd).pid, signal.SIGKILL)
+    assert await until(lambda: _is(backend.alive(job), False), "the job to be seen dead")
+    await kill_leftovers(jd.pgdata)
+    for seg in (jd.pgdata / "pg_wal").iterdir():  # no checkpoint record to start from
+        if seg.is_file():
+            seg.unlink()
+    recovered = await backend.recover(job, Said())
+    assert recovered.detail["source"] == "store"
+    kept = backend.failed_copies.copies()
+    assert len(kept) == 1 and kept[0].name.startswith(f"{job.id}-")
+    assert (kept[0] / "pgdata" / "PG_VERSION").is_file() and (kept[0] / "postgres.log").is_file()
+    assert await backend.alive(job) is True
+
+
+async def test_without_the_ready_marker_a_crash_restores_from_the_store(backend, new_job):
+    # As after a restore killed mid-unpack: a PGDATA that may start but is not known whole.
+    job = await new_job()
+    started = await backend.create(job, Said())
+    await until(lambda: stored_base_backup(backend, job), "the first base backup")
+    await write_items(started, job, 1, 100)
+    jd = JobDir(backend.root, job.id)
+    su = await connect(jd.run, started.port)
+    try:
+        await su.execute("CHECKPOINT")
+        await su.fetchval("SELECT pg_switch_wal()")
+    finally:
+        await su.close()
+    os.kill(postmaster(jd).pid, signal.SIGKILL)
+    jd.ready.unlink()
+    recovered = await backend.recover(job, Said())
+    assert recovered.detail["source"] == "store"
 
 
 async def _is(value: Awaitable[Any], expected: Any) -> bool:
@@ -686,6 +749,7 @@ async def test_recover_ships_the_wal_a_dead_agent_left_in_the_spool(backend, new
     pid = postmaster(jd).pid
     os.kill(pid, signal.SIGKILL)  # (not alive(): it would restart the agent first)
     await until(lambda: _is(asyncio.to_thread(pid_alive, pid), False), "the postmaster's death")
+    jd.ready.unlink()  # not known whole: restored from the store, after the spool is shipped
     recovered = await backend.recover(job, Said())
     assert await backend.store.size(wal_key(job.id, segment)) is not None
     assert recovered.detail["wal_replayed"]
@@ -719,7 +783,7 @@ async def test_without_a_recovery_point_a_crashed_job_restarts_from_its_local_da
         os.kill(postmaster(jd).pid, signal.SIGKILL)
         assert await until(lambda: _is(no_backups.alive(job), False), "the job to be seen dead")
         recovered = await no_backups.recover(job, Said())
-        assert recovered.detail == {"in_place": True}
+        assert recovered.detail["in_place"] is True
         assert await count_items(recovered, job) == 300
     finally:
         with contextlib.suppress(BackendError):
