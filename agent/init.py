@@ -13,7 +13,8 @@ serve at once, as the local backend's template is: both roles LOGIN with the
 password from the environment variable (sent as a SCRAM verifier, so the
 cleartext never reaches the server or a command line), TCP from anywhere
 needs SCRAM (the pod's NetworkPolicy says who may connect at all), the
-socket trusts the superuser, the reader's sessions are read-only by default,
+socket trusts the superuser (for replication too: the agent streams WAL
+with pg_receivewal over it), the reader's sessions are read-only by default,
 and dblink and postgres_fdw are there (jobs read one another through the
 router; neither is a trusted extension, so the owner could not create them).
 
@@ -58,6 +59,7 @@ SERVING_HBA = [
     "# jobmesh: the socket trusts the superuser (only the pod's own containers reach it);",
     "# TCP needs the job's password.",
     "local   all   all                 trust",
+    "local   replication   all         trust",  # the agent's pg_receivewal
     "host    all   all   0.0.0.0/0     scram-sha-256",
     "host    all   all   ::/0          scram-sha-256",
 ]

@@ -1,5 +1,10 @@
 """``prune``: keep a job's newest snapshots and delete what they do not need.
 
+Two policies over the same steps: ``prune`` (the CLI's ``--keep N``: the
+newest N snapshots of either kind) and ``retain`` (what ``agent serve`` runs
+after every base backup: the newest base backups, every pause snapshot, and
+the WAL a restore from any of those could replay).
+
 Pruning deletes a snapshot's manifest before its data, so a crash mid-prune
 leaves orphaned data (which a later prune removes), never a manifest that
 points to nothing. WAL goes only when no kept snapshot can need it, and an
@@ -16,6 +21,7 @@ from .inventory import full_key, gather_bounded, read_listing, wal_name
 from .manifest import Manifest, job_prefix, snapshot_manifest_key
 from .store import Store
 from .walnames import WalNameError, parse_lsn, parse_segment, segment_of
+from .walpartial import parse_delta_key
 
 
 def wal_cutoff(kept: Iterable[Manifest]) -> int | None:
@@ -42,9 +48,12 @@ def wal_cutoff(kept: Iterable[Manifest]) -> int | None:
 
 
 def _wal_position(job: str, key: str) -> int | None:
-    """The segment number a WAL-area object belongs to; None for history files and others."""
+    """The segment number a WAL-area object belongs to (segments, streamed deltas, backup
+    history, an old timeline's last partial segment); None for history files and others."""
     if not key.startswith(f"{job_prefix(job)}wal/") or "/wal/history/" in key:
         return None
+    if (delta := parse_delta_key(job, key)) is not None:
+        return parse_segment(delta.segment).number
     name = wal_name(key)
     try:
         return parse_segment(name[:24]).number if len(name) >= 24 else None
@@ -94,3 +103,49 @@ async def prune(store: Store, job: str, keep: int, *, dry_run: bool = False) -> 
     await delete(sorted(orphans))
     return deleted
 
+
+
+async def retain(store: Store, job: str, keep_base: int = 2, *,
+                 dry_run: bool = False) -> list[str]:
+    """Keep the newest ``keep_base`` base backups and every pause snapshot; returns the
+    deleted keys.
+
+    WAL is kept from the older of the oldest kept base backup's start and the newest
+    pause snapshot's shutdown checkpoint (WAL archived after a pause is what a restore
+    of that snapshot replays: ``restore.wal_after_pause``). Timeline history files are
+    always kept (tiny, and recovery to the latest timeline reads them all). Older
+    pause snapshots' retention is not decided here.
+    """
+    if keep_base < 1:
+        raise AgentError("retention keeps at least one base backup")
+    listing = await read_listing(store, job)
+    bases = [sid for sid, m in listing.snapshots.items() if m.kind == "base"]
+    pauses = [sid for sid, m in listing.snapshots.items() if m.kind != "base"]
+    if not bases:
+        return []
+    kept_bases, dropped = bases[-keep_base:], bases[:-keep_base]
+    kept = [*kept_bases, *pauses]
+    deleted: list[str] = []
+
+    async def delete(keys: list[str]) -> None:
+        if keys and not dry_run:
+            await store.delete_many(keys)
+        deleted.extend(keys)
+
+    still_used = {full_key(job, o.key) for s in kept for o in listing.snapshots[s].objects}
+    for sid in dropped:
+        manifest_key = snapshot_manifest_key(job, sid)
+        await delete([manifest_key])  # first: from here on the snapshot does not exist
+        data = {full_key(job, o.key) for o in listing.snapshots[sid].objects}
+        data |= {k for k in listing.objects if k.startswith(f"{job}/snapshots/{sid}/")}
+        data &= listing.objects.keys()
+        await delete(sorted(data - still_used - {manifest_key}))
+
+    needs = [listing.snapshots[kept_bases[0]]]
+    if pauses:
+        needs.append(listing.snapshots[pauses[-1]])
+    cutoff = wal_cutoff(needs)
+    if cutoff is not None:
+        await delete(sorted(k for k in listing.objects
+                            if (pos := _wal_position(job, k)) is not None and pos < cutoff))
+    return deleted

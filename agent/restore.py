@@ -38,6 +38,7 @@ from .store import Digest, NotFound, Store, get_bytes
 from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
 from .wal import restore_command
 from .walnames import is_segment, parse_lsn, parse_segment, segment_of
+from .walpartial import parse_delta_key
 
 log = logging.getLogger("jobmesh.agent.restore")
 
@@ -160,6 +161,8 @@ async def wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
     first = segment_of(manifest.timeline, parse_lsn(manifest.start_lsn))
     for obj in await store.list(f"{job_prefix(job)}wal/"):
         name = obj.key.rsplit("/", 1)[-1].removesuffix(".zst")
+        if (delta := parse_delta_key(job, obj.key)) is not None:
+            name = delta.segment  # streamed after the resume (a pause deletes its own)
         if not is_segment(name):
             continue
         if parse_segment(name) >= first:  # Segment orders by timeline, then number

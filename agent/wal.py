@@ -4,8 +4,9 @@ Postgres archives each finished segment into the spool with
 ``basic_archive`` (fsync, then an atomic rename), so a file in the spool
 under a WAL name is always whole. The ``Archiver`` compresses and uploads
 those files and deletes each one only once the store has confirmed it:
-the spool is the only copy until then, and ``archive_timeout`` bounds what
-is not yet in it.
+the spool is the only copy until then. What is not in the spool yet (the
+unfinished segment) reaches the store through the streamer (``stream.py``)
+every WAL window; without it, ``archive_timeout`` bounds it.
 
 Pushing is idempotent the way pgBackRest's is: a segment that is already
 stored with identical content is a success (an upload whose deletion was
@@ -25,7 +26,7 @@ import shlex
 import sys
 import sysconfig
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -34,8 +35,9 @@ import zstandard
 
 from .errors import AgentError
 from .manifest import history_key, wal_key
-from .store import CHUNK, Store, StoreError
+from .store import CHUNK, NotFound, Store, StoreError
 from .walnames import SEGMENT_SIZE, is_archivable, is_history, is_segment
+from .walpartial import fetch_from_deltas
 
 if TYPE_CHECKING:
     from .metrics import AgentMetrics
@@ -131,6 +133,9 @@ async def push_segment(store: Store, job: str, path: Path, *,
 async def fetch_segment(store: Store, job: str, name: str, dest: Path) -> None:
     """Download and decompress one archived file to ``dest``, atomically.
 
+    A segment that is not stored whole is rebuilt from its streamed deltas
+    (``walpartial.py``), if any start at offset 0.
+
     Raises NotFound when the store does not have it: Postgres asks for files
     that do not exist (the next segment, newer timelines) as a normal part
     of recovery, so that is an expected answer, not a failure.
@@ -141,14 +146,22 @@ async def fetch_segment(store: Store, job: str, name: str, dest: Path) -> None:
     size = 0
     try:
         with tmp.open("wb") as f:
-            async for chunk in store.get(key):
-                raw = await asyncio.to_thread(dctx.decompress, chunk)
-                size += len(raw)
-                await asyncio.to_thread(f.write, raw)
-            if not dctx.eof:
-                raise AgentError(f"{key} in the store is truncated")
-            if is_segment(name) and size != SEGMENT_SIZE:
-                raise AgentError(f"{key} holds {size} bytes, not a whole segment")
+            try:
+                async for chunk in store.get(key):
+                    raw = await asyncio.to_thread(dctx.decompress, chunk)
+                    size += len(raw)
+                    await asyncio.to_thread(f.write, raw)
+            except NotFound:
+                if not is_segment(name) or size:
+                    raise
+                # The newest segment of a lost server: rebuilt from what was streamed.
+                streamed = await fetch_from_deltas(store, job, name, f)
+                log.info("%s rebuilt from streamed deltas (%d bytes of WAL)", name, streamed)
+            else:
+                if not dctx.eof:
+                    raise AgentError(f"{key} in the store is truncated")
+                if is_segment(name) and size != SEGMENT_SIZE:
+                    raise AgentError(f"{key} holds {size} bytes, not a whole segment")
             await asyncio.to_thread(f.flush)
             await asyncio.to_thread(os.fsync, f.fileno())
         os.replace(tmp, dest)
@@ -180,6 +193,9 @@ class Archiver:
         self._slots = asyncio.Semaphore(max(parallel, 1))
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._changed = asyncio.Condition()
+        # Called with each file's name once the store holds it (the streamer drops the
+        # deltas of a segment that is stored whole).
+        self.on_stored: list[Callable[[str], None]] = []
 
     def pending(self) -> list[Path]:
         """Archived files waiting in the spool, oldest first (WAL names sort in time order)."""
@@ -236,6 +252,8 @@ class Archiver:
             # The store has it now; only then may the spool's copy go.
             await asyncio.to_thread(path.unlink, True)
             self.uploaded += 1
+            for callback in self.on_stored:
+                callback(path.name)
         async with self._changed:
             self._changed.notify_all()
 

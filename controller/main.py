@@ -71,8 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most N jobs running; a wake beyond pauses the least recently "
                    "active idle job first")
     p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S",
-                   help="jobs' archive_timeout: the data at risk from a crash "
-                   f"(default {defaults.ARCHIVE_TIMEOUT})")
+                   help="jobs' archive_timeout: a forced WAL segment switch "
+                   f"(default {defaults.ARCHIVE_TIMEOUT}; 0: never)")
+    p.add_argument("--wal-window", type=float, default=defaults.WAL_WINDOW, metavar="S",
+                   help="jobs' WAL window: their agents send the streamed WAL this often, "
+                   f"bounding what a lost machine loses (default {defaults.WAL_WINDOW:g}; "
+                   "0: finished segments only)")
     p.add_argument("--warm-cache-bytes", type=int, default=defaults.WARM_CACHE_BYTES,
                    metavar="N",
                    help="local backend: keep paused jobs' clean PGDATA up to N bytes so a "
@@ -139,6 +143,7 @@ class ControllerSettings:
     token_file: Path  # the API's bearer token, created (random) when the controller starts
     reconciler: ReconcilerConfig
     archive_timeout: int = defaults.ARCHIVE_TIMEOUT
+    wal_window: float = defaults.WAL_WINDOW
     base_backup_interval: float = defaults.BASE_BACKUP_INTERVAL
     kubernetes: KubernetesSettings | None = None  # None: the local backend
     warm_cache_bytes: int = defaults.WARM_CACHE_BYTES  # the local backend's cache of paused PGDATA
@@ -170,7 +175,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
             idle_timeout=args.idle_timeout or None, max_running=args.max_running,
             quiet_for=args.quiet_for),
         archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
-        warm_cache_bytes=args.warm_cache_bytes,
+        wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -207,14 +212,14 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
         assert catalog is not None and api is not None
         pods = PodSettings(namespace=k.namespace, image=k.image, store_url=s.store,
                            s3_endpoint=s.s3_endpoint, s3_secret=k.s3_secret,
-                           archive_timeout=s.archive_timeout,
+                           archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                            base_backup_interval=s.base_backup_interval)
         return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
                                  start_timeout=k.start_timeout)
     from .backends.local.backend import LocalBackend
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
-                        archive_timeout=s.archive_timeout,
+                        archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                         base_backup_interval=s.base_backup_interval,
                         warm_cache_bytes=s.warm_cache_bytes)
 

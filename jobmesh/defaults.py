@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Durability: the longest a committed transaction may wait in a job's local
-# WAL before it is archived to the store (PostgreSQL's archive_timeout), s.
-ARCHIVE_TIMEOUT = 60
-# A recovery point (base backup) for a running job this often, s.
+# Durability: the agent streams a running job's unfinished WAL segment to the
+# store every this many seconds (what a lost machine may lose, plus the upload), s.
+WAL_WINDOW = 5.0
+# PostgreSQL's archive_timeout (s): with streaming, only a safety net for when the
+# stream is down (it then bounds the loss), so an idle writer switches segments at
+# most hourly.
+ARCHIVE_TIMEOUT = 3600
+# A recovery point (base backup) for a running job this often, s...
 BASE_BACKUP_INTERVAL = 3600.0
+# ...and after this much WAL since the last one, bytes (bounds what a restore replays).
+BASE_BACKUP_WAL_BYTES = 512 * 2**20
 # A job with no client session for this long is paused, s.
 IDLE_TIMEOUT = 600.0
 # How long a client is held while its job wakes before 57P03, s.

@@ -24,8 +24,9 @@ def add_init(sub: Subparsers) -> None:
     p.add_argument("--spool", type=Path, metavar="DIR",
                    help="where Postgres archives WAL for the agent (default: <pgdata>.spool)")
     p.add_argument("--archive-timeout", type=int, default=ARCHIVE_TIMEOUT, metavar="S",
-                   help="force a WAL segment switch after S seconds of activity "
-                        f"(default {ARCHIVE_TIMEOUT})")
+                   help="force a WAL segment switch after S seconds of activity: what a "
+                        "lost machine may lose when `agent serve` does not stream WAL "
+                        f"(default {ARCHIVE_TIMEOUT}; 0: off)")
     p.add_argument("--port", type=int, help="the port to write into postgresql.conf")
     p.add_argument("--role-password-env", metavar="VAR",
                    help="serve at once: the job's roles LOGIN with the password in environment "

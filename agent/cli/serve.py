@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobmesh.defaults import BASE_BACKUP_INTERVAL
+from jobmesh.defaults import BASE_BACKUP_INTERVAL, BASE_BACKUP_WAL_BYTES, WAL_WINDOW
 
 from ..errors import AgentError
 from . import add_store_arguments
@@ -30,7 +30,16 @@ def add_serve(sub: Subparsers) -> None:
                    help="where Postgres archives WAL (default: <PGDATA>.spool)")
     p.add_argument("--base-backup-interval", type=float, default=BASE_BACKUP_INTERVAL,
                    metavar="S", help=f"seconds between base backups "
-                                     f"(default {BASE_BACKUP_INTERVAL:g}; 0: none)")
+                                     f"(default {BASE_BACKUP_INTERVAL:g}; 0: no scheduled "
+                                     f"base backups at all)")
+    p.add_argument("--base-backup-wal-bytes", type=int, default=BASE_BACKUP_WAL_BYTES,
+                   metavar="N", help=f"also a base backup after N bytes of WAL since the last "
+                                     f"one (default {BASE_BACKUP_WAL_BYTES} = "
+                                     f"{BASE_BACKUP_WAL_BYTES / 2**20:g} MiB; 0: no such rule)")
+    p.add_argument("--wal-window", type=float, default=WAL_WINDOW, metavar="S",
+                   help=f"stream WAL and upload what arrived every S seconds: a lost machine "
+                        f"loses at most that plus the upload (default {WAL_WINDOW:g}; "
+                        f"0: no streaming, only finished segments)")
     p.add_argument("--dsn", help="postgresql:// URI for base backups, dumps and status "
                                  "(default: the local socket as postgres)")
     p.add_argument("--stop-timeout", type=float, default=300, metavar="S",
@@ -56,9 +65,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise AgentError(f"{pgdata} is not a PostgreSQL data directory")
     if args.base_backup_interval < 0:
         raise AgentError("--base-backup-interval must be >= 0")
+    if args.base_backup_wal_bytes < 0:
+        raise AgentError("--base-backup-wal-bytes must be >= 0")
+    if args.wal_window < 0:
+        raise AgentError("--wal-window must be >= 0")
     spool = (args.spool or pgdata.with_name(pgdata.name + ".spool")).absolute()
     config = ServeConfig(pgdata, args.job, spool, args.base_backup_interval, args.dsn,
-                         args.stop_timeout)
+                         args.stop_timeout, wal_window=args.wal_window,
+                         base_backup_wal_bytes=args.base_backup_wal_bytes)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     return asyncio.run(serve(config, store, host, port))
 

@@ -1,10 +1,12 @@
 """The sidecar's state: the ``Agent`` behind the HTTP API.
 
-It ships WAL from the spool continuously (an ``Archiver``), takes a recovery
-point (base backup) on a schedule, and at once when the store holds none for
-the job yet, and runs the operations the controller asks for: a pause (fast
-shutdown, drain the spool, pause snapshot), a base backup, a dump. Each is
-single-flight where running two at once would be wrong.
+It ships WAL from the spool continuously (an ``Archiver``), streams the
+unfinished segment to the store every window (a ``WalStreamer``), takes
+recovery points (base backups) as ``policy.py`` says and prunes old ones
+after each (``prune.retain``), and runs the operations the controller asks
+for: a pause (fast shutdown, last streamed WAL, drain the spool, pause
+snapshot), a base backup, a dump. Each is single-flight where running two at
+once would be wrong.
 
 A pause deletes nothing locally: the spool keeps every segment the store
 has not confirmed, and PGDATA stays as it is, so a failed pause can simply
@@ -21,7 +23,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,19 @@ from ..manifest import (
 )
 from ..metrics import AgentMetrics
 from ..postmaster import pg_isready, read_postmaster, wait_for_exit, with_database
+from ..prune import retain
 from ..snapshot import take_snapshot
 from ..store import Store, StoreError, get_bytes
+from ..stream import WalStreamer
 from ..wal import Archiver
+from ..walnames import format_lsn, parse_lsn, parse_segment
+from .policy import BackupPolicy, Position, next_base_backup
 
 log = logging.getLogger("jobmesh.agent.serve")
 
 RETRY = 300.0  # a failed scheduled base backup is retried after this long (at most)
+POSITION_EVERY = 5.0  # s between looks at the server's timeline and WAL position
+KEEP_BASE_BACKUPS = 2
 
 
 class Conflict(AgentError):
@@ -61,20 +68,17 @@ class ServeConfig:
     base_backup_interval: float  # seconds between recovery points; 0: no scheduled backups
     dsn: str | None  # None: the local socket, as found in postmaster.pid
     stop_timeout: float = 300.0
+    wal_window: float = 0.0  # s between uploads of streamed WAL; 0: no streaming
+    base_backup_wal_bytes: int = 0  # a base backup after this much WAL; 0: no such rule
+    stream_dir: Path | None = None  # pg_receivewal's directory (default: <spool>/.stream)
 
 
 def _summary(m: Manifest | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"id": m.id, "kind": m.kind, "created_at": m.created_at,
-            "size": sum(o.size for o in m.objects), "start_lsn": m.start_lsn}
-
-
-def _age(m: Manifest) -> float:
-    try:
-        return time.time() - datetime.fromisoformat(m.created_at).timestamp()
-    except ValueError:
-        return 0.0
+            "size": sum(o.size for o in m.objects), "start_lsn": m.start_lsn,
+            "timeline": m.timeline}
 
 
 class Agent:
@@ -85,6 +89,16 @@ class Agent:
         self.store = store
         self.metrics = metrics
         self.archiver = Archiver(store, config.job, config.spool, metrics=metrics)
+        self.streamer: WalStreamer | None = None
+        if config.wal_window > 0:
+            self.streamer = WalStreamer(store, config.job,
+                                        config.stream_dir or config.spool / ".stream",
+                                        config.pgdata, self.dsn, window=config.wal_window,
+                                        metrics=metrics)
+            self.archiver.on_stored.append(self.streamer.stored_whole)
+        self.policy = BackupPolicy(config.base_backup_interval, config.base_backup_wal_bytes)
+        self.position: Position | None = None  # the server's, as last seen
+        self.retained: list[str] = []  # what the last retention run deleted
         self.last_snapshot: Manifest | None = None  # pause or base: the latest recovery point
         self.last_base_backup: Manifest | None = None
         self.last_dump: Manifest | None = None
@@ -142,12 +156,20 @@ class Agent:
                     raise AgentError(f"PostgreSQL (pid {pm.pid}) did not stop within "
                                      f"{self.config.stop_timeout:g} s") from None
             try:
+                if self.streamer is not None:  # to the shutdown checkpoint, then it exits
+                    await self.streamer.finish()
                 await self.archiver.drain()
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
             manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
                                            metrics=self.metrics)
             log.info("paused: snapshot %s stored", manifest.id)
+            if self.streamer is not None:
+                try:  # the snapshot's pg_wal holds the unfinished segment now
+                    await self.streamer.forget()
+                except (StoreError, OSError) as exc:
+                    log.warning("cannot delete the streamed WAL the snapshot holds: %s",
+                                one_line(exc))
             self.last_snapshot = self._paused = manifest
             return manifest
         finally:
@@ -177,6 +199,15 @@ class Agent:
         self._schedule_changed.set()
         log.info("base backup %s stored (WAL %s..%s)", manifest.id, manifest.start_wal,
                  manifest.end_wal)
+        try:
+            self.retained = await retain(self.store, self.config.job, KEEP_BASE_BACKUPS)
+        except (AgentError, StoreError) as exc:
+            log.warning("retention after base backup %s failed: %s", manifest.id,
+                        one_line(exc))
+        else:
+            if self.retained:
+                log.info("retention: %d objects deleted (older base backups and their WAL)",
+                         len(self.retained))
         return manifest
 
     async def dump(self, database: str | None = None) -> Manifest:
@@ -218,22 +249,29 @@ class Agent:
         self._schedule_changed.set()
 
     def next_base_backup_in(self) -> float | None:
-        """Seconds until the next scheduled base backup: an interval after the latest one
-        or after our own start, whichever is later. Pause snapshots do not count: restore
-        replays no WAL on top of them, so only a base backup protects writes since a resume.
+        """Seconds until the next scheduled base backup (see ``policy.py``)."""
+        due = next_base_backup(self.policy, now=time.time(), started=self._started,
+                               history_loaded=self._history_loaded,
+                               last_snapshot=self.last_snapshot,
+                               last_base=self.last_base_backup, position=self.position,
+                               retry_at=self._retry_at)
+        return None if due is None else due.seconds
 
-        A job with no recovery point at all in the store (a new one) gets its first base
-        backup at once: until then a crash would lose everything it ever wrote.
-        """
-        interval = self.config.base_backup_interval
-        if interval <= 0:
-            return None
-        if self._history_loaded and self.last_snapshot is None:
-            return max(self._retry_at - time.time(), 0.0)
-        since = time.time() - self._started
-        if self.last_base_backup is not None:
-            since = min(since, _age(self.last_base_backup))
-        return max(interval - since, self._retry_at - time.time(), 0.0)
+    async def watch_position(self) -> None:
+        """Look at the server's timeline and WAL position every few seconds (a promotion
+        and the WAL-volume rule make a base backup due). Runs until cancelled."""
+        while True:
+            pm = read_postmaster(self.config.pgdata)
+            if pm is not None and pm.status == "ready" and not self.pausing:
+                try:
+                    position = await _server_position(self.dsn())
+                except Exception as exc:  # starting, stopping, in recovery
+                    log.debug("cannot read the WAL position: %s", one_line(exc))
+                else:
+                    if position != self.position:
+                        self.position = position
+                        self._schedule_changed.set()
+            await asyncio.sleep(POSITION_EVERY)
 
     async def schedule_base_backups(self) -> None:
         """Runs until cancelled (at shutdown)."""
@@ -241,6 +279,11 @@ class Agent:
             if due <= 0:
                 if self.paused is None and not self.pausing and (
                         read_postmaster(self.config.pgdata) is not None):
+                    why = next_base_backup(
+                        self.policy, now=time.time(), started=self._started,
+                        history_loaded=self._history_loaded, last_snapshot=self.last_snapshot,
+                        last_base=self.last_base_backup, position=self.position)
+                    log.info("base backup due: %s", why.why if why else "asked")
                     try:
                         await self.base_backup()
                     except Exception as exc:
@@ -295,6 +338,12 @@ class Agent:
             "last_dump": _summary(self.last_dump),
             "base_backup_running": self._base_backup is not None and not self._base_backup.done(),
             "next_base_backup_in": self.next_base_backup_in(),
+            "stream": None if self.streamer is None else {
+                "window": self.config.wal_window, "deltas_uploaded": self.streamer.uploaded,
+                "rounds": self.streamer.rounds,
+                "streamed_lsn": format_lsn(self.streamer.streamed_lsn),
+                "receiver_pid": (self.streamer.proc.pid if self.streamer.proc is not None
+                                 and self.streamer.proc.returncode is None else None)},
         }
         if pm is not None:
             try:
@@ -310,6 +359,20 @@ def _sizes(paths: list[Path]) -> int:
         with contextlib.suppress(FileNotFoundError):
             total += p.stat().st_size
     return total
+
+
+async def _server_position(dsn: str) -> Position:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=3, server_settings={
+        "application_name": "jobmesh agent position"})
+    try:
+        row = await conn.fetchrow("SELECT pg_walfile_name(lsn) AS wal, lsn::text AS lsn FROM"
+                                  " pg_current_wal_lsn() AS lsn", timeout=3)
+    finally:
+        await conn.close()
+    assert row is not None
+    return Position(parse_segment(row["wal"]).timeline, parse_lsn(row["lsn"]))
 
 
 async def _wal_status(dsn: str) -> dict[str, Any]:

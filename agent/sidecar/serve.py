@@ -1,8 +1,9 @@
 """``agent serve``: run the sidecar beside a job's PostgreSQL until SIGTERM or SIGINT.
 
-Starts the HTTP API, the archiver, the base backup schedule and the reading
-of the job's history from the store; at the end it drains the spool one
-last time, so a clean stop leaves no WAL behind that the store lacks. The
+Starts the HTTP API, the archiver, the WAL streamer, the base backup
+schedule and the reading of the job's history from the store; at the end it
+ships the streamed WAL and drains the spool one last time, so a clean stop
+leaves no WAL behind that the store lacks. The
 command line that calls ``serve`` is in ``jobmesh.agent.cli.serve``.
 """
 
@@ -23,6 +24,7 @@ from ..errors import AgentError
 from ..metrics import AgentMetrics
 from ..postmaster import pg_isready
 from ..store import Store
+from ..store.counting import CountingStore
 from .api import build_app
 from .daemon import Agent, Conflict, ServeConfig
 
@@ -35,7 +37,9 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    agent = Agent(config, store, AgentMetrics())
+    metrics = AgentMetrics()
+    store = CountingStore(store, metrics.count_request)
+    agent = Agent(config, store, metrics)
     runner = web.AppRunner(build_app(agent), access_log=None)
     await runner.setup()
     try:
@@ -48,7 +52,10 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
         log.info("agent listening on http://%s:%d (job %s, store %s)", bound[0], bound[1],
                  config.job, store.url)
         archiving = asyncio.create_task(agent.archiver.run(stop), name="archiver")
+        streaming = (asyncio.create_task(agent.streamer.run(stop), name="wal-stream")
+                     if agent.streamer is not None else None)
         background = [asyncio.create_task(agent.schedule_base_backups(), name="schedule"),
+                      asyncio.create_task(agent.watch_position(), name="wal-position"),
                       asyncio.create_task(_quietly("reading the store", agent.load_history())),
                       asyncio.create_task(_quietly("arming archive_timeout",
                                                    arm_archive_timeout(agent, stop)))]
@@ -59,6 +66,8 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
         await asyncio.gather(*background, return_exceptions=True)
         await agent.shutdown()
         await archiving
+        if streaming is not None:
+            await streaming  # it ships what it received one last time
         try:
             drained = await agent.archiver.drain()
         except Exception as exc:

@@ -9,6 +9,7 @@ one level up, by its manifest (see ``manifest.py``).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class Store(Protocol):
     async def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     async def delete(self, key: str) -> None: ...
+
+    # Several keys at once: one request on S3 (DeleteObjects, up to 1,000 keys); missing
+    # keys are no error.
+    async def delete_many(self, keys: builtins.list[str]) -> None: ...
 
     async def close(self) -> None: ...
 

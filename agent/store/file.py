@@ -88,6 +88,10 @@ class FileStore:
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, True)
 
+    async def delete_many(self, keys: builtins.list[str]) -> None:
+        for key in keys:
+            await self.delete(key)
+
     async def close(self) -> None:
         pass
 

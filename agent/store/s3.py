@@ -11,6 +11,7 @@ too) unless ``--s3-endpoint`` is given.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import os
 import random
@@ -196,6 +197,17 @@ class S3Store:
     async def delete(self, key: str) -> None:
         s3 = await self._s3()
         await self._retry(key, lambda: s3.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    async def delete_many(self, keys: builtins.list[str]) -> None:
+        s3 = await self._s3()
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+            resp = await self._retry(f"delete of {len(batch)} objects", partial(
+                s3.delete_objects, Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True}))
+            if errors := resp.get("Errors"):
+                raise StoreError(f"S3 refused to delete {errors[0].get('Key')}: "
+                                 f"{errors[0].get('Code')}")
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -69,7 +69,10 @@ def _schemas() -> dict[str, Any]:
             "type": "object", "additionalProperties": False,
             "properties": {
                 "archive_timeout": {"type": "integer", "minimum": 0,
-                                    "description": "seconds: bounds the data a crash loses"},
+                                    "description": "seconds: forces a WAL segment switch"},
+                "wal_window": {"type": "number", "minimum": 0, "maximum": 86400,
+                               "description": "seconds: streamed WAL is sent this often; "
+                                              "bounds what a lost machine loses"},
                 "cpu": {"type": ["string", "number"], "examples": ["500m", 2]},
                 "memory": {"type": "string", "examples": ["1Gi"]},
                 "disk": {"type": "string", "examples": ["10Gi"]}}},

@@ -69,7 +69,7 @@ def fields(body: dict[str, Any], example: str, required: tuple[str, ...],
 
 
 def job_spec(raw: Any) -> dict[str, Any]:
-    """A job's resources and archive_timeout, checked (the backends trust them)."""
+    """A job's resources, archive_timeout and wal_window, checked (the backends trust them)."""
     example = '{"archive_timeout": 60, "cpu": "500m", "memory": "1Gi", "disk": "10Gi"}'
     if not isinstance(raw, dict):
         raise ApiError(400, "'spec' must be a JSON object", f"for example {example}")
@@ -81,6 +81,13 @@ def job_spec(raw: Any) -> dict[str, Any]:
                 raise ApiError(400, "archive_timeout must be a whole number of seconds >= 0",
                                "0 turns the forced WAL switch off; 60 bounds the data at risk "
                                "to a minute")
+            spec[key] = value
+        elif key == "wal_window":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 <= value <= 86400):
+                raise ApiError(400, "wal_window must be a number of seconds from 0 to 86400",
+                               "what a lost machine may lose: 5 by default; 0 streams no WAL "
+                               "(only finished segments are stored)")
             spec[key] = value
         elif key in ("cpu", "memory", "disk"):
             text = str(value) if isinstance(value, int | float) and not isinstance(
@@ -95,7 +102,8 @@ def job_spec(raw: Any) -> dict[str, Any]:
                            "(`jobmesh job import ID FILE`)")
         else:
             raise ApiError(400, f"unknown spec field {key!r}",
-                           f"the spec fields are archive_timeout, cpu, memory and disk, as in "
+                           f"the spec fields are archive_timeout, wal_window, cpu, memory and "
+                           f"disk, as in "
                            f"{example}")
     return spec
 

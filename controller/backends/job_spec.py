@@ -24,3 +24,12 @@ def archive_timeout(spec: Mapping[str, Any], default: int) -> int:
         raise BadSpec(f"archive_timeout must be a whole number of seconds >= 0, "
                       f"not {raw!r}")
     return raw
+
+
+def wal_window(spec: Mapping[str, Any], default: float) -> float:
+    """How often the job's agent sends the WAL it streamed (s): what a lost machine may
+    lose. The spec's, else ``default``; 0 streams nothing (finished segments only)."""
+    raw = spec.get("wal_window", default)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 86400:
+        raise BadSpec(f"wal_window must be a number of seconds from 0 to 86400, not {raw!r}")
+    return float(raw)

@@ -26,7 +26,7 @@ ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
 
 
 def job_create(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
-    spec = {k: v for k in ("archive_timeout", "cpu", "memory", "disk")
+    spec = {k: v for k in ("archive_timeout", "wal_window", "cpu", "memory", "disk")
             if (v := getattr(args, k)) is not None}
     job = client.call("POST", "/v1/jobs", body={"id": job_id(args.id), "spec": spec},
                       query=wait_query(args), timeout=socket_timeout(args))

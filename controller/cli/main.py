@@ -129,7 +129,10 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     c = sub.add_parser("create", parents=[common, waiting], help="create a job")
     c.add_argument("id", metavar="ID")
     c.add_argument("--archive-timeout", type=int, metavar="S",
-                   help="force a WAL switch after S seconds: bounds the data a crash loses")
+                   help="force a WAL segment switch after S seconds (0: never)")
+    c.add_argument("--wal-window", type=float, metavar="S",
+                   help="send the streamed WAL every S seconds: what a lost machine may lose "
+                        f"(default {defaults.WAL_WINDOW:g}; 0: finished segments only)")
     c.add_argument("--cpu", help="CPU for the job's Postgres, e.g. 500m or 2")
     c.add_argument("--memory", help="memory, e.g. 1Gi")
     c.add_argument("--disk", help="disk, e.g. 10Gi")

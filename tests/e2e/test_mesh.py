@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from jobmesh.defaults import WAL_WINDOW
 from tests.support.kube_mesh import KubeMesh
 from tests.support.ledger import Ledger
 from tests.support.mesh import Mesh, psql
@@ -265,6 +268,46 @@ async def test_a_killed_postgres_recovers_in_place_and_loses_no_commit(mesh: Mes
     assert recovered[0].bytes == 0  # nothing came from the store
     # The agent beside it lived on and serves the restarted server.
     assert json.loads((mesh.root / "jobs/alpha/jobmesh.agent.json").read_text())["pid"] == agent
+
+
+async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
+    mesh.start_controller("--idle-timeout", "0")
+    mesh.start_router()
+    await mesh.add_user("alice", PW, alpha="write")
+    await mesh.create_job("alpha")
+    dsn = mesh.dsn("alpha", "alice", PW)
+    psql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    await mesh.wait_for_base_backup("alpha")
+    ledger = Ledger(dsn)
+    writers = [asyncio.create_task(ledger.write(w)) for w in range(2)]
+    try:
+        await ledger.until_acknowledged(100)
+        await asyncio.sleep(3 * WAL_WINDOW)  # the workload: writing for three windows
+        # The machine is gone: its PostgreSQL, its agent and its disk.
+        job_dir = mesh.root / "jobs/alpha"
+        postmaster = int((job_dir / "pgdata/postmaster.pid").read_text().split()[0])
+        agent = json.loads((job_dir / "jobmesh.agent.json").read_text())["pid"]
+        for pid in [agent, postmaster, *children_of(postmaster)]:
+            os.kill(pid, signal.SIGKILL)
+        died = time.monotonic()
+        gone = job_dir.rename(job_dir.with_name(".lost-alpha"))  # at once, then deleted
+        shutil.rmtree(gone, ignore_errors=True)
+        lost_at = len(ledger.acknowledged)
+        await ledger.until_acknowledged(lost_at + 500, timeout=180)  # writing again
+    finally:
+        ledger.stop.set()
+        await asyncio.gather(*writers)
+    present = {r[0] for r in await _fetch(dsn, "SELECT id FROM t")}
+    lost = sorted(set(ledger.acknowledged) - present)
+    oldest = max((died - ledger.acknowledged_at[i] for i in lost), default=0.0)
+    print(f"\nlost disk under 2 writers, default WAL window {WAL_WINDOW:g} s: {len(lost)} "
+          f"of {len(ledger.acknowledged)} acknowledged commits lost, the oldest "
+          f"{oldest:.2f} s before the kill")
+    # The window, plus the upload of the last delta that was under way (a bound, not a speed).
+    assert oldest <= WAL_WINDOW + 2.0, (len(lost), oldest)
+    recovered = [e for e in await mesh.catalog.events("alpha", kind="transition")
+                 if e.from_state == "recovering" and e.to_state == "running"]
+    assert len(recovered) == 1 and recovered[0].detail.get("source") == "store", recovered
 
 
 async def test_idle_jobs_are_paused(mesh: Mesh) -> None:

@@ -9,6 +9,7 @@ died may or may not survive; only acknowledged ones are owed.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 
@@ -21,6 +22,7 @@ class Ledger:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.acknowledged: list[int] = []
+        self.acknowledged_at: dict[int, float] = {}  # id -> when its commit returned (monotonic)
         self.refused: list[str] = []
         self.reconnects = 0
         self.stop = asyncio.Event()
@@ -46,13 +48,15 @@ class Ledger:
             value = self._next
             try:
                 await conn.execute("INSERT INTO t VALUES ($1)", value)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError):  # ("another operation is in progress")
                 conn.terminate()
                 conn = None
                 self.reconnects += 1
                 continue
             async with self._grew:
                 self.acknowledged.append(value)
+                self.acknowledged_at[value] = time.monotonic()
                 self._grew.notify_all()
         if conn is not None:
             await conn.close()

@@ -7,10 +7,22 @@ it ships the WAL left in its spool first), creates the pod, watches it until
 it is Ready, and then waits over TCP until Postgres accepts writes: a restore
 may still be replaying archived WAL while ``pg_isready`` already answers. A
 pause asks the pod's agent for the pause snapshot and only then deletes the
-pod, waiting until it is gone. A pod that dies is not restarted
-(``restartPolicy: Never``): the job is marked failed and recovered from the
-store into a new pod. The watch thread (``client.PodWatcher``) tells the
-reconciler at once when a job pod fails or vanishes; its health check asks
+pod, waiting until it is gone.
+
+A container that crashes is restarted in its pod by the kubelet
+(``restartPolicy: OnFailure``, see ``objects.py``): ``alive`` answers None
+("cannot tell") while Postgres restarts on its own data, so the job is not
+marked failed and nothing is restored; a recovery that finds the pod still
+there adopts it (in place). Only a broken pod (``pod_status.py``: deleted,
+evicted, an init step failed, a container ended for good, Postgres
+crash-looping) makes the job failed; its recovery deletes that pod and waits
+until the API no longer has it (``Api.delete_pod``: bounded, then a clear
+error, never a second pod writing to the same store prefix) before restoring
+from the store into a new one. A pod this backend created fails its start at
+once when its init step fails or a container dies before it was first
+Ready (it is deleted, so the kubelet does not retry it forever), as under
+``restartPolicy: Never``. The watch thread (``client.PodWatcher``) tells the
+reconciler at once when a job pod breaks or vanishes; its health check asks
 the API as a backstop.
 
 Every method is idempotent and holds a per-job lock (``job_lock.py``), as the
@@ -24,6 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 import asyncpg
@@ -53,8 +66,9 @@ from ..job_store import (
 )
 from ..step_report import mb
 from . import objects as objects
-from .client import Api, PodWatcher, one_line
+from .client import GONE_TIMEOUT, Api, PodWatcher, one_line
 from .objects import PodSettings
+from .pod_status import PodView, agent_running, view
 
 log = logging.getLogger("jobmesh.controller.kubernetes")
 
@@ -71,8 +85,8 @@ class KubernetesBackend:
 
     def __init__(self, api: client.ApiClient, catalog: Catalog, settings: PodSettings, *,
                  router_service: str, start_timeout: float = 600,
-                 pause_timeout: float = 3600) -> None:
-        self.api = Api(api, settings.namespace)
+                 pause_timeout: float = 3600, gone_timeout: float = GONE_TIMEOUT) -> None:
+        self.api = Api(api, settings.namespace, gone_timeout=gone_timeout)
         self.catalog = catalog
         self.settings = settings
         self.ns = settings.namespace
@@ -86,6 +100,7 @@ class KubernetesBackend:
         self.locks = JobLocks(EXPECTED_ERRORS, log, describe=one_line)
         self._watcher: PodWatcher | None = None
         self._closed = False
+        self._restarts_told: dict[str, int] = {}  # job id -> the restartCount we logged
 
     # --- Backend ------------------------------------------------------------------------
 
@@ -116,14 +131,17 @@ class KubernetesBackend:
 
     async def recover(self, job: Job, progress: Progress) -> Started:
         async with self.locks.step("recover", job.id):
-            return await self._up(job, progress, restore=True)
+            started = await self._up(job, progress, restore=True)
+            if started.detail.get("adopted"):  # its pod was still there, with its data
+                started = replace(started, detail={**started.detail, "in_place": True})
+            return started
 
     async def pause(self, job: Job) -> Stopped:
         async with self.locks.step("pause", job.id):
             pod = await self.api.pod(job.id)
-            seen = objects.view(pod)
+            seen = view(pod)
             manifest = None
-            if objects.agent_running(pod):
+            if agent_running(pod):
                 try:
                     manifest = await self._request_pause(job, seen.ip)
                 except BackendError as exc:
@@ -133,7 +151,9 @@ class KubernetesBackend:
                                 "recovering it from the store first", job.id, seen.why, exc)
             elif pod is None and (done := await stored_pause(self.store, job.id)) is not None:
                 return done  # retried after the pod was deleted: the snapshot is the pause
-            if manifest is None:
+            if manifest is not None:
+                await self._check_not_restarted(job, seen)
+            else:
                 # The pod died before its snapshot was stored: restore the latest recovery
                 # point and the archived WAL into a new pod, and take the snapshot there.
                 up = await self._up(job, _no_progress, restore=True)
@@ -143,12 +163,27 @@ class KubernetesBackend:
             return stopped
 
     async def alive(self, job: Job) -> bool | None:
+        """False for a lost pod only. None while the kubelet restarts a container in the
+        pod (Postgres recovers on its own data there: no failure, no restore)."""
         try:
             pod = await self.api.pod(job.id)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("job %s: cannot read its pod: %s", job.id, one_line(exc))
             return None
-        return objects.view(pod).alive
+        seen = view(pod)
+        if not seen.alive:
+            return False
+        if seen.restarting:
+            if self._restarts_told.get(job.id) != seen.postgres_restarts:
+                self._restarts_told[job.id] = seen.postgres_restarts
+                log.warning("job %s: %s; the kubelet restarts it in its pod", job.id, seen.why)
+            return None
+        if seen.ip and job.host and seen.ip != job.host:
+            # A recreated sandbox got a new address: a recovery adopts the pod (in place)
+            # and records where it is now.
+            log.warning("job %s: its pod is at %s now, not %s", job.id, seen.ip, job.host)
+            return False
+        return True
 
     async def delete(self, job: Job) -> None:
         async with self.locks.step("delete", job.id):
@@ -182,7 +217,7 @@ class KubernetesBackend:
         owner = await self._ensure_anchor(job.id)
         await self._ensure_credentials(job, owner)
         pod = await self.api.pod(job.id)
-        seen = objects.view(pod)
+        seen = view(pod)
         if seen.broken:
             log.warning("job %s: replacing its pod (%s)", job.id, seen.why)
             await progress("replacing the failed pod")
@@ -208,7 +243,7 @@ class KubernetesBackend:
             except ApiException as exc:
                 if exc.status != 409:  # made meanwhile (by a former leader): adopt it
                     raise
-        ip = await self._wait_ready(job, progress)
+        ip = await self._wait_ready(job, progress, created=pod is None)
         await self._wait_writable(job, ip)
         return Started(ip, objects.POSTGRES_PORT, objects.agent_url(ip),
                        bytes_moved=size,
@@ -258,18 +293,23 @@ class KubernetesBackend:
             await self.catalog.set_verifier(user, verifier)
         await self.catalog.grant(user, job.id, "write")
 
-    async def _wait_ready(self, job: Job, progress: Progress) -> str:
-        """The pod's IP once it is Ready; BackendError if it fails or takes too long."""
+    async def _wait_ready(self, job: Job, progress: Progress, *, created: bool) -> str:
+        """The pod's IP once it is Ready; BackendError if it fails or takes too long.
+
+        A pod that breaks is deleted before the error is raised, so the kubelet does not
+        retry a failed init step forever. In a pod made for this start (``created``), a
+        container that dies before the pod was Ready fails the start too; an adopted pod
+        (a recovery in place) may restart Postgres, up to a crash loop."""
         name = objects.object_name(job.id)
         deadline = time.monotonic() + self.start_timeout
         told = ""
         while True:
             pod = await self.api.pod(job.id)
-            seen = objects.view(pod)
+            seen = view(pod)
             if pod is None:
                 raise BackendError(f"pod {name} vanished while starting")
-            if seen.broken:
-                raise BackendError(f"pod {name} failed to start: {seen.why}")
+            if seen.broken or (created and (seen.restarting or seen.postgres_restarts)):
+                await self._give_up_pod(job, seen)
             if seen.ready and seen.ip:
                 return seen.ip
             if seen.doing != told and not seen.doing.startswith("running its init"):
@@ -301,6 +341,30 @@ class KubernetesBackend:
             await wait_until_writable(conn, max(deadline - time.monotonic(), 1))
         finally:
             await conn.close()
+
+    async def _give_up_pod(self, job: Job, seen: PodView) -> None:
+        """Delete a pod that failed to start (an init step that failed would otherwise be
+        retried by the kubelet forever), then raise why."""
+        name = objects.object_name(job.id)
+        why = seen.why or "a container died while it started"
+        log.warning("job %s: pod %s failed to start (%s): deleting it", job.id, name, why)
+        try:
+            await self.api.delete_pod(job.id, self.settings.grace_seconds)
+        except (*EXPECTED_ERRORS, BackendError) as exc:
+            raise BackendError(f"pod {name} failed to start: {why}; and deleting it "
+                               f"failed: {one_line(exc)}") from exc
+        raise BackendError(f"pod {name} failed to start: {why}")
+
+    async def _check_not_restarted(self, job: Job, before: PodView) -> None:
+        """After a pause snapshot: BackendError if the kubelet started Postgres again while
+        the agent took it (it died with an error during the fast shutdown). The pause is
+        then retried, and the agent stops the restarted server and snapshots it anew."""
+        after = view(await self.api.pod(job.id))
+        if after.exists and (after.postgres_running
+                             or after.postgres_restarts != before.postgres_restarts):
+            raise BackendError(f"job {job.id}: PostgreSQL was restarted in its pod during the "
+                               f"pause (restarts {before.postgres_restarts} -> "
+                               f"{after.postgres_restarts}); pausing again")
 
     async def _request_pause(self, job: Job, ip: str | None) -> Manifest:
         """The pod's agent stops Postgres, drains the spool and stores a pause snapshot;

@@ -25,6 +25,7 @@ from jobmesh import errors
 
 from ...core.backend import BackendError
 from . import objects as objects
+from .pod_status import view
 
 log = logging.getLogger("jobmesh.controller.kubernetes")
 
@@ -33,6 +34,7 @@ Obj = dict[str, Any]
 REQUEST_TIMEOUT = 30.0  # one API call
 WATCH_SLICE = 2.0  # seconds one watch of a changing pod lasts before we look again
 EVENTS_WATCH = 60  # seconds one watch of all job pods lasts (then it is made anew)
+GONE_TIMEOUT = 60.0  # seconds past its grace period a deleted pod may take to be gone
 
 
 def api_client(*, kube_api: str | None = None, kubeconfig: str | None = None) -> client.ApiClient:
@@ -93,9 +95,11 @@ def raw(fn: Callable[..., Any], *args: Any, timeout: float = REQUEST_TIMEOUT,
 class Api:
     """The calls the backend makes in one namespace."""
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, *,
+                 gone_timeout: float = GONE_TIMEOUT) -> None:
         self.client = api
         self.ns = namespace
+        self.gone_timeout = gone_timeout  # a deleted pod's grace period, plus this: BackendError
         self.core = client.CoreV1Api(api)
         self.net = client.NetworkingV1Api(api)
 
@@ -156,23 +160,32 @@ class Api:
             await asyncio.sleep(0.2)
 
     async def delete_pod(self, job_id: str, grace: int) -> None:
-        """Delete the job's pod and wait until it is gone (a new pod of the same name, made
-        after it, is not waited for)."""
+        """Delete the job's pod and wait until the API no longer has it (a new pod of the
+        same name, made after it, is not waited for): the fence before any new pod of the
+        job. A pod whose kubelet never confirms the delete (its node is unreachable) holds
+        it for ``grace`` + ``gone_timeout`` seconds, then BackendError: every process of
+        it may still run and write to the job's store prefix, so nothing replaces it."""
         name = objects.object_name(job_id)
         pod = await self.pod(job_id)
         if pod is None:
             return
         uid = pod["metadata"].get("uid")
         await self.delete(self.core.delete_namespaced_pod, name, grace_period_seconds=grace)
-        deadline = time.monotonic() + grace + 60
+        waited = grace + self.gone_timeout
+        deadline = time.monotonic() + waited
         while True:
             pod = await self.pod(job_id)
             if pod is None or pod["metadata"].get("uid") != uid:
                 return
             if time.monotonic() > deadline:
-                raise BackendError(f"pod {name} was still there {grace + 60} s after it "
-                                   "was deleted")
-            await self.pod_change(job_id, pod)
+                node = (pod.get("spec") or {}).get("nodeName") or "its node"
+                raise BackendError(
+                    f"pod {name} is still there {waited:g} s after it was deleted ({node} "
+                    f"has not confirmed its containers stopped): no new pod of job {job_id} "
+                    f"is started until it is gone; if {node} is down for good, "
+                    f"`kubectl delete pod {name} --force` ends the wait")
+            left = max(deadline - time.monotonic(), 0.1)
+            await self.pod_change(job_id, pod, min(WATCH_SLICE, left))
 
 
 class PodWatcher:
@@ -221,7 +234,7 @@ class PodWatcher:
         uid = str((pod.get("metadata") or {}).get("uid"))
         if kind == "DELETED":
             self._told.discard(uid)
-        elif uid in self._told or not objects.view(pod).broken:
+        elif uid in self._told or not view(pod).broken:
             return
         else:
             self._told.add(uid)

@@ -1,8 +1,9 @@
 """The Kubernetes objects of a job, as plain dicts: built here, sent by ``backend.py``.
 
 Pure: no client, no I/O, so every object can be checked against the API's
-schema in a unit test. Per job there are four objects, all named
-``job-<key>`` (see :func:`job_key`) in the controller's namespace:
+schema in a unit test (reading a pod's status back is ``pod_status.py``). Per
+job there are four objects, all named ``job-<key>`` (see :func:`job_key`) in
+the controller's namespace:
 
 - an anchor ConfigMap that lives as long as the job; the pod and the Secret
   name it as their owner, so deleting it deletes the rest (in a real cluster;
@@ -12,12 +13,35 @@ schema in a unit test. Per job there are four objects, all named
   job's own workload pods;
 - the Pod: init container ``init`` (``agent init`` for a new job, ``agent
   restore`` otherwise), then ``postgres`` and the ``agent`` sidecar sharing
-  emptyDirs for PGDATA and the WAL spool. ``restartPolicy: Never``: when any
-  container dies the pod fails, the reconciler marks the job failed and
-  recovers it from the store into a new pod. Restarting Postgres in place
-  would replay from a PGDATA whose spool the dead agent may not have shipped,
-  and a restarted agent could not tell; the store is what a job's durability
-  rests on, so every failure takes the same, tested path.
+  emptyDirs for PGDATA and the WAL spool.
+
+The pod runs under ``restartPolicy: OnFailure``. A container that dies with a
+non-zero status (a crash, kill -9, the OOM killer) is restarted by the
+kubelet in the same pod, on the same emptyDirs and pod IP: PostgreSQL's own
+crash recovery replays its local WAL, so no acknowledged commit is lost and
+nothing is downloaded; the agent beside it keeps running (it reads
+``postmaster.pid`` afresh for every request) and ships what the restarted
+server archives into the spool, which a dead agent would have left there for
+a restarted one. A clean exit is not restarted: when the agent stops
+Postgres with a fast shutdown for a pause snapshot (exit 0), nothing starts
+it again against the pause, and the backend deletes the pod once the
+snapshot is stored. Only a lost pod (deleted, evicted, its node gone, or
+Postgres crash-looping, see ``pod_status.py``) is replaced, and only then is
+the job restored from the store into a new pod.
+
+The pod-level policy covers init containers too: under OnFailure the kubelet
+would run a failing ``agent init``/``agent restore`` again and again, so the
+backend reads an init failure as the end of that pod (it deletes it and
+reports the failure at once, as under ``Never``). An init step also runs
+again when the kubelet recreates the pod's sandbox (after a node reboot, for
+one) on the same emptyDirs; ``agent init`` and ``agent restore`` refuse a
+non-empty PGDATA, so such a pod is read as failed and the job is restored
+from the store (a known gap: an init step that knew its earlier run had
+completed could let it recover in place).
+(Kubernetes 1.34+ also has per-container restart rules, which could restart
+Postgres alone and leave init containers under ``Never``; they sit behind
+the ContainerRestartRules feature gate, so this relies on the pod-level
+policy every cluster has.)
 
 One NetworkPolicy for all job pods lets only the router and the controller in.
 """
@@ -33,9 +57,9 @@ from typing import Any
 from urllib.parse import quote
 
 from jobmesh import jobids
-from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, WAL_WINDOW
 
-from ..job_spec import archive_timeout
+from ..job_spec import archive_timeout, wal_window
 
 Obj = dict[str, Any]
 
@@ -80,6 +104,7 @@ class PodSettings:
     s3_endpoint: str | None = None
     s3_secret: str | None = None  # a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     archive_timeout: int = ARCHIVE_TIMEOUT
+    wal_window: float = WAL_WINDOW  # the agent streams unfinished WAL this often (0: never)
     base_backup_interval: float = BASE_BACKUP_INTERVAL
     image_pull_policy: str = "IfNotPresent"
     # The agent's final WAL drain runs in this time when a pod is deleted.
@@ -202,6 +227,7 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
     """The job's pod. ``restore``: start from the store's latest snapshot (resume and
     recovery) rather than from a new cluster (create)."""
     timeout = archive_timeout(spec, settings.archive_timeout)
+    window = wal_window(spec, settings.wal_window)
     store = ["--store", settings.store_url]
     if settings.s3_endpoint:
         store += ["--s3-endpoint", settings.s3_endpoint]
@@ -242,7 +268,8 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
         "name": "agent", **common,
         "command": ["jobmesh", "agent", "serve", "--pgdata", PGDATA, "--job", job_id, *store,
                     "--listen", f"$(POD_IP):{AGENT_PORT}", "--spool", SPOOL,
-                    "--base-backup-interval", f"{settings.base_backup_interval:g}"],
+                    "--base-backup-interval", f"{settings.base_backup_interval:g}",
+                    "--wal-window", f"{window:g}"],
         "env": [pod_ip, *env],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": AGENT_PORT},
@@ -255,7 +282,8 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _metadata(settings.namespace, job_id, owner_uid),
         "spec": {
-            "restartPolicy": "Never",
+            # A crashed container restarts in place; a clean exit (a pause) does not.
+            "restartPolicy": "OnFailure",
             # The agent stops Postgres (SIGINT to the postmaster) before a pause snapshot.
             "shareProcessNamespace": True,
             "automountServiceAccountToken": False,  # a job pod never talks to the API
@@ -286,90 +314,3 @@ def _store_env(settings: PodSettings) -> list[Obj]:
         env.append({"name": "AWS_DEFAULT_REGION", "valueFrom": {"secretKeyRef": {
             "name": settings.s3_secret, "key": "AWS_DEFAULT_REGION", "optional": True}}})
     return env
-
-
-# --- reading a pod's status ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PodView:
-    """What the backend needs to know of a pod, read from its status."""
-
-    exists: bool
-    ready: bool = False
-    broken: bool = False  # failed, evicted, being deleted, or a container has died
-    ip: str | None = None
-    phase: str | None = None
-    why: str = ""  # for a broken pod: what happened, for the events and the log
-    doing: str = ""  # for a starting pod: what it is doing now
-
-    @property
-    def alive(self) -> bool:
-        return self.exists and not self.broken
-
-
-def view(pod: Mapping[str, Any] | None) -> PodView:
-    """Read a pod (as the API returns it, in camelCase; None: there is none)."""
-    if pod is None:
-        return PodView(exists=False, why="the pod is gone")
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    phase = status.get("phase")
-    ip = status.get("podIP") or None
-    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    ready = conditions.get("Ready") == "True"
-    if meta.get("deletionTimestamp"):
-        return PodView(True, broken=True, ip=ip, phase=phase, why="the pod is being deleted")
-    if phase in ("Failed", "Succeeded") or status.get("reason") == "Evicted":
-        why = status.get("message") or status.get("reason") or f"the pod {phase or 'failed'}"
-        detail = _terminated(status.get("initContainerStatuses"), failed_only=True) or \
-            _terminated(status.get("containerStatuses"))
-        return PodView(True, broken=True, ip=ip, phase=phase,
-                       why="; ".join(x for x in (why, detail) if x))
-    dead = _terminated(status.get("containerStatuses"))
-    if dead:
-        return PodView(True, broken=True, ip=ip, phase=phase, why=dead)
-    return PodView(True, ready=ready and ip is not None, ip=ip, phase=phase,
-                   doing=_doing(status))
-
-
-def _terminated(statuses: list[Mapping[str, Any]] | None, *, failed_only: bool = False) -> str:
-    """'container postgres exited with 1: <message>' for the first container that ended."""
-    for cs in statuses or []:
-        ended = ((cs.get("state") or {}).get("terminated")
-                 or (cs.get("lastState") or {}).get("terminated"))
-        if not ended or (failed_only and ended.get("exitCode") == 0):
-            continue
-        text = f"container {cs.get('name')} exited with {ended.get('exitCode')}"
-        if ended.get("reason"):
-            text += f" ({ended['reason']})"
-        message = " ".join(str(ended.get("message") or "").split())
-        return f"{text}: {message[-300:]}" if message else text
-    return ""
-
-
-def _doing(status: Mapping[str, Any]) -> str:
-    for cs in status.get("initContainerStatuses") or []:
-        if "running" in (cs.get("state") or {}):
-            return f"running its {cs.get('name')} step"
-    waiting = [cs for cs in status.get("containerStatuses") or []
-               if "waiting" in (cs.get("state") or {})]
-    if waiting:
-        reason = waiting[0]["state"]["waiting"].get("reason") or "waiting"
-        return f"container {waiting[0].get('name')}: {reason}"
-    return "starting PostgreSQL" if status.get("phase") == "Running" else \
-        f"pod {status.get('phase') or 'pending'}"
-
-
-def agent_running(pod: Mapping[str, Any] | None) -> bool:
-    """Could the pod's agent answer (the pod stands, has an IP, its agent has not ended)?
-    It may, even when Postgres beside it has stopped (after a pause snapshot)."""
-    if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    status = pod.get("status") or {}
-    if not status.get("podIP") or status.get("phase") in ("Failed", "Succeeded"):
-        return False
-    for cs in status.get("containerStatuses") or []:
-        if cs.get("name") == "agent":
-            return "running" in (cs.get("state") or {})
-    return status.get("phase") == "Running"

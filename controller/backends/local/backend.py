@@ -40,7 +40,7 @@ from jobmesh.agent.manifest import ManifestError
 from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
 from jobmesh.agent.store import StoreError, open_store
-from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, WAL_WINDOW
 from jobmesh.errors import one_line
 
 from ...catalog.models import JOB_ID, Job
@@ -74,7 +74,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, root: Path, store_url: str, *, s3_endpoint: str | None = None,
-                 archive_timeout: int = ARCHIVE_TIMEOUT,
+                 archive_timeout: int = ARCHIVE_TIMEOUT, wal_window: float = WAL_WINDOW,
                  base_backup_interval: float = BASE_BACKUP_INTERVAL,
                  python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
                  pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30,
@@ -92,7 +92,8 @@ class LocalBackend:
         self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
         self.instances = Instances(
             self.template, store_url=store_url, s3_endpoint=s3_endpoint,
-            archive_timeout=archive_timeout, base_backup_interval=base_backup_interval,
+            archive_timeout=archive_timeout, wal_window=wal_window,
+            base_backup_interval=base_backup_interval,
             python=python, start_timeout=start_timeout, pause_timeout=pause_timeout)
         self.locks = JobLocks(EXPECTED_ERRORS, log)
         self.crash_loop = CrashLoop()
@@ -241,7 +242,7 @@ class LocalBackend:
                 if postmaster(jd) is not None and not agent_running(jd, info):
                     log.warning("job %s: its agent is not running; restarting it", job.id)
                     try:
-                        await self.instances.spawn_agent(jd, pm.port, info)
+                        await self.instances.spawn_agent(job, jd, pm.port, info)
                     except (OSError, BackendError) as exc:
                         log.error("job %s: cannot restart its agent: %s", job.id, exc)
         return True

@@ -31,7 +31,7 @@ from ..job_database import (
     upgrade_reader,
     wait_until_writable,
 )
-from ..job_spec import archive_timeout
+from ..job_spec import archive_timeout, wal_window
 from ..step_report import Laps
 from .process import (
     JobDir,
@@ -68,12 +68,14 @@ class Instances:
     """How the local backend starts, adopts, pauses and discards a job's instance."""
 
     def __init__(self, template: Template, *, store_url: str, s3_endpoint: str | None,
-                 archive_timeout: int, base_backup_interval: float, python: str,
+                 archive_timeout: int, wal_window: float, base_backup_interval: float,
+                 python: str,
                  start_timeout: float, pause_timeout: float) -> None:
         self.template = template
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
         self.archive_timeout = archive_timeout
+        self.wal_window = wal_window
         self.base_backup_interval = base_backup_interval
         self.python = python
         self.start_timeout = start_timeout  # until Postgres accepts writes (WAL replay included)
@@ -102,7 +104,7 @@ class Instances:
             await upgrade_reader(jd.run, pm.port, job.id)
         info = read_agent(jd)
         if not agent_running(jd, info):
-            info = await self.spawn_agent(jd, pm.port, info)
+            info = await self.spawn_agent(job, jd, pm.port, info)
         assert info is not None
         return Started(HOST, pm.port, info.url, detail={"adopted": True})
 
@@ -132,7 +134,7 @@ class Instances:
             await import_dump(jd.run, port, job.id, dump, progress)
             laps("import")
         await asyncio.to_thread(mark_ready, jd, how)
-        info = await self.spawn_agent(jd, port, None)
+        info = await self.spawn_agent(job, jd, port, None)
         laps("agent")
         return port, info
 
@@ -147,7 +149,7 @@ class Instances:
             pm = await self.start_postgres(job, jd)
         info = read_agent(jd)
         if not agent_running(jd, info):
-            info = await self.spawn_agent(jd, pm.port if pm else 0, info)
+            info = await self.spawn_agent(job, jd, pm.port if pm else 0, info)
         assert info is not None
         await wait_listening(jd, info)
         return await request_pause(jd, info, self.pause_timeout)
@@ -170,7 +172,7 @@ class Instances:
             await upgrade_reader(jd.run, pm.port, job.id)
         info = read_agent(jd)
         if not agent_running(jd, info):
-            info = await self.spawn_agent(jd, pm.port, info)
+            info = await self.spawn_agent(job, jd, pm.port, info)
             laps("agent")
         assert info is not None
         return pm.port, info
@@ -201,14 +203,18 @@ class Instances:
             raise BackendError(f"job {job.id}: {exc}") from exc
         return postgres_settings(jd, port, timeout)
 
-    async def spawn_agent(self, jd: JobDir, postgres_port: int,
+    async def spawn_agent(self, job: Job, jd: JobDir, postgres_port: int,
                           before: AgentInfo | None) -> AgentInfo:
         """Start the job's agent, on the port its last one had when that is free (so the
         agent URL the catalog holds stays right)."""
         port = pick_port(before)
+        try:
+            window = wal_window(job.spec, self.wal_window)
+        except ValueError as exc:
+            raise BackendError(f"job {job.id}: {exc}") from exc
         argv = agent_argv(self.python, jd, port, store_url=self.store_url,
                           s3_endpoint=self.s3_endpoint,
-                          base_backup_interval=self.base_backup_interval)
+                          base_backup_interval=self.base_backup_interval, wal_window=window)
         info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
         self.reap()
         self._children.append(proc)

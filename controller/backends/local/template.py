@@ -60,14 +60,16 @@ REFILL_DELAY = 1.0  # seconds after a spare was taken before another is made
 # What goes into the template changed: a store's older template is replaced by a new one
 # (and its local master and spares with it). Bump it with every change to what
 # init_pgdata, prepare_serving or _make_pgdata set up. 4: the reader may read sequences,
-# has no TEMPORARY, and may not create large objects.
-REVISION = 4
+# has no TEMPORARY, and may not create large objects. 5: the agent streams WAL with
+# pg_receivewal over the socket (a local replication line).
+REVISION = 5
 ABOUT = "template.json"  # in the template's store prefix: its revision and snapshot id
 
 HBA = [
     "# jobmesh: the socket directory is private (0700, the postgres OS user), so trusting",
     "# it reaches only the superuser's own tools; TCP needs the job's password.",
     "local   all   all                  trust",
+    "local   replication   all          trust",
     "host    all   all   127.0.0.1/32   scram-sha-256",
 ]
 

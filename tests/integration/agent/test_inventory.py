@@ -32,10 +32,11 @@ from jobmesh.agent.manifest import (
     snapshot_manifest_key,
     wal_key,
 )
-from jobmesh.agent.prune import prune, wal_cutoff
+from jobmesh.agent.prune import prune, retain, wal_cutoff
 from jobmesh.agent.snapshot import take_snapshot
 from jobmesh.agent.store import Store, get_bytes, open_store, put_bytes
 from jobmesh.agent.verify import verify
+from jobmesh.agent.walpartial import Delta, compress, delta_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -413,3 +414,52 @@ async def test_real_pause_snapshots_are_listed_verified_and_pruned(pg_factory, s
     deleted = await prune(store, JOB, 1)
     assert deleted == [snapshot_manifest_key(JOB, first.id), snapshot_data_key(JOB, first.id)]
     assert [s.id for s in (await inventory(store, JOB)).snapshots] == [second.id]
+
+
+# --- retention (what agent serve runs after each base backup) -------------------------------
+
+
+async def put_delta(store: Store, segment: str, start: int, end: int) -> str:
+    key = delta_key(JOB, Delta(segment, start, end))
+    await put_bytes(store, key, compress(b"\1" * (end - start)))
+    return key
+
+
+async def test_retention_keeps_two_base_backups_every_pause_and_the_wal_after_them(store):
+    b1 = await put_snapshot(store, sid_at(1), "base", start_wal=seg(1, 2))
+    b2 = await put_snapshot(store, sid_at(2), "base", start_wal=seg(1, 5))
+    p1 = await put_snapshot(store, sid_at(3), "pause", start_lsn="0/6000028")
+    b3 = await put_snapshot(store, sid_at(4), "base", timeline=2, start_wal=seg(2, 8))
+    wal = await put_wal(store, *(seg(1, n) for n in range(1, 8)), seg(2, 7), seg(2, 8))
+    old_delta = await put_delta(store, seg(1, 4), 0, 100)  # an old timeline's last stream
+    new_delta = await put_delta(store, seg(2, 9), 0, 100)
+    history = history_key(JOB, "00000002.history")
+    await put_bytes(store, history, zstandard.ZstdCompressor().compress(b"1\t0/7000000\tx"))
+    deleted = await retain(store, JOB, 2)
+    left = await keys(store)
+    assert {s.id for s in (await inventory(store, JOB)).snapshots} == {p1.id, b2.id, b3.id}
+    assert snapshot_data_key(JOB, b1.id) not in left
+    # WAL from the oldest kept base backup's start (segment 5) on, on every timeline
+    assert sorted(k for k in left if "/wal/0" in k) == wal[4:]
+    assert new_delta in left and old_delta not in left and history in left
+    assert set(deleted) == {snapshot_manifest_key(JOB, b1.id), snapshot_data_key(JOB, b1.id),
+                            *wal[:4], old_delta}
+
+
+async def test_retention_keeps_the_wal_the_newest_pause_snapshot_replays(store):
+    await put_snapshot(store, sid_at(1), "base", start_wal=seg(1, 2))
+    await put_snapshot(store, sid_at(2), "pause", start_lsn="0/4000028")
+    await put_snapshot(store, sid_at(3), "base", start_wal=seg(1, 6))
+    await put_snapshot(store, sid_at(4), "base", start_wal=seg(1, 8))
+    wal = await put_wal(store, *(seg(1, n) for n in range(1, 10)))
+    await retain(store, JOB, 2)
+    # the older kept base starts at 6, but a restore of the pause replays from 4
+    assert sorted(k for k in await keys(store) if "/wal/" in k) == wal[3:]
+
+
+async def test_retention_without_a_base_backup_deletes_nothing(store):
+    await put_snapshot(store, sid_at(1), "pause", start_lsn="0/4000028")
+    await put_wal(store, seg(1, 1))
+    before = await keys(store)
+    assert await retain(store, JOB, 2) == []
+    assert await keys(store) == before

@@ -46,7 +46,14 @@ then SIGKILL; eviction. What a container is made of is simulated:
   ``$(POD_IP)`` set by fieldRef becomes the empty string there; use
   ``sh -c '... "$POD_IP"'`` instead.
 - Times are shortened for tests: probe periods and initial delays are capped
-  at ``probe_period``, grace periods at ``max_grace``, back-offs at 2 s.
+  at ``probe_period``, grace periods at ``max_grace``. Restarts are not: a
+  dead container is restarted in the same pod (same volumes, same pod IP, its
+  log appended to) when the pod's ``restartPolicy`` says so (init containers
+  on failure unless ``Never``; sidecars always), with the real crash-loop
+  back-off (the first restart at once, then 10 s, 20 s, 40 s ... up to 5 min,
+  reset after 10 min of running; ``waiting.reason: CrashLoopBackOff`` meanwhile),
+  ``restartCount`` and ``lastState.terminated``; ``restart_backoff=
+  RestartBackoff.shortened()`` shrinks the back-off for tests that need it.
 
 Not simulated (the pod fails with reason UnsupportedByTestKubelet, so nothing
 passes by accident): volumes other than those above, postStart hooks, gRPC
@@ -56,5 +63,6 @@ sizeLimit too), nodeSelector, affinity, tolerations, service account tokens.
 
 from .expansion import expand, expand_static, mount_rewriter
 from .kubelet import Kubelet
+from .settings import RestartBackoff
 
-__all__ = ["Kubelet", "expand", "expand_static", "mount_rewriter"]
+__all__ = ["Kubelet", "RestartBackoff", "expand", "expand_static", "mount_rewriter"]

@@ -40,7 +40,10 @@ class Container:
     rewrite: Callable[[str], str] = lambda text: text
     start_error: str | None = None
     restarts: int = 0
-    restart_at: float | None = None
+    restart_at: float | None = None  # when the kubelet starts it again (None: it will not)
+    backoff: float | None = None  # the next back-off (None: no crash since a reset)
+    backoff_at: float = 0.0  # when the back-off last grew (monotonic)
+    ended: Obj = field(default_factory=dict)  # the run that ended, until it is restarted
     state: Obj = field(default_factory=lambda: {"waiting": {"reason": "PodInitializing"}})
     last_state: Obj = field(default_factory=dict)
     exit_code: int | None = None

@@ -21,7 +21,9 @@ from jobmesh.agent.postgres import PostgresError, bin_dir, pid_alive
 
 from .pod import PodRun
 from .processes import descendants
-from .settings import WATCH_SECONDS, Obj, log
+from .settings import WATCH_SECONDS, Obj, RestartBackoff, log
+
+REAL_BACKOFF = RestartBackoff()
 
 # --- the kubelet -----------------------------------------------------------------------------
 
@@ -37,10 +39,12 @@ class Kubelet:
     def __init__(self, api_url: str, namespace: str, root: Path, *,
                  node_name: str = "test-node", probe_period: float = 0.2,
                  max_grace: float = 5.0, entrypoints: Mapping[str, Sequence[str]] | None = None,
-                 image_env: Mapping[str, str] | None = None) -> None:
+                 image_env: Mapping[str, str] | None = None,
+                 restart_backoff: RestartBackoff = REAL_BACKOFF) -> None:
         self.api_url, self.namespace, self.node_name = api_url, namespace, node_name
         self.root = root
         self.probe_period, self.max_grace = probe_period, max_grace
+        self.restart_backoff = restart_backoff  # the real kubelet's unless a test shortens it
         self.entrypoints = {k: list(v) for k, v in (entrypoints or {}).items()}
         self.image_env = dict(image_env or {"LANG": "C.UTF-8"})
         if "JOBMESH_PG_BINDIR" in os.environ:  # where this host's "image" keeps Postgres
@@ -96,11 +100,15 @@ class Kubelet:
 
     def run(self, pod: str) -> PodRun:
         """The latest run of the pod of that name."""
-        with self._lock:
-            runs = [r for r in self._runs.values() if r.name == pod]
+        runs = self.runs(pod)
         if not runs:
             raise LookupError(f"the kubelet never ran a pod {pod}")
         return runs[-1]
+
+    def runs(self, pod: str) -> list[PodRun]:
+        """Every run of pods of that name (one per uid), oldest first."""
+        with self._lock:
+            return [r for r in self._runs.values() if r.name == pod]
 
     def fail_pod(self, name: str, reason: str = "Evicted",
                  message: str = "The node was low on resource: memory.",

@@ -25,7 +25,7 @@ from .pod_config import PodConfig
 from .pod_status import PodStatus
 from .probes import PodProbes
 from .processes import kill_tree
-from .settings import MAX_BACKOFF, TICK, Obj, log
+from .settings import TICK, Obj, log
 from .shim import SHIM
 from .stopping import PodStopping
 
@@ -244,6 +244,7 @@ class PodRun(PodProbes, PodConfig, PodStopping, PodStatus):
             self._after_exit(c)
 
     def _after_exit(self, c: Container) -> None:
+        """Restart ``c`` when the pod's policy says so, after the crash-loop back-off."""
         policy = self.spec.get("restartPolicy", "Always")
         if c.role == "sidecar":
             again = True
@@ -251,17 +252,29 @@ class PodRun(PodProbes, PodConfig, PodStopping, PodStatus):
             again = c.exit_code != 0 and policy != "Never"
         else:
             again = policy == "Always" or (policy == "OnFailure" and c.exit_code != 0)
-        if again and not self.stopping and self.phase in ("Pending", "Running"):
-            c.restart_at = time.monotonic() + min(0.1 * 2 ** c.restarts, MAX_BACKOFF)
+        if not again or self.stopping or self.phase not in ("Pending", "Running"):
+            return
+        b = self.kubelet.restart_backoff
+        now_ = time.monotonic()
+        if c.backoff is None or now_ - c.backoff_at > b.reset_after:
+            delay, c.backoff = 0.0, b.initial  # the first crash (since a reset): at once
+        else:
+            delay, c.backoff = c.backoff, min(c.backoff * 2, b.cap)
+        c.backoff_at = now_ + delay
+        c.restart_at = now_ + delay
+        c.ended = c.state
+        if delay > 0:  # (an immediate restart shows the terminated state until it runs)
             c.last_state = c.state
-            c.state = {"waiting": {"reason": "CrashLoopBackOff",
-                                   "message": f"back-off restarting failed container {c.name}"}}
+            c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+                f"back-off {_go_duration(delay)} restarting failed container={c.name} "
+                f"pod={self.name}_{self.namespace}({self.uid})")}}
 
     def _restart_due(self) -> None:
         for c in self.containers:
             if c.restart_at is not None and time.monotonic() >= c.restart_at:
                 c.restart_at = None
                 c.restarts += 1
+                c.last_state, c.ended = c.ended, {}
                 self._start(c)
 
     def _update_phase(self) -> None:
@@ -278,3 +291,11 @@ class PodRun(PodProbes, PodConfig, PodStopping, PodStatus):
         if self.phase in ("Succeeded", "Failed"):  # sidecars end with the pod's work
             sidecars = [c for c in self.containers if c.role == "sidecar"]
             self._stop_containers(sidecars, time.monotonic() + self._grace())
+
+
+def _go_duration(seconds: float) -> str:
+    """As Go prints a time.Duration in the kubelet's messages: 10s, 1m20s, 5m0s."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:g}s" if seconds < 1 else f"{whole}s"
+    return f"{whole // 60}m{whole % 60}s"

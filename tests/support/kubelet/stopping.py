@@ -62,8 +62,9 @@ class PodStopping:
         self._stop_containers([c for c in self.containers if c.role != "sidecar"], deadline)
         sidecars = [c for c in self.containers if c.role == "sidecar"]  # they go last
         self._stop_containers(sidecars, max(deadline, time.monotonic() + min(1.0, grace)))
-        for c in self.containers:
-            c.restart_at = None
+        for c in self.containers:  # a container waiting for its restart is not coming back
+            if c.restart_at is not None:
+                c.restart_at, c.state = None, c.ended or c.state
 
     def _evict(self, reason: str, message: str) -> None:
         self._stop_everything(self._grace())

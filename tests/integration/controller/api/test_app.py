@@ -145,10 +145,12 @@ async def test_healthz_and_openapi_need_no_token(api: Api) -> None:
 
 async def test_create_job_answers_201_with_the_job_creating(api: Api) -> None:
     status, body = await api.call("POST", "/v1/jobs", json={
-        "id": "alpha", "spec": {"archive_timeout": 30, "cpu": "500m", "memory": "1Gi"}})
+        "id": "alpha", "spec": {"archive_timeout": 30, "wal_window": 2.5, "cpu": "500m",
+                                "memory": "1Gi"}})
     assert status == 201, body
     assert (body["id"], body["state"], body["desired_state"]) == ("alpha", "creating", "running")
-    assert body["spec"] == {"archive_timeout": 30, "cpu": "500m", "memory": "1Gi"}
+    assert body["spec"] == {"archive_timeout": 30, "wal_window": 2.5, "cpu": "500m",
+                            "memory": "1Gi"}
     assert "backend_password" not in body
     job = await api.catalog.job("alpha")
     assert job is not None and job.spec["archive_timeout"] == 30
@@ -169,6 +171,8 @@ async def test_a_body_that_is_not_a_json_object_is_a_400(api: Api, raw: bytes) -
     ({"name": "alpha"}, "unknown field"),
     ({"id": "alpha", "spec": {"cpus": 2}}, "unknown spec field"),
     ({"id": "alpha", "spec": {"archive_timeout": -1}}, "archive_timeout"),
+    ({"id": "alpha", "spec": {"wal_window": -1}}, "wal_window"),
+    ({"id": "alpha", "spec": {"wal_window": "5s"}}, "wal_window"),
     ({"id": "alpha", "spec": {"memory": "lots"}}, "memory"),
     ({"id": "alpha", "spec": {"source": {"dump": "/etc/shadow"}}}, "source"),
     ({"id": "alpha", "spec": []}, "spec"),

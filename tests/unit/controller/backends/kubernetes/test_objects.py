@@ -69,7 +69,7 @@ def test_every_object_passes_the_api_servers_own_checks(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in ALL_OBJECTS if "pod" in n])
 def test_pods_pass_the_clients_own_checks(name: str) -> None:
-    assert client.V1Pod.model_validate(ALL_OBJECTS[name]).spec.restart_policy == "Never"
+    assert client.V1Pod.model_validate(ALL_OBJECTS[name]).spec.restart_policy == "OnFailure"
 
 
 def test_an_unknown_field_would_be_caught() -> None:
@@ -114,9 +114,10 @@ def test_objects_not_of_ours_have_no_job_id() -> None:
 # --- the pod --------------------------------------------------------------------------------
 
 
-def test_the_pod_is_never_restarted_and_shares_its_process_namespace() -> None:
+def test_a_crashed_container_restarts_in_its_pod_and_the_pod_shares_its_processes() -> None:
     spec = new_pod()["spec"]
-    assert spec["restartPolicy"] == "Never"
+    assert spec["restartPolicy"] == "OnFailure"  # a crash restarts; a clean exit (pause) not
+    assert all("restartPolicy" not in c for c in spec["initContainers"] + spec["containers"])
     assert spec["shareProcessNamespace"] is True
     assert spec["securityContext"] == {"runAsUser": 999, "runAsGroup": 999, "fsGroup": 999,
                                        "runAsNonRoot": True}
@@ -190,8 +191,15 @@ def test_the_agent_serves_on_the_pod_ip_and_ships_to_the_store() -> None:
         "jobmesh", "agent", "serve", "--pgdata", "/var/lib/jobmesh/pgdata/data", "--job",
         "alpha", "--store", "s3://bucket/jobs", "--s3-endpoint", "http://minio:9000",
         "--listen", "$(POD_IP):8008", "--spool", "/var/lib/jobmesh/spool",
-        "--base-backup-interval", "600"]
+        "--base-backup-interval", "600", "--wal-window", "5"]
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8008}
+    window = container(new_pod(wal_window=0.5), "agent")["command"]
+    assert window[-2:] == ["--wal-window", "0.5"]  # the job's own, from its spec
+
+
+def test_a_bad_wal_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="wal_window"):
+        new_pod(wal_window=-1)
 
 
 def test_store_settings_and_s3_credentials_come_from_the_environment_and_a_secret() -> None:
@@ -257,84 +265,3 @@ def test_only_the_router_and_the_controller_reach_job_pods() -> None:
         {"key": "app.kubernetes.io/name", "operator": "In",
          "values": ["jobmesh-router", "jobmesh-controller"]}]}}]
     assert sorted(p["port"] for p in rule["ports"]) == [5432, 8008]
-
-
-# --- reading a pod's status ---------------------------------------------------------------------
-
-
-def with_status(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
-    pod = new_pod()
-    pod["metadata"].update(meta)
-    return {**pod, "status": status}
-
-
-READY = {"phase": "Running", "podIP": "10.0.0.7",
-         "conditions": [{"type": "Ready", "status": "True"}],
-         "containerStatuses": [{"name": "postgres", "state": {"running": {}}},
-                               {"name": "agent", "state": {"running": {}}}]}
-
-
-def test_no_pod_is_not_alive() -> None:
-    v = o.view(None)
-    assert not v.exists and not v.alive
-
-
-def test_a_ready_pod_has_its_address() -> None:
-    v = o.view(with_status(READY))
-    assert v.ready and v.alive and v.ip == "10.0.0.7"
-
-
-def test_a_starting_pod_is_alive_and_says_what_it_does() -> None:
-    v = o.view(with_status({"phase": "Pending", "initContainerStatuses": [
-        {"name": "init", "state": {"running": {}}}]}))
-    assert v.alive and not v.ready and v.doing == "running its init step"
-    v = o.view(with_status({"phase": "Pending", "containerStatuses": [
-        {"name": "postgres", "state": {"waiting": {"reason": "ContainerCreating"}}}]}))
-    assert v.doing == "container postgres: ContainerCreating"
-
-
-def test_a_failed_init_step_says_why() -> None:
-    v = o.view(with_status({"phase": "Failed", "initContainerStatuses": [
-        {"name": "init", "state": {"terminated": {
-            "exitCode": 1, "reason": "Error",
-            "message": "jobmesh agent restore: no snapshot of job 'alpha'"}}}]}))
-    assert v.broken and not v.alive
-    assert "container init exited with 1 (Error): jobmesh agent restore: no snapshot" in v.why
-
-
-def test_an_evicted_pod_is_not_alive() -> None:
-    v = o.view(with_status({"phase": "Failed", "reason": "Evicted",
-                            "message": "The node was low on resource: ephemeral-storage."}))
-    assert not v.alive and "ephemeral-storage" in v.why
-
-
-def test_a_pod_whose_postgres_died_is_not_alive_though_its_agent_runs() -> None:
-    status = {**READY, "containerStatuses": [
-        {"name": "postgres", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}},
-        {"name": "agent", "state": {"running": {}}}]}
-    v = o.view(with_status(status))
-    assert not v.alive and v.why == "container postgres exited with 137 (OOMKilled)"
-
-
-def test_a_pod_being_deleted_is_not_alive() -> None:
-    v = o.view(with_status(READY, deletionTimestamp="2026-01-01T00:00:00Z"))
-    assert not v.alive and v.why == "the pod is being deleted"
-
-
-def test_the_agent_of_a_paused_pod_still_answers() -> None:
-    paused = {**READY, "conditions": [{"type": "Ready", "status": "False"}],
-              "containerStatuses": [
-                  {"name": "postgres", "state": {"terminated": {"exitCode": 0}}},
-                  {"name": "agent", "state": {"running": {}}}]}
-    assert o.agent_running(with_status(paused))
-    assert not o.view(with_status(paused)).alive
-
-
-def test_no_agent_answers_in_a_failed_gone_or_unscheduled_pod() -> None:
-    assert not o.agent_running(None)
-    assert not o.agent_running(with_status({"phase": "Pending"}))
-    assert not o.agent_running(with_status({**READY, "phase": "Failed"}))
-    assert not o.agent_running(with_status(READY, deletionTimestamp="2026-01-01T00:00:00Z"))
-    dead = {**READY, "containerStatuses": [
-        {"name": "agent", "state": {"terminated": {"exitCode": 1}}}]}
-    assert not o.agent_running(with_status(dead))
