@@ -247,6 +247,7 @@ async def test_a_killed_postgres_recovers_in_place_and_loses_no_commit(mesh: Mes
         # postmaster and every backend, so no session outlives it.
         postmaster = int((mesh.root / "jobs/alpha/pgdata/postmaster.pid").read_text().split()[0])
         agent = json.loads((mesh.root / "jobs/alpha/jobmesh.agent.json").read_text())["pid"]
+        killing = time.monotonic()
         for pid in [postmaster, *children_of(postmaster)]:
             os.kill(pid, signal.SIGKILL)
         killed_at = len(ledger.acknowledged)
@@ -258,10 +259,14 @@ async def test_a_killed_postgres_recovers_in_place_and_loses_no_commit(mesh: Mes
     lost = set(ledger.acknowledged) - present
     print(f"\nkill -9 of the whole PostgreSQL under 4 writers: {len(lost)} of "
           f"{len(ledger.acknowledged)} acknowledged commits lost; reconnects held "
-          f"{ledger.reconnects}, refused {len(ledger.refused)}")
+          f"{ledger.reconnects}, refused {len(ledger.refused)}; writing again "
+          f"{ledger.first_after(killing) - killing:.2f} s after the kill")
     assert not lost, f"{len(lost)} acknowledged commits lost, e.g. {sorted(lost)[:5]}"
     assert ledger.reconnects >= 4 and not ledger.refused, ledger.refused[:3]
-    mesh.router.wait_for_log(r"job alpha is not answering \(.*\): holding a client")
+    # Held either way: by the router until the job answered, or, once the controller had
+    # marked it failed, as a wake.
+    mesh.router.wait_for_log(r"job alpha is not answering \(.*\): holding a client"
+                             r"|waking job alpha \((failed|recovering)\)")
     recovered = [e for e in await mesh.catalog.events("alpha", kind="transition")
                  if e.from_state == "recovering" and e.to_state == "running"]
     assert len(recovered) == 1 and recovered[0].detail.get("in_place") is True, recovered
@@ -287,6 +292,7 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
         job_dir = mesh.root / "jobs/alpha"
         postmaster = int((job_dir / "pgdata/postmaster.pid").read_text().split()[0])
         agent = json.loads((job_dir / "jobmesh.agent.json").read_text())["pid"]
+        killing = time.monotonic()
         for pid in [agent, postmaster, *children_of(postmaster)]:
             os.kill(pid, signal.SIGKILL)
         died = time.monotonic()
@@ -302,7 +308,8 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
     oldest = max((died - ledger.acknowledged_at[i] for i in lost), default=0.0)
     print(f"\nlost disk under 2 writers, default WAL window {WAL_WINDOW:g} s: {len(lost)} "
           f"of {len(ledger.acknowledged)} acknowledged commits lost, the oldest "
-          f"{oldest:.2f} s before the kill")
+          f"{oldest:.2f} s before the kill; writing again "
+          f"{ledger.first_after(killing) - killing:.2f} s after it")
     # The window, plus the upload of the last delta that was under way (a bound, not a speed).
     assert oldest <= WAL_WINDOW + 2.0, (len(lost), oldest)
     recovered = [e for e in await mesh.catalog.events("alpha", kind="transition")

@@ -25,9 +25,16 @@ class Ledger:
         self.acknowledged_at: dict[int, float] = {}  # id -> when its commit returned (monotonic)
         self.refused: list[str] = []
         self.reconnects = 0
+        self.reconnected: list[tuple[float, float]] = []  # (connect began, first commit)
         self.stop = asyncio.Event()
         self._next = 0
         self._grew = asyncio.Condition()
+
+    def first_after(self, moment: float) -> float:
+        """When a writer that reconnected after ``moment`` first had a commit acknowledged
+        (monotonic): the job was back. Commits of old connections right after the kill
+        signal, before the server went down, do not count."""
+        return min(t for start, t in self.reconnected if start > moment)
 
     async def until_acknowledged(self, count: int, timeout: float = 60) -> None:
         async with asyncio.timeout(timeout), self._grew:
@@ -36,8 +43,10 @@ class Ledger:
 
     async def write(self, _writer: int) -> None:
         conn: asyncpg.Connection | None = None
+        began: float | None = None
         while not self.stop.is_set():
             if conn is None:
+                began = time.monotonic() if began is None else began
                 try:
                     conn = await asyncpg.connect(self.dsn, timeout=90)
                 except (OSError, asyncpg.PostgresError) as exc:
@@ -57,6 +66,9 @@ class Ledger:
             async with self._grew:
                 self.acknowledged.append(value)
                 self.acknowledged_at[value] = time.monotonic()
+                if began is not None:
+                    self.reconnected.append((began, self.acknowledged_at[value]))
+                    began = None
                 self._grew.notify_all()
         if conn is not None:
             await conn.close()
