@@ -232,21 +232,14 @@ async def test_killed_controller_finishes_a_pause_and_a_resume(mesh: Mesh) -> No
 
 
 async def test_a_killed_postgres_recovers_in_place_and_loses_no_commit(mesh: Mesh) -> None:
-    mesh.start_controller("--idle-timeout", "0")
-    mesh.start_router()
-    await mesh.add_user("alice", PW, alpha="write")
-    await mesh.create_job("alpha")
-    dsn = mesh.dsn("alpha", "alice", PW)
-    psql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
-    await mesh.wait_for_base_backup("alpha")
+    dsn = await _writable_job(mesh)
     ledger = Ledger(dsn)
     writers = [asyncio.create_task(ledger.write(w)) for w in range(4)]
     try:
         await ledger.until_acknowledged(2000)
         # The whole instance dies at once (as in an OOM kill of its container): the
         # postmaster and every backend, so no session outlives it.
-        postmaster = int((mesh.root / "jobs/alpha/pgdata/postmaster.pid").read_text().split()[0])
-        agent = json.loads((mesh.root / "jobs/alpha/jobmesh.agent.json").read_text())["pid"]
+        postmaster, agent = _pids(mesh.root / "jobs/alpha")
         killing = time.monotonic()
         for pid in [postmaster, *children_of(postmaster)]:
             os.kill(pid, signal.SIGKILL)
@@ -272,10 +265,11 @@ async def test_a_killed_postgres_recovers_in_place_and_loses_no_commit(mesh: Mes
     assert len(recovered) == 1 and recovered[0].detail.get("in_place") is True, recovered
     assert recovered[0].bytes == 0  # nothing came from the store
     # The agent beside it lived on and serves the restarted server.
-    assert json.loads((mesh.root / "jobs/alpha/jobmesh.agent.json").read_text())["pid"] == agent
+    assert _pids(mesh.root / "jobs/alpha")[1] == agent
 
 
-async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
+async def _writable_job(mesh: Mesh) -> str:
+    """A mesh with job alpha, its table t, its first base backup, and alice's DSN to it."""
     mesh.start_controller("--idle-timeout", "0")
     mesh.start_router()
     await mesh.add_user("alice", PW, alpha="write")
@@ -283,6 +277,17 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
     dsn = mesh.dsn("alpha", "alice", PW)
     psql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
     await mesh.wait_for_base_backup("alpha")
+    return dsn
+
+
+def _pids(job_dir: Path) -> tuple[int, int]:
+    """The local job's postmaster and agent."""
+    postmaster = int((job_dir / "pgdata/postmaster.pid").read_text().split()[0])
+    return postmaster, json.loads((job_dir / "jobmesh.agent.json").read_text())["pid"]
+
+
+async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
+    dsn = await _writable_job(mesh)
     ledger = Ledger(dsn)
     writers = [asyncio.create_task(ledger.write(w)) for w in range(2)]
     try:
@@ -290,8 +295,7 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
         await asyncio.sleep(3 * WAL_WINDOW)  # the workload: writing for three windows
         # The machine is gone: its PostgreSQL, its agent and its disk.
         job_dir = mesh.root / "jobs/alpha"
-        postmaster = int((job_dir / "pgdata/postmaster.pid").read_text().split()[0])
-        agent = json.loads((job_dir / "jobmesh.agent.json").read_text())["pid"]
+        postmaster, agent = _pids(job_dir)
         killing = time.monotonic()
         for pid in [agent, postmaster, *children_of(postmaster)]:
             os.kill(pid, signal.SIGKILL)

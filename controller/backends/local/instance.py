@@ -94,18 +94,7 @@ class Instances:
             if postmaster(jd) is None:
                 return None  # it was dying as we looked
             raise
-        try:
-            await wait_until_writable(conn, self.start_timeout)
-            outdated = await personalise(conn, job.id, self.template.database,
-                                         job.backend_password)
-        finally:
-            await conn.close()
-        if outdated:
-            await upgrade_reader(jd.run, pm.port, job.id)
-        info = read_agent(jd)
-        if not agent_running(jd, info):
-            info = await self.spawn_agent(job, jd, pm.port, info)
-        assert info is not None
+        info = await self._serve_again(job, jd, pm.port, conn, Laps())
         return Started(HOST, pm.port, info.url, detail={"adopted": True})
 
     async def start(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
@@ -161,6 +150,12 @@ class Instances:
         pm = await self.start_postgres(job, jd, prefer=job.port)
         laps("start")
         conn = await connect(jd.run, pm.port)
+        return pm.port, await self._serve_again(job, jd, pm.port, conn, laps)
+
+    async def _serve_again(self, job: Job, jd: JobDir, port: int, conn: asyncpg.Connection,
+                           laps: Laps) -> AgentInfo:
+        """A set-up instance running again (adopted or restarted): writable (its WAL
+        replayed), the job's passwords and privileges current, its agent running."""
         try:
             await wait_until_writable(conn, self.start_timeout)
             laps("crash recovery")
@@ -169,13 +164,13 @@ class Instances:
         finally:
             await conn.close()
         if outdated:
-            await upgrade_reader(jd.run, pm.port, job.id)
+            await upgrade_reader(jd.run, port, job.id)
         info = read_agent(jd)
         if not agent_running(jd, info):
-            info = await self.spawn_agent(job, jd, pm.port, info)
+            info = await self.spawn_agent(job, jd, port, info)
             laps("agent")
         assert info is not None
-        return pm.port, info
+        return info
 
     async def start_postgres(self, job: Job, jd: JobDir, *,
                              prefer: int | None = None) -> Postmaster:
