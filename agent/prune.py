@@ -14,10 +14,10 @@ kind (a newer one may be an upload in progress).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from .errors import AgentError
-from .inventory import full_key, gather_bounded, read_listing, wal_name
+from .inventory import Listing, full_key, gather_bounded, read_listing, wal_name
 from .manifest import Manifest, job_prefix, snapshot_manifest_key
 from .store import Store
 from .walnames import WalNameError, parse_lsn, parse_segment, segment_of
@@ -61,6 +61,21 @@ def _wal_position(job: str, key: str) -> int | None:
         return None
 
 
+async def _drop_snapshots(job: str, listing: Listing, kept: Iterable[str],
+                          dropped: Iterable[str],
+                          delete: Callable[[list[str]], Awaitable[None]]) -> None:
+    """Delete each dropped snapshot: its manifest first (from then on it does not exist),
+    then its objects that no kept snapshot also lists."""
+    still_used = {full_key(job, o.key) for s in kept for o in listing.snapshots[s].objects}
+    for sid in dropped:
+        manifest_key = snapshot_manifest_key(job, sid)
+        await delete([manifest_key])
+        data = {full_key(job, o.key) for o in listing.snapshots[sid].objects}
+        data |= {k for k in listing.objects if k.startswith(f"{job}/snapshots/{sid}/")}
+        data &= listing.objects.keys()
+        await delete(sorted(data - still_used - {manifest_key}))
+
+
 async def prune(store: Store, job: str, keep: int, *, dry_run: bool = False) -> list[str]:
     """Keep the newest ``keep`` snapshots (pause and base together); returns deleted keys.
 
@@ -80,14 +95,7 @@ async def prune(store: Store, job: str, keep: int, *, dry_run: bool = False) -> 
             await gather_bounded([store.delete(k) for k in keys])
         deleted.extend(keys)
 
-    still_used = {full_key(job, o.key) for s in kept for o in listing.snapshots[s].objects}
-    for sid in dropped:
-        manifest_key = snapshot_manifest_key(job, sid)
-        await delete([manifest_key])  # first: from here on the snapshot does not exist
-        data = {full_key(job, o.key) for o in listing.snapshots[sid].objects}
-        data |= {k for k in listing.objects if k.startswith(f"{job}/snapshots/{sid}/")}
-        data &= listing.objects.keys()
-        await delete(sorted(data - still_used - {manifest_key}))
+    await _drop_snapshots(job, listing, kept, dropped, delete)
 
     cutoff = wal_cutoff(listing.snapshots[s] for s in kept)
     if cutoff is not None:
@@ -132,14 +140,7 @@ async def retain(store: Store, job: str, keep_base: int = 2, *,
             await store.delete_many(keys)
         deleted.extend(keys)
 
-    still_used = {full_key(job, o.key) for s in kept for o in listing.snapshots[s].objects}
-    for sid in dropped:
-        manifest_key = snapshot_manifest_key(job, sid)
-        await delete([manifest_key])  # first: from here on the snapshot does not exist
-        data = {full_key(job, o.key) for o in listing.snapshots[sid].objects}
-        data |= {k for k in listing.objects if k.startswith(f"{job}/snapshots/{sid}/")}
-        data &= listing.objects.keys()
-        await delete(sorted(data - still_used - {manifest_key}))
+    await _drop_snapshots(job, listing, kept, dropped, delete)
 
     needs = [listing.snapshots[kept_bases[0]]]
     if pauses:
