@@ -99,7 +99,7 @@ def parse_label(label: str) -> tuple[int, str, str]:
 async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
                            progress: Progress | None = None,
                            metrics: AgentMetrics | None = None,
-                           wal_timeout: float = 300.0) -> Manifest:
+                           wal_timeout: float = 300.0, generation: int = 0) -> Manifest:
     """Back up a running server (reachable at ``dsn``, a postgresql:// URI, as a superuser
     or a role allowed to run pg_backup_start) whose data directory is ``pgdata``.
 
@@ -120,7 +120,8 @@ async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
     except (OSError, asyncpg.PostgresError) as exc:
         raise AgentError(f"cannot connect for a base backup: {exc}") from exc
     try:
-        manifest = await _backup(conn, pgdata, pg_version, store, job, progress, wal_timeout)
+        manifest = await _backup(conn, pgdata, pg_version, store, job, progress, wal_timeout,
+                                 generation)
     except Exception:  # a cancellation (the job is pausing) is no failure
         if metrics is not None:
             metrics.failures.labels(kind="base_backup").inc()
@@ -136,7 +137,7 @@ async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
 
 
 async def _backup(conn: asyncpg.Connection, pgdata: Path, pg_version: str, store: Store, job: str,
-                  progress: Progress, wal_timeout: float) -> Manifest:
+                  progress: Progress, wal_timeout: float, generation: int) -> Manifest:
     import asyncpg
 
     try:
@@ -196,7 +197,7 @@ async def _backup(conn: asyncpg.Connection, pgdata: Path, pg_version: str, store
 
     rel = len(job_prefix(job))
     manifest = Manifest(
-        kind="base", id=sid, job=job, created_at=now_iso(),
+        kind="base", id=sid, job=job, created_at=now_iso(), generation=generation,
         objects=[ObjectEntry(data_key[rel:], data.size, data.sha256),
                  ObjectEntry(label_key[rel:], label_obj.size, label_obj.sha256)],
         pg_version=pg_version, system_identifier=system_id, timeline=timeline,

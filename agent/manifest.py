@@ -5,6 +5,9 @@ Layout, under each job's prefix::
     snapshots/<id>/data.tar.zst      PGDATA as a zstd-compressed tar
     snapshots/<id>/manifest.json     written LAST: without it the snapshot does not exist
     wal/<timeline>/<segment>.zst     archived WAL segments
+    wal/history/<tli>.history.zst    timeline history files
+    wal/partial/<segment>/...        streamed deltas of unfinished segments (walpartial.py)
+    generations/<n>.json             incarnations' claims on the prefix (fence.py)
     dumps/<id>.pgdump                pg_dump -Fc
     dumps/<id>.json                  the dump's manifest, written last
 
@@ -58,6 +61,7 @@ class Manifest:
     end_wal: str = ""  # base backup: last WAL segment needed for consistency
     uncompressed_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0  # the incarnation that wrote it (fence.py); 0: unfenced
     format: int = FORMAT
 
     def to_json(self) -> bytes:

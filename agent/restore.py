@@ -10,6 +10,15 @@ before it, loudly; with an explicit id a bad snapshot is an error.
 For a base backup, recovery is configured so that Postgres fetches the
 archived WAL through ``jobmesh agent wal-fetch`` at its next start, up to
 the end of the archive or to ``--target-time``.
+
+Fencing (``fence.py``): a restore with a generation claims it first, and
+ignores what a stale incarnation may have written. Only snapshots on the
+newest timeline's history count (a snapshot past the point where its
+timeline ended was written by an incarnation that kept running after
+another had promoted). And when an incarnation started after the snapshot
+it restores, the restore always recovers to a new timeline, even from a
+pause snapshot with no WAL after it, so that it never writes WAL under the
+names a survivor of that incarnation might still be writing.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import AgentError
+from .fence import claim, superseded
 from .manifest import (
     Manifest,
     ManifestError,
@@ -36,6 +46,7 @@ from .postgres import PostgresError, bin_dir, conf_quote, give_to_postgres, run_
 from .progress import NoProgress, Progress
 from .store import Digest, NotFound, Store, get_bytes
 from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
+from .timelines import off_history, read_newest_history
 from .wal import restore_command
 from .walnames import is_segment, parse_lsn, parse_segment, segment_of
 from .walpartial import parse_delta_key
@@ -90,8 +101,11 @@ def recovery_settings(command: str, target: datetime | None) -> str:
 
 async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | None = None,
                   target_time: str | None = None, s3_endpoint: str | None = None,
-                  progress: ProgressFor | Progress | None = None) -> RestoreResult:
+                  progress: ProgressFor | Progress | None = None,
+                  generation: int = 0) -> RestoreResult:
     """Restore ``job``'s newest (or the given) snapshot into an empty or missing PGDATA.
+
+    With a ``generation``, it is claimed first (``fence.Fenced`` if a newer one is).
 
     ``progress`` is a bar for the download, or a function making one per snapshot
     tried (restore then finishes each), so nothing is drawn before a download starts.
@@ -102,10 +116,12 @@ async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | No
     target = parse_target_time(target_time) if target_time else None
     if snapshot_id == "latest":
         snapshot_id = None
+    before = await claim(store, job, generation) if generation else []
     existed = await asyncio.to_thread(pgdata.exists)
     await asyncio.to_thread(prepare_empty_dir, pgdata)
     try:
-        return await _restore(pgdata, store, job, snapshot_id, target, s3_endpoint, progress)
+        return await _restore(pgdata, store, job, snapshot_id, target, s3_endpoint, progress,
+                              before)
     except BaseException:
         await asyncio.to_thread(wipe, pgdata)
         if not existed:
@@ -115,7 +131,7 @@ async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | No
 
 async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None,
                    target: datetime | None, s3_endpoint: str | None,
-                   progress: ProgressFor | Progress) -> RestoreResult:
+                   progress: ProgressFor | Progress, before: list[int]) -> RestoreResult:
     keys = [o.key for o in await store.list(f"{job_prefix(job)}snapshots/")]
     ids = snapshot_ids_with_manifest(keys, job)
     if not ids:
@@ -139,7 +155,8 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
         manifest, restored = await _newest_usable(pgdata, store, job, ids, target, skipped,
                                                   progress)
     configured = False
-    if manifest.kind == "base" or await wal_after_pause(store, job, manifest):
+    if (manifest.kind == "base" or superseded(manifest.generation, before)
+            or await wal_after_pause(store, job, manifest)):
         # wal-fetch as the Postgres OS user (which may need another interpreter: see wal.py)
         endpoint = s3_endpoint or getattr(store, "endpoint", None)  # S3 only; may be from env
         command = await asyncio.to_thread(restore_command, store.url, job, s3_endpoint=endpoint)
@@ -184,12 +201,17 @@ async def _newest_usable(pgdata: Path, store: Store, job: str, ids: list[str],
                          target: datetime | None, skipped: list[tuple[str, str]],
                          progress: ProgressFor | Progress) -> tuple[Manifest, int]:
     tried_any = False
+    history = await read_newest_history(store, job)
     for sid in reversed(ids):
         try:
             manifest = await _read_manifest(store, job, sid)
             if target is not None and (manifest.kind != "base"
                                        or backup_end_time(manifest) >= target):
                 continue  # pause snapshots cannot replay WAL; later backups are past T
+            if (why := off_history(manifest, history)) is not None:
+                skipped.append((sid, why))
+                log.warning("skipping snapshot %s: %s", sid, why)
+                continue
             tried_any = True
             return manifest, await _fetch(pgdata, store, job, manifest, progress)
         except _Unusable as exc:

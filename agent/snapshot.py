@@ -175,7 +175,8 @@ async def upload_tree(store: Store, key: str, directory: Path,
 
 async def take_snapshot(pgdata: Path, store: Store, job: str, *,
                         progress: Progress | None = None,
-                        metrics: AgentMetrics | None = None) -> Manifest:
+                        metrics: AgentMetrics | None = None,
+                        generation: int = 0) -> Manifest:
     """Upload a pause snapshot of a cleanly stopped PGDATA; returns its (stored) manifest."""
     progress = progress or NoProgress()
     pgdata = await asyncio.to_thread(pgdata.absolute)  # Postgres tools run from /
@@ -189,7 +190,7 @@ async def take_snapshot(pgdata: Path, store: Store, job: str, *,
         data_key = snapshot_data_key(job, sid)
         stored, stream = await upload_tree(store, data_key, pgdata, skip.__contains__, progress)
         manifest = Manifest(
-            kind="pause", id=sid, job=job, created_at=now_iso(),
+            kind="pause", id=sid, job=job, created_at=now_iso(), generation=generation,
             objects=[ObjectEntry(data_key[len(job_prefix(job)):], stored.size, stored.sha256)],
             pg_version=pg_version, system_identifier=control.system_identifier,
             timeline=control.timeline, start_lsn=control.checkpoint_lsn,

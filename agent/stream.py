@@ -70,9 +70,10 @@ class WalStreamer:
 
     def __init__(self, store: Store, job: str, directory: Path, pgdata: Path,
                  dsn: Callable[[], str], *, window: float,
-                 metrics: AgentMetrics | None = None) -> None:
+                 metrics: AgentMetrics | None = None, generation: int = 0) -> None:
         self.store = store
         self.job = job
+        self.generation = generation  # named in every delta (fence.py)
         self.directory = directory
         self.pgdata = pgdata
         self._dsn = dsn
@@ -153,7 +154,7 @@ class WalStreamer:
         end = start + len(data)
         if end > start:
             blob = await asyncio.to_thread(compress, data)
-            key = delta_key(self.job, Delta(seg, start, end))
+            key = delta_key(self.job, Delta(seg, start, end, self.generation))
             await put_bytes(self.store, key, blob)
             self._keys.setdefault(seg, []).append(key)
             self._shipped[seg] = end

@@ -2,9 +2,13 @@
 
 While a segment is being written, the streamer (``stream.py``) uploads what
 arrived since its last upload as one small zstd object per window, named by
-the segment and the byte range it covers::
+the segment, the byte range it covers and the generation that sent it
+(``fence.py``; two incarnations never write the same name)::
 
-    wal/partial/<segment>/<start:08X>-<end:08X>.zst
+    wal/partial/<segment>/<start:08X>-<end:08X>.g<generation>.zst
+
+(``<start>-<end>.zst``, without a generation, is a delta from an unfenced
+agent or one older than generations: generation 0.)
 
 Once the whole segment is stored (the archive path, ``wal.py``), its deltas
 are deleted. A restore that finds no whole segment rebuilds it from the
@@ -29,7 +33,7 @@ from .manifest import job_prefix
 from .store import NotFound, Store, get_bytes
 from .walnames import SEGMENT_SIZE, is_segment
 
-_DELTA = re.compile(r"^([0-9A-F]{24})/([0-9A-F]{8})-([0-9A-F]{8})\.zst$")
+_DELTA = re.compile(r"^([0-9A-F]{24})/([0-9A-F]{8})-([0-9A-F]{8})(?:\.g([0-9]{1,12}))?\.zst$")
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -39,6 +43,7 @@ class Delta:
     segment: str
     start: int
     end: int
+    generation: int = 0
 
     @property
     def size(self) -> int:
@@ -52,7 +57,8 @@ def partial_prefix(job: str, segment: str | None = None) -> str:
 
 
 def delta_key(job: str, d: Delta) -> str:
-    return f"{partial_prefix(job, d.segment)}{d.start:08X}-{d.end:08X}.zst"
+    gen = f".g{d.generation}" if d.generation else ""
+    return f"{partial_prefix(job, d.segment)}{d.start:08X}-{d.end:08X}{gen}.zst"
 
 
 def parse_delta_key(job: str, key: str) -> Delta | None:
@@ -66,7 +72,7 @@ def parse_delta_key(job: str, key: str) -> Delta | None:
     start, end = int(m.group(2), 16), int(m.group(3), 16)
     if not 0 <= start < end <= SEGMENT_SIZE:
         return None
-    return Delta(m.group(1), start, end)
+    return Delta(m.group(1), start, end, int(m.group(4) or 0))
 
 
 def contiguous(deltas: list[Delta]) -> list[Delta]:
@@ -75,14 +81,14 @@ def contiguous(deltas: list[Delta]) -> list[Delta]:
     Overlaps are allowed (an agent restarted mid-segment may upload from an
     offset it had shipped before; the bytes are the same): each step takes
     the delta that reaches furthest among those starting at or before the
-    current end.
+    current end (of two that reach as far, the newer generation's).
     """
     chain: list[Delta] = []
     end = 0
     pool = sorted(deltas)
     while True:
-        best = max((d for d in pool if d.start <= end < d.end), key=lambda d: d.end,
-                   default=None)
+        best = max((d for d in pool if d.start <= end < d.end),
+                   key=lambda d: (d.end, d.generation), default=None)
         if best is None:
             return chain
         chain.append(best)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import AgentError
 from ..progress import Progress
 from . import add_store_arguments
 
@@ -67,11 +68,16 @@ def add_restore(sub: Subparsers) -> None:
                    help="the snapshot to restore (default: the newest that verifies)")
     p.add_argument("--target-time", metavar="T",
                    help="recover to this time (ISO 8601; needs a base backup taken before T)")
+    p.add_argument("--generation", type=int, default=0, metavar="N",
+                   help="the incarnation's generation, from the catalog: claimed in the store "
+                        "first; a newer claim is an error (default 0: unfenced)")
     add_store_arguments(p)
     p.set_defaults(run=run_restore)
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    if args.generation < 0:
+        raise AgentError("--generation must be >= 0")
     result = asyncio.run(_restore(args))
     m = result.manifest
     how = ("archived WAL will be replayed at the next start"
@@ -92,7 +98,7 @@ async def _restore(args: argparse.Namespace) -> RestoreResult:
 
         return await restore(args.pgdata, store, args.job, snapshot_id=args.snapshot,
                              target_time=args.target_time, s3_endpoint=args.s3_endpoint,
-                             progress=bar)
+                             progress=bar, generation=args.generation)
     finally:
         await store.close()
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from jobmesh.defaults import BASE_BACKUP_INTERVAL, BASE_BACKUP_WAL_BYTES, WAL_WINDOW
 
 from ..errors import AgentError
+from ..fence import FENCE_INTERVAL
 from . import add_store_arguments
 
 if TYPE_CHECKING:
@@ -42,6 +43,13 @@ def add_serve(sub: Subparsers) -> None:
                         f"0: no streaming, only finished segments)")
     p.add_argument("--dsn", help="postgresql:// URI for base backups, dumps and status "
                                  "(default: the local socket as postgres)")
+    p.add_argument("--generation", type=int, default=0, metavar="N",
+                   help="this incarnation's generation, from the catalog: claimed in the "
+                        "store; a newer claim stops this agent and its PostgreSQL "
+                        "(default 0: unfenced)")
+    p.add_argument("--fence-interval", type=float, default=FENCE_INTERVAL, metavar="S",
+                   help=f"while uploading WAL, look for a newer claim at most every S seconds "
+                        f"(manifests and deletes look every time; default {FENCE_INTERVAL:g})")
     p.add_argument("--stop-timeout", type=float, default=300, metavar="S",
                    help="how long a pause waits for PostgreSQL to stop (default 300)")
     p.set_defaults(run=run_serve)
@@ -69,10 +77,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise AgentError("--base-backup-wal-bytes must be >= 0")
     if args.wal_window < 0:
         raise AgentError("--wal-window must be >= 0")
+    if args.generation < 0:
+        raise AgentError("--generation must be >= 0")
+    if args.fence_interval < 0:
+        raise AgentError("--fence-interval must be >= 0")
     spool = (args.spool or pgdata.with_name(pgdata.name + ".spool")).absolute()
     config = ServeConfig(pgdata, args.job, spool, args.base_backup_interval, args.dsn,
                          args.stop_timeout, wal_window=args.wal_window,
-                         base_backup_wal_bytes=args.base_backup_wal_bytes)
+                         base_backup_wal_bytes=args.base_backup_wal_bytes,
+                         generation=args.generation, fence_interval=args.fence_interval)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     return asyncio.run(serve(config, store, host, port))
 

@@ -31,6 +31,7 @@ from jobmesh.errors import one_line
 from ..basebackup import take_base_backup
 from ..dump import dump as take_dump
 from ..errors import AgentError
+from ..fence import FENCE_INTERVAL
 from ..manifest import (
     Manifest,
     ManifestError,
@@ -71,6 +72,8 @@ class ServeConfig:
     wal_window: float = 0.0  # s between uploads of streamed WAL; 0: no streaming
     base_backup_wal_bytes: int = 0  # a base backup after this much WAL; 0: no such rule
     stream_dir: Path | None = None  # pg_receivewal's directory (default: <spool>/.stream)
+    generation: int = 0  # this incarnation's (fence.py); 0: unfenced
+    fence_interval: float = FENCE_INTERVAL  # s between looks for a newer claim while uploading WAL
 
 
 def _summary(m: Manifest | None) -> dict[str, Any] | None:
@@ -94,7 +97,7 @@ class Agent:
             self.streamer = WalStreamer(store, config.job,
                                         config.stream_dir or config.spool / ".stream",
                                         config.pgdata, self.dsn, window=config.wal_window,
-                                        metrics=metrics)
+                                        metrics=metrics, generation=config.generation)
             self.archiver.on_stored.append(self.streamer.stored_whole)
         self.policy = BackupPolicy(config.base_backup_interval, config.base_backup_wal_bytes)
         self.position: Position | None = None  # the server's, as last seen
@@ -162,7 +165,8 @@ class Agent:
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
             manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
-                                           metrics=self.metrics)
+                                           metrics=self.metrics,
+                                           generation=self.config.generation)
             log.info("paused: snapshot %s stored", manifest.id)
             if self.streamer is not None:
                 try:  # the snapshot's pg_wal holds the unfinished segment now
@@ -194,7 +198,8 @@ class Agent:
     async def _do_base_backup(self) -> Manifest:
         dsn = self.dsn()
         manifest = await take_base_backup(dsn, self.config.pgdata, self.store, self.config.job,
-                                          metrics=self.metrics)
+                                          metrics=self.metrics,
+                                          generation=self.config.generation)
         self.last_snapshot = self.last_base_backup = manifest
         self._schedule_changed.set()
         log.info("base backup %s stored (WAL %s..%s)", manifest.id, manifest.start_wal,

@@ -5,6 +5,11 @@ schedule and the reading of the job's history from the store; at the end it
 ships the streamed WAL and drains the spool one last time, so a clean stop
 leaves no WAL behind that the store lacks. The
 command line that calls ``serve`` is in ``jobmesh.agent.cli.serve``.
+
+With a generation, the agent claims it in the store before anything else and
+writes through a ``FencedStore``: once a newer incarnation of the job claims
+the store, this one stops its PostgreSQL at once (an immediate shutdown: no
+more commits it could not keep) and exits with status 3 (``fence.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
@@ -21,14 +28,17 @@ from aiohttp import web
 from jobmesh.errors import one_line
 
 from ..errors import AgentError
+from ..fence import Fenced, FencedStore, claim
 from ..metrics import AgentMetrics
-from ..postmaster import pg_isready
+from ..postmaster import pg_isready, read_postmaster
 from ..store import Store
 from ..store.counting import CountingStore
 from .api import build_app
 from .daemon import Agent, Conflict, ServeConfig
 
 log = logging.getLogger("jobmesh.agent.serve")
+
+FENCED = 3  # exit status of an agent a newer generation fenced off
 
 
 async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
@@ -39,6 +49,21 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     metrics = AgentMetrics()
     store = CountingStore(store, metrics.count_request)
+    fenced: list[Fenced] = []
+    if config.generation:
+        try:
+            await claim(store, config.job, config.generation)
+        except Fenced as exc:
+            await store.close()
+            raise AgentError(str(exc)) from None
+
+        def on_fenced(exc: Fenced) -> None:
+            fenced.append(exc)
+            _stop_postgres_now(config.pgdata)
+            stop.set()
+
+        store = FencedStore(store, config.job, config.generation,
+                            interval=config.fence_interval, on_fenced=on_fenced)
     agent = Agent(config, store, metrics)
     runner = web.AppRunner(build_app(agent), access_log=None)
     await runner.setup()
@@ -68,6 +93,9 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
         await archiving
         if streaming is not None:
             await streaming  # it ships what it received one last time
+        if fenced:
+            log.error("stopped, fenced off: %s", fenced[0])
+            return FENCED
         try:
             drained = await agent.archiver.drain()
         except Exception as exc:
@@ -80,26 +108,41 @@ async def serve(config: ServeConfig, store: Store, host: str, port: int) -> int:
         await store.close()
 
 
+def _stop_postgres_now(pgdata: Path) -> None:
+    """Immediate shutdown (SIGQUIT): a fenced incarnation must not acknowledge another
+    commit, since nothing it writes from now on reaches the store."""
+    pm = read_postmaster(pgdata)
+    if pm is not None:
+        log.error("stopping PostgreSQL (pid %d) at once: fenced off", pm.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pm.pid, signal.SIGQUIT)
+
+
 async def arm_archive_timeout(agent: Agent, stop: asyncio.Event) -> None:
-    """Reload Postgres's configuration once it accepts connections.
+    """Reload Postgres's configuration whenever a new postmaster accepts connections.
 
     PostgreSQL 15's checkpointer computes its first sleep while the startup
     process still runs, ignoring archive_timeout, and then sleeps a whole
     checkpoint_timeout: until a reload, archive_timeout would not bound the
-    data a crash can lose.
+    data a crash can lose. A server restarted under this agent (crash recovery
+    in place) needs the reload again, so this runs until the agent stops.
     """
+    armed: int | None = None  # the postmaster pid last reloaded
     while not stop.is_set():
-        with contextlib.suppress(Conflict):
-            dsn = agent.dsn()
-            if await pg_isready(dsn):
-                conn = await asyncpg.connect(dsn, timeout=10)
-                try:
-                    await conn.execute("select pg_reload_conf()")
-                finally:
-                    await conn.close()
-                return
+        pm = read_postmaster(agent.config.pgdata)
+        if pm is not None and pm.pid != armed:
+            with contextlib.suppress(Conflict, OSError, TimeoutError, asyncpg.PostgresError):
+                dsn = agent.dsn()
+                if await pg_isready(dsn):
+                    conn = await asyncpg.connect(dsn, timeout=10)
+                    try:
+                        await conn.execute("select pg_reload_conf()")
+                    finally:
+                        await conn.close()
+                    armed = pm.pid
+        # Shortly while a server is coming up; once armed, a look a second is enough.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
+            await asyncio.wait_for(stop.wait(), 0.2 if armed is None else 1.0)
 
 
 async def _quietly(what: str, coro: Awaitable[None]) -> None:

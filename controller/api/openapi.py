@@ -102,6 +102,11 @@ def _schemas() -> dict[str, Any]:
                             "description": "the error is one retrying cannot fix: nothing is "
                                            "tried until POST /v1/jobs/{id}/retry, a new "
                                            "desired state, or a delete"},
+                "generation": {"type": "integer", "minimum": 0,
+                               "description": "the newest incarnation's number: each create, "
+                                              "wake and recovery takes the next one, and its "
+                                              "agent claims it in the store, fencing off any "
+                                              "older incarnation still running"},
                 "last_active": stamp, "created_at": stamp, "updated_at": stamp}},
         "Snapshot": {"type": "object", "properties": {
             "id": text, "kind": text, "size_bytes": {"type": ["integer", "null"]},

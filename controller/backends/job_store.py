@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from jobmesh.agent.fence import Fenced
 from jobmesh.agent.manifest import (
     Manifest,
     ManifestError,
@@ -14,6 +15,16 @@ from jobmesh.agent.manifest import (
 from jobmesh.agent.store import Store, StoreError, get_bytes
 
 from ..core.backend import BackendError, PermanentError, Stopped
+
+
+def stale_generation(exc: Fenced) -> PermanentError:
+    """The catalog handed out a generation older than one the store has seen claimed:
+    another controller runs this job, or the catalog was restored from an old backup.
+    Retrying would only creep past the fence, so it is for the user to look."""
+    return PermanentError(f"generation {exc.generation} from the catalog is older than "
+                          f"generation {exc.newer}, claimed in the store: is another "
+                          f"controller running this job, or was the catalog restored from an "
+                          f"old backup?")
 
 
 async def latest_snapshot(store: Store, job_id: str) -> Manifest | None:

@@ -219,6 +219,15 @@ class Catalog:
             await _insert_event(conn, job_id, "retry", row["state"], None)
         return Job.from_row(row)
 
+    async def next_generation(self, job_id: str) -> int:
+        """The next incarnation's generation (``agent/fence.py``): each call a new one."""
+        generation = await self.pool.fetchval(
+            "UPDATE jobs SET generation = generation + 1 WHERE id = $1 RETURNING generation",
+            job_id)
+        if generation is None:
+            raise NotFound(f"no job {job_id}")
+        return int(generation)
+
     async def set_progress(self, job_id: str, text: str | None) -> None:
         await self.pool.execute("UPDATE jobs SET progress = $2 WHERE id = $1", job_id, text)
 

@@ -68,6 +68,8 @@ class Job:
     # the user to retry, want something else, or delete the job).
     next_attempt_at: datetime | None = None
     gave_up: bool = False
+    # The newest incarnation's generation (``agent/fence.py``): 0 until the job first runs.
+    generation: int = 0
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -81,7 +83,8 @@ class Job:
             last_active=row["last_active"], created_at=row["created_at"],
             updated_at=row["updated_at"],
             next_attempt_at=_added(row, "next_attempt_at", None),
-            gave_up=_added(row, "gave_up", False))
+            gave_up=_added(row, "gave_up", False),
+            generation=_added(row, "generation", 0))
 
     @property
     def database(self) -> str:
@@ -96,7 +99,8 @@ class Job:
             "attempts": self.attempts,
             "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at
             else None,
-            "gave_up": self.gave_up, "last_active": self.last_active.isoformat(),
+            "gave_up": self.gave_up, "generation": self.generation,
+            "last_active": self.last_active.isoformat(),
             "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
         }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -242,6 +243,11 @@ class Reconciler:
         started_at = time.monotonic()
         log.info("job %s: %s (%s -> %s)", job.id, step.action.value, job.state, step.done)
         try:
+            if step.action in (Action.CREATE, Action.RESUME, Action.RECOVER):
+                # A new incarnation, perhaps: it takes the next generation (a recovery in
+                # place keeps its agent and that agent's generation; gaps are harmless).
+                job = dataclasses.replace(job, generation=await self.catalog.next_generation(
+                    job.id))
             match step.action:
                 case Action.CREATE:
                     result: Started | Stopped | None = await self.backend.create(job, progress)

@@ -21,6 +21,7 @@ from jobmesh.defaults import WAL_WINDOW
 from tests.support.kube_mesh import KubeMesh
 from tests.support.ledger import Ledger
 from tests.support.mesh import Mesh, psql
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
 PW = "pw-123"
@@ -202,6 +203,12 @@ async def test_no_committed_row_is_lost_across_pauses_and_resumes(mesh: Mesh) ->
     present = {r[0] for r in await _fetch(dsn, "SELECT id FROM t")}
     assert set(committed) <= present
     assert await mesh.transitions("alpha", "paused") == 3
+    # Each incarnation (the create, three wakes) claims its own generation in the store
+    # (its agent does, at its start, before it uploads anything).
+    job = await mesh.wait_state("alpha", "running")
+    claims = await until(lambda: _claims(mesh, "alpha", job.generation),
+                         f"generation {job.generation} to be claimed")
+    assert len(claims) >= 4, claims
 
 
 async def test_killed_controller_finishes_a_pause_and_a_resume(mesh: Mesh) -> None:
@@ -319,6 +326,15 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
     recovered = [e for e in await mesh.catalog.events("alpha", kind="transition")
                  if e.from_state == "recovering" and e.to_state == "running"]
     assert len(recovered) == 1 and recovered[0].detail.get("source") == "store", recovered
+    job = await mesh.wait_state("alpha", "running")  # the recovery's claim fences the old:
+    await until(lambda: _claims(mesh, "alpha", job.generation), "the recovery's claim")
+
+
+async def _claims(mesh: Mesh, job_id: str, newest: int) -> list[int]:
+    """The generations claimed in the (file) store, oldest first, once ``newest`` is."""
+    claims = sorted(int(p.name.removesuffix(".json"))
+                    for p in (mesh.root / "store" / job_id / "generations").iterdir())
+    return claims if claims and claims[-1] == newest else []
 
 
 async def test_idle_jobs_are_paused(mesh: Mesh) -> None:

@@ -227,7 +227,7 @@ class KubernetesBackend:
         if pod is None:
             try:
                 body = objects.job_pod(job.id, job.spec, self.settings, restore=restore,
-                                       owner_uid=owner)
+                                       owner_uid=owner, generation=job.generation)
             except ValueError as exc:  # a bad spec: no retry makes it good
                 raise PermanentError(f"job {job.id}: {exc}") from exc
             if restore:

@@ -223,9 +223,10 @@ def resources(spec: Mapping[str, Any]) -> Obj:
 
 
 def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, restore: bool,
-            owner_uid: str) -> Obj:
+            owner_uid: str, generation: int = 0) -> Obj:
     """The job's pod. ``restore``: start from the store's latest snapshot (resume and
-    recovery) rather than from a new cluster (create)."""
+    recovery) rather than from a new cluster (create). ``generation``: the incarnation's,
+    claimed in the store by the restore and the agent (``agent/fence.py``)."""
     timeout = archive_timeout(spec, settings.archive_timeout)
     window = wal_window(spec, settings.wal_window)
     store = ["--store", settings.store_url]
@@ -234,7 +235,7 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
     env = _store_env(settings)
     if restore:
         init_args = ["jobmesh", "agent", "restore", "--pgdata", PGDATA, "--job", job_id,
-                     *store, "--from", "latest"]
+                     *store, "--from", "latest", "--generation", str(generation)]
         init_env = env
     else:
         init_args = ["jobmesh", "agent", "init", "--pgdata", PGDATA, "--job", job_id,
@@ -269,7 +270,7 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
         "command": ["jobmesh", "agent", "serve", "--pgdata", PGDATA, "--job", job_id, *store,
                     "--listen", f"$(POD_IP):{AGENT_PORT}", "--spool", SPOOL,
                     "--base-backup-interval", f"{settings.base_backup_interval:g}",
-                    "--wal-window", f"{window:g}"],
+                    "--wal-window", f"{window:g}", "--generation", str(generation)],
         "env": [pod_ip, *env],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": AGENT_PORT},

@@ -36,6 +36,7 @@ import aiohttp
 import asyncpg
 
 from jobmesh.agent.errors import AgentError
+from jobmesh.agent.fence import Fenced
 from jobmesh.agent.manifest import ManifestError
 from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
@@ -51,6 +52,7 @@ from ..job_store import (
     delete_job_objects,
     latest_snapshot,
     snapshot_to_restore,
+    stale_generation,
     stored_pause,
 )
 from ..step_report import Laps, Relay, mb
@@ -301,8 +303,11 @@ class LocalBackend:
         await progress(f"restoring {mb(size)}")
         await asyncio.to_thread(prepare, jd)
         relay = Relay(progress, "restoring", size)
-        result = await restore(jd.pgdata, self.store, job.id, s3_endpoint=self.s3_endpoint,
-                               progress=relay)
+        try:
+            result = await restore(jd.pgdata, self.store, job.id, s3_endpoint=self.s3_endpoint,
+                                   progress=relay, generation=job.generation)
+        except Fenced as exc:
+            raise stale_generation(exc) from None
         await relay.flush()
         laps("restore")
         port, info = await self.instances.start(job, jd, progress, how,

@@ -209,7 +209,8 @@ class Instances:
             raise BackendError(f"job {job.id}: {exc}") from exc
         argv = agent_argv(self.python, jd, port, store_url=self.store_url,
                           s3_endpoint=self.s3_endpoint,
-                          base_backup_interval=self.base_backup_interval, wal_window=window)
+                          base_backup_interval=self.base_backup_interval, wal_window=window,
+                          generation=job.generation)
         info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
         self.reap()
         self._children.append(proc)

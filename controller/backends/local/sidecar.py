@@ -47,14 +47,15 @@ class AgentInfo:
 
 
 def agent_argv(python: str, jd: JobDir, port: int, *, store_url: str, s3_endpoint: str | None,
-               base_backup_interval: float, wal_window: float) -> list[str]:
+               base_backup_interval: float, wal_window: float,
+               generation: int = 0) -> list[str]:
     argv = [python, "-m", "jobmesh", "agent", "serve", "--pgdata", str(jd.pgdata),
             "--job", jd.job_id, "--store", store_url]
     if s3_endpoint:
         argv += ["--s3-endpoint", s3_endpoint]
     return [*argv, "--listen", f"127.0.0.1:{port}", "--spool", str(jd.spool),
             "--base-backup-interval", f"{base_backup_interval:g}",
-            "--wal-window", f"{wal_window:g}"]
+            "--wal-window", f"{wal_window:g}", "--generation", str(generation)]
 
 
 def pick_port(before: AgentInfo | None) -> int:

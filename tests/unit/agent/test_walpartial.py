@@ -29,8 +29,23 @@ def test_a_delta_key_names_its_segment_and_byte_range() -> None:
     assert parse_delta_key("job1", key) == d
 
 
+def test_a_delta_key_names_the_generation_that_sent_it() -> None:
+    d = Delta(SEG, 0, 0x100, generation=12)
+    key = delta_key("job1", d)
+    assert key == f"job1/wal/partial/{SEG}/00000000-00000100.g12.zst"
+    assert parse_delta_key("job1", key) == d
+    assert key != delta_key("job1", Delta(SEG, 0, 0x100, generation=13))  # never the same
+
+
+def test_of_two_deltas_that_reach_as_far_the_newer_generation_is_taken() -> None:
+    old, new = Delta(SEG, 0, 0x100, generation=3), Delta(SEG, 0, 0x100, generation=4)
+    assert contiguous([new, old]) == [new]
+    assert contiguous([old, Delta(SEG, 0, 0x80, generation=9)]) == [old]  # reach first
+
+
 @pytest.mark.parametrize("key", [
     f"job1/wal/00000002/{SEG}.zst",                  # a whole segment
+    f"job1/wal/partial/{SEG}/00000000-00000010.gx.zst",  # a generation is a number
     f"job1/wal/partial/{SEG}/00000010-00000010.zst",  # empty
     f"job1/wal/partial/{SEG}/00000000-01000001.zst",  # past the segment's end
     "job1/wal/partial/nonsense/00000000-00000010.zst",

@@ -164,8 +164,15 @@ def test_a_resumed_job_restores_the_latest_snapshot_from_the_store() -> None:
     assert init["command"] == [
         "jobmesh", "agent", "restore", "--pgdata", "/var/lib/jobmesh/pgdata/data", "--job",
         "alpha", "--store", "s3://bucket/jobs", "--s3-endpoint", "http://minio:9000",
-        "--from", "latest"]
+        "--from", "latest", "--generation", "0"]
     assert "JOBMESH_BACKEND_PASSWORD" not in env(init)
+
+
+def test_the_restore_and_the_agent_claim_the_incarnations_generation() -> None:
+    pod = o.job_pod("alpha", {}, SETTINGS, restore=True, owner_uid="u", generation=7)
+    for name in ("init", "agent"):
+        command = container(pod, name)["command"]
+        assert command[command.index("--generation") + 1] == "7", name
 
 
 def test_no_password_is_written_into_the_pod() -> None:
@@ -191,10 +198,10 @@ def test_the_agent_serves_on_the_pod_ip_and_ships_to_the_store() -> None:
         "jobmesh", "agent", "serve", "--pgdata", "/var/lib/jobmesh/pgdata/data", "--job",
         "alpha", "--store", "s3://bucket/jobs", "--s3-endpoint", "http://minio:9000",
         "--listen", "$(POD_IP):8008", "--spool", "/var/lib/jobmesh/spool",
-        "--base-backup-interval", "600", "--wal-window", "5"]
+        "--base-backup-interval", "600", "--wal-window", "5", "--generation", "0"]
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8008}
     window = container(new_pod(wal_window=0.5), "agent")["command"]
-    assert window[-2:] == ["--wal-window", "0.5"]  # the job's own, from its spec
+    assert window[-4:-2] == ["--wal-window", "0.5"]  # the job's own, from its spec
 
 
 def test_a_bad_wal_window_is_refused() -> None:
