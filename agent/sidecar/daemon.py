@@ -165,8 +165,7 @@ class Agent:
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
             manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
-                                           metrics=self.metrics,
-                                           generation=self.config.generation)
+                                           metrics=self.metrics, generation=self.config.generation)
             log.info("paused: snapshot %s stored", manifest.id)
             if self.streamer is not None:
                 try:  # the snapshot's pg_wal holds the unfinished segment now

@@ -1,5 +1,9 @@
 """The mesh end to end, real processes only: catalog, controller (local backend), router,
-job PostgreSQL instances with their agents, and real clients (psql, psycopg, asyncpg)."""
+job PostgreSQL instances with their agents, and real clients (psql, psycopg, asyncpg).
+
+Over ~400 lines on purpose: one specification per behaviour of the whole mesh, sharing
+its fixtures; the helpers it needs live in tests/support/.
+"""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from jobmesh.agent.snapshot import take_snapshot
 from jobmesh.agent.store import Store, get_bytes
 from jobmesh.agent.wal import Archiver
 from jobmesh.agent.walnames import parse_lsn, segment_of
+from tests.support.machine import working_in
 from tests.support.waiting import until
 
 ARCHIVE_TIMEOUT = 1
@@ -143,17 +144,6 @@ async def restore_base_backup(store: Store, manifest: Manifest, dest: Path, *,
         log = inst.logfile.read_text() if inst.logfile.exists() else "(no log)"
         raise AssertionError(f"recovery failed: {exc}\n{log[-3000:]}") from exc
     return inst
-
-
-def pg_processes(pgdata: Path) -> list[int]:
-    """Pids of processes working in ``pgdata`` (every Postgres process chdirs there)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(entry / "cwd") == str(pgdata):
-                    pids.append(int(entry.name))
-    return pids
 
 
 # --- init -----------------------------------------------------------------------------------
@@ -324,13 +314,13 @@ async def test_kill_9_under_write_load_loses_at_most_the_unarchived_tail(
         os.kill(postmaster, signal.SIGKILL)
         killed_at = time.monotonic()
         last_acknowledged = committed[-1][1]
-        for pid in pg_processes(job.pgdata):
+        for pid in working_in(job.pgdata):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(writing, 60)
 
         async def all_gone() -> bool:
-            return not pg_processes(job.pgdata)
+            return not working_in(job.pgdata)
 
         await until(all_gone, "the crashed server's processes to exit")
     await conn.close()
@@ -444,7 +434,7 @@ async def test_crash_after_resume_replays_the_wal_archived_since_the_pause(
     finally:
         await conn.close()
     await Archiver(store, job.id, job.spool).drain()
-    for pid in pg_processes(job.pgdata):  # the job is lost, as with a vanished pod
+    for pid in working_in(job.pgdata):  # the job is lost, as with a vanished pod
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
