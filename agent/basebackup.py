@@ -1,7 +1,8 @@
 """Base backups of a running PostgreSQL, for recovery after a crash.
 
-``pg_backup_start`` (a fast checkpoint), then PGDATA streamed as tar.zst
-while Postgres keeps writing, then ``pg_backup_stop``, all on one session
+``pg_backup_start`` (a fast checkpoint), then PGDATA's new objects uploaded
+(``cas``: only chunks the store lacks) while Postgres keeps writing, then
+``pg_backup_stop``, all on one session
 (a non-exclusive backup lives as long as its session: if we die, Postgres
 forgets it). The copy is fuzzy; WAL replay from the start checkpoint to
 the stop position makes it consistent, so those segments must be in the
@@ -27,19 +28,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cas import CHUNK_SIZE, Tree, UploadStats, write_snapshot
+from .cas.keys import KeySet
 from .errors import AgentError
-from .manifest import (
-    Manifest,
-    ObjectEntry,
-    job_prefix,
-    new_id,
-    now_iso,
-    snapshot_data_key,
-    snapshot_manifest_key,
-    wal_key,
-)
+from .manifest import Manifest, ObjectEntry, job_prefix, new_id, now_iso, wal_key
 from .progress import NoProgress, Progress
-from .snapshot import tree_size, upload_tree
 from .store import Store, put_bytes
 from .wal import push_segment
 from .walnames import format_lsn, parse_lsn, segment_ending_at, segment_range
@@ -128,7 +121,7 @@ async def take_base_backup(dsn: str, pgdata: Path, store: Store, job: str, *,
         raise
     finally:
         await conn.close()  # ends the backup on the server too, if it is still open
-    size = sum(o.size for o in manifest.objects)
+    size = manifest.stored_size
     if metrics is not None:
         metrics.snapshot_bytes.labels(kind="base").inc(size)
         metrics.snapshot_seconds.labels(kind="base").observe(time.monotonic() - started)
@@ -163,51 +156,51 @@ async def _backup(conn: asyncpg.Connection, pgdata: Path, pg_version: str, store
     spool_dir = Path(spool) if library == "basic_archive" and spool else None
 
     sid = new_id()
-    if progress.total is None:
-        progress.total = await asyncio.to_thread(tree_size, pgdata, excluded)
     try:
         await conn.fetchval("select pg_backup_start($1, fast => true)::text", f"jobmesh {sid}")
     except asyncpg.PostgresError as exc:
         raise AgentError(f"pg_backup_start failed: {exc}") from exc
 
-    data_key = snapshot_data_key(job, sid)
-    data, stream = await upload_tree(store, data_key, pgdata, excluded, progress)
-    try:
-        row = await conn.fetchrow("select lsn::text as lsn, labelfile from "
-                                  "pg_backup_stop(wait_for_archive => true)",
-                                  timeout=wal_timeout)
-        # The server's clock, which recovery_target_time is compared with: a point-in-time
-        # restore can only aim after this.
-        end_time = await conn.fetchval("select clock_timestamp()")
-    except asyncpg.PostgresError as exc:
-        raise AgentError(f"pg_backup_stop failed: {exc}") from exc
-    except TimeoutError as exc:
-        raise AgentError(f"pg_backup_stop waited {wal_timeout:.0f} s for Postgres to archive "
-                         "the backup's WAL: is archiving failing? (see pg_stat_archiver)") from exc
-    assert row is not None
-    label: str = row["labelfile"]
-    timeline, start_lsn, start_wal = parse_label(label)
-    end_lsn = format_lsn(parse_lsn(row["lsn"]))
-    end_wal = segment_ending_at(timeline, parse_lsn(end_lsn)).name
-    label_key = backup_label_key(job, sid)
-    label_obj = await put_bytes(store, label_key, label.encode())
+    async def finish(tree: Tree, stats: UploadStats, keys: KeySet) -> Manifest:
+        try:
+            row = await conn.fetchrow("select lsn::text as lsn, labelfile from "
+                                      "pg_backup_stop(wait_for_archive => true)",
+                                      timeout=wal_timeout)
+            # The server's clock, which recovery_target_time is compared with: a
+            # point-in-time restore can only aim after this.
+            end_time = await conn.fetchval("select clock_timestamp()")
+        except asyncpg.PostgresError as exc:
+            raise AgentError(f"pg_backup_stop failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise AgentError(f"pg_backup_stop waited {wal_timeout:.0f} s for Postgres to "
+                             "archive the backup's WAL: is archiving failing? (see "
+                             "pg_stat_archiver)") from exc
+        assert row is not None
+        label: str = row["labelfile"]
+        timeline, start_lsn, start_wal = parse_label(label)
+        end_lsn = format_lsn(parse_lsn(row["lsn"]))
+        end_wal = segment_ending_at(timeline, parse_lsn(end_lsn)).name
+        label_key = backup_label_key(job, sid)
+        label_obj = await put_bytes(store, label_key, label.encode())
+        await wait_for_wal(store, job, segment_range(start_wal, end_wal), spool_dir,
+                           timeout=wal_timeout)
+        rel = len(job_prefix(job))
+        return Manifest(
+            kind="base", id=sid, job=job, created_at=now_iso(), generation=generation,
+            objects=[ObjectEntry(label_key[rel:], label_obj.size, label_obj.sha256)],
+            files=tree.files, dirs=tree.dirs, key_id=keys.id, chunk_size=CHUNK_SIZE,
+            pg_version=pg_version, system_identifier=system_id, timeline=timeline,
+            start_lsn=start_lsn, end_lsn=end_lsn, start_wal=start_wal, end_wal=end_wal,
+            uncompressed_size=stats.bytes,
+            extra={"new_bytes": stats.new_bytes, "new_objects": stats.new_objects,
+                   "read_bytes": stats.read_bytes, "files": stats.files,
+                   "backup_label": label_key[rel:], "end_time": end_time.isoformat()},
+        )
 
-    await wait_for_wal(store, job, segment_range(start_wal, end_wal), spool_dir,
-                       timeout=wal_timeout)
-
-    rel = len(job_prefix(job))
-    manifest = Manifest(
-        kind="base", id=sid, job=job, created_at=now_iso(), generation=generation,
-        objects=[ObjectEntry(data_key[rel:], data.size, data.sha256),
-                 ObjectEntry(label_key[rel:], label_obj.size, label_obj.sha256)],
-        pg_version=pg_version, system_identifier=system_id, timeline=timeline,
-        start_lsn=start_lsn, end_lsn=end_lsn, start_wal=start_wal, end_wal=end_wal,
-        uncompressed_size=stream.uncompressed_size,
-        extra={"files": stream.files, "format": "tar", "compression": "zstd",
-               "backup_label": label_key[rel:], "end_time": end_time.isoformat(),
-               "skipped": len(stream.skipped)},
-    )
-    await put_bytes(store, snapshot_manifest_key(job, sid), manifest.to_json())
+    # Files the hash cache vouches for did not change since PostgreSQL last started (it
+    # was stopped when the cache was written): what changes during the copy is in WAL.
+    manifest, _, _ = await write_snapshot(store, job, pgdata, excluded, finish,
+                                          progress=progress)
     return manifest
 
 

@@ -3,7 +3,10 @@
 Only manifests make objects count: ``list`` shows snapshots and dumps that
 have one, and everything else under ``snapshots/`` and ``dumps/`` is an
 "orphaned object" (an upload that died, or one still in progress). WAL
-segments have no manifests; they count by name.
+segments have no manifests; they count by name. The content-addressed
+objects of format 2 snapshots are store-wide (``_objects/``), shared
+between jobs: which of them are orphans only a collection over every
+job's manifests can say (``jobmesh store gc``).
 
 ``verify`` (re-download and check) and ``prune`` (delete what no kept
 snapshot needs) work from the same ``Listing``, in their own modules.
@@ -181,7 +184,7 @@ async def gather_bounded(aws: Iterable[Awaitable[object]], limit: int = PARALLEL
 
 
 def _stored_size(man: Manifest) -> int:
-    return sum(o.size for o in man.objects)
+    return man.stored_size
 
 
 def wal_ranges(names: Iterable[tuple[str, int]]) -> list[WalRange]:

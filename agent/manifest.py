@@ -2,14 +2,24 @@
 
 Layout, under each job's prefix::
 
-    snapshots/<id>/data.tar.zst      PGDATA as a zstd-compressed tar
     snapshots/<id>/manifest.json     written LAST: without it the snapshot does not exist
+    snapshots/<id>/data.tar.zst      format 1 only: PGDATA as a zstd-compressed tar
     wal/<timeline>/<segment>.zst     archived WAL segments
     wal/history/<tli>.history.zst    timeline history files
     wal/partial/<segment>/...        streamed deltas of unfinished segments (walpartial.py)
     generations/<n>.json             incarnations' claims on the prefix (fence.py)
+    pins/<snapshot id>.<until>       a snapshot retention keeps until then (a rewind's)
     dumps/<id>.pgdump                pg_dump -Fc
     dumps/<id>.json                  the dump's manifest, written last
+
+and store-wide (names starting with ``_``, which no job id does)::
+
+    _objects/<aa>/<name>             format 2: content-addressed objects (agent/cas)
+    _store/keys/<id>.json            the keys objects are named (and sealed) with
+    _locks/<id>.json                 leases of writers in flight, and the collector's lock
+
+A format 2 manifest lists every file of PGDATA as the objects (chunks)
+holding it; format 1 (one tar per snapshot) is still read.
 
 Snapshot ids sort in time order (``20261126T072300123Z-1a2b``), so "the
 latest" is the greatest id that has a manifest. Pure code: no I/O here.
@@ -19,11 +29,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 SnapshotKind = Literal["pause", "base"]
 
 
@@ -41,6 +52,25 @@ class ObjectEntry:
     key: str  # relative to the job prefix
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of a format 2 snapshot: its objects in order (each ``chunk_size`` bytes of
+    plaintext but the last), or ``link`` for a symlink."""
+
+    path: str  # relative to PGDATA, '/'-separated
+    size: int
+    mode: int
+    mtime_ns: int
+    chunks: list[str] = field(default_factory=list)
+    link: str | None = None
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    path: str
+    mode: int
 
 
 @dataclass(frozen=True)
@@ -62,10 +92,40 @@ class Manifest:
     uncompressed_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     generation: int = 0  # the incarnation that wrote it (fence.py); 0: unfenced
+    files: list[FileEntry] = field(default_factory=list)  # format 2
+    dirs: list[DirEntry] = field(default_factory=list)  # format 2
+    key_id: str = ""  # format 2: the key file its objects are named with (cas/keys.py)
+    chunk_size: int = 0  # format 2
     format: int = FORMAT
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+        if self.format == 1:
+            return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+        # thousands of file entries: one line each, not twelve
+        doc = asdict(self)
+        head = {k: v for k, v in doc.items() if k not in ("files", "dirs")}
+        lines = json.dumps(head, indent=2, sort_keys=True)[:-2]
+        for name in ("dirs", "files"):
+            rows = ",\n    ".join(json.dumps(r, sort_keys=True, separators=(",", ":"))
+                                  for r in doc[name])
+            lines += f',\n  "{name}": [\n    {rows}\n  ]' if rows else f',\n  "{name}": []'
+        return (lines + "\n}\n").encode()
+
+    @property
+    def chunked(self) -> bool:
+        """Format 2: files as content-addressed objects."""
+        return self.format >= 2
+
+    def object_names(self) -> set[str]:
+        """Every content-addressed object the snapshot references."""
+        return {c for f in self.files for c in f.chunks}
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes the snapshot added to the store when written (format 1: all of it)."""
+        if self.chunked:
+            return int(self.extra.get("new_bytes", 0)) + sum(o.size for o in self.objects)
+        return sum(o.size for o in self.objects)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:
@@ -83,11 +143,16 @@ class Manifest:
         try:
             if not isinstance(raw, dict):
                 raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
-            if raw.get("format") != FORMAT:
-                raise ManifestError(f"unsupported manifest format {raw.get('format')!r}")
-            fields = dict(raw)
-            fields["objects"] = [ObjectEntry(**o) for o in raw["objects"]]
-            return cls(**fields)
+            if raw.get("format") not in READABLE:
+                raise ManifestError(f"unsupported manifest format {raw.get('format')!r} (this "
+                                    f"agent reads formats {', '.join(map(str, READABLE))})")
+            known = {f.name for f in fields(cls)}
+            # Fields a newer agent added are ignored, so that one can read the other's.
+            doc = {k: v for k, v in raw.items() if k in known}
+            doc["objects"] = [ObjectEntry(**o) for o in raw["objects"]]
+            doc["files"] = [FileEntry(**f) for f in raw.get("files", [])]
+            doc["dirs"] = [DirEntry(**d) for d in raw.get("dirs", [])]
+            return cls(**doc)
         except (ValueError, TypeError, KeyError) as exc:
             if isinstance(exc, ManifestError):
                 raise
@@ -127,6 +192,21 @@ def wal_key(job: str, segment: str) -> str:
 def history_key(job: str, name: str) -> str:
     """Timeline history files (``00000002.history``) live beside the segments."""
     return f"{job}/wal/history/{name}.zst"
+
+
+def pin_key(job: str, sid: str, until: float) -> str:
+    return f"{job}/pins/{sid}.{int(until)}"
+
+
+def pins(keys: list[str], job: str) -> dict[str, float]:
+    """Pinned snapshot ids and until when (seconds since the epoch) they are kept."""
+    prefix = f"{job}/pins/"
+    out: dict[str, float] = {}
+    for key in keys:
+        sid, _, until = key.removeprefix(prefix).rpartition(".")
+        if key.startswith(prefix) and sid and until.isdigit():
+            out[sid] = max(out.get(sid, 0.0), float(until))
+    return out
 
 
 def dump_data_key(job: str, did: str) -> str:

@@ -113,6 +113,41 @@ async def prune(store: Store, job: str, keep: int, *, dry_run: bool = False) -> 
 
 
 
+async def drop_by_retention(store: Store, job: str, listing: Listing, keep: set[str], *,
+                            dry_run: bool = False) -> list[str]:
+    """Drop the snapshots not in ``keep`` (the controller's retention decided), the WAL no
+    kept snapshot can replay, and orphaned objects older than the newest manifest of their
+    kind; returns the deleted keys. Content-addressed objects are the collector's.
+
+    WAL is kept from the older of the oldest kept base backup's start and the newest kept
+    pause snapshot's shutdown checkpoint, as ``retain`` does.
+    """
+    sids = list(listing.snapshots)
+    kept_ids = [s for s in sids if s in keep]
+    deleted: list[str] = []
+
+    async def delete(keys: list[str]) -> None:
+        if keys and not dry_run:
+            await store.delete_many(keys)
+        deleted.extend(keys)
+
+    await _drop_snapshots(job, listing, kept_ids, [s for s in sids if s not in keep], delete)
+    bases = [s for s in kept_ids if listing.snapshots[s].kind == "base"]
+    pauses = [s for s in kept_ids if listing.snapshots[s].kind != "base"]
+    needs = [listing.snapshots[s] for s in (bases[:1] + pauses[-1:])]
+    cutoff = wal_cutoff(needs) if needs else None
+    if cutoff is not None:
+        await delete(sorted(k for k in listing.objects
+                            if (pos := _wal_position(job, k)) is not None and pos < cutoff))
+    newest = {"snapshots": sids[-1] if sids else None,
+              "dumps": next(reversed(listing.dumps), None)}
+    gone = set(deleted)
+    await delete(sorted(info.key for area, oid, info in listing.orphans()
+                        if (cut := newest[area]) is not None and oid < cut
+                        and info.key not in gone))
+    return deleted
+
+
 async def retain(store: Store, job: str, keep_base: int = 2, *,
                  dry_run: bool = False) -> list[str]:
     """Keep the newest ``keep_base`` base backups and every pause snapshot; returns the

@@ -1,7 +1,10 @@
 """Restore PGDATA from a stored snapshot: a pause snapshot as is, a base backup plus WAL.
 
-Every download is checked against its manifest (size, and sha256 computed
-while the archive streams into PGDATA). A snapshot that fails the check
+A format 2 snapshot restores by delta (``cas.download``): into a directory
+that may already hold much of it (``delta=True``), fetching only the
+objects that differ, each verified against its keyed hash. A format 1
+snapshot (one tar) is checked against its manifest (size, and sha256
+computed while the archive streams into PGDATA). A snapshot that fails the check
 leaves nothing behind: the directory is wiped before the next candidate is
 tried, so a half-restored PGDATA that looks valid never exists. Without an
 explicit id the newest snapshot wins and a bad one falls back to the one
@@ -32,6 +35,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .cas import Keyring, Objects
+from .cas.download import restore_files
+from .cas.keys import CorruptObject, load_keyring, store_key_from_env
 from .errors import AgentError
 from .fence import claim, superseded
 from .manifest import (
@@ -44,7 +50,7 @@ from .manifest import (
 )
 from .postgres import PostgresError, bin_dir, conf_quote, give_to_postgres, run_pg
 from .progress import NoProgress, Progress
-from .store import Digest, NotFound, Store, get_bytes
+from .store import Digest, NotFound, Store, StoreError, get_bytes
 from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
 from .timelines import off_history, read_newest_history
 from .wal import restore_command
@@ -102,8 +108,12 @@ def recovery_settings(command: str, target: datetime | None) -> str:
 async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | None = None,
                   target_time: str | None = None, s3_endpoint: str | None = None,
                   progress: ProgressFor | Progress | None = None,
-                  generation: int = 0) -> RestoreResult:
+                  generation: int = 0, delta: bool = False) -> RestoreResult:
     """Restore ``job``'s newest (or the given) snapshot into an empty or missing PGDATA.
+
+    With ``delta``, PGDATA may hold files already (a template copy, an older copy of
+    the job): a format 2 snapshot then fetches only what differs; on failure PGDATA is
+    emptied, as always.
 
     With a ``generation``, it is claimed first (``fence.Fenced`` if a newer one is).
 
@@ -118,7 +128,10 @@ async def restore(pgdata: Path, store: Store, job: str, *, snapshot_id: str | No
         snapshot_id = None
     before = await claim(store, job, generation) if generation else []
     existed = await asyncio.to_thread(pgdata.exists)
-    await asyncio.to_thread(prepare_empty_dir, pgdata)
+    if delta:
+        await asyncio.to_thread(pgdata.mkdir, mode=0o700, parents=True, exist_ok=True)
+    else:
+        await asyncio.to_thread(prepare_empty_dir, pgdata)
     try:
         return await _restore(pgdata, store, job, snapshot_id, target, s3_endpoint, progress,
                               before)
@@ -162,7 +175,11 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
         command = await asyncio.to_thread(restore_command, store.url, job, s3_endpoint=endpoint)
         await asyncio.to_thread(_configure_recovery, pgdata, recovery_settings(command, target))
         configured = True
-    await asyncio.to_thread(_sync_to_disk, pgdata)
+    if manifest.chunked:  # every file written was synced as it was written
+        await asyncio.to_thread(_sync_few, pgdata, ["postgresql.auto.conf", "recovery.signal",
+                                                     "backup_label", "pg_wal", "."])
+    else:
+        await asyncio.to_thread(_sync_to_disk, pgdata)
     return RestoreResult(manifest, skipped, configured, restored)
 
 
@@ -185,6 +202,18 @@ async def wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
         if parse_segment(name) >= first:  # Segment orders by timeline, then number
             return True
     return False
+
+
+def _sync_few(pgdata: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            fd = os.open(pgdata / name, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _sync_to_disk(pgdata: Path) -> None:
@@ -256,9 +285,63 @@ def _data_key(job: str, m: Manifest) -> tuple[str, int, str]:
     raise _Unusable(f"{snapshot_manifest_key(job, m.id)} lists no {relative}")
 
 
+# Key files never change once written: one read per store and store key, per process.
+_keyrings: dict[tuple[str, bytes | None], Keyring] = {}
+
+
+async def _objects(store: Store, m: Manifest) -> Objects:
+    secret = store_key_from_env()
+    keyring = _keyrings.get((store.url, secret))
+    if keyring is None or m.key_id not in keyring.by_id:
+        keyring = _keyrings[(store.url, secret)] = await load_keyring(store, secret,
+                                                                      create=False)
+    return Objects(store, keyring.get(m.key_id))
+
+
 async def _fetch(pgdata: Path, store: Store, job: str, m: Manifest,
                  progress: ProgressFor | Progress) -> int:
-    """Stream one snapshot into PGDATA, verifying it; raises _Unusable (PGDATA dirty)."""
+    """Put one snapshot into PGDATA, verifying it; raises _Unusable (PGDATA dirty)."""
+    if m.chunked:
+        restored = await _fetch_chunked(pgdata, store, m, progress)
+    else:
+        restored = await _fetch_tar(pgdata, store, job, m, progress)
+    label = m.extra.get("backup_label") if m.kind == "base" else None
+    if label:
+        await _fetch_label(pgdata, store, job, m, str(label))
+    return restored
+
+
+async def _fetch_chunked(pgdata: Path, store: Store, m: Manifest,
+                         progress: ProgressFor | Progress) -> int:
+    try:
+        objects = await _objects(store, m)
+    except StoreError as exc:
+        raise _Unusable(str(exc)) from exc
+    own_bar = not isinstance(progress, Progress)
+    bar = progress if isinstance(progress, Progress) else progress(m, m.uncompressed_size)
+    try:
+        stats = await restore_files(objects, pgdata, m, progress=bar)
+    except (NotFound, CorruptObject) as exc:
+        if own_bar:
+            bar.finish("failed")
+        how = "missing" if isinstance(exc, NotFound) else "damaged"
+        raise _Unusable(f"an object it lists is {how}: {exc}") from exc
+    except BaseException:
+        if own_bar:
+            bar.finish("failed")
+        raise
+    if own_bar:
+        bar.finish(f"{stats.written_bytes / 1e6:,.1f} MB written, {stats.reused_files} of "
+                   f"{stats.files} files reused")
+    log.info("restored snapshot %s by delta: %d files, %d reused, %d objects fetched "
+             "(%.1f MB written, %.1f MB hashed)", m.id, stats.files, stats.reused_files,
+             stats.fetched_objects, stats.written_bytes / 1e6, stats.hashed_bytes / 1e6)
+    return stats.written_bytes
+
+
+async def _fetch_tar(pgdata: Path, store: Store, job: str, m: Manifest,
+                     progress: ProgressFor | Progress) -> int:
+    await asyncio.to_thread(wipe, pgdata)  # a delta restore's base is of no use to a tar
     key, size, sha256 = _data_key(job, m)
     stored_size = await store.size(key)
     if stored_size is None:
@@ -275,9 +358,6 @@ async def _fetch(pgdata: Path, store: Store, job: str, m: Manifest,
             bar.finish("failed")
             raise
         bar.finish(f"{restored / 1e6:,.1f} MB of PGDATA")
-    label = m.extra.get("backup_label") if m.kind == "base" else None
-    if label:
-        await _fetch_label(pgdata, store, job, m, str(label))
     return restored
 
 

@@ -1,10 +1,13 @@
-"""The pause snapshot: a cleanly stopped PGDATA, streamed to the store as tar.zst.
+"""The pause snapshot: a cleanly stopped PGDATA, as the objects the store does not hold yet.
 
 A clean shutdown leaves a data directory that starts without any WAL from
-elsewhere, so the snapshot is just the directory. It counts only once its
-manifest is stored, and the manifest is written last: an agent killed
-mid-upload leaves no snapshot (and, for file:// and S3 alike, no object),
-and the previous snapshot stays the latest.
+elsewhere, so the snapshot is just the directory: its files as
+content-addressed objects (``cas``), of which a pause uploads only the new
+ones (the hash cache beside the files says which changed without reading
+the others). It counts only once its manifest is stored, and the manifest
+is written last: an agent killed mid-upload leaves no snapshot, only
+unreferenced objects for the collector, and the previous snapshot stays the
+latest.
 """
 
 from __future__ import annotations
@@ -13,25 +16,18 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cas import CHUNK_SIZE, Keyring, Tree, UploadStats, write_cache, write_snapshot
+from .cas.keys import KeySet
 from .errors import AgentError
-from .manifest import (
-    Manifest,
-    ObjectEntry,
-    job_prefix,
-    new_id,
-    now_iso,
-    snapshot_data_key,
-    snapshot_manifest_key,
-)
+from .manifest import Manifest, new_id, now_iso
 from .metrics import AgentMetrics
 from .postgres import PostgresError, bin_dir, pid_alive, run_pg
 from .progress import NoProgress, Progress
-from .store import Store, Stored, put_bytes
-from .tarstream import TarZstStream, tar_zst_chunks
+from .store import Store
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
 _EXCLUDE = frozenset({"postmaster.pid", "postmaster.opts"})
@@ -138,6 +134,22 @@ def recycled_wal(pgdata: Path, control: ControlData) -> set[str]:
     return out
 
 
+def wal_cuts(control: ControlData, page: int = 8192) -> dict[str, int]:
+    """Where the shutdown checkpoint's WAL ends, per segment file: past it a clean start
+    reads nothing (it zeroes the rest of its last page itself), and the bytes there are
+    a recycled segment's, which would make every pause's copy of the segment unique."""
+    hi, _, lo = control.checkpoint_lsn.partition("/")
+    end = (int(hi, 16) << 32 | int(lo, 16)) + 2 * page
+    end += -end % page
+    size = control.wal_segment_size
+    per_xlogid = (1 << 32) // size
+    out = {}
+    for number in {(end - 2 * page) // size, end // size}:
+        name = f"{control.timeline:08X}{number // per_xlogid:08X}{number % per_xlogid:08X}"
+        out[f"pg_wal/{name}"] = max(0, min(size, end - number * size))
+    return out
+
+
 def tree_size(path: Path, exclude: Callable[[str], bool] = lambda _rel: False) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -150,63 +162,46 @@ def tree_size(path: Path, exclude: Callable[[str], bool] = lambda _rel: False) -
     return total
 
 
-async def upload_tree(store: Store, key: str, directory: Path,
-                      exclude: Callable[[str], bool], progress: Progress
-                      ) -> tuple[Stored, TarZstStream]:
-    """Stream ``directory`` as tar.zst into ``key``, advancing ``progress`` by tar bytes.
-
-    Returns what the store recorded and the finished stream (sizes, file count).
-    """
-    stream = tar_zst_chunks(directory, exclude=exclude)
-
-    async def counted() -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in stream:
-            progress.advance(stream.uncompressed_size - seen)
-            seen = stream.uncompressed_size
-            yield chunk
-
-    try:
-        stored = await store.put(key, counted())
-    finally:
-        await stream.aclose()  # stops the tar worker if the upload failed
-    return stored, stream
-
-
 async def take_snapshot(pgdata: Path, store: Store, job: str, *,
                         progress: Progress | None = None,
                         metrics: AgentMetrics | None = None,
-                        generation: int = 0) -> Manifest:
-    """Upload a pause snapshot of a cleanly stopped PGDATA; returns its (stored) manifest."""
+                        generation: int = 0, keyring: Keyring | None = None) -> Manifest:
+    """Upload a pause snapshot of a cleanly stopped PGDATA; returns its (stored) manifest.
+
+    Afterwards the hash cache beside the files describes them (the next pause
+    reads only what PostgreSQL wrote in between).
+    """
     progress = progress or NoProgress()
     pgdata = await asyncio.to_thread(pgdata.absolute)  # Postgres tools run from /
     started = time.monotonic()
     try:
         control, pg_version = await asyncio.to_thread(check_stopped_pgdata, pgdata)
         skip = _EXCLUDE | await asyncio.to_thread(recycled_wal, pgdata, control)
-        if progress.total is None:
-            progress.total = await asyncio.to_thread(tree_size, pgdata, skip.__contains__)
         sid = new_id()
-        data_key = snapshot_data_key(job, sid)
-        stored, stream = await upload_tree(store, data_key, pgdata, skip.__contains__, progress)
-        manifest = Manifest(
-            kind="pause", id=sid, job=job, created_at=now_iso(), generation=generation,
-            objects=[ObjectEntry(data_key[len(job_prefix(job)):], stored.size, stored.sha256)],
-            pg_version=pg_version, system_identifier=control.system_identifier,
-            timeline=control.timeline, start_lsn=control.checkpoint_lsn,
-            uncompressed_size=stream.uncompressed_size,
-            extra={"files": stream.files, "format": "tar", "compression": "zstd",
-                   "recycled_wal_skipped": sum(1 for k in skip if k.count("/") == 1
-                                               and k.startswith("pg_wal/"))},
-        )
-        await put_bytes(store, snapshot_manifest_key(job, sid), manifest.to_json())
+
+        async def finish(tree: Tree, stats: UploadStats, keys: KeySet) -> Manifest:
+            return Manifest(
+                kind="pause", id=sid, job=job, created_at=now_iso(), generation=generation,
+                objects=[], files=tree.files, dirs=tree.dirs, key_id=keys.id,
+                chunk_size=CHUNK_SIZE, pg_version=pg_version,
+                system_identifier=control.system_identifier, timeline=control.timeline,
+                start_lsn=control.checkpoint_lsn, uncompressed_size=stats.bytes,
+                extra={"new_bytes": stats.new_bytes, "new_objects": stats.new_objects,
+                       "read_bytes": stats.read_bytes, "files": stats.files,
+                       "recycled_wal_skipped": sum(1 for k in skip if k.count("/") == 1
+                                                   and k.startswith("pg_wal/"))})
+
+        manifest, stats, cache = await write_snapshot(
+            store, job, pgdata, skip.__contains__, finish, zero_past=wal_cuts(control),
+            progress=progress, keyring=keyring)
+        await asyncio.to_thread(write_cache, pgdata, cache)
     except BaseException:
         if metrics is not None:
             metrics.failures.labels(kind="snapshot").inc()
         raise
     if metrics is not None:
-        metrics.snapshot_bytes.labels(kind="pause").inc(stored.size)
+        metrics.snapshot_bytes.labels(kind="pause").inc(stats.new_bytes)
         metrics.snapshot_seconds.labels(kind="pause").observe(time.monotonic() - started)
-    ratio = stream.uncompressed_size / stored.size if stored.size else 0.0
-    progress.finish(f"{stored.size / 1e6:,.1f} MB stored (x{ratio:.1f})")
+    progress.finish(f"{stats.new_bytes / 1e6:,.1f} MB stored ({stats.new_objects} new objects "
+                    f"of {stats.chunks}, {stats.read_bytes / 1e6:,.1f} MB read)")
     return manifest

@@ -1,7 +1,10 @@
 """``verify``: re-download everything a job has in the store and check it.
 
 Every object a manifest lists must have the size and sha256 the manifest
-says; every archived WAL object must be whole zstd frames. Problems are
+says; every content-addressed object a format 2 snapshot references must
+open, decompress and hash back to its name; every archived WAL object must
+be whole zstd frames. Orphaned objects (an upload that died) are reported
+too, as what ``jobmesh store gc`` will remove. Problems are
 returned as lines naming the object, never raised: one bad object must
 not hide the next.
 """
@@ -13,9 +16,14 @@ from collections.abc import Awaitable
 
 import zstandard
 
+from .cas.keys import CorruptObject, load_keyring, store_key_from_env
+from .cas.objects import Objects, object_key
 from .inventory import full_key, gather_bounded, read_listing
 from .manifest import job_prefix
 from .store import Digest, NotFound, Store, StoreError
+from .store.incomplete import abort_incomplete
+
+INCOMPLETE_AFTER = 60.0  # seconds: younger ones may be uploads in progress
 
 
 async def verify(store: Store, job: str) -> list[str]:
@@ -23,11 +31,25 @@ async def verify(store: Store, job: str) -> list[str]:
     listing = await read_listing(store, job)
     problems = [f"{key}: unreadable manifest" for key in listing.unreadable]
     checks: list[Awaitable[str | None]] = []
+    owners: dict[tuple[str, str], str] = {}  # (key id, object name) -> a snapshot using it
     for what, mans in (("snapshot", listing.snapshots), ("dump", listing.dumps)):
         for mid, man in mans.items():
             for entry in man.objects:
                 checks.append(_check_object(store, f"{what} {mid}", full_key(job, entry.key),
                                             entry.size, entry.sha256))
+            for name in man.object_names():
+                owners.setdefault((man.key_id, name), f"{what} {mid}")
+    if owners:
+        keyring = await load_keyring(store, store_key_from_env(), create=False)
+        for (key_id, name), owner in owners.items():
+            checks.append(_check_cas(Objects(store, keyring.get(key_id)), name, owner))
+    problems += [f"{info.key}: orphaned object ({info.size} bytes; `jobmesh store gc` "
+                 "removes it)" for _, _, info in listing.orphans()]
+    # Uploads that died mid-object: nothing lists them, nothing finishes them.
+    if stale := await abort_incomplete(store, older_than=INCOMPLETE_AFTER, dry_run=True):
+        problems.append(f"{store.url}: {stale} incomplete uploads older than "
+                        f"{INCOMPLETE_AFTER:g} s (uploaders killed mid-object; `jobmesh "
+                        "store gc` removes them after its grace period)")
     wal_prefix = f"{job_prefix(job)}wal/"
     for key in listing.objects:
         if key.startswith(wal_prefix) and key.endswith(".zst"):
@@ -51,6 +73,18 @@ async def _check_object(store: Store, owner: str, key: str, size: int,
         return f"{key}: {digest.size} bytes, {owner} says {size}"
     if digest.hexdigest() != sha256:
         return f"{key}: sha256 mismatch ({owner})"
+    return None
+
+
+async def _check_cas(objects: Objects, name: str, owner: str) -> str | None:
+    try:
+        await objects.get(name)
+    except NotFound:
+        return f"{object_key(name)}: missing (referenced by {owner})"
+    except CorruptObject as exc:
+        return f"{object_key(name)}: {exc} (referenced by {owner})"
+    except StoreError as exc:
+        return f"{object_key(name)}: cannot read: {exc}"
     return None
 
 

@@ -85,6 +85,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-backup-interval", type=float, default=defaults.BASE_BACKUP_INTERVAL,
                    metavar="S", help="a new base backup of each running job every S seconds "
                    f"(default {defaults.BASE_BACKUP_INTERVAL:g})")
+    p.add_argument("--keep-pauses", type=int, default=defaults.KEEP_PAUSES, metavar="N",
+                   help="pause snapshots each job keeps (default "
+                   f"{defaults.KEEP_PAUSES}; a job's spec may say otherwise)")
+    p.add_argument("--pitr-window", type=float, default=defaults.PITR_WINDOW, metavar="S",
+                   help="base backups and WAL kept so that a point-in-time restore or fork "
+                   f"can reach S seconds back (default {defaults.PITR_WINDOW:g}; per job: its "
+                   "spec)")
+    p.add_argument("--gc-interval", type=float, default=defaults.GC_INTERVAL, metavar="S",
+                   help="collect the whole store's garbage every S seconds (default "
+                   f"{defaults.GC_INTERVAL:g}; a job's own is collected after each of its pauses)")
     reconciler = ReconcilerConfig()  # its defaults are the flags' defaults
     p.add_argument("--resync-interval", type=float, default=reconciler.resync_interval,
                    metavar="S", help="look at every job every S seconds, besides the catalog's "
@@ -147,6 +157,9 @@ class ControllerSettings:
     base_backup_interval: float = defaults.BASE_BACKUP_INTERVAL
     kubernetes: KubernetesSettings | None = None  # None: the local backend
     warm_cache_bytes: int = defaults.WARM_CACHE_BYTES  # the local backend's cache of paused PGDATA
+    keep_pauses: int = defaults.KEEP_PAUSES
+    pitr_window: float = defaults.PITR_WINDOW
+    gc_interval: float = defaults.GC_INTERVAL
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -159,6 +172,10 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     if not dsn:
         raise UsageError("--catalog-dsn-file or --catalog-dsn (or JOBMESH_CATALOG_DSN) "
                          "is required")
+    if args.keep_pauses < 1:
+        raise UsageError("--keep-pauses must be at least 1: a paused job wakes from its newest")
+    if args.pitr_window < 0 or args.gc_interval <= 0:
+        raise UsageError("--pitr-window must be >= 0 and --gc-interval > 0")
     if args.max_running is not None and args.max_running < 1:
         raise UsageError("--max-running must be at least 1")
     host, _, port = args.api_listen.rpartition(":")
@@ -176,6 +193,8 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
             quiet_for=args.quiet_for),
         archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
         wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
+        keep_pauses=args.keep_pauses, pitr_window=args.pitr_window,
+        gc_interval=args.gc_interval,
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -231,6 +250,8 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
 
     from .api.app import build_app
     from .mesh import ensure_secret
+    from .storage.keeper import Keeper
+    from .storage.retention import Retention
 
     s.state_dir.mkdir(parents=True, exist_ok=True)
     token = ensure_secret(s.token_file)
@@ -247,10 +268,12 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         # local backend runs plain processes, so a job's cpu, memory and disk are not
         # enforced: the API says so when a job asks for them.
         kubernetes = s.kubernetes is not None
+        keeper = Keeper(store, catalog, Retention(s.keep_pauses, s.pitr_window),
+                        interval=s.gc_interval)
         app = build_app(catalog, token=token, store=store, state_dir=s.state_dir,
                         backend="kubernetes" if kubernetes else "local",
                         enforced_limits=frozenset({"cpu", "memory", "disk"}) if kubernetes
-                        else frozenset())
+                        else frozenset(), keeper=keeper)
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),
@@ -263,10 +286,17 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         log.info("controller API listening on http://%s:%d", s.api_host, s.api_port)
         if ready is not None:
             ready.set()
-        if s.kubernetes is None:
-            await Reconciler(catalog, make_backend(s), s.reconciler, metrics).run(stop)
-        else:
-            await lead(s, catalog, metrics, stop)
+        # Only the controller deletes from the store (sidecars only add to it).
+        collecting = asyncio.create_task(keeper.run(stop), name="store keeper")
+        try:
+            if s.kubernetes is None:
+                await Reconciler(catalog, make_backend(s), s.reconciler, metrics).run(stop)
+            else:
+                await lead(s, catalog, metrics, stop)
+        finally:
+            collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collecting
     finally:
         if runner is not None:
             await runner.cleanup()

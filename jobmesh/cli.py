@@ -55,7 +55,8 @@ def _operator(command: str) -> Callable[[argparse.ArgumentParser, list[str]], No
 
 COMMANDS = {
     "up": ("everything on one machine: catalog, controller, router, store", _up),
-    "job": ("create, list, show, pause, resume, end, delete, export and import jobs",
+    "job": ("create, list, show, pause, resume, end, delete, fork, restore, export and "
+            "import jobs",
             _operator("job")),
     "user": ("create, list and delete the users clients log in as, and set their passwords",
              _operator("user")),
@@ -65,6 +66,8 @@ COMMANDS = {
              _operator("psql")),
     "status": ("the running mesh: jobs by state, users, the router's address",
                _operator("status")),
+    "store": ("the snapshot store: collect its garbage now (gc), what each job holds (usage)",
+              _operator("store")),
     "router": ("run the Postgres-wire router", _router),
     "controller": ("run the controller: reconciler, backend and HTTP API", _controller),
     "agent": ("the sidecar beside a job's PostgreSQL: WAL, snapshots, restore", _agent),

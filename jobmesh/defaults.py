@@ -13,6 +13,10 @@ from pathlib import Path
 # Durability: the agent streams a running job's unfinished WAL segment to the
 # store every this many seconds (what a lost machine may lose, plus the upload), s.
 WAL_WINDOW = 5.0
+KEEP_PAUSES = 3  # pause snapshots each job keeps
+KEEP_BASE_BACKUPS = 2  # a standalone agent's own retention (under a controller: its retention)
+PITR_WINDOW = 24 * 3600.0  # seconds a point-in-time restore or fork can reach back
+GC_INTERVAL = 3600.0  # seconds between store-wide garbage collections
 # PostgreSQL's archive_timeout (s): with streaming, only a safety net for when the
 # stream is down (it then bounds the loss), so an idle writer switches segments at
 # most hourly.

@@ -7,7 +7,12 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobmesh.defaults import BASE_BACKUP_INTERVAL, BASE_BACKUP_WAL_BYTES, WAL_WINDOW
+from jobmesh.defaults import (
+    BASE_BACKUP_INTERVAL,
+    BASE_BACKUP_WAL_BYTES,
+    KEEP_BASE_BACKUPS,
+    WAL_WINDOW,
+)
 
 from ..errors import AgentError
 from ..fence import FENCE_INTERVAL
@@ -50,6 +55,10 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--fence-interval", type=float, default=FENCE_INTERVAL, metavar="S",
                    help=f"while uploading WAL, look for a newer claim at most every S seconds "
                         f"(manifests and deletes look every time; default {FENCE_INTERVAL:g})")
+    p.add_argument("--keep-base-backups", type=int, default=KEEP_BASE_BACKUPS, metavar="N",
+                   help=f"after each base backup, keep the newest N and the WAL they need "
+                        f"(default {KEEP_BASE_BACKUPS}; 0: delete nothing, for a controller "
+                        f"that applies its own retention)")
     p.add_argument("--stop-timeout", type=float, default=300, metavar="S",
                    help="how long a pause waits for PostgreSQL to stop (default 300)")
     p.set_defaults(run=run_serve)
@@ -85,7 +94,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(pgdata, args.job, spool, args.base_backup_interval, args.dsn,
                          args.stop_timeout, wal_window=args.wal_window,
                          base_backup_wal_bytes=args.base_backup_wal_bytes,
-                         generation=args.generation, fence_interval=args.fence_interval)
+                         generation=args.generation, fence_interval=args.fence_interval,
+                         keep_base_backups=max(0, args.keep_base_backups))
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     return asyncio.run(serve(config, store, host, port))
 

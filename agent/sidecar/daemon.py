@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobmesh.defaults import KEEP_BASE_BACKUPS
 from jobmesh.errors import one_line
 
 from ..basebackup import take_base_backup
@@ -47,14 +48,14 @@ from ..snapshot import take_snapshot
 from ..store import Store, StoreError, get_bytes
 from ..stream import WalStreamer
 from ..wal import Archiver
-from ..walnames import format_lsn, parse_lsn, parse_segment
+from ..walnames import format_lsn
 from .policy import BackupPolicy, Position, next_base_backup
+from .queries import server_position, switch_wal, wal_status
 
 log = logging.getLogger("jobmesh.agent.serve")
 
 RETRY = 300.0  # a failed scheduled base backup is retried after this long (at most)
 POSITION_EVERY = 5.0  # s between looks at the server's timeline and WAL position
-KEEP_BASE_BACKUPS = 2
 
 
 class Conflict(AgentError):
@@ -74,6 +75,9 @@ class ServeConfig:
     stream_dir: Path | None = None  # pg_receivewal's directory (default: <spool>/.stream)
     generation: int = 0  # this incarnation's (fence.py); 0: unfenced
     fence_interval: float = FENCE_INTERVAL  # s between looks for a newer claim while uploading WAL
+    # base backups kept by the agent itself after each one (0: none; a controller's
+    # retention decides, and only the controller deletes)
+    keep_base_backups: int = KEEP_BASE_BACKUPS
 
 
 def _summary(m: Manifest | None) -> dict[str, Any] | None:
@@ -151,6 +155,14 @@ class Agent:
             if self._dumps:  # exports finish first; stopping would break them
                 await asyncio.wait(self._dumps)
             if pm is not None:
+                # The WAL written since the last finished segment goes to the store as a
+                # segment of its own, so that a point-in-time restore can reach up to the
+                # pause (the snapshot alone holds it otherwise, which no replay reads).
+                # Zeros fill the rest of it: a few KB compressed.
+                try:
+                    await switch_wal(self.dsn())
+                except Exception as exc:  # asyncpg's, OSError...: the pause goes on anyway
+                    log.warning("pausing: cannot switch WAL first (%s)", one_line(exc))
                 log.info("pausing: fast shutdown of PostgreSQL (pid %d)", pm.pid)
                 os.kill(pm.pid, signal.SIGINT)
                 try:
@@ -203,8 +215,11 @@ class Agent:
         self._schedule_changed.set()
         log.info("base backup %s stored (WAL %s..%s)", manifest.id, manifest.start_wal,
                  manifest.end_wal)
+        if not self.config.keep_base_backups:
+            return manifest
         try:
-            self.retained = await retain(self.store, self.config.job, KEEP_BASE_BACKUPS)
+            self.retained = await retain(self.store, self.config.job,
+                                         self.config.keep_base_backups)
         except (AgentError, StoreError) as exc:
             log.warning("retention after base backup %s failed: %s", manifest.id,
                         one_line(exc))
@@ -268,7 +283,7 @@ class Agent:
             pm = read_postmaster(self.config.pgdata)
             if pm is not None and pm.status == "ready" and not self.pausing:
                 try:
-                    position = await _server_position(self.dsn())
+                    position = await server_position(self.dsn())
                 except Exception as exc:  # starting, stopping, in recovery
                     log.debug("cannot read the WAL position: %s", one_line(exc))
                 else:
@@ -351,7 +366,7 @@ class Agent:
         }
         if pm is not None:
             try:
-                out["wal"].update(await _wal_status(self.dsn()))
+                out["wal"].update(await wal_status(self.dsn()))
             except Exception as exc:  # Postgres starting or stopping: report what we can
                 out["postgres"]["error"] = one_line(exc)
         return out
@@ -363,38 +378,3 @@ def _sizes(paths: list[Path]) -> int:
         with contextlib.suppress(FileNotFoundError):
             total += p.stat().st_size
     return total
-
-
-async def _server_position(dsn: str) -> Position:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=3, server_settings={
-        "application_name": "jobmesh agent position"})
-    try:
-        row = await conn.fetchrow("SELECT pg_walfile_name(lsn) AS wal, lsn::text AS lsn FROM"
-                                  " pg_current_wal_lsn() AS lsn", timeout=3)
-    finally:
-        await conn.close()
-    assert row is not None
-    return Position(parse_segment(row["wal"]).timeline, parse_lsn(row["lsn"]))
-
-
-async def _wal_status(dsn: str) -> dict[str, Any]:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=3, server_settings={
-        "application_name": "jobmesh agent status"})
-    try:
-        row = await conn.fetchrow(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-            " ELSE pg_current_wal_lsn() END::text AS lsn, last_archived_wal,"
-            " last_archived_time, failed_count, last_failed_wal FROM pg_stat_archiver",
-            timeout=3)
-    finally:
-        await conn.close()
-    assert row is not None
-    at = row["last_archived_time"]
-    return {"current_lsn": row["lsn"], "last_archived": row["last_archived_wal"],
-            "last_archived_at": at.isoformat() if at else None,
-            "failed_count": row["failed_count"], "last_failed": row["last_failed_wal"]}
-

@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import os
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
@@ -91,6 +92,28 @@ class FileStore:
     async def delete_many(self, keys: builtins.list[str]) -> None:
         for key in keys:
             await self.delete(key)
+
+    async def abort_incomplete(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Remove ``.partial`` files (uploads that died: a kill -9 leaves one) older than
+        ``older_than`` s."""
+        return await asyncio.to_thread(self._abort_incomplete, time.time() - older_than,
+                                       dry_run)
+
+    def _abort_incomplete(self, cutoff: float, dry_run: bool) -> int:
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(".partial")):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        if not dry_run:
+                            path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
     async def close(self) -> None:
         pass

@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import os
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -208,6 +209,28 @@ class S3Store:
             if errors := resp.get("Errors"):
                 raise StoreError(f"S3 refused to delete {errors[0].get('Key')}: "
                                  f"{errors[0].get('Code')}")
+
+    async def abort_incomplete(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Abort multipart uploads under our prefix started over ``older_than`` s ago (an
+        agent killed mid-upload leaves one, which S3 keeps, and bills, until aborted)."""
+        s3 = await self._s3()
+        cutoff = time.time() - older_than
+        aborted = 0
+        extra: dict[str, str] = {}
+        while True:
+            resp = await self._retry("list of multipart uploads", partial(
+                s3.list_multipart_uploads, Bucket=self.bucket, Prefix=self.prefix, **extra))
+            for up in resp.get("Uploads", []):
+                if up["Initiated"].timestamp() < cutoff:
+                    if not dry_run:
+                        await self._retry(up["Key"], partial(
+                            s3.abort_multipart_upload, Bucket=self.bucket, Key=up["Key"],
+                            UploadId=up["UploadId"]))
+                    aborted += 1
+            if not resp.get("IsTruncated"):
+                return aborted
+            extra = {"KeyMarker": resp["NextKeyMarker"],
+                     "UploadIdMarker": resp["NextUploadIdMarker"]}
 
     async def close(self) -> None:
         await self._stack.aclose()

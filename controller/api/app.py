@@ -34,6 +34,7 @@ from ..catalog.models import (
 )
 from ..catalog.states import DesiredState, settled
 from ..mesh import ADMIN_PASSWORD_FILE, announced_router
+from ..storage.keeper import Keeper
 from . import openapi
 from .middleware import auth, errors
 from .request import (
@@ -47,6 +48,8 @@ from .request import (
     verifier_of,
     wait_params,
 )
+from .rewind import check_target, rewind
+from .storage import store_routes
 from .transfer import export_job, import_job
 from .wait import JobWatch
 
@@ -108,6 +111,34 @@ class Api:
         job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
         return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
                              {"Location": f"/v1/jobs/{job.id}"})
+
+    async def fork_job(self, req: web.Request) -> web.Response:
+        """A new job from another's data (its latest state, or as it was at ``at``), sharing
+        its objects in the store; the source is only read."""
+        source, timeout = path_job_id(req), wait_params(req)
+        example = '{"id": "scrape-42-copy", "at": "2026-12-01T10:00:00Z"}'
+        body = await json_object(req, example)
+        fields(body, example, ("id",), ("at",))
+        src = await self.job_or_404(source)
+        at = body.get("at")
+        if at is not None and self.store is not None:
+            at = (await check_target(self.store, src, at)).isoformat()
+        spec = {k: v for k, v in src.spec.items() if k not in ("source", "rewind")}
+        spec["source"] = {"fork": src.id, **({"at": at} if at else {})}
+        job = await self.catalog.create_job(body["id"], spec)
+        job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
+        return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
+                             {"Location": f"/v1/jobs/{job.id}"})
+
+    async def restore_job(self, req: web.Request) -> web.Response:
+        """Rewind the job to a time in its point-in-time window (``rewind.py``)."""
+        if self.store is None:
+            raise ApiError(503, "this controller has no store to restore from",
+                           "start the controller with --store")
+        job = await self.job_or_404(path_job_id(req))
+        job = await rewind(req, job, catalog=self.catalog, store=self.store,
+                           settle=self.settle, timeout=wait_params(req))
+        return json_response(job.public())
 
     async def show_job(self, req: web.Request) -> web.Response:
         job = await self.job_or_404(path_job_id(req))
@@ -273,7 +304,8 @@ class Api:
 def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
               agent_http: aiohttp.ClientSession | None = None, state_dir: Path | None = None,
               router: tuple[str, int] | None = None, backend: str = "local",
-              enforced_limits: frozenset[str] = frozenset()) -> web.Application:
+              enforced_limits: frozenset[str] = frozenset(),
+              keeper: Keeper | None = None) -> web.Application:
     """The API. ``agent_http``: the session for the agents' APIs (made here when None);
     ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json);
     ``backend``: the kind of backend the controller runs jobs on, and ``enforced_limits``
@@ -311,6 +343,8 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.post("/v1/jobs/{id}/resume", api.desire(DesiredState.RUNNING)),
         web.post("/v1/jobs/{id}/end", api.desire(DesiredState.ENDED)),
         web.post("/v1/jobs/{id}/retry", api.retry_job),
+        web.post("/v1/jobs/{id}/fork", api.fork_job),
+        web.post("/v1/jobs/{id}/restore", api.restore_job),
         get("/v1/jobs/{id}/events", api.job_events),
         get("/v1/jobs/{id}/export", api.export),
         web.post("/v1/jobs/{id}/import", api.import_),
@@ -320,5 +354,6 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.put("/v1/users/{name}/password", api.set_password),
         web.post("/v1/grants", api.grant),
         web.delete("/v1/grants", api.revoke),
+        *store_routes(keeper),
     ])
     return app

@@ -73,6 +73,11 @@ def _schemas() -> dict[str, Any]:
                 "wal_window": {"type": "number", "minimum": 0, "maximum": 86400,
                                "description": "seconds: streamed WAL is sent this often; "
                                               "bounds what a lost machine loses"},
+                "keep_pauses": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                "description": "pause snapshots kept (default 3)"},
+                "pitr_window": {"type": "number", "minimum": 0, "maximum": 7776000,
+                                "description": "seconds: how far back a point-in-time "
+                                               "restore can aim (default a day)"},
                 "cpu": {"type": ["string", "number"], "examples": ["500m", 2]},
                 "memory": {"type": "string", "examples": ["1Gi"]},
                 "disk": {"type": "string", "examples": ["10Gi"]}}},
@@ -168,6 +173,27 @@ def _schemas() -> dict[str, Any]:
             "users": {"type": "integer"},
             "router": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
                 "host": text, "port": {"type": "integer"}}}]}}},
+        "JobFork": {"type": "object", "required": ["id"], "additionalProperties": False,
+                    "properties": {"id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                                   "at": {"type": "string", "examples":
+                                          ["2026-12-01T10:00:00Z"]}}},
+        "JobRestore": {"type": "object", "required": ["at"], "additionalProperties": False,
+                       "properties": {"at": {"type": "string", "examples":
+                                             ["2026-12-01T10:00:00Z"]}}},
+        "GcRequest": {"type": "object", "additionalProperties": False, "properties": {
+            "jobs": {"type": "array", "items": {"type": "string", "pattern": JOB_ID_PATTERN}},
+            "dry_run": {"type": "boolean"}}},
+        "GcReport": {"type": "object", "properties": {
+            "jobs": {"type": "integer"}, "objects": {"type": "integer"},
+            "referenced": {"type": "integer"},
+            "dropped_snapshots": {"type": "array", "items": text},
+            "deleted_keys": {"type": "integer"}, "deleted_objects": {"type": "integer"},
+            "deleted_bytes": {"type": "integer"}, "incomplete": {"type": "integer"},
+            "deferred": text, "dry_run": {"type": "boolean"}}},
+        "StoreUsage": {"type": "object", "required": ["jobs"], "properties": {
+            "jobs": {"type": "object", "additionalProperties": {
+                "type": "object", "properties": {k: {"type": "integer"} for k in (
+                    "snapshots", "unique", "shared", "wal", "other")}}}}},
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"enum": ["ok", "unavailable"]},
                                   "catalog": text}},
@@ -253,6 +279,34 @@ def _paths() -> dict[str, Any]:
             {"200": _body(job, "the job (with ?wait=1: settled)"),
              **_errors(400, 404, 409, 504)},
             params=("JobId", "Wait", "Timeout"), tags=("jobs",))},
+        "/v1/jobs/{id}/fork": {"post": _op(
+            "forkJob", "Create a job from this one's data, latest or as of a time within "
+            "its point-in-time window, sharing its snapshot objects (the source is only "
+            "read); with ?wait=1, answer once the new job runs",
+            {"201": _body(job, "the new job"), **_errors(400, 404, 409, 504)},
+            params=("JobId", "Wait", "Timeout"),
+            body={"required": True, "content": {JSON: {"schema": _ref("JobFork")}}},
+            tags=("jobs",))},
+        "/v1/jobs/{id}/restore": {"post": _op(
+            "restoreJob", "Rewind the job to a time within its point-in-time window: it is "
+            "paused, its state pinned as a snapshot for the window, then resumed from the "
+            "base backup and WAL up to that time; with ?wait=1, answer once it runs again",
+            {"200": _body(job, "the job"), **_errors(400, 404, 409, 503, 504)},
+            params=("JobId", "Wait", "Timeout"),
+            body={"required": True, "content": {JSON: {"schema": _ref("JobRestore")}}},
+            tags=("jobs",))},
+        "/v1/store/gc": {"post": _op(
+            "collectGarbage", "Apply every job's retention (or the listed jobs') and delete "
+            "the objects no kept snapshot references, now",
+            {"200": _body(_ref("GcReport"), "what was (or, dry, would be) removed"),
+             **_errors(400, 503)},
+            body={"required": False, "content": {JSON: {"schema": _ref("GcRequest")}}},
+            tags=("store",))},
+        "/v1/store/usage": {"get": _op(
+            "storeUsage", "What each job holds in the store: unique and shared object bytes, "
+            "WAL, other",
+            {"200": _body(_ref("StoreUsage"), "bytes per job"), **_errors(503)},
+            tags=("store",))},
         "/v1/jobs/{id}/events": {"get": _op(
             "jobEvents", "A job's events, oldest first",
             {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},

@@ -89,6 +89,18 @@ def job_spec(raw: Any) -> dict[str, Any]:
                                "what a lost machine may lose: 5 by default; 0 streams no WAL "
                                "(only finished segments are stored)")
             spec[key] = value
+        elif key == "keep_pauses":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ApiError(400, "keep_pauses must be a whole number from 1 to 1000",
+                               "how many pause snapshots the job keeps (default 3)")
+            spec[key] = value
+        elif key == "pitr_window":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 <= value <= 90 * 86400):
+                raise ApiError(400, "pitr_window must be a number of seconds from 0 to 7776000",
+                               "how far back a point-in-time restore or fork can aim "
+                               "(default 86400: a day)")
+            spec[key] = value
         elif key in ("cpu", "memory", "disk"):
             text = str(value) if isinstance(value, int | float) and not isinstance(
                 value, bool) else value
@@ -102,8 +114,8 @@ def job_spec(raw: Any) -> dict[str, Any]:
                            "(`jobmesh job import ID FILE`)")
         else:
             raise ApiError(400, f"unknown spec field {key!r}",
-                           f"the spec fields are archive_timeout, wal_window, cpu, memory and "
-                           f"disk, as in "
+                           f"the spec fields are archive_timeout, wal_window, keep_pauses, "
+                           f"pitr_window, cpu, memory and disk, as in "
                            f"{example}")
     return spec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from jobmesh.agent.fence import Fenced
 from jobmesh.agent.manifest import (
@@ -12,8 +13,9 @@ from jobmesh.agent.manifest import (
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
-from jobmesh.agent.store import Store, StoreError, get_bytes
+from jobmesh.agent.store import Store, StoreError, get_bytes, put_bytes
 
+from ..catalog.models import Job
 from ..core.backend import BackendError, PermanentError, Stopped
 
 
@@ -98,3 +100,31 @@ async def confirm_pause(store: Store, job_id: str, pause: Manifest) -> Stopped:
 def stopped(pause: Manifest) -> Stopped:
     """The reconciler's record of a pause: the manifest (as stored) and the bytes uploaded."""
     return Stopped(pause, sum(o.size for o in pause.objects))
+
+
+@dataclass(frozen=True)
+class Rewind:
+    at: str  # ISO 8601
+    id: str
+
+
+def _rewind_key(job_id: str, rid: str) -> str:
+    return f"{job_prefix(job_id)}rewinds/{rid}"
+
+
+async def pending_rewind(store: Store, job: Job) -> Rewind | None:
+    """The rewind the job's spec asks of its next resume (``api/rewind.py``), unless the
+    store says it was done. It is marked done once PostgreSQL runs on the rewound data and
+    before the job is announced as running, so no client can write in between: a crash
+    in between only repeats the rewind, losing nothing."""
+    raw = job.spec.get("rewind")
+    if not isinstance(raw, dict) or not isinstance(raw.get("at"), str) \
+            or not isinstance(raw.get("id"), str):
+        return None
+    if await store.size(_rewind_key(job.id, raw["id"])) is not None:
+        return None
+    return Rewind(raw["at"], raw["id"])
+
+
+async def rewind_done(store: Store, job: Job, rewind: Rewind) -> None:
+    await put_bytes(store, _rewind_key(job.id, rewind.id), f"{rewind.at}\n".encode())

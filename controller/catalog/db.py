@@ -96,6 +96,15 @@ class Catalog:
                                 detail=spec or {})
         return Job.from_row(row)
 
+    async def set_spec_field(self, job_id: str, key: str, value: Any) -> Job:
+        """Set one field of a job's spec (what a rewind asks of the next resume)."""
+        row = await self.pool.fetchrow(
+            "UPDATE jobs SET spec = spec || jsonb_build_object($2::text, $3::jsonb)"
+            " WHERE id = $1 RETURNING *", job_id, key, value)
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return Job.from_row(row)
+
     async def job(self, job_id: str) -> Job | None:
         row = await self.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         return Job.from_row(row) if row else None

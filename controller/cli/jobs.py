@@ -26,7 +26,8 @@ ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
 
 
 def job_create(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
-    spec = {k: v for k in ("archive_timeout", "wal_window", "cpu", "memory", "disk")
+    spec = {k: v for k in ("archive_timeout", "wal_window", "keep_pauses", "pitr_window",
+                           "cpu", "memory", "disk")
             if (v := getattr(args, k)) is not None}
     job = client.call("POST", "/v1/jobs", body={"id": job_id(args.id), "spec": spec},
                       query=wait_query(args), timeout=socket_timeout(args))
@@ -126,6 +127,35 @@ def job_action(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int
     wanted = ACTIONS[args.verb]
     note = "" if job["state"] == wanted else f" (wanted {wanted})"
     print(f"job {job['id']}: {job['state']}{note}")
+    return 0
+
+
+def job_fork(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
+    body = {"id": job_id(args.new), **({"at": args.at} if args.at else {})}
+    job = client.call("POST", f"/v1/jobs/{seg(job_id(args.source))}/fork", body=body,
+                      query=wait_query(args), timeout=socket_timeout(args))
+    for w in job.get("warnings") or []:
+        print(f"warning: {warning_text(w)}", file=sys.stderr)
+    what = f"as of {args.at}" if args.at else "latest"
+    print(f"job {job['id']}: {job['state']} (a fork of {args.source}, {what})")
+    if job["state"] == JobState.RUNNING:
+        command, note = connect_lines(mesh, job["id"])
+        print(f"connect: {command}\n         {note}")
+    elif job.get("error"):
+        print(f"error: {job['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def job_restore(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
+    job = client.call("POST", f"/v1/jobs/{seg(job_id(args.id))}/restore",
+                      body={"at": args.at}, query=wait_query(args),
+                      timeout=socket_timeout(args) * 2)  # a pause, then a resume
+    print(f"job {job['id']}: {job['state']} (rewound to {args.at}; the state it replaced is "
+          "kept as a pinned pause snapshot for its point-in-time window)")
+    if job.get("error"):
+        print(f"error: {job['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,9 +25,20 @@ from ..mesh import TOKEN_FILE, MeshError, MeshInfo, read_mesh
 from .client import Client, RequestFailed
 from .command import WAIT_TIMEOUT, Command, OpsError
 from .formats import FORMATS
-from .jobs import ACTIONS, job_action, job_create, job_delete, job_list, job_retry, job_show
+from .jobs import (
+    ACTIONS,
+    job_action,
+    job_create,
+    job_delete,
+    job_fork,
+    job_list,
+    job_restore,
+    job_retry,
+    job_show,
+)
 from .psql import psql
 from .status import status
+from .store import store_gc, store_usage
 from .transfer import job_export, job_import
 from .users import grant, revoke, user_create, user_delete, user_list, user_passwd
 
@@ -86,7 +97,7 @@ class _PsqlArgs(argparse.Action):
 
 
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
-    """Register ``command`` (job, user, grant, revoke, psql or status) on ``p``."""
+    """Register ``command`` (job, user, grant, revoke, psql, status or store) on ``p``."""
     common, waiting = _common(), _waiting()
     _add_state_dir(p)
     if command == "job":
@@ -119,6 +130,21 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     elif command == "status":
         _add_output(p)
         p.set_defaults(run=_runs(status))
+    elif command == "store":
+        sub = p.add_subparsers(dest="op", required=True, metavar="COMMAND")
+        gc = sub.add_parser("gc", parents=[common],
+                            help="apply retention and delete what no snapshot references, now")
+        gc.add_argument("--job", action="append", metavar="ID",
+                        help="apply only this job's retention (repeatable); objects are "
+                        "collected store-wide either way")
+        gc.add_argument("--dry-run", action="store_true", help="say what would go; delete "
+                        "nothing")
+        _add_output(gc)
+        gc.set_defaults(run=_runs(store_gc))
+        usage = sub.add_parser("usage", parents=[common],
+                               help="what each job holds in the store: unique and shared bytes")
+        _add_output(usage)
+        usage.set_defaults(run=_runs(store_usage))
     else:
         raise ValueError(f"unknown operator command {command!r}")
 
@@ -133,10 +159,31 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     c.add_argument("--wal-window", type=float, metavar="S",
                    help="send the streamed WAL every S seconds: what a lost machine may lose "
                         f"(default {defaults.WAL_WINDOW:g}; 0: finished segments only)")
+    c.add_argument("--keep-pauses", type=int, metavar="N",
+                   help="pause snapshots to keep (default: the controller's, 3)")
+    c.add_argument("--pitr-window", type=float, metavar="S",
+                   help="seconds a point-in-time restore can reach back (default: the "
+                        "controller's, 86400)")
     c.add_argument("--cpu", help="CPU for the job's Postgres, e.g. 500m or 2")
     c.add_argument("--memory", help="memory, e.g. 1Gi")
     c.add_argument("--disk", help="disk, e.g. 10Gi")
     c.set_defaults(run=_runs(job_create))
+    f = sub.add_parser("fork", parents=[common, waiting],
+                       help="a new job from another's data (latest, or --at a time), sharing "
+                       "its snapshot objects; the source is only read")
+    f.add_argument("source", metavar="SRC")
+    f.add_argument("new", metavar="NEW")
+    f.add_argument("--at", metavar="TIME",
+                   help="the source as it was at TIME (ISO 8601; UTC without an offset), "
+                   "within its point-in-time window")
+    f.set_defaults(run=_runs(job_fork))
+    rs = sub.add_parser("restore", parents=[common, waiting],
+                        help="rewind a job to a time within its point-in-time window (it is "
+                        "paused first; the state it had stays as a pinned snapshot)")
+    rs.add_argument("id", metavar="ID")
+    rs.add_argument("--at", required=True, metavar="TIME",
+                    help="ISO 8601 (UTC without an offset), e.g. 2026-12-01T10:00:00Z")
+    rs.set_defaults(run=_runs(job_restore))
     ls = sub.add_parser("list", parents=[common], help="list jobs")
     _add_output(ls)
     ls.set_defaults(run=_runs(job_list))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,7 @@ import asyncpg
 
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.fence import Fenced
-from jobmesh.agent.manifest import ManifestError
+from jobmesh.agent.manifest import Manifest, ManifestError
 from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
 from jobmesh.agent.store import StoreError, open_store
@@ -48,9 +49,12 @@ from ...catalog.models import JOB_ID, Job
 from ...core.backend import BackendError, PermanentError, Progress, Started, Stopped
 from ..job_lock import JobLocks
 from ..job_store import (
+    Rewind,
     confirm_pause,
     delete_job_objects,
     latest_snapshot,
+    pending_rewind,
+    rewind_done,
     snapshot_to_restore,
     stale_generation,
     stored_pause,
@@ -124,13 +128,15 @@ class LocalBackend:
         async with self._job("create", job.id) as jd:
             if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
-            dump = _dump_source(job)
+            dump, fork = _dump_source(job), _fork_source(job)
             laps = Laps()
             # Nothing of an interrupted earlier attempt is worth keeping: no client has
             # seen this job yet. Its WAL in the store would clash with ours.
             await self.instances.discard(jd)
             await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
+            if fork is not None:
+                return await self._fork(job, jd, progress, laps, *fork)
             if self.template.manifest is None:
                 await progress("preparing the template")
             await asyncio.to_thread(prepare, jd)
@@ -153,6 +159,9 @@ class LocalBackend:
             if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
             await self.instances.discard(jd)
+            if (rewind := await pending_rewind(self.store, job)) is not None:
+                await self.warm_cache.drop(job.id)  # the state the rewind replaces
+                return await self._restore(job, jd, progress, "rewind", rewind=rewind)
             if (cached := await self._from_cache(job, jd, progress)) is not None:
                 return cached
             return await self._restore(job, jd, progress, "resume")
@@ -279,7 +288,7 @@ class LocalBackend:
         (None: restore from the store, as without a cache)."""
         laps = Laps()
         await asyncio.to_thread(prepare, jd)
-        entry = await self.warm_cache.take(job.id, jd.pgdata, self.store)
+        entry = await self.warm_cache.take(job.id, jd.pgdata, self.store, stale_to=jd.pgdata)
         if entry is None:
             return None
         laps("cache")
@@ -296,31 +305,90 @@ class LocalBackend:
                        detail={"source": "cache", "snapshot": entry.snapshot, "kind": "pause",
                                "wal_replayed": False, "timings_ms": laps.laps})
 
-    async def _restore(self, job: Job, jd: JobDir, progress: Progress, how: str) -> Started:
+    async def _restore(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
+                       rewind: Rewind | None = None) -> Started:
         laps = Laps()
         manifest = await snapshot_to_restore(self.store, job.id)  # none: PermanentError
-        size = sum(o.size for o in manifest.objects)
+        size = manifest.uncompressed_size if manifest.chunked else manifest.stored_size
         await progress(f"restoring {mb(size)}")
         await asyncio.to_thread(prepare, jd)
+        base = await self._delta_base(jd, manifest)
+        laps("base")
         relay = Relay(progress, "restoring", size)
         try:
             result = await restore(jd.pgdata, self.store, job.id, s3_endpoint=self.s3_endpoint,
-                                   progress=relay, generation=job.generation)
+                                   progress=relay, generation=job.generation, delta=True,
+                                   target_time=rewind.at if rewind else None)
         except Fenced as exc:
             raise stale_generation(exc) from None
+        except AgentError as exc:
+            if rewind is None:
+                raise
+            raise PermanentError(f"cannot rewind job {job.id} to {rewind.at}: "
+                                 f"{one_line(exc)}") from exc
         await relay.flush()
         laps("restore")
         port, info = await self.instances.start(job, jd, progress, how,
                                                 recovery=result.recovery_configured, laps=laps)
+        if rewind is not None:  # before any client can reach it: see job_store.pending_rewind
+            await rewind_done(self.store, job, rewind)
         log.info("%s of job %s: %s snapshot %s, %s restored in %.0f ms (%s)", how, job.id,
                  result.manifest.kind, result.manifest.id, mb(result.bytes_restored),
                  laps.total(), laps)
         return Started(HOST, port, info.url, bytes_moved=result.bytes_restored,
-                       detail={"source": "store", "snapshot": result.manifest.id,
+                       detail={"source": "store", "base": base, "snapshot": result.manifest.id,
                                "kind": result.manifest.kind,
                                "wal_replayed": result.recovery_configured,
                                "skipped": [sid for sid, _ in result.skipped],
                                "timings_ms": laps.laps})
+
+    async def _fork(self, job: Job, jd: JobDir, progress: Progress, laps: Laps, source: str,
+                    at: str | None) -> Started:
+        """Create ``job`` from ``source``'s snapshots (and WAL, replayed to ``at`` or to its
+        end), only reading the source's part of the store: no claim on its generation, and
+        its objects shared, not copied."""
+        manifest = await snapshot_to_restore(self.store, source)  # none: PermanentError
+        await progress(f"restoring {source}" + (f" as of {at}" if at else ""))
+        await asyncio.to_thread(prepare, jd)
+        base = await self._delta_base(jd, manifest)
+        relay = Relay(progress, "restoring", manifest.uncompressed_size)
+        try:
+            result = await restore(jd.pgdata, self.store, source, target_time=at,
+                                   s3_endpoint=self.s3_endpoint, progress=relay, delta=True)
+        except AgentError as exc:
+            raise PermanentError(f"cannot fork job {source}: {one_line(exc)}") from exc
+        await relay.flush()
+        laps("restore")
+        port, info = await self.instances.start(job, jd, progress, "create",
+                                                recovery=result.recovery_configured,
+                                                laps=laps, database=f"job_{source}")
+        log.info("forked job %s from %s (%s snapshot %s%s) in %.0f ms (%s)", job.id, source,
+                 result.manifest.kind, result.manifest.id, f", to {at}" if at else "",
+                 laps.total(), laps)
+        return Started(HOST, port, info.url, bytes_moved=result.bytes_restored,
+                       detail={"fork": source, "at": at, "base": base,
+                               "snapshot": result.manifest.id,
+                               "wal_replayed": result.recovery_configured,
+                               "timings_ms": laps.laps})
+
+    async def _delta_base(self, jd: JobDir, manifest: Manifest) -> str:
+        """What PGDATA holds before a restore fetches the rest: a stale warm copy of the job
+        (``_from_cache`` left it there), else a copy of the template (most of a small
+        job's files), else nothing."""
+        if await asyncio.to_thread(jd.pgdata.exists):
+            return "stale copy"
+        if not manifest.chunked:
+            return "none"
+        try:
+            await self.template.ensure()
+            template = self.template.manifest
+            if template is None or template.pg_version != manifest.pg_version:
+                return "none"
+            return f"template {await self.template.take(jd.pgdata)}"
+        except (OSError, StoreError) as exc:
+            log.warning("no template copy to restore over (%s): restoring it all", exc)
+            await asyncio.to_thread(shutil.rmtree, jd.pgdata, True)
+            return "none"
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -352,9 +420,18 @@ class LocalBackend:
             yield self._dir(job_id)
 
 
+def _fork_source(job: Job) -> tuple[str, str | None] | None:
+    """(source job, time or None) for a fork (``{"fork": SRC, "at": TIME}``)."""
+    source = job.spec.get("source")
+    if isinstance(source, dict) and isinstance(source.get("fork"), str):
+        at = source.get("at")
+        return source["fork"], at if isinstance(at, str) else None
+    return None
+
+
 def _dump_source(job: Job) -> Path | None:
     source = job.spec.get("source")
-    if source is None:
+    if source is None or _fork_source(job) is not None:
         return None
     if isinstance(source, dict) and set(source) == {"dump"} and isinstance(source["dump"], str):
         return Path(source["dump"])

@@ -99,8 +99,12 @@ class Instances:
 
     async def start(self, job: Job, jd: JobDir, progress: Progress, how: str, *,
                     recovery: bool = False, dump: Path | None = None,
-                    laps: Laps | None = None) -> tuple[int, AgentInfo]:
-        """Start the PGDATA in place, make it the job's, mark it ready, start its agent."""
+                    laps: Laps | None = None,
+                    database: str | None = None) -> tuple[int, AgentInfo]:
+        """Start the PGDATA in place, make it the job's, mark it ready, start its agent.
+
+        ``database``: the name the job's database has in this PGDATA, if it is neither the
+        job's nor the template's (a fork's: its source's)."""
         laps = laps or Laps()
         if how != "create":
             await progress("starting PostgreSQL")
@@ -112,7 +116,7 @@ class Instances:
                 await progress("replaying archived WAL")
                 await wait_until_writable(conn, self.start_timeout)
                 laps("replay")
-            outdated = await personalise(conn, job.id, self.template.database,
+            outdated = await personalise(conn, job.id, database or self.template.database,
                                          job.backend_password)
         finally:
             await conn.close()

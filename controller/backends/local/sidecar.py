@@ -55,7 +55,8 @@ def agent_argv(python: str, jd: JobDir, port: int, *, store_url: str, s3_endpoin
         argv += ["--s3-endpoint", s3_endpoint]
     return [*argv, "--listen", f"127.0.0.1:{port}", "--spool", str(jd.spool),
             "--base-backup-interval", f"{base_backup_interval:g}",
-            "--wal-window", f"{wal_window:g}", "--generation", str(generation)]
+            "--wal-window", f"{wal_window:g}", "--generation", str(generation),
+            "--keep-base-backups", "0"]  # the controller's retention decides
 
 
 def pick_port(before: AgentInfo | None) -> int:

@@ -147,17 +147,29 @@ class WarmCache:
                  job, entry.snapshot, size)
         return True
 
-    async def take(self, job_id: str, dest: Path, store: Store) -> Entry | None:
+    async def take(self, job_id: str, dest: Path, store: Store, *,
+                   stale_to: Path | None = None) -> Entry | None:
         """Move the job's entry to ``dest`` (its PGDATA's place), if there is one and it
-        equals the job's newest state in ``store``; a stale entry is dropped."""
+        equals the job's newest state in ``store``. A stale entry is moved to ``stale_to``
+        if given (most of it is still what the store holds: a delta restore's base), else
+        dropped; either way the answer is None."""
         if not self.enabled:
             return None
         entry = await asyncio.to_thread(self._read, job_id)
         if entry is None:
             return None
         if why := await _stale(store, job_id, entry):
-            log.info("job %s: the warm cache holds pause snapshot %s, but %s: dropping it",
-                     job_id, entry.snapshot, why)
+            log.info("job %s: the warm cache holds pause snapshot %s, but %s: %s", job_id,
+                     entry.snapshot, why, "restoring by delta over it" if stale_to
+                     else "dropping it")
+            if stale_to is not None:
+                async with self._lock:
+                    claimed = await asyncio.to_thread(self._claim, job_id, entry)
+                if claimed is not None:
+                    with contextlib.suppress(OSError):
+                        await asyncio.to_thread((claimed / "pgdata").rename, stale_to)
+                    await asyncio.to_thread(shutil.rmtree, claimed, True)
+                return None
             await self.drop(job_id)
             return None
         async with self._lock:

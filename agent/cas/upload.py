@@ -1,0 +1,202 @@
+"""Writing a directory as content-addressed objects: only what the store does not hold is sent.
+
+Every file is read in ``CHUNK_SIZE`` pieces (page-aligned: PostgreSQL
+relation files change a page at a time, and an append touches only the
+last chunks), each named by its keyed hash. A file the hash cache vouches
+for is not read at all. A name the store is known to hold (the objects of
+the snapshot the directory came from, or of one just uploaded) is not
+asked about; any other is looked up, and uploaded only if missing. A
+running PostgreSQL may change a file while it is read (base backups): a
+file that shrinks is padded with zeros and one that grows is cut at the
+size first seen, as pg_basebackup does; WAL replay repairs both.
+
+The caller holds a lease (``leases.py``) from before the first lookup to
+after its manifest is written, so the collector deletes nothing it found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..manifest import DirEntry, FileEntry
+from ..progress import NoProgress, Progress
+from .hashcache import CACHE_NAME, HashCache
+from .objects import CHUNK_SIZE, Objects
+
+PARALLEL = 8  # chunks read, hashed, compressed or uploaded at once
+
+
+@dataclass
+class UploadStats:
+    files: int = 0
+    bytes: int = 0  # plaintext bytes of every file
+    read_bytes: int = 0  # bytes read from disk (files the cache did not vouch for)
+    chunks: int = 0
+    new_objects: int = 0
+    new_bytes: int = 0  # stored (compressed) bytes uploaded
+    found: int = 0  # objects looked up and found already stored
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Tree:
+    files: list[FileEntry] = field(default_factory=list)
+    dirs: list[DirEntry] = field(default_factory=list)
+
+
+def scan(root: Path, exclude: Callable[[str], bool]) -> tuple[Tree, list[os.stat_result]]:
+    """Directories, symlinks and files under ``root`` (files with their lstat), sorted."""
+    tree = Tree()
+    stats: list[os.stat_result] = []
+    for dirpath, dirs, names in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else f"{rel_dir}/"
+        if prefix:
+            tree.dirs.append(DirEntry(rel_dir, stat.S_IMODE(os.lstat(dirpath).st_mode)))
+        for name in list(dirs):
+            if os.path.islink(os.path.join(dirpath, name)) or exclude(prefix + name):
+                dirs.remove(name)
+                if os.path.islink(os.path.join(dirpath, name)):
+                    names.append(name)
+        dirs.sort()
+        for name in sorted(names):
+            rel = prefix + name
+            if rel == CACHE_NAME or exclude(rel):
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue  # a running server removed it
+            if stat.S_ISLNK(st.st_mode):
+                tree.files.append(FileEntry(rel, 0, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                                            link=os.readlink(os.path.join(dirpath, name))))
+            elif stat.S_ISREG(st.st_mode):
+                tree.files.append(FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode),
+                                            st.st_mtime_ns))
+                stats.append(st)
+    return tree, stats
+
+
+def read_chunk(path: Path, offset: int, length: int, cut: int | None) -> tuple[bytes, int]:
+    """``length`` bytes at ``offset`` (zeros past EOF, and past ``cut`` when given), and
+    how many of them were read from the file."""
+    if cut is not None and offset >= cut:
+        return bytes(length), 0
+    want = length if cut is None else min(length, cut - offset)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), want, offset)
+    except FileNotFoundError:
+        data = b""
+    read = len(data)
+    return (data + bytes(length - read) if read < length else data), read
+
+
+async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bool], *,
+                       cache: HashCache | None = None, known: set[str] | None = None,
+                       zero_past: dict[str, int] | None = None,
+                       progress: Progress | None = None,
+                       parallel: int = PARALLEL) -> tuple[Tree, UploadStats, HashCache]:
+    """Upload what ``root`` holds that the store lacks; returns the tree (for a manifest),
+    what it cost, and a hash cache describing the files as read.
+
+    ``zero_past`` maps files to an offset past which they are taken as zeros (a
+    stopped cluster's WAL segment past its shutdown checkpoint: bytes of recycled
+    segments that a start never reads, and that would never deduplicate).
+    """
+    progress = progress or NoProgress()
+    known = set(known or ())
+    zero_past = zero_past or {}
+    tree, stats = await asyncio.to_thread(scan, root, exclude)
+    regular = [f for f in tree.files if f.link is None]
+    if progress.total is None:
+        progress.total = sum(f.size for f in regular)
+    result = UploadStats(files=len(tree.files), bytes=sum(f.size for f in regular))
+    new_cache = HashCache(objects.keys.id)
+    slots = asyncio.Semaphore(parallel)
+    pending: dict[str, asyncio.Future[None]] = {}  # names being looked up or uploaded
+
+    async def ensure(name: str, data: bytes) -> None:
+        if name in known:
+            return
+        if name in pending:
+            return await asyncio.shield(pending[name])
+        pending[name] = fut = asyncio.get_running_loop().create_future()
+        try:
+            if await objects.exists(name):
+                result.found += 1
+            else:
+                encoded = await asyncio.to_thread(objects.encode, data, name)
+                result.new_bytes += await objects.put(encoded)
+                result.new_objects += 1
+            known.add(name)
+            fut.set_result(None)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: the first caller raises it
+            pending.pop(name, None)
+            raise
+
+    async def chunk(entry: FileEntry, index: int, names: list[str]) -> None:
+        offset = index * CHUNK_SIZE
+        length = min(CHUNK_SIZE, entry.size - offset)
+        async with slots:
+            data, read = await asyncio.to_thread(read_chunk, root / entry.path, offset,
+                                                 length, zero_past.get(entry.path))
+            names[index] = await asyncio.to_thread(objects.name, data)
+            await ensure(names[index], data)
+            result.read_bytes += read
+            progress.advance(length)
+
+    hits: dict[str, list[str]] = {}
+    for entry, st in zip(regular, stats, strict=True):
+        cached = cache.lookup(entry.path, entry.size, st.st_mtime_ns) if cache else None
+        if cached is not None and entry.path not in zero_past:
+            hits[entry.path] = cached
+    # A cache hit saves reading the file only if its objects are stored: those of the
+    # cache's source snapshot are (the caller passes them as known); others are looked up.
+    unsure = sorted({n for names in hits.values() for n in names} - known)
+    found = await _gather(parallel, [objects.exists(n) for n in unsure])
+    known.update(n for n, ok in zip(unsure, found, strict=True) if ok)
+    files: list[FileEntry] = []
+    work = []
+    for entry in regular:
+        names = hits.get(entry.path, [])
+        if entry.path in hits and all(n in known for n in names):
+            progress.advance(entry.size)
+        else:
+            names = [""] * -(-entry.size // CHUNK_SIZE)
+            work += [chunk(entry, i, names) for i in range(len(names))]
+        files.append(FileEntry(entry.path, entry.size, entry.mode, entry.mtime_ns, names))
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    result.chunks = sum(len(f.chunks) for f in files)
+    links = [f for f in tree.files if f.link is not None]
+    tree.files = sorted(files + links, key=lambda f: f.path)
+    new_cache.files = {f.path: (f.size, f.mtime_ns, list(f.chunks)) for f in files
+                       if f.path not in zero_past}
+    return tree, result, new_cache
+
+
+
+async def _gather(limit: int, aws: list[Awaitable[bool]]) -> list[bool]:
+    slots = asyncio.Semaphore(limit * 4)  # lookups are small requests
+
+    async def one(aw: Awaitable[bool]) -> bool:
+        async with slots:
+            return await aw
+
+    return await asyncio.gather(*(one(a) for a in aws))
