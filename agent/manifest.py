@@ -101,13 +101,20 @@ class Manifest:
     def to_json(self) -> bytes:
         if self.format == 1:
             return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
-        # thousands of file entries: one line each, not twelve
-        doc = asdict(self)
-        head = {k: v for k, v in doc.items() if k not in ("files", "dirs")}
+        # thousands of file entries: one line each, not twelve (and not through asdict,
+        # which deep-copies every list: a tenth of a small job's pause)
+        head: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                                if f.name not in ("files", "dirs", "objects")}
+        head["objects"] = [asdict(o) for o in self.objects]
         lines = json.dumps(head, indent=2, sort_keys=True)[:-2]
+        entries: dict[str, list[dict[str, Any]]] = {
+                   "dirs": [{"mode": d.mode, "path": d.path} for d in self.dirs],
+                   "files": [{"chunks": f.chunks, "link": f.link, "mode": f.mode,
+                              "mtime_ns": f.mtime_ns, "path": f.path, "size": f.size}
+                             for f in self.files]}
         for name in ("dirs", "files"):
-            rows = ",\n    ".join(json.dumps(r, sort_keys=True, separators=(",", ":"))
-                                  for r in doc[name])
+            rows = ",\n    ".join(json.dumps(r, separators=(",", ":"))
+                                  for r in entries[name])
             lines += f',\n  "{name}": [\n    {rows}\n  ]' if rows else f',\n  "{name}": []'
         return (lines + "\n}\n").encode()
 

@@ -119,8 +119,8 @@ async def drop_by_retention(store: Store, job: str, listing: Listing, keep: set[
     kept snapshot can replay, and orphaned objects older than the newest manifest of their
     kind; returns the deleted keys. Content-addressed objects are the collector's.
 
-    WAL is kept from the older of the oldest kept base backup's start and the newest kept
-    pause snapshot's shutdown checkpoint, as ``retain`` does.
+    WAL is kept from the oldest kept snapshot's start (base backup) or shutdown checkpoint
+    (pause snapshot) on: a point-in-time restore may replay from any kept snapshot.
     """
     sids = list(listing.snapshots)
     kept_ids = [s for s in sids if s in keep]
@@ -132,9 +132,9 @@ async def drop_by_retention(store: Store, job: str, listing: Listing, keep: set[
         deleted.extend(keys)
 
     await _drop_snapshots(job, listing, kept_ids, [s for s in sids if s not in keep], delete)
-    bases = [s for s in kept_ids if listing.snapshots[s].kind == "base"]
-    pauses = [s for s in kept_ids if listing.snapshots[s].kind != "base"]
-    needs = [listing.snapshots[s] for s in (bases[:1] + pauses[-1:])]
+    # every kept snapshot may be replayed from (a point-in-time restore): WAL from the
+    # oldest one's start on stays
+    needs = [listing.snapshots[s] for s in kept_ids]
     cutoff = wal_cutoff(needs) if needs else None
     if cutoff is not None:
         await delete(sorted(k for k in listing.objects

@@ -86,7 +86,10 @@ def parse_target_time(text: str) -> datetime:
 
 
 def backup_end_time(m: Manifest) -> datetime:
-    """When a base backup became restorable: its recorded end, else its manifest time."""
+    """When a snapshot became restorable: a base backup's recorded end, else (a pause
+    snapshot: its shutdown came just before) its manifest time. A point-in-time restore
+    to a later time replays WAL from it: the WAL archived after a pause continues from
+    its shutdown checkpoint, on its timeline, as after a base backup."""
     raw = str(m.extra.get("end_time") or m.extra.get("stop_time") or m.created_at)
     return parse_target_time(raw)
 
@@ -234,9 +237,8 @@ async def _newest_usable(pgdata: Path, store: Store, job: str, ids: list[str],
     for sid in reversed(ids):
         try:
             manifest = await _read_manifest(store, job, sid)
-            if target is not None and (manifest.kind != "base"
-                                       or backup_end_time(manifest) >= target):
-                continue  # pause snapshots cannot replay WAL; later backups are past T
+            if target is not None and backup_end_time(manifest) >= target:
+                continue  # consistent only after T
             if (why := off_history(manifest, history)) is not None:
                 skipped.append((sid, why))
                 log.warning("skipping snapshot %s: %s", sid, why)
@@ -248,18 +250,15 @@ async def _newest_usable(pgdata: Path, store: Store, job: str, ids: list[str],
             log.warning("skipping snapshot %s: %s; trying the previous one", sid, exc)
             await asyncio.to_thread(wipe, pgdata)
     if target is not None and not tried_any:
-        raise AgentError(f"no base backup of job {job!r} finished before {target.isoformat()}; "
-                         "point-in-time restore needs one (pause snapshots cannot replay WAL)")
+        raise AgentError(f"no snapshot of job {job!r} was taken before {target.isoformat()}: "
+                         "a point-in-time restore replays WAL from one")
     raise AgentError(f"no usable snapshot of job {job!r} in {store.url}: "
                      + "; ".join(f"{sid}: {why}" for sid, why in skipped))
 
 
 def _check_pitr_base(m: Manifest, target: datetime) -> None:
-    if m.kind != "base":
-        raise AgentError(f"snapshot {m.id} is a {m.kind} snapshot; --target-time needs a base "
-                         "backup (pause snapshots cannot replay WAL)")
     if backup_end_time(m) >= target:
-        raise AgentError(f"base backup {m.id} ended at {backup_end_time(m).isoformat()}, "
+        raise AgentError(f"{m.kind} snapshot {m.id} is of {backup_end_time(m).isoformat()}, "
                          f"not before {target.isoformat()}")
 
 

@@ -84,7 +84,7 @@ def start_catalog(stack: contextlib.ExitStack, root: Path) -> tuple[Instance, st
 
 
 def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
-               wake_timeout: float) -> Mesh:
+               wake_timeout: float, controller_args: tuple[str, ...] = ()) -> Mesh:
     state.mkdir(mode=0o755)
     state.chmod(0o755)
     mesh = Mesh(state, catalog_dsn)
@@ -92,7 +92,8 @@ def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
     mesh.controller = LoggedProcess("controller", [
         sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", catalog_dsn,
         "--state-dir", str(state), "--api-listen", f"127.0.0.1:{free_port()}",
-        "--idle-timeout", "0"], state / "jobmesh.controller.log", cwd=REPO, failure=BenchError)
+        "--idle-timeout", "0", *controller_args], state / "jobmesh.controller.log", cwd=REPO,
+        failure=BenchError)
     mesh.controller.wait_for_log(r"controller API listening on", timeout=120)
     mesh.router = LoggedProcess("router", [
         sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",

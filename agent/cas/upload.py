@@ -186,7 +186,7 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
     result.chunks = sum(len(f.chunks) for f in files)
     links = [f for f in tree.files if f.link is not None]
     tree.files = sorted(files + links, key=lambda f: f.path)
-    new_cache.files = {f.path: (f.size, f.mtime_ns, list(f.chunks)) for f in files
+    new_cache.files = {f.path: (f.size, f.mtime_ns, f.chunks) for f in files
                        if f.path not in zero_past}
     return tree, result, new_cache
 

@@ -144,6 +144,15 @@ class Agent:
 
     async def _do_pause(self) -> Manifest:
         self.pausing = True
+        laps: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            laps[name] = round((now - mark) * 1000, 1)
+            mark = now
+
         try:
             pm = read_postmaster(self.config.pgdata)
             if pm is None and self.paused is not None:
@@ -163,6 +172,7 @@ class Agent:
                     await switch_wal(self.dsn())
                 except Exception as exc:  # asyncpg's, OSError...: the pause goes on anyway
                     log.warning("pausing: cannot switch WAL first (%s)", one_line(exc))
+                lap("switch")
                 log.info("pausing: fast shutdown of PostgreSQL (pid %d)", pm.pid)
                 os.kill(pm.pid, signal.SIGINT)
                 try:
@@ -170,15 +180,19 @@ class Agent:
                 except TimeoutError:
                     raise AgentError(f"PostgreSQL (pid {pm.pid}) did not stop within "
                                      f"{self.config.stop_timeout:g} s") from None
+                lap("stop")
             try:
                 if self.streamer is not None:  # to the shutdown checkpoint, then it exits
                     await self.streamer.finish()
                 await self.archiver.drain()
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
+            lap("wal")
             manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
                                            metrics=self.metrics, generation=self.config.generation)
-            log.info("paused: snapshot %s stored", manifest.id)
+            lap("snapshot")
+            log.info("paused: snapshot %s stored (%s)", manifest.id,
+                     ", ".join(f"{k} {v:g} ms" for k, v in laps.items()))
             if self.streamer is not None:
                 try:  # the snapshot's pg_wal holds the unfinished segment now
                     await self.streamer.forget()

@@ -83,7 +83,10 @@ class FileStore:
                 p = Path(dirpath, name)
                 key = p.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    out.append(ObjectInfo(key, p.stat().st_size))
+                    try:
+                        out.append(ObjectInfo(key, p.stat().st_size))
+                    except FileNotFoundError:
+                        continue  # deleted since the walk saw it: as S3, a listing is a moment
         return sorted(out, key=lambda o: o.key)
 
     async def delete(self, key: str) -> None:

@@ -112,10 +112,18 @@ class Api:
         return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
                              {"Location": f"/v1/jobs/{job.id}"})
 
+    def local_only(self, what: str) -> None:
+        if self.backend != "local":
+            raise ApiError(409, f"{what} is not supported on the {self.backend} backend yet",
+                           "the local backend does it; on Kubernetes, restore a snapshot "
+                           "with `jobmesh agent restore --job SRC --target-time T` into a "
+                           "new job's volume")
+
     async def fork_job(self, req: web.Request) -> web.Response:
         """A new job from another's data (its latest state, or as it was at ``at``), sharing
         its objects in the store; the source is only read."""
         source, timeout = path_job_id(req), wait_params(req)
+        self.local_only("fork")
         example = '{"id": "scrape-42-copy", "at": "2026-12-01T10:00:00Z"}'
         body = await json_object(req, example)
         fields(body, example, ("id",), ("at",))
@@ -135,6 +143,7 @@ class Api:
         if self.store is None:
             raise ApiError(503, "this controller has no store to restore from",
                            "start the controller with --store")
+        self.local_only("restore --at")
         job = await self.job_or_404(path_job_id(req))
         job = await rewind(req, job, catalog=self.catalog, store=self.store,
                            settle=self.settle, timeout=wait_params(req))

@@ -32,8 +32,8 @@ from .request import ApiError, fields, json_object
 
 
 async def check_target(store: Store, job: Job, text: object) -> datetime:
-    """The time to rewind (or fork) to, once the store can reach it: a base backup of the
-    job ended before it."""
+    """The time to rewind (or fork) to, once the store can reach it: a snapshot of the job
+    (base backup or pause) is of before it."""
     try:
         at = parse_target_time(str(text))
     except AgentError as exc:
@@ -42,13 +42,12 @@ async def check_target(store: Store, job: Job, text: object) -> datetime:
     if at > datetime.now(UTC):
         raise ApiError(400, f"{at.isoformat()} is in the future", "rewind to a past time")
     listing = await read_listing(store, job.id)
-    ends = sorted(backup_end_time(m) for m in listing.snapshots.values() if m.kind == "base")
+    ends = sorted(backup_end_time(m) for m in listing.snapshots.values())
     if not ends or ends[0] >= at:
         oldest = ends[0].isoformat() if ends else None
-        raise ApiError(409, f"job {job.id} has no base backup that ended before "
-                       f"{at.isoformat()}",
+        raise ApiError(409, f"job {job.id} has no snapshot taken before {at.isoformat()}",
                        f"the earliest reachable time is {oldest}" if oldest else
-                       "it has no base backup yet: the first is taken when a job starts")
+                       "it has no snapshot yet: its first base backup is taken when it starts")
     return at
 
 

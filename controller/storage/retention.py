@@ -1,11 +1,13 @@
 """Which snapshots a job keeps: the newest K pause snapshots, and what a point-in-time window needs.
 
 Pure: manifests in, ids out. A point-in-time restore to any moment of the
-last W replays WAL from a base backup that ended before that moment, so
-every base backup that ended within the window is kept, and the newest one
-that ended before it; the newest base backup is always kept (it is what a
-recovery after a lost disk starts from). Pause snapshots cannot replay WAL:
-the newest K are kept, as points to rewind to and as wake-ups.
+last W replays WAL from a snapshot (a base backup, or a pause snapshot: the
+next run's WAL continues from its shutdown checkpoint) taken before that
+moment, so the newest snapshot taken before the window opened is kept (or,
+for a job younger than W, its oldest), with the WAL from it on; so are the
+base backups within the window (shorter replays) and the newest base backup
+(what a recovery after a lost disk starts from). The newest K pause
+snapshots are kept as wake-ups and points to go back to at once.
 """
 
 from __future__ import annotations
@@ -33,16 +35,21 @@ def kept(snapshots: dict[str, Manifest], policy: Retention, now: datetime,
     (id -> until, epoch seconds) are kept until then whatever else says (the state a
     rewind replaced)."""
     pauses = [sid for sid, m in snapshots.items() if m.kind == "pause"]
-    bases = [sid for sid, m in snapshots.items() if m.kind == "base"]
-    keep = set(pauses[-policy.keep_pauses:]) if policy.keep_pauses > 0 else set()
-    if pauses and not keep:
-        keep.add(pauses[-1])  # a paused job wakes from its newest pause snapshot
+    keep = set(pauses[-max(1, policy.keep_pauses):])  # a paused job wakes from its newest
     start = now - timedelta(seconds=policy.pitr_window)
-    before = [sid for sid in bases if backup_end_time(snapshots[sid]) < start]
-    keep.update(sid for sid in bases if backup_end_time(snapshots[sid]) >= start)
-    if before:
-        keep.add(before[-1])
+    # A point-in-time restore replays WAL from the newest snapshot (of either kind) taken
+    # before the time it aims at: the newest one before the window opened reaches all of
+    # it; a job younger than the window has only its oldest to start from.
+    ordered = sorted(snapshots, key=lambda sid: backup_end_time(snapshots[sid]))
+    before = [sid for sid in ordered if backup_end_time(snapshots[sid]) <= start]
+    if policy.pitr_window > 0 and ordered:
+        keep.add(before[-1] if before else ordered[0])
+    # base backups within the window: shorter replays, at the cost of their new objects
+    keep.update(sid for sid in ordered if snapshots[sid].kind == "base"
+                and backup_end_time(snapshots[sid]) > start)
+    bases = [sid for sid in ordered if snapshots[sid].kind == "base"]
+    if bases:
+        keep.add(bases[-1])  # what a recovery after a lost disk starts from
     keep.update(sid for sid, until in (pinned or {}).items()
                 if sid in snapshots and until > now.timestamp())
     return keep
-

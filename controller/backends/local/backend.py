@@ -219,6 +219,7 @@ class LocalBackend:
                     return done
                 raise BackendError(f"job {job.id} has no instance here and its latest "
                                    "snapshot is not a pause snapshot")
+            laps = Laps()
             try:
                 manifest = await self.instances.pause(job, jd)
             except BackendError:
@@ -227,15 +228,21 @@ class LocalBackend:
                 # Postgres crashed before the agent could stop it: once more, from the
                 # start (which lets Postgres recover from its own WAL first).
                 manifest = await self.instances.pause(job, jd)
+            laps("agent pause")
             stopped = await confirm_pause(self.store, job.id, manifest)
+            laps("confirm")
             # The pause drained the spool and Postgres is down: the agent has nothing left
             # to ship, so it gets little time to exit (one that cancelled a base backup
             # hangs at exit: see agent.tarstream's aclose).
             await stop_agent(jd, read_agent(jd), timeout=5)
             await stop_postgres(jd, "immediate")  # the agent stopped it; nothing is left
+            laps("agent exit")
             await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
             await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
             self.instances.reap()
+            laps("cache")
+            log.info("pause of job %s: snapshot %s in %.0f ms (%s)", job.id, manifest.id,
+                     laps.total(), laps)
             return stopped
 
     async def alive(self, job: Job) -> bool | None:

@@ -32,7 +32,7 @@ from jobmesh.controller.storage.retention import Retention, kept
 from tests.support.stores import StoreSpec
 
 pytestmark = pytest.mark.timeout(180)
-KEEP = Retention(keep_pauses=2, pitr_window=3600)
+KEEP = Retention(keep_pauses=2, pitr_window=0)  # the newest two, and no window
 
 
 def fill(root: Path, seed: int, files: int = 12) -> None:
@@ -96,26 +96,32 @@ async def test_retention_keeps_the_newest_pauses_and_collection_only_the_unrefer
     assert use["alpha"].unique > 0
 
 
-def test_the_window_keeps_every_base_backup_it_needs_and_the_one_before() -> None:
+def test_the_window_keeps_what_replays_to_any_moment_of_it() -> None:
     now = datetime(2026, 12, 2, 12, tzinfo=UTC)
 
-    def base(hours_ago: float) -> Manifest:
-        end = now - timedelta(hours=hours_ago)
-        return Manifest(kind="base", id=new_id(end), job="j", created_at=end.isoformat(),
-                        objects=[], extra={"end_time": end.isoformat()})
+    def snapshot(kind: str, ago: timedelta) -> Manifest:
+        at = now - ago
+        return Manifest(kind=kind, id=new_id(at), job="j", created_at=at.isoformat(),  # type: ignore[arg-type]
+                        objects=[], extra={"end_time": at.isoformat()} if kind == "base" else {})
 
-    bases = {m.id: m for m in (base(h) for h in (30, 26, 20, 3))}
-    pauses = {m.id: m for m in (Manifest(kind="pause", id=new_id(now - timedelta(minutes=m)),
-                                         job="j", created_at="", objects=[])
-                                for m in (50, 40, 30, 20, 10))}
-    ids = list(bases)
-    keep = kept({**bases, **pauses}, Retention(keep_pauses=3, pitr_window=24 * 3600), now)
-    assert keep & set(bases) == set(ids[1:])  # 26 h ago is what 24 h ago replays from
-    assert keep & set(pauses) == set(list(pauses)[-3:])
-    pinned = {list(pauses)[0]: (now + timedelta(hours=1)).timestamp(),
-              list(pauses)[1]: (now - timedelta(hours=1)).timestamp()}
-    keep = kept({**bases, **pauses}, Retention(keep_pauses=3), now, pinned)
-    assert list(pauses)[0] in keep and list(pauses)[1] not in keep
+    bases = [snapshot("base", timedelta(hours=h)) for h in (30, 26, 20, 3)]
+    pauses = [snapshot("pause", timedelta(minutes=m)) for m in (50, 40, 30, 20, 10)]
+    every = {m.id: m for m in sorted([*bases, *pauses], key=lambda m: m.id)}
+    keep = kept(every, Retention(keep_pauses=3, pitr_window=24 * 3600), now)
+    # 26 h ago is what 24 h ago replays from; the later base backups shorten replays
+    assert keep == {m.id for m in [*bases[1:], *pauses[-3:]]}
+    # a job younger than its window keeps its oldest snapshot, whatever its kind
+    young = {m.id: m for m in pauses}
+    assert kept(young, Retention(keep_pauses=2, pitr_window=3600), now) == {
+        pauses[0].id, pauses[-2].id, pauses[-1].id}
+    # without a window, only the newest K pauses and the newest base backup
+    assert kept(every, Retention(keep_pauses=1, pitr_window=0), now) == {
+        bases[-1].id, pauses[-1].id}
+    # a pinned snapshot stays until its pin expires
+    pinned = {pauses[0].id: (now + timedelta(hours=1)).timestamp(),
+              pauses[1].id: (now - timedelta(hours=1)).timestamp()}
+    keep = kept(young, Retention(keep_pauses=1, pitr_window=0), now, pinned)
+    assert keep == {pauses[0].id, pauses[-1].id}
 
 
 async def test_collection_never_removes_what_a_concurrent_pause_reuses(
