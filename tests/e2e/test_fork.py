@@ -36,16 +36,16 @@ async def rows(mesh: Mesh, job: str) -> list[int]:
         await conn.close()
 
 
-async def write_ledger(mesh: Mesh, job: str, count: int,
-                       every: int) -> list[tuple[int, datetime]]:
-    """Commit ids 1..count one transaction each; every ``every`` ids, the server's time
-    after that commit: a mark that splits the ledger exactly there."""
+async def write_ledger(mesh: Mesh, job: str, count: int, every: int,
+                       first: int = 1) -> list[tuple[int, datetime]]:
+    """Commit ids first..first+count-1 one transaction each; every ``every`` ids, the
+    server's time after that commit: a mark that splits the ledger exactly there."""
     conn = await asyncpg.connect(mesh.dsn(job, "u", PW), timeout=120)
     try:
         await conn.execute("CREATE TABLE IF NOT EXISTS ledger (id int PRIMARY KEY,"
                            " at timestamptz NOT NULL DEFAULT clock_timestamp())")
         marks = []
-        for i in range(1, count + 1):
+        for i in range(first, first + count):
             await conn.execute("INSERT INTO ledger (id) VALUES ($1)", i)
             if i % every == 0:
                 marks.append((i, await conn.fetchval("SELECT clock_timestamp()")))
@@ -66,20 +66,25 @@ async def test_fork_and_rewind_give_the_data_as_of_that_time(mesh: Mesh) -> None
     await mesh.wait_for_base_backup("src")  # what a point-in-time restore starts from
     marks = await write_ledger(mesh, "src", 30, 10)
     await mesh.pause("src")  # its WAL up to the pause is in the store now
+    # woken by the writes; then a second pause: a time between the two replays WAL from
+    # the first pause snapshot (the next run's WAL continues from its shutdown checkpoint)
+    (n35, t35), _ = await write_ledger(mesh, "src", 10, 5, first=31)
+    await mesh.pause("src")
     store_root = mesh.root / "store"
     before = store_keys(store_root, "src")
 
     (n1, t1), (n2, t2), _ = marks
-    status, body = await api(mesh, "POST", "/v1/jobs/src/fork?wait=1&timeout=200",
-                             {"id": "at-10", "at": t1.isoformat()})
-    assert status == 201, body
-    assert body["state"] == "running", body
-    assert await rows(mesh, "at-10") == list(range(1, n1 + 1))
+    for new, at, count in (("at-10", t1, n1), ("at-35", t35, n35)):
+        status, body = await api(mesh, "POST", "/v1/jobs/src/fork?wait=1&timeout=200",
+                                 {"id": new, "at": at.isoformat()})
+        assert status == 201, body
+        assert body["state"] == "running", body
+        assert await rows(mesh, new) == list(range(1, count + 1)), new
 
     status, body = await api(mesh, "POST", "/v1/jobs/src/fork?wait=1&timeout=200",
                              {"id": "latest"})
     assert status == 201 and body["state"] == "running", body
-    assert await rows(mesh, "latest") == list(range(1, 31))
+    assert await rows(mesh, "latest") == list(range(1, 41))
     # the forks only read the source: its part of the store is as it was
     assert store_keys(store_root, "src") == before
     job = await mesh.catalog.job("src")
