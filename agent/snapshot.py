@@ -28,6 +28,7 @@ from .metrics import AgentMetrics
 from .postgres import PostgresError, bin_dir, pid_alive, run_pg
 from .progress import NoProgress, Progress
 from .store import Store
+from .walnames import parse_lsn
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
 _EXCLUDE = frozenset({"postmaster.pid", "postmaster.opts"})
@@ -42,6 +43,8 @@ class ControlData:
     timeline: int
     checkpoint_lsn: str
     wal_segment_size: int = 16 << 20
+    # every page change moves its LSN (hint bits too): data checksums or wal_log_hints
+    page_lsns_tell_changes: bool = False
 
 
 def parse_controldata(text: str) -> ControlData:
@@ -58,6 +61,8 @@ def parse_controldata(text: str) -> ControlData:
             timeline=int(fields["Latest checkpoint's TimeLineID"]),
             checkpoint_lsn=fields["Latest checkpoint location"],
             wal_segment_size=int(fields.get("Bytes per WAL segment", 16 << 20)),
+            page_lsns_tell_changes=fields.get("Data page checksum version", "0") != "0"
+            or fields.get("wal_log_hints setting") == "on",
         )
     except (KeyError, ValueError) as exc:
         raise AgentError(f"unexpected pg_controldata output (missing {exc})") from exc
@@ -193,7 +198,9 @@ async def take_snapshot(pgdata: Path, store: Store, job: str, *,
 
         manifest, stats, cache = await write_snapshot(
             store, job, pgdata, skip.__contains__, finish, zero_past=wal_cuts(control),
-            progress=progress, keyring=keyring)
+            progress=progress, keyring=keyring,
+            lsn_trusted=control.page_lsns_tell_changes)
+        cache.lsn = parse_lsn(control.checkpoint_lsn)  # what the next pause compares with
         await asyncio.to_thread(write_cache, pgdata, cache)
     except BaseException:
         if metrics is not None:

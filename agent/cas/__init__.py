@@ -36,12 +36,13 @@ async def write_snapshot(store: Store, job: str, directory: Path,
                          exclude: Callable[[str], bool], finish: Finish, *,
                          use_cache: bool = True, zero_past: dict[str, int] | None = None,
                          progress: Progress | None = None,
-                         keyring: Keyring | None = None) -> tuple[Manifest, UploadStats,
-                                                                   HashCache]:
+                         keyring: Keyring | None = None,
+                         lsn_trusted: bool = False) -> tuple[Manifest, UploadStats, HashCache]:
     """Upload ``directory``'s missing objects, then the manifest ``finish`` makes of them.
 
     Returns the stored manifest, what the upload cost, and a hash cache of the
     files as read (the caller writes it beside them when they will not change).
+    ``lsn_trusted``: see ``upload.upload_files`` (only for a stopped cluster).
     """
     keyring = keyring or await keyring_for(store)
     keys = keyring.current
@@ -56,7 +57,7 @@ async def write_snapshot(store: Store, job: str, directory: Path,
             known = {n for _, _, names in cache.files.values() for n in names}
         tree, stats, new_cache = await upload_files(
             objects, directory, exclude, cache=cache, known=known, zero_past=zero_past,
-            progress=progress)
+            progress=progress, lsn_trusted=lsn_trusted)
         manifest = await finish(tree, stats, keys)
         key = snapshot_manifest_key(job, manifest.id)
         await put_bytes(store, key, manifest.to_json())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..manifest import Manifest
 from ..postgres import give_to_postgres
+from ..walnames import parse_lsn
 
 CACHE_NAME = ".jobmesh-hashes"
 _FORMAT = 1
@@ -35,6 +36,10 @@ class HashCache:
     key_id: str
     source: tuple[str, str] | None = None  # (job, snapshot id) the files were restored from
     files: dict[str, tuple[int, int, list[str]]] = field(default_factory=dict)
+    # The checkpoint the files are as of (a pause snapshot's shutdown checkpoint): a
+    # relation page whose LSN is not past it has not changed since (see upload.py).
+    # 0: unknown (a base backup's files, made consistent by replay).
+    lsn: int = 0
 
     def lookup(self, path: str, size: int, mtime_ns: int) -> list[str] | None:
         hit = self.files.get(path)
@@ -45,9 +50,11 @@ class HashCache:
     @classmethod
     def of(cls, manifest: Manifest) -> HashCache:
         """What a directory holding exactly ``manifest``'s files has."""
+        lsn = parse_lsn(manifest.start_lsn) if manifest.kind == "pause" and \
+            manifest.start_lsn else 0
         return cls(manifest.key_id, (manifest.job, manifest.id),
                    {f.path: (f.size, f.mtime_ns, list(f.chunks))
-                    for f in manifest.files if f.link is None})
+                    for f in manifest.files if f.link is None}, lsn)
 
 
 def read_cache(pgdata: Path, key_id: str) -> HashCache | None:
@@ -57,15 +64,16 @@ def read_cache(pgdata: Path, key_id: str) -> HashCache | None:
             return None
         source = tuple(doc["source"]) if doc.get("source") else None
         files = {p: (int(v[0]), int(v[1]), list(v[2])) for p, v in doc["files"].items()}
+        lsn = int(doc.get("lsn", 0))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     return HashCache(key_id, source if source and len(source) == 2 else None,
-                     files)
+                     files, lsn)
 
 
 def write_cache(pgdata: Path, cache: HashCache) -> None:
     doc = {"format": _FORMAT, "key_id": cache.key_id,
-           "source": list(cache.source) if cache.source else None,
+           "source": list(cache.source) if cache.source else None, "lsn": cache.lsn,
            "files": {p: [s, m, c] for p, (s, m, c) in sorted(cache.files.items())}}
     tmp = pgdata / f"{CACHE_NAME}.{secrets.token_hex(4)}.tmp"
     with open(tmp, "w") as f:

@@ -17,8 +17,11 @@ after its manifest is written, so the collector deletes nothing it found.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import re
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +105,7 @@ def read_chunk(path: Path, offset: int, length: int, cut: int | None) -> tuple[b
 async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bool], *,
                        cache: HashCache | None = None, known: set[str] | None = None,
                        zero_past: dict[str, int] | None = None,
-                       progress: Progress | None = None,
+                       progress: Progress | None = None, lsn_trusted: bool = False,
                        parallel: int = PARALLEL) -> tuple[Tree, UploadStats, HashCache]:
     """Upload what ``root`` holds that the store lacks; returns the tree (for a manifest),
     what it cost, and a hash cache describing the files as read.
@@ -110,6 +113,11 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
     ``zero_past`` maps files to an offset past which they are taken as zeros (a
     stopped cluster's WAL segment past its shutdown checkpoint: bytes of recycled
     segments that a start never reads, and that would never deduplicate).
+
+    ``lsn_trusted``: every change to a relation page moves its LSN (the cluster has
+    data checksums or wal_log_hints, so even hint bits are WAL-logged); then only the
+    chunks of a changed relation file that hold a page newer than the cache's
+    checkpoint are read.
     """
     progress = progress or NoProgress()
     known = set(known or ())
@@ -134,7 +142,8 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
                 result.found += 1
             else:
                 encoded = await asyncio.to_thread(objects.encode, data, name)
-                result.new_bytes += await objects.put(encoded)
+                stored = await objects.put(encoded)  # read-modify-write after the await:
+                result.new_bytes += stored  # (``+= await`` would lose concurrent updates)
                 result.new_objects += 1
             known.add(name)
             fut.set_result(None)
@@ -165,6 +174,19 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
     unsure = sorted({n for names in hits.values() for n in names} - known)
     found = await _gather(parallel, [objects.exists(n) for n in unsure])
     known.update(n for n, ok in zip(unsure, found, strict=True) if ok)
+    # Relation files that changed: the chunks whose pages all predate the cache's
+    # checkpoint are what they were (WAL-G's delta backups rest on the same fact).
+    unchanged: dict[str, dict[int, str]] = {}
+    if cache is not None and cache.lsn and lsn_trusted:
+        candidates = [(f, cache.files[f.path]) for f in regular
+                      if f.path not in hits and f.path in cache.files
+                      and permanent_relation(root, f.path)]
+        found_unchanged = await _gather_any(parallel, [
+            asyncio.to_thread(unchanged_chunks, root / f.path, f.size, old[0], old[2],
+                              cache.lsn) for f, old in candidates])
+        for (f, _old), reuse in zip(candidates, found_unchanged, strict=True):
+            # only names the store is known to hold (the cache's source snapshot's)
+            unchanged[f.path] = {i: n for i, n in reuse.items() if n in known}
     files: list[FileEntry] = []
     work = []
     for entry in regular:
@@ -173,7 +195,13 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
             progress.advance(entry.size)
         else:
             names = [""] * -(-entry.size // CHUNK_SIZE)
-            work += [chunk(entry, i, names) for i in range(len(names))]
+            same = unchanged.get(entry.path, {})
+            for i in range(len(names)):
+                if i in same:
+                    names[i] = same[i]
+                    progress.advance(min(CHUNK_SIZE, entry.size - i * CHUNK_SIZE))
+                else:
+                    work.append(chunk(entry, i, names))
         files.append(FileEntry(entry.path, entry.size, entry.mode, entry.mtime_ns, names))
     tasks = [asyncio.ensure_future(w) for w in work]
     try:
@@ -190,6 +218,58 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
                        if f.path not in zero_past}
     return tree, result, new_cache
 
+
+
+_RELATION = re.compile(r"(?:base/\d+|global)/(\d+)(?:\.\d+)?")
+_PAGE = 8192
+
+
+def permanent_relation(root: Path, rel: str) -> bool:
+    """A main-fork segment of a logged relation: every change to its pages is in the WAL
+    and moves the page's LSN. Unlogged relations (an ``_init`` fork beside them) are
+    not, nor are the free space maps (``_fsm``), which are rebuilt rather than logged."""
+    m = _RELATION.fullmatch(rel)
+    if m is None:
+        return False
+    return not (root / rel).with_name(f"{m.group(1)}_init").exists()
+
+
+def unchanged_chunks(path: Path, size: int, old_size: int, old_names: list[str],
+                     lsn: int) -> dict[int, str]:
+    """Chunk index -> its old name, for the chunks of ``path`` that are as long as they
+    were and whose every page has an LSN at or below ``lsn`` (read from the page
+    headers only, through mmap)."""
+    out: dict[int, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if size == 0:
+                return out
+            with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+                for i, name in enumerate(old_names):
+                    start = i * CHUNK_SIZE
+                    end = min(start + CHUNK_SIZE, size)
+                    if end <= start or end != min(start + CHUNK_SIZE, old_size) \
+                            or (end - start) % _PAGE:
+                        continue
+                    for off in range(start, end, _PAGE):
+                        hi, lo = struct.unpack_from("=II", mm, off)
+                        if (hi << 32 | lo) > lsn:
+                            break
+                    else:
+                        out[i] = name
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+async def _gather_any(limit: int, aws: list[Awaitable[dict[int, str]]]) -> list[dict[int, str]]:
+    slots = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[dict[int, str]]) -> dict[int, str]:
+        async with slots:
+            return await aw
+
+    return await asyncio.gather(*(one(a) for a in aws))
 
 
 async def _gather(limit: int, aws: list[Awaitable[bool]]) -> list[bool]:
