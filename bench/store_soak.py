@@ -46,15 +46,8 @@ import _wake_mesh as wm
 import asyncpg
 from _peers import BenchError
 
-from jobmesh.agent.cas.objects import name_of_key
-from jobmesh.agent.manifest import Manifest, snapshot_manifest_key
-from jobmesh.agent.restore import restore
-from jobmesh.agent.store import get_bytes, open_store
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.passwords import scram_verifier
-from jobmesh.controller.storage.gc import Collector, usage
-from jobmesh.controller.storage.retention import Retention
-from jobmesh.defaults import KEEP_PAUSES
 
 
 def say(text: str) -> None:
@@ -99,6 +92,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def soak(mesh: wm.Mesh, pauses: int, scratch: Path) -> dict[str, Any]:
+    # here, not at the top: the storm alone also runs on a checkout without the collector
+    from jobmesh.agent.cas.objects import name_of_key
+    from jobmesh.agent.manifest import Manifest, snapshot_manifest_key
+    from jobmesh.agent.restore import restore
+    from jobmesh.agent.store import get_bytes, open_store
+    from jobmesh.controller.storage.gc import Collector, usage
+    from jobmesh.controller.storage.retention import Retention
+    from jobmesh.defaults import KEEP_PAUSES
+
     catalog = await Catalog.connect(mesh.catalog_dsn)
     try:
         await catalog.create_principal(wm.USER, scram_verifier(wm.PASSWORD))

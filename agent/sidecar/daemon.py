@@ -84,7 +84,7 @@ def _summary(m: Manifest | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"id": m.id, "kind": m.kind, "created_at": m.created_at,
-            "size": sum(o.size for o in m.objects), "start_lsn": m.start_lsn,
+            "size": m.stored_size, "start_lsn": m.start_lsn,
             "timeline": m.timeline}
 
 

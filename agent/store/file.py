@@ -61,6 +61,16 @@ class FileStore:
         finally:
             f.close()
 
+    def read_sync(self, key: str) -> bytes:
+        """A whole (small) object, read in the caller's thread: a restore's worker reads,
+        verifies and writes a chunk in one go."""
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"no object {key} in {self.url}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc.strerror}") from exc
+
     async def size(self, key: str) -> int | None:
         try:
             return (await asyncio.to_thread(self._path(key).stat)).st_size

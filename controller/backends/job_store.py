@@ -99,7 +99,7 @@ async def confirm_pause(store: Store, job_id: str, pause: Manifest) -> Stopped:
 
 def stopped(pause: Manifest) -> Stopped:
     """The reconciler's record of a pause: the manifest (as stored) and the bytes uploaded."""
-    return Stopped(pause, sum(o.size for o in pause.objects))
+    return Stopped(pause, pause.stored_size)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from jobmesh.agent.cas.leases import LOCKS_PREFIX
+from jobmesh.agent.manifest import Manifest, snapshot_manifest_key
 from jobmesh.agent.store import Store, open_store
 from tests.support.s3 import S3Server
 
@@ -32,17 +34,42 @@ class StoreSpec:
         args = ["--store", self.url, "--job", job]
         return args + (["--s3-endpoint", self.s3.endpoint] if self.s3 else [])
 
-    def has_partial_upload(self, job: str) -> str | None:
-        """The snapshot id of an upload in progress (or abandoned), if any."""
+    def keys(self, prefix: str) -> list[str]:
+        """The keys stored under ``prefix``, sorted (uploads still in progress are not)."""
         if self.s3 is None:
             assert self.root is not None
-            for p in (self.root / job / "snapshots").glob("*/.data.tar.zst.*.partial"):
-                return p.parent.name
-            return None
-        uploads = s3_client(self.s3).list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
-        for u in uploads:
-            return str(u["Key"]).split("/snapshots/")[1].split("/")[0]
-        return None
+            top = self.root / prefix.split("/", 1)[0]
+            found = top.rglob("*") if top.is_dir() else iter(())
+            keys = (str(p.relative_to(self.root)) for p in found if p.is_file()
+                    and not (p.name.startswith(".") and p.name.endswith(".partial")))
+            return sorted(k for k in keys if k.startswith(prefix))
+        pages = s3_client(self.s3).get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"jobs/{prefix}")
+        return sorted(str(o["Key"]).removeprefix("jobs/")
+                      for page in pages for o in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        if self.s3 is None:
+            assert self.root is not None
+            return (self.root / key).read_bytes()
+        body = s3_client(self.s3).get_object(Bucket=self.bucket, Key=f"jobs/{key}")["Body"]
+        return bytes(body.read())
+
+    def read_manifest(self, job: str, sid: str) -> Manifest:
+        return Manifest.from_json(self.read(snapshot_manifest_key(job, sid)))
+
+    def leases(self, what: str) -> list[str]:
+        """The keys of the writers' leases (``cas/leases.py``) held for ``what``, e.g.
+        ``snapshot of <job>``: a snapshot in flight, or one whose writer died."""
+        out = []
+        for key in self.keys(f"{LOCKS_PREFIX}lease-"):
+            try:
+                if self.read(key) == what.encode():
+                    out.append(key)
+            except Exception:  # renewed (and so removed) since the listing
+                if key in self.keys(key):
+                    raise
+        return out
 
     def corrupt(self, key: str, offset_fraction: float = 0.5) -> None:
         """Flip one byte of a stored object, in place."""

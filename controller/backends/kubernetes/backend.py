@@ -232,7 +232,8 @@ class KubernetesBackend:
                 raise PermanentError(f"job {job.id}: {exc}") from exc
             if restore:
                 m = await snapshot_to_restore(self.store, job.id)  # none: PermanentError
-                size = sum(o.size for o in m.objects)  # the newest; a bad one falls back
+                # the newest; a bad one falls back
+                size = m.uncompressed_size if m.chunked else m.stored_size
                 await progress(f"restoring {mb(size)}")
             else:
                 # Nothing of an interrupted earlier attempt is worth keeping: no client has

@@ -443,4 +443,5 @@ def _dump_source(job: Job) -> Path | None:
     if isinstance(source, dict) and set(source) == {"dump"} and isinstance(source["dump"], str):
         return Path(source["dump"])
     raise PermanentError(f'cannot create job {job.id}: unsupported job source {source!r} '
-                         '(the local backend loads {"dump": "/path/to/file.pgdump"})')
+                         '(the local backend loads {"dump": "/path/to/file.pgdump"} and forks '
+                         '{"fork": "<job id>", "at": "<time>"})')

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from jobmesh.agent.cas.objects import OBJECTS_PREFIX, name_of_key
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.inventory import inventory
 from jobmesh.agent.manifest import (
@@ -57,6 +58,8 @@ def seg(tli: int, n: int) -> str:
 async def put_snapshot(store: Store, sid: str, kind: str = "base", *, timeline: int = 1,
                        start_wal: str = "", start_lsn: str = "", data: bytes | None = None,
                        job: str = JOB) -> Manifest:
+    """A format 1 snapshot (one data object under the job's prefix), as older agents left
+    them: still listed, verified and pruned by the agent itself."""
     data = data if data is not None else os.urandom(3000)
     key = snapshot_data_key(job, sid)
     await put_bytes(store, key, data)
@@ -64,7 +67,7 @@ async def put_snapshot(store: Store, sid: str, kind: str = "base", *, timeline: 
                    objects=[ObjectEntry(key[len(job) + 1:], len(data),
                                         hashlib.sha256(data).hexdigest())],
                    pg_version="15", timeline=timeline, start_lsn=start_lsn,
-                   start_wal=start_wal, end_wal=start_wal)
+                   start_wal=start_wal, end_wal=start_wal, format=1)
     await put_bytes(store, snapshot_manifest_key(job, sid), man.to_json())
     return man
 
@@ -178,8 +181,15 @@ async def test_verify_finds_nothing_wrong_with_an_intact_store(store):
     await put_snapshot(store, sid_at(1), start_wal=seg(1, 1))
     await put_dump(store, sid_at(2))
     await put_wal(store, seg(1, 1), seg(1, 2))
-    await put_bytes(store, snapshot_data_key(JOB, sid_at(3)), b"orphans are not checked")
     assert await verify(store, JOB) == []
+
+
+async def test_verify_reports_an_orphaned_object_without_checking_its_content(store):
+    await put_snapshot(store, sid_at(1), start_wal=seg(1, 1))
+    orphan = snapshot_data_key(JOB, sid_at(3))
+    await put_bytes(store, orphan, b"no manifest lists it")
+    [problem] = await verify(store, JOB)
+    assert problem.startswith(f"{orphan}: orphaned object (20 bytes")
 
 
 async def test_verify_names_every_bad_object(store):
@@ -290,9 +300,12 @@ async def test_a_prune_killed_midway_never_leaves_a_manifest_without_its_data(st
     inv = await inventory(store, JOB)
     assert [s.id for s in inv.snapshots] == [new.id]
     assert [o.key for o in inv.orphaned] == [snapshot_data_key(JOB, old.id)]
-    assert await verify(store, JOB) == []
+    # the kept snapshot is whole: its data is there, only the old data is left over
+    [problem] = await verify(store, JOB)
+    assert problem.startswith(f"{snapshot_data_key(JOB, old.id)}: orphaned object")
     assert await prune(store, JOB, 1) == [snapshot_data_key(JOB, old.id)]
     assert (await inventory(store, JOB)).orphaned == []
+    assert await verify(store, JOB) == []
 
 
 async def test_prune_after_a_pause_snapshot_drops_the_wal_before_its_checkpoint(store):
@@ -341,7 +354,7 @@ async def test_prune_deletes_orphans_older_than_the_newest_manifest_only(store):
 async def test_prune_leaves_snapshots_with_unreadable_manifests_alone(store):
     strange = sid_at(1)
     await put_bytes(store, snapshot_data_key(JOB, strange), b"data of a newer agent")
-    await put_bytes(store, snapshot_manifest_key(JOB, strange), b'{"format": 2}')
+    await put_bytes(store, snapshot_manifest_key(JOB, strange), b'{"format": 99}')
     await put_snapshot(store, sid_at(2))
     assert await prune(store, JOB, 1) == []
     inv = await inventory(store, JOB)
@@ -410,10 +423,18 @@ async def test_real_pause_snapshots_are_listed_verified_and_pruned(pg_factory, s
     inv = await inventory(store, JOB)
     assert [(s.id, s.kind) for s in inv.snapshots] == [(first.id, "pause"), (second.id, "pause")]
     assert inv.snapshots[1].start_lsn == second.start_lsn and inv.orphaned == []
+    # under the job's prefix only the manifests: the data is in store-wide objects
+    assert await keys(store) == {snapshot_manifest_key(JOB, first.id),
+                                 snapshot_manifest_key(JOB, second.id)}
+    objects = {o.key for o in await store.list(OBJECTS_PREFIX)}
+    assert {name_of_key(k) for k in objects} == first.object_names() | second.object_names()
     assert await verify(store, JOB) == []
     deleted = await prune(store, JOB, 1)
-    assert deleted == [snapshot_manifest_key(JOB, first.id), snapshot_data_key(JOB, first.id)]
+    # the objects may be shared with other jobs: only the collector (`store gc`) deletes them
+    assert deleted == [snapshot_manifest_key(JOB, first.id)]
+    assert {o.key for o in await store.list(OBJECTS_PREFIX)} == objects
     assert [s.id for s in (await inventory(store, JOB)).snapshots] == [second.id]
+    assert await verify(store, JOB) == []
 
 
 # --- retention (what agent serve runs after each base backup) -------------------------------

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import zstandard
 
 from jobmesh.agent.basebackup import take_base_backup
+from jobmesh.agent.cas.objects import object_key
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.init import init_pgdata
 from jobmesh.agent.manifest import Manifest, job_prefix, snapshot_manifest_key, wal_key
@@ -39,6 +38,7 @@ from jobmesh.agent.store import Store, get_bytes
 from jobmesh.agent.wal import Archiver
 from jobmesh.agent.walnames import parse_lsn, segment_of
 from tests.support.machine import working_in
+from tests.support.snapshot_objects import read_snapshot_file
 from tests.support.waiting import until
 
 ARCHIVE_TIMEOUT = 1
@@ -204,7 +204,7 @@ def test_init_refuses_a_non_empty_pgdata(tmp_path: Path) -> None:
 
 
 async def test_base_backup_manifest_names_its_wal_and_comes_last(
-        new_job: Callable[..., Job], store: Store, tmp_path: Path) -> None:
+        new_job: Callable[..., Job], store: Store) -> None:
     job = new_job("based")
     manifest = await take_base_backup(job.dsn, job.pgdata, store, job.id)
     assert manifest.kind == "base"
@@ -226,17 +226,18 @@ async def test_base_backup_manifest_names_its_wal_and_comes_last(
     stored = Manifest.from_json(await get_bytes(store, snapshot_manifest_key(job.id,
                                                                              manifest.id)))
     assert stored == manifest
+    # the objects list only the backup label; PGDATA is files of store-wide objects
+    assert [o.key for o in manifest.objects] == [manifest.extra["backup_label"]]
     for entry in manifest.objects:
         body = await get_bytes(store, job_prefix(job.id) + entry.key)
         assert (len(body), hashlib.sha256(body).hexdigest()) == (entry.size, entry.sha256)
     label = await get_bytes(store, job_prefix(job.id) + manifest.extra["backup_label"])
     assert f"(file {manifest.start_wal})" in label.decode()
+    for name in manifest.object_names():
+        assert await store.size(object_key(name)) is not None
+    assert await read_snapshot_file(store, manifest, "PG_VERSION") == b"15\n"
 
-    tar_path = tmp_path / "data.tar"
-    tar_path.write_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(
-        await get_bytes(store, job_prefix(job.id) + manifest.objects[0].key)))
-    with tarfile.open(tar_path) as tar:
-        names = set(tar.getnames())
+    names = {f.path for f in manifest.files} | {d.path for d in manifest.dirs}
     assert {"PG_VERSION", "global/pg_control", "pg_wal", "pg_wal/archive_status"} <= names
     assert not {"postmaster.pid", "postmaster.opts", "backup_label"} & names
     assert not [n for n in names if n.startswith(("pg_wal/0", "pg_replslot/", "pg_stat_tmp/"))]

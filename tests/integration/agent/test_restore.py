@@ -21,7 +21,7 @@ import pytest
 from jobmesh.agent.basebackup import take_base_backup
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.init import init_pgdata
-from jobmesh.agent.manifest import Manifest, ObjectEntry, snapshot_data_key
+from jobmesh.agent.manifest import Manifest, ObjectEntry
 from jobmesh.agent.postgres import Instance, conf_quote, free_port, os_user
 from jobmesh.agent.restore import (
     backup_end_time,
@@ -35,6 +35,7 @@ from jobmesh.agent.wal import Archiver
 from tests.support.clusters import agent, checksums, cluster, fill, start_restored, unique
 from tests.support.postgres import PgFactory
 from tests.support.s3 import S3Server
+from tests.support.snapshot_objects import object_only_in
 from tests.support.stores import StoreSpec, new_store_spec
 
 
@@ -77,6 +78,11 @@ async def test_cli_round_trip_prints_the_snapshot_id(pg_factory: PgFactory, file
 # --- verification ---------------------------------------------------------------------------
 
 
+def name_prefix(key: str) -> str:
+    """How an error names a damaged object: the start of its name."""
+    return key.rsplit("/", 1)[-1][:16]
+
+
 @pytest.fixture
 def two_snapshots(pg_factory: PgFactory, file_store: StoreSpec) -> tuple[Instance, list[str],
                                                                          list[dict[str, str]]]:
@@ -101,13 +107,15 @@ def test_restore_latest_skips_a_corrupt_snapshot_and_names_the_object(
         two_snapshots: tuple[Instance, list[str], list[dict[str, str]]], file_store: StoreSpec,
         pg_root: Path, restored_instances: list[Instance]) -> None:
     _inst, (old, new), (old_sums, _new_sums) = two_snapshots
-    bad_key = snapshot_data_key("fb", new)
+    bad_key = object_only_in(file_store.read_manifest("fb", new),
+                             file_store.read_manifest("fb", old))
     file_store.corrupt(bad_key)
 
     dest = pg_root / unique("fallback-restored")
     proc = agent("restore", "--pgdata", str(dest), "--from", "latest",
                  *file_store.cli_args("fb"), check=True)
-    assert bad_key in proc.stderr and "failed verification" in proc.stderr
+    assert f"skipping snapshot {new}" in proc.stderr and "damaged" in proc.stderr
+    assert name_prefix(bad_key) in proc.stderr
     assert f"restored pause snapshot {old}" in proc.stdout
     assert checksums(start_restored(dest, restored_instances)) == old_sums
 
@@ -115,26 +123,30 @@ def test_restore_latest_skips_a_corrupt_snapshot_and_names_the_object(
 def test_restore_of_a_corrupt_snapshot_by_id_fails_and_leaves_nothing(
         two_snapshots: tuple[Instance, list[str], list[dict[str, str]]], file_store: StoreSpec,
         pg_root: Path) -> None:
-    _inst, (_old, new), _sums = two_snapshots
-    bad_key = snapshot_data_key("fb", new)
+    _inst, (old, new), _sums = two_snapshots
+    bad_key = object_only_in(file_store.read_manifest("fb", new),
+                             file_store.read_manifest("fb", old))
     file_store.corrupt(bad_key, offset_fraction=0.9)
 
     dest = pg_root / unique("by-id")
     proc = agent("restore", "--pgdata", str(dest), "--from", new, *file_store.cli_args("fb"))
     assert proc.returncode == 1
     [line] = proc.stderr.strip().splitlines()[-1:]
-    assert line.startswith("jobmesh agent restore: ") and bad_key in line, proc.stderr
+    assert line.startswith(f"jobmesh agent restore: snapshot {new} is unusable: ")
+    assert "damaged" in line and name_prefix(bad_key) in line, proc.stderr
     assert not dest.exists()
 
 
 async def test_a_failed_verification_wipes_a_pgdata_that_existed(
         two_snapshots: tuple[Instance, list[str], list[dict[str, str]]], file_store: StoreSpec,
         pg_root: Path) -> None:
-    _inst, (_old, new), _sums = two_snapshots
-    file_store.corrupt(snapshot_data_key("fb", new), offset_fraction=0.999)
+    _inst, (old, new), _sums = two_snapshots
+    file_store.corrupt(object_only_in(file_store.read_manifest("fb", new),
+                                      file_store.read_manifest("fb", old)),
+                       offset_fraction=0.999)
     dest = pg_root / unique("mounted")
     dest.mkdir()  # an empty volume mount: it stays, empty
-    with pytest.raises(AgentError, match="failed verification"):
+    with pytest.raises(AgentError, match="an object it lists is damaged"):
         await restore(dest, file_store.open(), "fb", snapshot_id=new)
     assert dest.is_dir() and list(dest.iterdir()) == []
 
@@ -189,14 +201,17 @@ def test_cli_restore_from_an_unreachable_store_is_one_line(s3_server: S3Server,
     assert not (tmp_path / "d").exists()
 
 
-def test_cli_restore_to_a_time_needs_a_base_backup(
+def test_cli_restore_to_a_time_before_every_snapshot_is_one_line(
         two_snapshots: tuple[Instance, list[str], list[dict[str, str]]], file_store: StoreSpec,
         tmp_path: Path) -> None:
+    """Any snapshot (pause or base backup) taken before the time can start the replay; a
+    time before them all cannot be reached."""
     proc = agent("restore", "--pgdata", str(tmp_path / "d"), "--target-time",
-                 datetime.now(UTC).isoformat(), *file_store.cli_args("fb"))
+                 "2000-01-01T00:00:00Z", *file_store.cli_args("fb"))
     assert proc.returncode == 1
     [line] = proc.stderr.strip().splitlines()
-    assert "no base backup of job 'fb' finished before" in line
+    assert "no snapshot of job 'fb' was taken before 2000-01-01" in line
+    assert not (tmp_path / "d").exists()
 
 
 # --- recovery settings (pure) ---------------------------------------------------------------
@@ -337,7 +352,7 @@ async def test_target_time_restores_the_newest_base_backup_before_it_plus_wal(
         restored = await start_recovered(everything, restored_instances)
         assert batches(restored, db) == "A100 B50"
 
-        with pytest.raises(AgentError, match=r"no base backup of job .* finished before"):
+        with pytest.raises(AgentError, match=r"no snapshot of job .* was taken before"):
             await restore(pg_root / unique("too-early"), store, job, target_time=before_any)
     finally:
         await store.close()

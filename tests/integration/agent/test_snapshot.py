@@ -1,4 +1,5 @@
-"""Pause snapshots: tar.zst streaming, the stopped-PGDATA checks, and an agent killed mid-upload.
+"""Pause snapshots: their objects and manifest, the tar.zst stream (format 1, still restored),
+the stopped-PGDATA checks, and an agent killed mid-upload.
 
 Everything is real: PostgreSQL 15 clusters, the file:// store in a temp
 directory and moto's S3 API server, and ``jobmesh agent snapshot`` run as a
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from jobmesh.agent.cas.objects import CHUNK_SIZE, OBJECTS_PREFIX, object_key
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.manifest import (
     Manifest,
@@ -37,6 +39,7 @@ from jobmesh.agent.tarstream import extract_tar_zst, tar_zst_chunks
 from jobmesh.agent.walnames import next_segment
 from tests.support.clusters import agent, checksums, cluster, fill, start_restored, unique
 from tests.support.postgres import PgFactory
+from tests.support.snapshot_objects import stored_object_names
 from tests.support.stores import StoreSpec
 
 
@@ -209,7 +212,7 @@ def test_cli_snapshot_refuses_a_running_postgres(pg_factory: PgFactory,
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "PostgreSQL is running" in lines[0], proc.stderr
-        assert not (file_store.root / "j").exists()  # nothing uploaded
+        assert file_store.keys("") == []  # nothing uploaded, not even a key file
     finally:
         inst.stop_quietly()
 
@@ -235,13 +238,23 @@ async def test_snapshot_manifest_records_the_cluster_and_is_written_last(
     assert (m.kind, m.job, m.pg_version) == ("pause", "job1", "15")
     assert (m.system_identifier, m.timeline, m.start_lsn) == (
         control.system_identifier, control.timeline, control.checkpoint_lsn)
-    [entry] = m.objects
-    assert entry.key == f"snapshots/{m.id}/data.tar.zst"
-    assert entry.size == await store.size(f"job1/{entry.key}")
-    assert m.uncompressed_size > entry.size > 0
+    # every file, as the objects holding it; nothing but the manifest under the job's prefix
+    assert m.objects == [] and m.chunked and m.chunk_size == CHUNK_SIZE and m.key_id
+    paths = {f.path for f in m.files}
+    assert {"PG_VERSION", "global/pg_control"} <= paths
+    assert not {"postmaster.pid", "postmaster.opts"} & paths
+    assert m.uncompressed_size == sum(f.size for f in m.files)
+    assert [o.key for o in await store.list("job1/")] == [snapshot_manifest_key("job1", m.id)]
+    # a new store: every object the manifest references was uploaded by it, once
+    names = m.object_names()
+    sizes = [await store.size(object_key(n)) for n in names]
+    assert None not in sizes
+    assert m.extra["new_objects"] == len(names)
+    assert m.stored_size == m.extra["new_bytes"] == sum(s for s in sizes if s is not None)
+    assert m.uncompressed_size > m.stored_size > 0
     assert await stored_ids(store, "job1") == [m.id]
     assert metrics.registry.get_sample_value(
-        "jobmesh_agent_snapshot_bytes_total", {"kind": "pause"}) == entry.size
+        "jobmesh_agent_snapshot_bytes_total", {"kind": "pause"}) == m.stored_size
     assert metrics.registry.get_sample_value(
         "jobmesh_agent_snapshot_seconds_count", {"kind": "pause"}) == 1
 
@@ -249,19 +262,20 @@ async def test_snapshot_manifest_records_the_cluster_and_is_written_last(
 # --- kill -9 mid-upload ---------------------------------------------------------------------
 
 
-async def wait_for_partial_upload(spec: StoreSpec, job: str,
-                                  proc: asyncio.subprocess.Process) -> str:
-    """Return once the store shows the agent's upload in progress, with its snapshot id."""
+async def wait_for_upload_in_flight(spec: StoreSpec, job: str, stored_before: int,
+                                    proc: asyncio.subprocess.Process) -> str:
+    """Return once the agent holds its snapshot lease and has stored objects the store did
+    not hold (it is uploading), with the lease's key."""
     while True:
-        sid = spec.has_partial_upload(job)
-        if sid is not None:
-            return sid
+        leases = spec.leases(f"snapshot of {job}")
+        if leases and len(spec.keys(OBJECTS_PREFIX)) > stored_before:
+            return leases[0]
         try:
             await asyncio.wait_for(proc.wait(), 0.01)  # the agent exiting voids the test
         except TimeoutError:
             continue
         stderr = await proc.stderr.read() if proc.stderr else b""
-        raise AssertionError(f"the snapshot ended before any partial upload was seen: {stderr!r}")
+        raise AssertionError(f"the snapshot ended before its upload was seen: {stderr!r}")
 
 
 async def test_kill_9_mid_upload_leaves_the_previous_snapshot_latest(
@@ -272,6 +286,9 @@ async def test_kill_9_mid_upload_leaves_the_previous_snapshot_latest(
     before = checksums(inst)
     inst.stop()
     first = await take_snapshot(inst.datadir, store, "jk")
+    first_keys = store_spec.keys("jk/")
+    assert first_keys == [snapshot_manifest_key("jk", first.id)]
+    stored_before = len(store_spec.keys(OBJECTS_PREFIX))
 
     inst.start()
     inst.psql("create extension pgcrypto", database="job_alpha")
@@ -282,17 +299,20 @@ async def test_kill_9_mid_upload_leaves_the_previous_snapshot_latest(
         sys.executable, "-m", "jobmesh", "agent", "snapshot", "--pgdata", str(inst.datadir),
         *store_spec.cli_args("jk"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        killed_id = await wait_for_partial_upload(store_spec, "jk", proc)
+        lease = await wait_for_upload_in_flight(store_spec, "jk", stored_before, proc)
         proc.send_signal(signal.SIGSTOP)  # freeze it, then make sure it was still mid-upload
-        assert store_spec.has_partial_upload("jk") == killed_id
+        assert lease in store_spec.leases("snapshot of jk")
         assert await stored_ids(store, "jk") == [first.id]
     finally:
         proc.kill()
         await proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
+    # no trace under the job's prefix; what it uploaded is unreferenced, for the collector
     assert await stored_ids(store, "jk") == [first.id]
-    assert [o.key for o in await store.list(f"jk/snapshots/{killed_id}/")] == []
+    assert store_spec.keys("jk/") == first_keys
+    left_over = await stored_object_names(store) - first.object_names()
+    assert left_over
 
     dest = pg_root / unique("after-kill9")
     result = await restore(dest, store, "jk", s3_endpoint=store_spec.endpoint)
@@ -301,6 +321,10 @@ async def test_kill_9_mid_upload_leaves_the_previous_snapshot_latest(
 
     second = await take_snapshot(inst.datadir, store, "jk")
     assert await stored_ids(store, "jk") == [first.id, second.id]
+    # what the killed upload stored is found, not sent again
+    assert left_over <= second.object_names()
+    assert second.extra["new_objects"] == len(second.object_names() - first.object_names()
+                                              - left_over)
 
 
 async def test_recycled_wal_segments_stay_out_and_the_restore_still_starts(

@@ -139,7 +139,7 @@ async def test_collection_never_removes_what_a_concurrent_pause_reuses(
         await store.delete(snapshot_manifest_key("racer", old.id))  # all garbage now
         delay = rng.uniform(0, 0.05)
 
-        async def collect_later() -> None:
+        async def collect_later(delay: float = delay) -> None:
             await asyncio.sleep(delay)  # a moment inside the pause, not a wait for an event
             await collector.collect({}, default=KEEP, only=[])
 
@@ -168,10 +168,9 @@ asyncio.run(main())
 """
 
 
-async def test_an_upload_killed_mid_object_is_reported_then_collected_after_the_grace(
-        file_store: StoreSpec) -> None:
-    assert file_store.root is not None
-    proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, file_store.url],
+def _kill_mid_upload(url: str) -> None:
+    """An uploader killed with SIGKILL once its object is half sent."""
+    proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, url],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "uploading"
@@ -181,6 +180,12 @@ async def test_an_upload_killed_mid_object_is_reported_then_collected_after_the_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_an_upload_killed_mid_object_is_reported_then_collected_after_the_grace(
+        file_store: StoreSpec) -> None:
+    assert file_store.root is not None
+    await asyncio.to_thread(_kill_mid_upload, file_store.url)
     partial = list(file_store.root.rglob(".*.partial"))
     assert len(partial) == 1, partial
     store = file_store.open()

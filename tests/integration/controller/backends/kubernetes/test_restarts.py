@@ -23,7 +23,9 @@ import asyncpg
 import pytest
 from kubernetes import client
 
-from jobmesh.agent.store import open_store, put_bytes
+from jobmesh.agent.cas.objects import object_key
+from jobmesh.agent.manifest import Manifest
+from jobmesh.agent.store import get_bytes, open_store, put_bytes
 from jobmesh.controller.backends.kubernetes import objects as k8s_objects
 from jobmesh.controller.catalog.db import Catalog
 from tests.support.k8s_emulator import K8sEmulator
@@ -259,10 +261,12 @@ async def test_an_init_step_that_fails_fails_the_start_and_its_pod_is_deleted(
     await kube.mesh.pause("alpha")
     store = open_store(kube.store, s3_endpoint=kube.s3_endpoint)
     try:
-        data = [o.key for o in await store.list("alpha/snapshots/")
-                if o.key.endswith("data.tar.zst")]
-        assert data
-        for key in data:  # same size, wrong bytes: each fails its checksum
+        manifests = [Manifest.from_json(await get_bytes(store, o.key))
+                     for o in await store.list("alpha/snapshots/")
+                     if o.key.endswith("/manifest.json")]
+        data = sorted({object_key(n) for m in manifests for n in m.object_names()})
+        assert len(manifests) >= 2 and data  # the base backup and the pause snapshot
+        for key in data:  # same size, wrong bytes: each fails to hash back to its name
             size = await store.size(key)
             await put_bytes(store, key, os.urandom(size or 1))
     finally:

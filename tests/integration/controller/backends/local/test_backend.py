@@ -45,7 +45,7 @@ from jobmesh.controller.backends.local.sidecar import agent_running, read_agent,
 from jobmesh.controller.backends.local.warm_cache import Entry, evictions
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
-from jobmesh.controller.core.backend import BackendError, Started
+from jobmesh.controller.core.backend import BackendError, PermanentError, Started
 from tests.support.local_jobs import MakeJob, making_jobs
 from tests.support.mesh import pids_mentioning
 from tests.support.waiting import until
@@ -336,10 +336,17 @@ async def test_create_loads_a_dump_file_owned_by_the_job(backend, new_job, pg, p
 
 
 async def test_a_source_it_cannot_load_is_one_line(backend, new_job):
-    job = await new_job({"source": {"fork": "other"}})
+    job = await new_job({"source": {"clone": "other"}})
     with pytest.raises(BackendError) as err:
         await backend.create(job, Said())
     assert "\n" not in str(err.value) and "unsupported job source" in str(err.value)
+
+
+async def test_a_fork_of_a_job_without_snapshots_is_one_line(backend, new_job):
+    job = await new_job({"source": {"fork": "nobody"}})
+    with pytest.raises(PermanentError) as err:
+        await backend.create(job, Said())
+    assert "\n" not in str(err.value) and "nobody has no snapshot" in str(err.value)
 
 
 # --- pause and resume --------------------------------------------------------------------
