@@ -27,6 +27,7 @@ names a survivor of that incarnation might still be writing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -51,6 +52,7 @@ from .manifest import (
 from .postgres import PostgresError, bin_dir, conf_quote, give_to_postgres, run_pg
 from .progress import NoProgress, Progress
 from .store import Digest, NotFound, Store, StoreError, get_bytes
+from .store.file import fsync_path
 from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
 from .timelines import off_history, read_newest_history
 from .wal import restore_command
@@ -209,14 +211,8 @@ async def wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
 
 def _sync_few(pgdata: Path, names: list[str]) -> None:
     for name in names:
-        try:
-            fd = os.open(pgdata / name, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_path(pgdata / name)
 
 
 def _sync_to_disk(pgdata: Path) -> None:

@@ -35,6 +35,7 @@ from ..manifest import FileEntry, Manifest
 from ..postgres import os_user
 from ..progress import NoProgress, Progress
 from ..store import get_bytes
+from ..store.file import fsync_path
 from .hashcache import CACHE_NAME, HashCache, read_cache, write_cache
 from .objects import Objects, object_key
 
@@ -141,22 +142,6 @@ def _syncfs(root: Path) -> bool:
         return False
     try:
         return bool(hasattr(libc, "syncfs") and libc.syncfs(fd) == 0)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -311,9 +296,9 @@ async def restore_files(objects: Objects, root: Path, m: Manifest, *,
         # a few (a wake over a template copy): just those, not other jobs' writes too.
         if len(written) < SYNCFS_FROM or not _syncfs(root):
             for path in written:
-                _fsync_file(path)
+                fsync_path(path)
             for d in [root, *(root / d.path for d in m.dirs)]:
-                _fsync_dir(d)
+                fsync_path(d)
 
     await asyncio.to_thread(finish)
     return stats

@@ -38,7 +38,7 @@ class FileStore:
             finally:
                 os.close(fd)
             await asyncio.to_thread(os.replace, tmp, path)
-            await asyncio.to_thread(_fsync_dir, path.parent)
+            await asyncio.to_thread(fsync_path, path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
@@ -139,7 +139,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
