@@ -31,29 +31,25 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .cas import Keyring, Objects
-from .cas.download import restore_files
-from .cas.keys import CorruptObject, load_keyring, store_key_from_env
 from .errors import AgentError
 from .fence import claim, superseded
+from .fetch import ProgressFor, Unusable, fetch_snapshot
 from .manifest import (
     Manifest,
     ManifestError,
     job_prefix,
-    snapshot_data_key,
     snapshot_ids_with_manifest,
     snapshot_manifest_key,
 )
 from .postgres import PostgresError, bin_dir, conf_quote, give_to_postgres, run_pg
 from .progress import NoProgress, Progress
-from .store import Digest, NotFound, Store, StoreError, get_bytes
+from .store import NotFound, Store, get_bytes
 from .store.file import fsync_path
-from .tarstream import extract_tar_zst, prepare_empty_dir, wipe
+from .tarstream import prepare_empty_dir, wipe
 from .timelines import off_history, read_newest_history
 from .wal import restore_command
 from .walnames import is_segment, parse_lsn, parse_segment, segment_of
@@ -68,13 +64,6 @@ class RestoreResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why)
     recovery_configured: bool = False
     bytes_restored: int = 0
-
-
-ProgressFor = Callable[[Manifest, int], Progress]  # a bar for (snapshot, compressed size)
-
-
-class _Unusable(Exception):
-    """This snapshot cannot be restored (missing or corrupt object, bad manifest)."""
 
 
 def parse_target_time(text: str) -> datetime:
@@ -161,13 +150,13 @@ async def _restore(pgdata: Path, store: Store, job: str, snapshot_id: str | None
                              f"(latest is {ids[-1]})")
         try:
             manifest = await _read_manifest(store, job, snapshot_id)
-        except _Unusable as exc:
+        except Unusable as exc:
             raise AgentError(str(exc)) from exc
         if target is not None:
             _check_pitr_base(manifest, target)
         try:
-            restored = await _fetch(pgdata, store, job, manifest, progress)
-        except _Unusable as exc:
+            restored = await fetch_snapshot(pgdata, store, job, manifest, progress)
+        except Unusable as exc:
             raise AgentError(f"snapshot {snapshot_id} is unusable: {exc}") from exc
     else:
         manifest, restored = await _newest_usable(pgdata, store, job, ids, target, skipped,
@@ -240,8 +229,8 @@ async def _newest_usable(pgdata: Path, store: Store, job: str, ids: list[str],
                 log.warning("skipping snapshot %s: %s", sid, why)
                 continue
             tried_any = True
-            return manifest, await _fetch(pgdata, store, job, manifest, progress)
-        except _Unusable as exc:
+            return manifest, await fetch_snapshot(pgdata, store, job, manifest, progress)
+        except Unusable as exc:
             skipped.append((sid, str(exc)))
             log.warning("skipping snapshot %s: %s; trying the previous one", sid, exc)
             await asyncio.to_thread(wipe, pgdata)
@@ -263,155 +252,12 @@ async def _read_manifest(store: Store, job: str, sid: str) -> Manifest:
     try:
         m = Manifest.from_json(await get_bytes(store, key))
     except NotFound as exc:
-        raise _Unusable(f"{key} disappeared") from exc
+        raise Unusable(f"{key} disappeared") from exc
     except ManifestError as exc:
-        raise _Unusable(f"{key}: {exc}") from exc
+        raise Unusable(f"{key}: {exc}") from exc
     if m.kind not in ("pause", "base"):
-        raise _Unusable(f"{key}: not a snapshot manifest (kind {m.kind!r})")
+        raise Unusable(f"{key}: not a snapshot manifest (kind {m.kind!r})")
     return m
-
-
-def _data_key(job: str, m: Manifest) -> tuple[str, int, str]:
-    """The full key, size and sha256 of a snapshot's archive."""
-    relative = snapshot_data_key(job, m.id)[len(job_prefix(job)):]
-    for o in m.objects:
-        if o.key in (relative, f"{job_prefix(job)}{relative}"):
-            return snapshot_data_key(job, m.id), o.size, o.sha256
-    raise _Unusable(f"{snapshot_manifest_key(job, m.id)} lists no {relative}")
-
-
-# Key files never change once written: one read per store and store key, per process.
-_keyrings: dict[tuple[str, bytes | None], Keyring] = {}
-
-
-async def _objects(store: Store, m: Manifest) -> Objects:
-    secret = store_key_from_env()
-    keyring = _keyrings.get((store.url, secret))
-    if keyring is None or m.key_id not in keyring.by_id:
-        keyring = _keyrings[(store.url, secret)] = await load_keyring(store, secret,
-                                                                      create=False)
-    return Objects(store, keyring.get(m.key_id))
-
-
-async def _fetch(pgdata: Path, store: Store, job: str, m: Manifest,
-                 progress: ProgressFor | Progress) -> int:
-    """Put one snapshot into PGDATA, verifying it; raises _Unusable (PGDATA dirty)."""
-    if m.chunked:
-        restored = await _fetch_chunked(pgdata, store, m, progress)
-    else:
-        restored = await _fetch_tar(pgdata, store, job, m, progress)
-    label = m.extra.get("backup_label") if m.kind == "base" else None
-    if label:
-        await _fetch_label(pgdata, store, job, m, str(label))
-    return restored
-
-
-async def _fetch_chunked(pgdata: Path, store: Store, m: Manifest,
-                         progress: ProgressFor | Progress) -> int:
-    try:
-        objects = await _objects(store, m)
-    except StoreError as exc:
-        raise _Unusable(str(exc)) from exc
-    own_bar = not isinstance(progress, Progress)
-    bar = progress if isinstance(progress, Progress) else progress(m, m.uncompressed_size)
-    try:
-        stats = await restore_files(objects, pgdata, m, progress=bar)
-    except (NotFound, CorruptObject) as exc:
-        if own_bar:
-            bar.finish("failed")
-        how = "missing" if isinstance(exc, NotFound) else "damaged"
-        raise _Unusable(f"an object it lists is {how}: {exc}") from exc
-    except BaseException:
-        if own_bar:
-            bar.finish("failed")
-        raise
-    if own_bar:
-        bar.finish(f"{stats.written_bytes / 1e6:,.1f} MB written, {stats.reused_files} of "
-                   f"{stats.files} files reused")
-    log.info("restored snapshot %s by delta: %d files, %d reused, %d objects fetched "
-             "(%.1f MB written, %.1f MB hashed)", m.id, stats.files, stats.reused_files,
-             stats.fetched_objects, stats.written_bytes / 1e6, stats.hashed_bytes / 1e6)
-    return stats.written_bytes
-
-
-async def _fetch_tar(pgdata: Path, store: Store, job: str, m: Manifest,
-                     progress: ProgressFor | Progress) -> int:
-    await asyncio.to_thread(wipe, pgdata)  # a delta restore's base is of no use to a tar
-    key, size, sha256 = _data_key(job, m)
-    stored_size = await store.size(key)
-    if stored_size is None:
-        raise _Unusable(f"object {key} is missing")
-    if stored_size != size:
-        raise _Unusable(f"object {key} is {stored_size} bytes, its manifest says {size}")
-    if isinstance(progress, Progress):
-        restored = await _download(pgdata, store, key, size, sha256, progress)
-    else:
-        bar = progress(m, size)
-        try:
-            restored = await _download(pgdata, store, key, size, sha256, bar)
-        except BaseException:
-            bar.finish("failed")
-            raise
-        bar.finish(f"{restored / 1e6:,.1f} MB of PGDATA")
-    return restored
-
-
-async def _download(pgdata: Path, store: Store, key: str, size: int, sha256: str,
-                    progress: Progress) -> int:
-    digest = Digest()
-
-    async def verified() -> AsyncGenerator[bytes, None]:
-        async for chunk in store.get(key):
-            digest.update(chunk)
-            progress.advance(len(chunk))
-            yield chunk
-
-    stream = verified()
-    failure: AgentError | None = None
-    try:
-        restored = await extract_tar_zst(stream, pgdata)
-    except AgentError as exc:  # corrupt or hostile archive: is the object itself damaged?
-        failure = exc
-        async for _ in stream:
-            pass  # finish the download so the checksum can say
-    except NotFound as exc:
-        raise _Unusable(f"object {key} disappeared during the download") from exc
-    finally:
-        await stream.aclose()
-    _verify(key, digest, size, sha256)
-    if failure is not None:
-        raise AgentError(f"cannot restore {key}: {failure}") from failure
-    return restored
-
-
-async def _fetch_label(pgdata: Path, store: Store, job: str, m: Manifest, rel: str) -> None:
-    """A base backup's backup_label is its own object (pg_backup_stop returns it only
-    after the archive is written); recovery starts from the checkpoint it names."""
-    try:
-        entry = m.object(rel)
-    except ManifestError as exc:
-        raise _Unusable(str(exc)) from exc
-    key = f"{job_prefix(job)}{rel}"
-    try:
-        data = await get_bytes(store, key)
-    except NotFound as exc:
-        raise _Unusable(f"object {key} is missing") from exc
-    digest = Digest()
-    digest.update(data)
-    _verify(key, digest, entry.size, entry.sha256)
-    await asyncio.to_thread(_write_owned, pgdata / "backup_label", data)
-
-
-def _verify(key: str, digest: Digest, size: int, sha256: str) -> None:
-    if digest.size != size or digest.hexdigest() != sha256:
-        raise _Unusable(f"object {key} failed verification: sha256 {digest.hexdigest()[:16]}… "
-                        f"({digest.size} bytes), manifest says {sha256[:16]}… ({size} bytes)")
-
-
-def _write_owned(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
-    give_to_postgres(path)
 
 
 def _configure_recovery(pgdata: Path, settings: str) -> None:

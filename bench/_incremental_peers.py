@@ -478,6 +478,7 @@ class Probe:
 
     def install(self) -> None:
         import jobmesh.agent.cas as cas
+        import jobmesh.agent.fetch as fetch
         import jobmesh.agent.restore as restore
         import jobmesh.agent.snapshot as snapshot
         from jobmesh.agent.cas import download, leases, objects, upload
@@ -497,7 +498,7 @@ class Probe:
             (leases.Lease, "__aenter__", "pause: take lease"),
             (leases.Lease, "__aexit__", "pause: drop lease"),
             (snapshot, "write_cache", "pause: write hash cache"),
-            (restore, "_objects", "restore: load keyring"),
+            (fetch, "_objects", "restore: load keyring"),
             (download, "_prune_local", "restore: prune local"),
             (download, "_lstat_all", "restore: lstat files"),
             (download, "_local_names", "restore: hash local files"),

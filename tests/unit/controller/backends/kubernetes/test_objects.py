@@ -198,10 +198,12 @@ def test_the_agent_serves_on_the_pod_ip_and_ships_to_the_store() -> None:
         "jobmesh", "agent", "serve", "--pgdata", "/var/lib/jobmesh/pgdata/data", "--job",
         "alpha", "--store", "s3://bucket/jobs", "--s3-endpoint", "http://minio:9000",
         "--listen", "$(POD_IP):8008", "--spool", "/var/lib/jobmesh/spool",
-        "--base-backup-interval", "600", "--wal-window", "5", "--generation", "0"]
+        "--base-backup-interval", "600", "--wal-window", "5", "--generation", "0",
+        "--keep-base-backups", "0"]  # the controller applies retention
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8008}
     window = container(new_pod(wal_window=0.5), "agent")["command"]
-    assert window[-4:-2] == ["--wal-window", "0.5"]  # the job's own, from its spec
+    at = window.index("--wal-window")
+    assert window[at:at + 2] == ["--wal-window", "0.5"]  # the job's own, from its spec
 
 
 def test_a_bad_wal_window_is_refused() -> None:
