@@ -85,8 +85,9 @@ async def test_fork_and_rewind_give_the_data_as_of_that_time(mesh: Mesh) -> None
                              {"id": "latest"})
     assert status == 201 and body["state"] == "running", body
     assert await rows(mesh, "latest") == list(range(1, 41))
-    # the forks only read the source: its part of the store is as it was
-    assert store_keys(store_root, "src") == before
+    # the forks only read the source: nothing was added to its part of the store (the
+    # controller's retention may have removed WAL older than its oldest snapshot meanwhile)
+    assert set(store_keys(store_root, "src")) - set(before) == set()
     job = await mesh.catalog.job("src")
     assert job is not None and job.state == "paused"
 

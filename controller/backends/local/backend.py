@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +37,7 @@ import asyncpg
 
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.fence import Fenced
-from jobmesh.agent.manifest import Manifest, ManifestError
+from jobmesh.agent.manifest import ManifestError
 from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
 from jobmesh.agent.store import StoreError, open_store
@@ -64,6 +63,7 @@ from .in_place import FAILED_COPIES_BYTES, CrashLoop, FailedCopies, whole
 from .instance import HOST, Instances
 from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
 from .sidecar import agent_running, read_agent, ship_last_wal, stop_agent
+from .sources import delta_base, dump_source, fork, fork_source
 from .template import Template
 from .warm_cache import WarmCache
 
@@ -128,15 +128,17 @@ class LocalBackend:
         async with self._job("create", job.id) as jd:
             if (adopted := await self.instances.adopt(job, jd)) is not None:
                 return adopted
-            dump, fork = _dump_source(job), _fork_source(job)
+            dump, forked = dump_source(job), fork_source(job)
             laps = Laps()
             # Nothing of an interrupted earlier attempt is worth keeping: no client has
             # seen this job yet. Its WAL in the store would clash with ours.
             await self.instances.discard(jd)
             await self.warm_cache.drop(job.id)
             await delete_job_objects(self.store, job.id)
-            if fork is not None:
-                return await self._fork(job, jd, progress, laps, *fork)
+            if forked is not None:
+                return await fork(job, jd, progress, laps, *forked, store=self.store,
+                                  s3_endpoint=self.s3_endpoint, template=self.template,
+                                  instances=self.instances)
             if self.template.manifest is None:
                 await progress("preparing the template")
             await asyncio.to_thread(prepare, jd)
@@ -319,7 +321,7 @@ class LocalBackend:
         size = manifest.uncompressed_size if manifest.chunked else manifest.stored_size
         await progress(f"restoring {mb(size)}")
         await asyncio.to_thread(prepare, jd)
-        base = await self._delta_base(jd, manifest)
+        base = await delta_base(self.template, jd, manifest)
         laps("base")
         relay = Relay(progress, "restoring", size)
         try:
@@ -349,54 +351,6 @@ class LocalBackend:
                                "skipped": [sid for sid, _ in result.skipped],
                                "timings_ms": laps.laps})
 
-    async def _fork(self, job: Job, jd: JobDir, progress: Progress, laps: Laps, source: str,
-                    at: str | None) -> Started:
-        """Create ``job`` from ``source``'s snapshots (and WAL, replayed to ``at`` or to its
-        end), only reading the source's part of the store: no claim on its generation, and
-        its objects shared, not copied."""
-        manifest = await snapshot_to_restore(self.store, source)  # none: PermanentError
-        await progress(f"restoring {source}" + (f" as of {at}" if at else ""))
-        await asyncio.to_thread(prepare, jd)
-        base = await self._delta_base(jd, manifest)
-        relay = Relay(progress, "restoring", manifest.uncompressed_size)
-        try:
-            result = await restore(jd.pgdata, self.store, source, target_time=at,
-                                   s3_endpoint=self.s3_endpoint, progress=relay, delta=True)
-        except AgentError as exc:
-            raise PermanentError(f"cannot fork job {source}: {one_line(exc)}") from exc
-        await relay.flush()
-        laps("restore")
-        port, info = await self.instances.start(job, jd, progress, "create",
-                                                recovery=result.recovery_configured,
-                                                laps=laps, database=f"job_{source}")
-        log.info("forked job %s from %s (%s snapshot %s%s) in %.0f ms (%s)", job.id, source,
-                 result.manifest.kind, result.manifest.id, f", to {at}" if at else "",
-                 laps.total(), laps)
-        return Started(HOST, port, info.url, bytes_moved=result.bytes_restored,
-                       detail={"fork": source, "at": at, "base": base,
-                               "snapshot": result.manifest.id,
-                               "wal_replayed": result.recovery_configured,
-                               "timings_ms": laps.laps})
-
-    async def _delta_base(self, jd: JobDir, manifest: Manifest) -> str:
-        """What PGDATA holds before a restore fetches the rest: a stale warm copy of the job
-        (``_from_cache`` left it there), else a copy of the template (most of a small
-        job's files), else nothing."""
-        if await asyncio.to_thread(jd.pgdata.exists):
-            return "stale copy"
-        if not manifest.chunked:
-            return "none"
-        try:
-            await self.template.ensure()
-            template = self.template.manifest
-            if template is None or template.pg_version != manifest.pg_version:
-                return "none"
-            return f"template {await self.template.take(jd.pgdata)}"
-        except (OSError, StoreError) as exc:
-            log.warning("no template copy to restore over (%s): restoring it all", exc)
-            await asyncio.to_thread(shutil.rmtree, jd.pgdata, True)
-            return "none"
-
     # --- plumbing -----------------------------------------------------------------------
 
     def _prepare_root(self) -> None:
@@ -425,23 +379,3 @@ class LocalBackend:
         """A step on the job (under its lock, failing as one line) and its directory."""
         async with self.locks.step(what, job_id):
             yield self._dir(job_id)
-
-
-def _fork_source(job: Job) -> tuple[str, str | None] | None:
-    """(source job, time or None) for a fork (``{"fork": SRC, "at": TIME}``)."""
-    source = job.spec.get("source")
-    if isinstance(source, dict) and isinstance(source.get("fork"), str):
-        at = source.get("at")
-        return source["fork"], at if isinstance(at, str) else None
-    return None
-
-
-def _dump_source(job: Job) -> Path | None:
-    source = job.spec.get("source")
-    if source is None or _fork_source(job) is not None:
-        return None
-    if isinstance(source, dict) and set(source) == {"dump"} and isinstance(source["dump"], str):
-        return Path(source["dump"])
-    raise PermanentError(f'cannot create job {job.id}: unsupported job source {source!r} '
-                         '(the local backend loads {"dump": "/path/to/file.pgdump"} and forks '
-                         '{"fork": "<job id>", "at": "<time>"})')
