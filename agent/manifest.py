@@ -103,10 +103,7 @@ class Manifest:
             return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
         # thousands of file entries: one line each, not twelve (and not through asdict,
         # which deep-copies every list: a tenth of a small job's pause)
-        head: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                                if f.name not in ("files", "dirs", "objects")}
-        head["objects"] = [asdict(o) for o in self.objects]
-        lines = json.dumps(head, indent=2, sort_keys=True)[:-2]
+        lines = json.dumps(self._head(), indent=2, sort_keys=True)[:-2]
         entries: dict[str, list[dict[str, Any]]] = {
                    "dirs": [{"mode": d.mode, "path": d.path} for d in self.dirs],
                    "files": [{"chunks": f.chunks, "link": f.link, "mode": f.mode,
@@ -117,6 +114,20 @@ class Manifest:
                                   for r in entries[name])
             lines += f',\n  "{name}": [\n    {rows}\n  ]' if rows else f',\n  "{name}": []'
         return (lines + "\n}\n").encode()
+
+    def _head(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name not in ("files", "dirs", "objects")}
+        out["objects"] = [asdict(o) for o in self.objects]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest without its file list (what a catalog keeps of a snapshot: the
+        list is thousands of entries, and in the store), with its stored size."""
+        out = self._head()
+        out["file_count"] = len(self.files)
+        out["stored_size"] = self.stored_size
+        return out
 
     @property
     def chunked(self) -> bool:

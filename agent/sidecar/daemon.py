@@ -184,10 +184,11 @@ class Agent:
             try:
                 if self.streamer is not None:  # to the shutdown checkpoint, then it exits
                     await self.streamer.finish()
+                lap("stream")
                 await self.archiver.drain()
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
-            lap("wal")
+            lap("archive")
             manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
                                            metrics=self.metrics, generation=self.config.generation)
             lap("snapshot")

@@ -269,7 +269,8 @@ class Catalog:
             " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id, id) DO NOTHING",
             job_id, manifest["id"], manifest.get("kind", "pause"),
             manifest.get("uncompressed_size"),
-            sum(o.get("size", 0) for o in manifest.get("objects", [])), manifest)
+            manifest.get("stored_size",
+                         sum(o.get("size", 0) for o in manifest.get("objects", []))), manifest)
 
     async def snapshots(self, job_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -304,7 +304,7 @@ class Reconciler:
                 await self._observe_wake(job)
         elif isinstance(result, Stopped):
             self.metrics.bytes_moved.labels("stored").inc(result.bytes_moved)
-            await self.catalog.record_snapshot(job.id, asdict(result.manifest))
+            await self.catalog.record_snapshot(job.id, result.manifest.summary())
             await self.catalog.transition(
                 job.id, job.state, step.done, duration_ms=seconds * 1000,
                 bytes_moved=result.bytes_moved,
