@@ -237,14 +237,29 @@ class Tools:
 
     def __init__(self, root: Path, inst: Instance, pgbr: PgBackRest, endpoint: str):
         self.root, self.inst, self.pgbr, self.endpoint = root, inst, pgbr, endpoint
-        store_root = root / "jobmesh-store"
-        store_root.mkdir()
-        self.urls = {"jobmesh_file": f"file://{store_root}",
-                     "jobmesh_s3": f"s3://{BUCKET}/jobs"}
+        self.store_root = root / "jobmesh-store"
+        self.store_root.mkdir()
+        self.urls = {"jobmesh_file": f"file://{self.store_root}",  # WAL pushes; a backup
+                     "jobmesh_s3": f"s3://{BUCKET}/jobs"}  # gets a store of its own
+        self.rounds = 0
         self.snapshot_ids: dict[str, str] = {}
 
     def store(self, tool: str) -> Store:
         return open_store(self.urls[tool], s3_endpoint=self.endpoint)
+
+    def _fresh_store(self, tool: str) -> None:
+        """A full snapshot, as pgBackRest's full backup: objects are content-addressed and
+        shared, so a second snapshot into the same store would upload only what changed;
+        each round gets an empty store (and the hash cache beside PGDATA goes)."""
+        self.rounds += 1
+        if tool == "jobmesh_file":
+            path = self.store_root / f"round-{self.rounds}"
+            path.mkdir()
+            give_to_postgres(path)
+            self.urls[tool] = f"file://{path}"
+        else:
+            self.urls[tool] = f"s3://{BUCKET}/round-{self.rounds}"
+        (self.inst.datadir / ".jobmesh-hashes").unlink(missing_ok=True)
 
     def backup(self, tool: str) -> dict[str, float]:
         if tool == "pgbackrest":
@@ -258,6 +273,7 @@ class Tools:
         from jobmesh.agent.snapshot import take_snapshot
 
         ensure(self.inst, running=False)
+        self._fresh_store(tool)
 
         async def go() -> Any:
             store = self.store(tool)
@@ -269,7 +285,7 @@ class Tools:
         with timed(resource.RUSAGE_SELF) as t:
             manifest = asyncio.run(go())
         self.snapshot_ids[tool] = manifest.id
-        return {**t, "stored_bytes": sum(o.size for o in manifest.objects),
+        return {**t, "stored_bytes": manifest.stored_size,
                 "source_bytes": manifest.uncompressed_size}
 
     def restore(self, tool: str, target: Path) -> dict[str, float]:
@@ -301,10 +317,9 @@ class Tools:
             return
 
         async def go() -> None:
-            store = self.store(tool)
+            store = self.store(tool)  # the round's own store: all of it goes
             try:
-                for obj in await store.list(f"{JOB}/snapshots/{sid}/"):
-                    await store.delete(obj.key)
+                await store.delete_many([o.key for o in await store.list("")])
             finally:
                 await store.close()
 
