@@ -36,7 +36,9 @@ from ..store import Store, StoreError, put_bytes
 log = logging.getLogger("jobmesh.agent.leases")
 
 LOCKS_PREFIX = "_locks/"
-LEASE_TTL = 600.0
+# A lease is renewed every LEASE_TTL / 4 while its writer runs; one a killed writer left
+# keeps collections waiting for at most LEASE_TTL.
+LEASE_TTL = 120.0
 LOCK_TTL = 120.0
 POLL = 0.05
 

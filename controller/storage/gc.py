@@ -43,7 +43,11 @@ log = logging.getLogger("jobmesh.controller.gc")
 
 BATCH = 1000  # keys per DeleteObjects
 GRACE = 3600.0  # seconds before an incomplete upload counts as abandoned
-LOCK_WAIT = 30.0
+# How long the collector holds its lock waiting for writers in flight to finish: writers
+# that start meanwhile wait for it, so it stays short (a pause is done in about a second);
+# a long base backup, or a lease a killed writer left, makes the collection wait for the
+# next one instead.
+LOCK_WAIT = 5.0
 
 
 @dataclass
