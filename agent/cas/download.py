@@ -41,6 +41,7 @@ from .objects import Objects, object_key
 
 PARALLEL = 16  # objects fetched at once (a store's latency, more than its bandwidth)
 SYNCFS_FROM = 200  # files written, from which one syncfs beats an fsync each
+SMALL, BATCH = 64 << 10, 32  # files this small are restored this many to a job
 
 
 @dataclass
@@ -267,8 +268,50 @@ async def restore_files(objects: Objects, root: Path, m: Manifest, *,
                 return  # exactly as the snapshot has it: nothing to do
         synced[f.path] = await asyncio.to_thread(_finish_file, root, f, owner, wrote)
 
+    def write_whole_files(batch: list[FileEntry]) -> int:
+        """Small files the store holds locally, each one object no other file needs:
+        read, verified, written and finished in one job (most of a PGDATA's 1,300 files
+        are one 8 KiB page; a job, and two thread hops, each would cost more than the
+        file)."""
+        assert read_local is not None
+        written = 0
+        for f in batch:
+            name = f.chunks[0]
+            data = objects.decode(name, read_local(object_key(name)))
+            path = root / f.path
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, f.mode)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
+            os.utime(path, ns=(f.mtime_ns, f.mtime_ns))
+            written += len(data)
+        return written
+
+    async def restore_small(batch: list[FileEntry]) -> None:
+        async with slots:
+            n = await loop.run_in_executor(pool, write_whole_files, batch)
+        for f in batch:
+            stats.fetched_objects += 1
+            stats.names[f.chunks[0]] += 1
+            stats.written_files += 1
+            synced[f.path] = True
+        stats.written_bytes += n
+        progress.advance(n)
+
+    small = [f for f, st in zip(regular, lstats, strict=True)
+             if read_local is not None and len(f.chunks) == 1 and needed[f.path] == [0]
+             and uses[f.chunks[0]] == 1 and f.size <= SMALL]
+    in_batches = {f.path for f in small}
     tasks = [asyncio.ensure_future(restore_file(f, st))
-             for f, st in zip(regular, lstats, strict=True)]
+             for f, st in zip(regular, lstats, strict=True) if f.path not in in_batches]
+    tasks += [asyncio.ensure_future(restore_small(small[i:i + BATCH]))
+              for i in range(0, len(small), BATCH)]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
