@@ -337,7 +337,8 @@ async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:
 async def _claims(mesh: Mesh, job_id: str, newest: int) -> list[int]:
     """The generations claimed in the (file) store, oldest first, once ``newest`` is."""
     claims = sorted(int(p.name.removesuffix(".json"))
-                    for p in (mesh.root / "store" / job_id / "generations").iterdir())
+                    for p in (mesh.root / "store" / job_id / "generations").iterdir()
+                    if not p.name.startswith("."))  # a claim being written (.partial)
     return claims if claims and claims[-1] == newest else []
 
 

@@ -167,13 +167,15 @@ async def test_an_idle_job_uploads_no_delta(machine: Callable[..., Machine],
     seen: dict[str, int] = {}
 
     async def settled() -> dict[str, Any] | None:
-        """The first base backup is stored and its WAL streamed: no delta for 3 rounds."""
+        """The first base backup is stored and its WAL streamed, and no delta for 16 s:
+        after WAL was written, the background writer logs a standby snapshot (a
+        running-transactions record) within 15 s, and that is WAL too."""
         s = await astatus(agent)
         stream = s["stream"]
         if not s["last_base_backup"] or seen.get("deltas") != stream["deltas_uploaded"]:
             seen.update(deltas=stream["deltas_uploaded"], rounds=stream["rounds"])
             return None
-        return s if stream["rounds"] >= seen["rounds"] + 3 else None
+        return s if stream["rounds"] >= seen["rounds"] + 32 else None  # 0.5 s windows
 
     before = await until(settled, "the first base backup and its WAL to be shipped")
     objects = {o.key for o in await store.list(f"{m.job}/")}
