@@ -59,6 +59,7 @@ async def write_snapshot(store: Store, job: str, directory: Path,
             objects, directory, exclude, cache=cache, known=known, zero_past=zero_past,
             progress=progress, lsn_trusted=lsn_trusted)
         manifest = await finish(tree, stats, keys)
+        await objects.sync()
         key = snapshot_manifest_key(job, manifest.id)
         await put_bytes(store, key, manifest.to_json())
         if lease.lapsed:  # the collector may have taken us for dead

@@ -45,12 +45,13 @@ class Encoded:
 
 
 class Objects:
-    """Reads and writes a store's objects under one key set (thread-safe: no shared state
-    but the key set)."""
+    """Reads and writes a store's objects under one key set (``store_sync`` from several
+    threads at once: set.add is atomic)."""
 
     def __init__(self, store: Store, keys: KeySet) -> None:
         self.store = store
         self.keys = keys
+        self._touched: set[str] = set()
 
     # -- CPU work, for a worker thread ------------------------------------------------------
 
@@ -75,7 +76,35 @@ class Objects:
     # -- I/O ------------------------------------------------------------------------------
 
     async def exists(self, name: str) -> bool:
-        return await self.store.size(object_key(name)) is not None
+        found = await self.store.size(object_key(name)) is not None
+        if found:
+            self._touched.add(object_key(name))  # another writer's: see ``sync``
+        return found
+
+    def store_sync(self, plain: bytes | memoryview, name: str) -> int | None:
+        """Store the object unless it is stored already, in the caller's thread, where the
+        store can (file://): one job instead of a thread hop per step. Returns the bytes
+        stored (0: it was there), or None: this store cannot, use ``exists`` and ``put``."""
+        put_sync = getattr(self.store, "put_sync", None)
+        size_sync = getattr(self.store, "size_sync", None)
+        if put_sync is None or size_sync is None:
+            return None
+        key = object_key(name)
+        # found or written: either way its directory entry is made durable by ``sync``
+        # before a manifest names it (another writer's rename may not be yet)
+        self._touched.add(key)
+        if size_sync(key) is not None:
+            return 0
+        encoded = self.encode(plain, name)
+        put_sync(key, encoded.blob, sync_dir=False)
+        return len(encoded.blob)
+
+    async def sync(self) -> None:
+        """Before a manifest: the objects ``store_sync`` found or wrote are durable."""
+        sync_dirs = getattr(self.store, "sync_dirs", None)
+        if sync_dirs is not None and self._touched:
+            keys, self._touched = sorted(self._touched), set()
+            await asyncio.to_thread(sync_dirs, keys)
 
     async def put(self, encoded: Encoded) -> int:
         """Store an encoded object; returns the bytes stored."""

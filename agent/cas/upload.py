@@ -102,6 +102,12 @@ def read_chunk(path: Path, offset: int, length: int, cut: int | None) -> tuple[b
     return (data + bytes(length - read) if read < length else data), read
 
 
+def read_and_name(objects: Objects, path: Path, offset: int, length: int,
+                  cut: int | None) -> tuple[bytes, int, str]:
+    data, read = read_chunk(path, offset, length, cut)
+    return data, read, objects.name(data)
+
+
 async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bool], *,
                        cache: HashCache | None = None, known: set[str] | None = None,
                        zero_past: dict[str, int] | None = None,
@@ -138,12 +144,18 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
             return await asyncio.shield(pending[name])
         pending[name] = fut = asyncio.get_running_loop().create_future()
         try:
-            if await objects.exists(name):
+            # file://: the lookup and the store in one job; a remote store: a request each
+            stored = await asyncio.to_thread(objects.store_sync, data, name)
+            if stored is None:
+                if await objects.exists(name):
+                    stored = 0
+                else:
+                    encoded = await asyncio.to_thread(objects.encode, data, name)
+                    stored = await objects.put(encoded)
+            if stored == 0:
                 result.found += 1
             else:
-                encoded = await asyncio.to_thread(objects.encode, data, name)
-                stored = await objects.put(encoded)  # read-modify-write after the await:
-                result.new_bytes += stored  # (``+= await`` would lose concurrent updates)
+                result.new_bytes += stored  # after the awaits: ``+= await`` loses updates
                 result.new_objects += 1
             known.add(name)
             fut.set_result(None)
@@ -157,9 +169,9 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
         offset = index * CHUNK_SIZE
         length = min(CHUNK_SIZE, entry.size - offset)
         async with slots:
-            data, read = await asyncio.to_thread(read_chunk, root / entry.path, offset,
-                                                 length, zero_past.get(entry.path))
-            names[index] = await asyncio.to_thread(objects.name, data)
+            data, read, names[index] = await asyncio.to_thread(
+                read_and_name, objects, root / entry.path, offset, length,
+                zero_past.get(entry.path))
             await ensure(names[index], data)
             result.read_bytes += read
             progress.advance(length)

@@ -61,6 +61,30 @@ class FileStore:
         finally:
             f.close()
 
+    def put_sync(self, key: str, data: bytes, *, sync_dir: bool = True) -> Stored:
+        """A whole (small) object written in the caller's thread, as atomically and durably
+        as ``put``: a pause's worker names, compresses and stores a chunk in one go.
+        ``sync_dir=False`` leaves the rename's durability to a later ``sync_dirs``."""
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if sync_dir:
+                fsync_path(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+        digest = Digest()
+        digest.update(data)
+        return Stored(key, digest.size, digest.hexdigest())
+
     def read_sync(self, key: str) -> bytes:
         """A whole (small) object, read in the caller's thread: a restore's worker reads,
         verifies and writes a chunk in one go."""
@@ -70,6 +94,17 @@ class FileStore:
             raise NotFound(f"no object {key} in {self.url}") from exc
         except OSError as exc:
             raise StoreError(f"cannot read {key}: {exc.strerror}") from exc
+
+    def sync_dirs(self, keys: builtins.list[str]) -> None:
+        """Make the renames that stored ``keys`` durable: each directory once."""
+        for parent in sorted({self._path(k).parent for k in keys}):
+            fsync_path(parent)
+
+    def size_sync(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
 
     async def size(self, key: str) -> int | None:
         try:
