@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ from .core.reconciler import Reconciler, ReconcilerConfig
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+
+    from .storage.keeper import Keeper
 
 log = logging.getLogger("jobmesh.controller")
 
@@ -286,17 +289,13 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         log.info("controller API listening on http://%s:%d", s.api_host, s.api_port)
         if ready is not None:
             ready.set()
-        # Only the controller deletes from the store (sidecars only add to it).
-        collecting = asyncio.create_task(keeper.run(stop), name="store keeper")
-        try:
-            if s.kubernetes is None:
+        # Only the controller deletes from the store (sidecars only add to it), and of
+        # several replicas only the leader.
+        if s.kubernetes is None:
+            async with keeping(keeper, stop):
                 await Reconciler(catalog, make_backend(s), s.reconciler, metrics).run(stop)
-            else:
-                await lead(s, catalog, metrics, stop)
-        finally:
-            collecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collecting
+        else:
+            await lead(s, catalog, metrics, stop, keeper)
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -304,8 +303,20 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         await catalog.close()
 
 
+@contextlib.asynccontextmanager
+async def keeping(keeper: Keeper, stop: asyncio.Event) -> AsyncIterator[None]:
+    """The store keeper's collections, for as long as the block runs."""
+    collecting = asyncio.create_task(keeper.run(stop), name="store keeper")
+    try:
+        yield
+    finally:
+        collecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collecting
+
+
 async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetrics,
-               stop: asyncio.Event) -> None:
+               stop: asyncio.Event, keeper: Keeper) -> None:
     """Wait for the leader Lease, then reconcile while holding it; released at ``stop``."""
     from .backends.kubernetes.client import api_client
     from .backends.kubernetes.leader import LeaderElector, LeaseConfig
@@ -326,14 +337,16 @@ async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetri
             return
         done = asyncio.Event()
         holding = asyncio.create_task(elector.hold(done), name="lease")
-        reconciling = asyncio.create_task(
-            Reconciler(catalog, backend, s.reconciler, metrics).run(stop), name="reconciler")
-        await asyncio.wait({holding, reconciling}, return_when=asyncio.FIRST_COMPLETED)
-        if holding.done():
-            lost_the_lease()
-        done.set()  # the reconciler stopped: let the lease go
-        await holding
-        await reconciling  # its error, if it failed
+        async with keeping(keeper, stop):
+            reconciling = asyncio.create_task(
+                Reconciler(catalog, backend, s.reconciler, metrics).run(stop),
+                name="reconciler")
+            await asyncio.wait({holding, reconciling}, return_when=asyncio.FIRST_COMPLETED)
+            if holding.done():
+                lost_the_lease()
+            done.set()  # the reconciler stopped: let the lease go
+            await holding
+            await reconciling  # its error, if it failed
     finally:
         api.close()
         lease_api.close()
