@@ -6,6 +6,10 @@ a probe that says where a pause's or a restore's time goes.
 Everything started registers its own cleanup on the ExitStack it is given (``Started``
 stops every PGDATA it launched), so an error or Ctrl-C later still stops it.
 pgBackRest and PostgreSQL run as the Postgres OS user, as beside a real cluster.
+
+Over ~400 lines on purpose: each peer's steps for bench/incremental.py (pgBackRest,
+jobmesh, the floor, the probe that says where jobmesh's time goes) in one place, as
+bench/_backup_peers.py does for bench/backup.py.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from ..progress import NoProgress, Progress
 from ..store import get_bytes
 from ..store.file import fsync_path
 from .hashcache import CACHE_NAME, HashCache, read_cache, write_cache
-from .objects import Objects, object_key
+from .objects import Objects, object_key, run_all
 
 PARALLEL = 16  # objects fetched at once (a store's latency, more than its bandwidth)
 SYNCFS_FROM = 200  # files written, from which one syncfs beats an fsync each
@@ -308,16 +308,12 @@ async def restore_files(objects: Objects, root: Path, m: Manifest, *,
              if read_local is not None and len(f.chunks) == 1 and needed[f.path] == [0]
              and uses[f.chunks[0]] == 1 and f.size <= SMALL]
     in_batches = {f.path for f in small}
-    tasks = [asyncio.ensure_future(restore_file(f, st))
-             for f, st in zip(regular, lstats, strict=True) if f.path not in in_batches]
-    tasks += [asyncio.ensure_future(restore_small(small[i:i + BATCH]))
-              for i in range(0, len(small), BATCH)]
     try:
-        await asyncio.gather(*tasks)
+        await run_all([*(restore_file(f, st) for f, st in zip(regular, lstats, strict=True)
+                         if f.path not in in_batches),
+                       *(restore_small(small[i:i + BATCH])
+                         for i in range(0, len(small), BATCH))])
     except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for fut in fetched.values():
             fut.cancel()
         raise

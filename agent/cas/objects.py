@@ -12,6 +12,7 @@ Sidecars only add objects; only the controller deletes them (``gc``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import zstandard
@@ -23,6 +24,19 @@ OBJECTS_PREFIX = "_objects/"
 CHUNK_SIZE = 1 << 20  # 128 PostgreSQL pages; see the README's "Snapshot objects"
 LEVEL = 1  # zstd: most of a page's gain at a fraction of level 3's time
 MAX_OBJECT = CHUNK_SIZE + (CHUNK_SIZE >> 4) + 4096  # refuse a decompression bomb
+
+
+async def run_all(aws: Iterable[Awaitable[object]]) -> None:
+    """Run them all at once; on the first failure cancel the rest and wait for them (no
+    worker keeps writing after its caller gave up), then raise it."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def object_key(name: str) -> str:
@@ -118,4 +132,4 @@ class Objects:
 
 
 __all__ = ["CHUNK_SIZE", "OBJECTS_PREFIX", "CorruptObject", "Encoded", "NotFound", "Objects",
-           "name_of_key", "object_key"]
+           "name_of_key", "object_key", "run_all"]

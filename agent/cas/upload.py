@@ -22,14 +22,15 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..inventory import gather_bounded
 from ..manifest import DirEntry, FileEntry
 from ..progress import NoProgress, Progress
 from .hashcache import CACHE_NAME, HashCache
-from .objects import CHUNK_SIZE, Objects
+from .objects import CHUNK_SIZE, Objects, run_all
 
 PARALLEL = 8  # chunks read, hashed, compressed or uploaded at once
 
@@ -184,7 +185,7 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
     # A cache hit saves reading the file only if its objects are stored: those of the
     # cache's source snapshot are (the caller passes them as known); others are looked up.
     unsure = sorted({n for names in hits.values() for n in names} - known)
-    found = await _gather(parallel, [objects.exists(n) for n in unsure])
+    found = await gather_bounded([objects.exists(n) for n in unsure], parallel * 4)
     known.update(n for n, ok in zip(unsure, found, strict=True) if ok)
     # Relation files that changed: the chunks whose pages all predate the cache's
     # checkpoint are what they were (WAL-G's delta backups rest on the same fact).
@@ -193,9 +194,9 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
         candidates = [(f, cache.files[f.path]) for f in regular
                       if f.path not in hits and f.path in cache.files
                       and permanent_relation(root, f.path)]
-        found_unchanged = await _gather_any(parallel, [
+        found_unchanged = await gather_bounded([
             asyncio.to_thread(unchanged_chunks, root / f.path, f.size, old[0], old[2],
-                              cache.lsn) for f, old in candidates])
+                              cache.lsn) for f, old in candidates], parallel)
         for (f, _old), reuse in zip(candidates, found_unchanged, strict=True):
             # only names the store is known to hold (the cache's source snapshot's)
             unchanged[f.path] = {i: n for i, n in reuse.items() if n in known}
@@ -215,14 +216,7 @@ async def upload_files(objects: Objects, root: Path, exclude: Callable[[str], bo
                 else:
                     work.append(chunk(entry, i, names))
         files.append(FileEntry(entry.path, entry.size, entry.mode, entry.mtime_ns, names))
-    tasks = [asyncio.ensure_future(w) for w in work]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await run_all(work)
     result.chunks = sum(len(f.chunks) for f in files)
     links = [f for f in tree.files if f.link is not None]
     tree.files = sorted(files + links, key=lambda f: f.path)
@@ -274,21 +268,3 @@ def unchanged_chunks(path: Path, size: int, old_size: int, old_names: list[str],
     return out
 
 
-async def _gather_any(limit: int, aws: list[Awaitable[dict[int, str]]]) -> list[dict[int, str]]:
-    slots = asyncio.Semaphore(limit)
-
-    async def one(aw: Awaitable[dict[int, str]]) -> dict[int, str]:
-        async with slots:
-            return await aw
-
-    return await asyncio.gather(*(one(a) for a in aws))
-
-
-async def _gather(limit: int, aws: list[Awaitable[bool]]) -> list[bool]:
-    slots = asyncio.Semaphore(limit * 4)  # lookups are small requests
-
-    async def one(aw: Awaitable[bool]) -> bool:
-        async with slots:
-            return await aw
-
-    return await asyncio.gather(*(one(a) for a in aws))

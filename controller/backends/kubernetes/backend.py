@@ -232,8 +232,7 @@ class KubernetesBackend:
                 raise PermanentError(f"job {job.id}: {exc}") from exc
             if restore:
                 m = await snapshot_to_restore(self.store, job.id)  # none: PermanentError
-                # the newest; a bad one falls back
-                size = m.uncompressed_size if m.chunked else m.stored_size
+                size = m.uncompressed_size if m.chunked else m.stored_size  # bad: falls back
                 await progress(f"restoring {mb(size)}")
             else:
                 # Nothing of an interrupted earlier attempt is worth keeping: no client has

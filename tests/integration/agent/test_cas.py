@@ -5,6 +5,9 @@ directory and moto's S3 API server. A restore counts only if the restored
 cluster starts and every table has the same contents (row counts and an md5
 over all rows in key order) as the source had at snapshot time; a delta
 restore must also leave exactly the files the manifest lists, byte for byte.
+
+Over ~400 lines on purpose: one specification per behaviour of the snapshot format,
+sharing this module's clusters and helpers.
 """
 
 from __future__ import annotations
