@@ -11,8 +11,14 @@ STAMP := $(VENV)/.installed
 # uv installs what pip would, from the same index, in seconds rather than minutes (a fresh
 # venv with the test extras: 9 s against pip's 175 s here); pip does it when uv cannot be had.
 UV := $(VENV)/bin/uv
-install = if test -x $(UV); then $(UV) pip install --quiet --python $(VENV)/bin/python $(1); \
+# Bytecode is compiled at install time: with PYTHONDONTWRITEBYTECODE set (as here), every
+# process would otherwise compile each module it imports from source, every time (an agent's
+# imports: 1.0 s against 0.43 s). `compile` does the same for our own sources, which change.
+install = if test -x $(UV); then $(UV) pip install --quiet --compile-bytecode \
+	--python $(VENV)/bin/python $(1); \
 	else $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(1); fi
+compile = $(VENV)/bin/python -m compileall -q -j 0 router agent controller jobmesh bench tests \
+	> /dev/null
 
 $(RUNTIME): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +32,12 @@ $(STAMP): $(RUNTIME)
 	touch $(STAMP)
 
 up: $(RUNTIME)
+	@$(compile)
 	@echo "the jobmesh CLI: $(CURDIR)/$(VENV)/bin/jobmesh"
 	$(VENV)/bin/jobmesh up --demo-job demo
 
 test: $(STAMP)
+	@$(compile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
