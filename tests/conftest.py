@@ -8,7 +8,9 @@ pg_ctl's own wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from jobmesh.agent.store import Store
 from jobmesh.controller.catalog.db import Catalog
 from tests.support.cleanup import remove_later
 from tests.support.kube_mesh import KubeMesh, running_kube_mesh
-from tests.support.mesh import Mesh
+from tests.support.mesh import Mesh, pids_mentioning
 from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
 from tests.support.router import RouterFactory, RouterProcess, routes_toml
 from tests.support.s3 import S3Server, running_s3_server
@@ -35,6 +37,11 @@ def pg_root() -> Iterator[Path]:
     root.chmod(0o755)
     give_to_postgres(root)
     yield root
+    # Local backends' agent hosts run in sessions of their own and outlive their backends.
+    for pid in pids_mentioning(str(root)):
+        with contextlib.suppress(OSError):
+            if b"agent-host.json" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
     remove_later(root)
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "init": "init",
     "serve": "serve",
+    "host": "serve",
     "snapshot": "backup",
     "restore": "backup",
     "wal-push": "wal",

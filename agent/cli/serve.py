@@ -64,6 +64,31 @@ def add_serve(sub: Subparsers) -> None:
     p.set_defaults(run=run_serve)
 
 
+def add_host(sub: Subparsers) -> None:
+    p = sub.add_parser("host", help="be the agent of every job on this machine (local backend)",
+                       description="One process that runs the agent of each local job: "
+                                   "PUT /jobs/ID starts one, DELETE /jobs/ID stops it, and a "
+                                   "job's API is serve's under /jobs/ID.")
+    p.add_argument("--store", required=True, metavar="URL",
+                   help="file:///abs/path or s3://bucket/prefix")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3 API endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="HTTP address (default 127.0.0.1:0: a free port)")
+    p.add_argument("--state", type=Path, metavar="FILE",
+                   help="write {pid, port} here once listening")
+    p.set_defaults(run=run_host)
+
+
+def run_host(args: argparse.Namespace) -> int:
+    from ..sidecar.host import serve_host
+    from ..store import open_store
+
+    address = parse_listen(args.listen)
+    store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    return asyncio.run(serve_host(store, address, args.state and args.state.absolute()))
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -100,4 +125,4 @@ def run_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, store, host, port))
 
 
-PARSERS = {"serve": add_serve}
+PARSERS = {"serve": add_serve, "host": add_host}

@@ -51,30 +51,39 @@ async def _operation(what: str, op: Callable[[], Awaitable[Manifest]]) -> web.Re
         return _json({"error": one_line(exc)}, 500)
 
 
-def build_app(agent: Agent) -> web.Application:
-    async def healthz(_req: web.Request) -> web.Response:
-        ok, body = await agent.health()
+def routes(prefix: str, find: Callable[[web.Request], Agent]) -> list[web.RouteDef]:
+    """The API under ``prefix``, for the agent ``find`` names for a request (it raises
+    ``web.HTTPNotFound`` for one it does not know): one agent's at ``""``, each of the
+    local agent host's at ``/jobs/{job}``."""
+    async def healthz(req: web.Request) -> web.Response:
+        ok, body = await find(req).health()
         return _json(body, 200 if ok else 503)
 
-    async def status(_req: web.Request) -> web.Response:
-        return _json(await agent.status())
+    async def status(req: web.Request) -> web.Response:
+        return _json(await find(req).status())
 
-    async def metrics(_req: web.Request) -> web.Response:
+    async def metrics(req: web.Request) -> web.Response:
+        agent = find(req)
         agent.metrics.archive_lag.set(await asyncio.to_thread(agent.archiver.lag))
         return web.Response(body=generate_latest(agent.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def pause(_req: web.Request) -> web.Response:
-        return await _operation("pause", agent.pause)
+    async def pause(req: web.Request) -> web.Response:
+        return await _operation("pause", find(req).pause)
 
-    async def base_backup(_req: web.Request) -> web.Response:
-        return await _operation("base backup", agent.base_backup)
+    async def base_backup(req: web.Request) -> web.Response:
+        return await _operation("base backup", find(req).base_backup)
 
     async def dump(req: web.Request) -> web.Response:
+        agent = find(req)
         return await _operation("dump", lambda: agent.dump(req.query.get("database")))
 
+    return [web.get(f"{prefix}/healthz", healthz), web.get(f"{prefix}/status", status),
+            web.get(f"{prefix}/metrics", metrics), web.post(f"{prefix}/pause", pause),
+            web.post(f"{prefix}/base-backup", base_backup), web.post(f"{prefix}/dump", dump)]
+
+
+def build_app(agent: Agent) -> web.Application:
     app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/status", status),
-                    web.get("/metrics", metrics), web.post("/pause", pause),
-                    web.post("/base-backup", base_backup), web.post("/dump", dump)])
+    app.add_routes(routes("", lambda _req: agent))
     return app

@@ -292,9 +292,10 @@ async def _writable_job(mesh: Mesh) -> str:
 
 
 def _pids(job_dir: Path) -> tuple[int, int]:
-    """The local job's postmaster and agent."""
+    """The local job's postmaster and agent (the agent host, beside the jobs' directory)."""
     postmaster = int((job_dir / "pgdata/postmaster.pid").read_text().split()[0])
-    return postmaster, json.loads((job_dir / "jobmesh.agent.json").read_text())["pid"]
+    host = job_dir.parent.parent / "agent-host.json"
+    return postmaster, json.loads(host.read_text())["pid"]
 
 
 async def test_a_lost_disk_loses_at_most_the_wal_window(mesh: Mesh) -> None:

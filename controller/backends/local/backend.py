@@ -62,7 +62,7 @@ from ..step_report import Laps, Relay, mb
 from .in_place import FAILED_COPIES_BYTES, CrashLoop, FailedCopies, whole
 from .instance import HOST, Instances
 from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
-from .sidecar import agent_running, read_agent, ship_last_wal, stop_agent
+from .sidecar import AgentHost, ship_last_wal
 from .sources import delta_base, dump_source, fork, fork_source
 from .template import Template
 from .warm_cache import WarmCache
@@ -96,11 +96,11 @@ class LocalBackend:
         if warm_cache_bytes < 0:
             raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
         self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
+        self.agents = AgentHost(self.root, python, store_url, s3_endpoint)
         self.instances = Instances(
-            self.template, store_url=store_url, s3_endpoint=s3_endpoint,
-            archive_timeout=archive_timeout, wal_window=wal_window,
-            base_backup_interval=base_backup_interval,
-            python=python, start_timeout=start_timeout, pause_timeout=pause_timeout)
+            self.template, self.agents, archive_timeout=archive_timeout,
+            wal_window=wal_window, base_backup_interval=base_backup_interval,
+            start_timeout=start_timeout, pause_timeout=pause_timeout)
         self.locks = JobLocks(EXPECTED_ERRORS, log)
         self.crash_loop = CrashLoop()
         self.failed_copies = FailedCopies(self.root / "failed", failed_copies_bytes)
@@ -113,15 +113,20 @@ class LocalBackend:
         async with self.locks.errors("start the local backend"):
             await asyncio.to_thread(self._prepare_root)
             await self.warm_cache.start()
+            await self.agents.ensure()
             await self.template.ensure()
 
     async def close(self) -> None:
-        """Stop our own background work; the jobs' processes keep running."""
+        """Stop our own background work; the jobs' processes (and their agent host, while it
+        serves any) keep running."""
         if self._closed:
             return
         self._closed = True
         await self.template.close()
-        self.instances.reap()
+        with contextlib.suppress(*EXPECTED_ERRORS, BackendError):
+            if await self.agents.jobs() == frozenset():
+                await self.agents.stop()  # idle: the next start makes a new one
+        self.agents.reap()
         await self.store.close()
 
     async def create(self, job: Job, progress: Progress) -> Started:
@@ -181,7 +186,7 @@ class LocalBackend:
                     log.warning("job %s crashed %d times within %g s on its own data: "
                                 "restoring it from the store", job.id, self.crash_loop.limit,
                                 self.crash_loop.window)
-            await ship_last_wal(jd, self.store, progress, timeout=SHIP_WAIT)
+            await ship_last_wal(jd, self.agents, self.store, progress, timeout=SHIP_WAIT)
             if await latest_snapshot(self.store, job.id) is None and await asyncio.to_thread(
                     (jd.pgdata / "PG_VERSION").exists):
                 # Its first base backup never finished: the local data is the only copy.
@@ -236,12 +241,11 @@ class LocalBackend:
             # The pause drained the spool and Postgres is down: the agent has nothing left
             # to ship, so it gets little time to exit (one that cancelled a base backup
             # hangs at exit: see agent.tarstream's aclose).
-            await stop_agent(jd, read_agent(jd), timeout=5)
+            await self.agents.remove(job.id, timeout=5)
             await stop_postgres(jd, "immediate")  # the agent stopped it; nothing is left
             laps("agent exit")
             await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
             await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
-            self.instances.reap()
             laps("cache")
             log.info("pause of job %s: snapshot %s in %.0f ms (%s)", job.id, manifest.id,
                      laps.total(), laps)
@@ -256,16 +260,23 @@ class LocalBackend:
         if pm is None:
             return False
         lock = self.locks.lock(job.id)
-        if not lock.locked() and is_ready(jd) and not agent_running(jd, read_agent(jd)):
+        if not lock.locked() and is_ready(jd) and not await self._has_agent(job.id):
             async with lock:
-                info = read_agent(jd)
-                if postmaster(jd) is not None and not agent_running(jd, info):
+                if postmaster(jd) is not None and not await self._has_agent(job.id):
                     log.warning("job %s: its agent is not running; restarting it", job.id)
                     try:
-                        await self.instances.spawn_agent(job, jd, pm.port, info)
-                    except (OSError, BackendError) as exc:
-                        log.error("job %s: cannot restart its agent: %s", job.id, exc)
+                        await self.instances.spawn_agent(job, jd)
+                    except (*EXPECTED_ERRORS, BackendError) as exc:
+                        log.error("job %s: cannot restart its agent: %s", job.id,
+                                  one_line(exc))
         return True
+
+    async def _has_agent(self, job_id: str) -> bool:
+        try:
+            return await self.agents.agent(job_id) is not None
+        except (*EXPECTED_ERRORS, BackendError) as exc:
+            log.warning("cannot ask the agent host about job %s: %s", job_id, one_line(exc))
+            return True  # (not known to be missing: asked again at the next health check)
 
     async def delete(self, job: Job) -> None:
         async with self._job("delete", job.id) as jd:
@@ -287,8 +298,7 @@ class LocalBackend:
     async def stop_orphan(self, job_id: str) -> None:
         async with self._job("stop orphan", job_id) as jd:
             await stop_postgres(jd, "fast", timeout=self.instances.start_timeout)
-            await stop_agent(jd, read_agent(jd), timeout=60)  # its final drain ships the WAL
-            self.instances.reap()
+            await self.agents.remove(job_id, timeout=60)  # its final drain ships the WAL
 
     # --- where a resume's PGDATA comes from ---------------------------------------------
 

@@ -6,14 +6,13 @@ module starts it in place: PostgreSQL on a free port, the job's database
 name and passwords (``job_database.py``), the ``ready`` marker, then the
 agent. It also finds and adopts an instance a former controller started,
 asks an instance's agent for the pause snapshot, and takes an instance away.
-The agents it spawns are its children until they exit: it reaps them.
+The jobs' agents all run in one agent host process (``sidecar.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -46,17 +45,7 @@ from .process import (
     start_postgres,
     stop_postgres,
 )
-from .sidecar import (
-    AgentInfo,
-    agent_argv,
-    agent_running,
-    pick_port,
-    read_agent,
-    request_pause,
-    spawn_agent,
-    stop_agent,
-    wait_listening,
-)
+from .sidecar import AgentHost, AgentInfo, agent_settings, request_pause
 from .template import Template
 
 log = logging.getLogger("jobmesh.controller.local")
@@ -67,20 +56,16 @@ HOST = "127.0.0.1"
 class Instances:
     """How the local backend starts, adopts, pauses and discards a job's instance."""
 
-    def __init__(self, template: Template, *, store_url: str, s3_endpoint: str | None,
-                 archive_timeout: int, wal_window: float, base_backup_interval: float,
-                 python: str,
+    def __init__(self, template: Template, agents: AgentHost, *, archive_timeout: int,
+                 wal_window: float, base_backup_interval: float,
                  start_timeout: float, pause_timeout: float) -> None:
         self.template = template
-        self.store_url = store_url
-        self.s3_endpoint = s3_endpoint
+        self.agents = agents
         self.archive_timeout = archive_timeout
         self.wal_window = wal_window
         self.base_backup_interval = base_backup_interval
-        self.python = python
         self.start_timeout = start_timeout  # until Postgres accepts writes (WAL replay included)
         self.pause_timeout = pause_timeout  # for the agent's stop, drain and snapshot upload
-        self._children: list[subprocess.Popen[bytes]] = []
 
     async def adopt(self, job: Job, jd: JobDir) -> Started | None:
         """The running, fully set up instance of ``job``, if there is one (its agent
@@ -127,7 +112,7 @@ class Instances:
             await import_dump(jd.run, port, job.id, dump, progress)
             laps("import")
         await asyncio.to_thread(mark_ready, jd, how)
-        info = await self.spawn_agent(job, jd, port, None)
+        info = await self.spawn_agent(job, jd)
         laps("agent")
         return port, info
 
@@ -140,12 +125,8 @@ class Instances:
             log.warning("job %s crashed: starting it to recover before the pause", job.id)
             await asyncio.to_thread(prepare, jd)
             pm = await self.start_postgres(job, jd)
-        info = read_agent(jd)
-        if not agent_running(jd, info):
-            info = await self.spawn_agent(job, jd, pm.port if pm else 0, info)
-        assert info is not None
-        await wait_listening(jd, info)
-        return await request_pause(jd, info, self.pause_timeout)
+        info = await self.agents.agent(job.id) or await self.spawn_agent(job, jd)
+        return await request_pause(info, self.pause_timeout)
 
     async def restart(self, job: Job, jd: JobDir, *, laps: Laps) -> tuple[int, AgentInfo]:
         """Start a crashed instance again on its own data: PostgreSQL replays its local WAL
@@ -169,11 +150,10 @@ class Instances:
             await conn.close()
         if outdated:
             await upgrade_reader(jd.run, port, job.id)
-        info = read_agent(jd)
-        if not agent_running(jd, info):
-            info = await self.spawn_agent(job, jd, port, info)
+        info = await self.agents.agent(job.id)
+        if info is None:
+            info = await self.spawn_agent(job, jd)
             laps("agent")
-        assert info is not None
         return info
 
     async def start_postgres(self, job: Job, jd: JobDir, *,
@@ -202,33 +182,20 @@ class Instances:
             raise BackendError(f"job {job.id}: {exc}") from exc
         return postgres_settings(jd, port, timeout)
 
-    async def spawn_agent(self, job: Job, jd: JobDir, postgres_port: int,
-                          before: AgentInfo | None) -> AgentInfo:
-        """Start the job's agent, on the port its last one had when that is free (so the
-        agent URL the catalog holds stays right)."""
-        port = pick_port(before)
+    async def spawn_agent(self, job: Job, jd: JobDir) -> AgentInfo:
+        """Start the job's agent (in the agent host)."""
         try:
             window = wal_window(job.spec, self.wal_window)
         except ValueError as exc:
             raise BackendError(f"job {job.id}: {exc}") from exc
-        argv = agent_argv(self.python, jd, port, store_url=self.store_url,
-                          s3_endpoint=self.s3_endpoint,
-                          base_backup_interval=self.base_backup_interval, wal_window=window,
-                          generation=job.generation)
-        info, proc = await asyncio.to_thread(spawn_agent, jd, argv, port, postgres_port)
-        self.reap()
-        self._children.append(proc)
-        return info
+        return await self.agents.put(job.id, agent_settings(
+            jd, base_backup_interval=self.base_backup_interval, wal_window=window,
+            generation=job.generation))
 
     async def discard(self, jd: JobDir) -> None:
         """Stop whatever runs of the job here and delete its local files."""
         if not await asyncio.to_thread(jd.path.exists):
             return
-        await stop_agent(jd, read_agent(jd), timeout=10)
+        await self.agents.remove(jd.job_id, timeout=10)
         await stop_postgres(jd, "immediate")
         await asyncio.to_thread(remove, jd)
-        self.reap()
-
-    def reap(self) -> None:
-        """Collect agents of ours that exited (they would stay zombies until then)."""
-        self._children = [p for p in self._children if p.poll() is None]

@@ -1,9 +1,13 @@
-"""A local job's agent (``jobmesh agent serve``): starting it, finding it, asking it, stopping it.
+"""The local jobs' agents: one agent host process (``jobmesh agent host``) that is them all.
 
-The agent runs in its own session, so it outlives a controller restart; its
-pid and port are in ``agent.json`` so the next controller finds it. A pid
-recorded before a reboot may belong to anything by now, so "running" also
-means "its command line names this job's PGDATA".
+The host runs in its own session, so it outlives a controller restart; its
+pid and port are in ``agent-host.json`` under the backend's root, so the
+next controller finds it. A pid recorded before a reboot may belong to
+anything by now, so "running" also means "its command line is an agent host
+with this state file". A job has an agent once the host was told of it
+(``PUT /jobs/<id>`` with its settings); its agent URL is
+``http://127.0.0.1:<port>/jobs/<id>``. When the host dies, the next health
+check of each running job starts a new host and puts the job back.
 """
 
 from __future__ import annotations
@@ -13,165 +17,237 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from jobmesh.agent.manifest import Manifest
-from jobmesh.agent.postgres import free_port, pid_alive
+from jobmesh.agent.postgres import pid_alive
 from jobmesh.agent.postmaster import wait_for_exit
 from jobmesh.agent.store import Store
 from jobmesh.agent.wal import Archiver
 from jobmesh.errors import one_line
 
 from ...core.backend import BackendError, Progress
-from ..agent_client import AgentClient
+from ..agent_client import CONNECT_TIMEOUT, AgentClient
 from .process import JobDir, spool_backlog, stop_postgres
 
 log = logging.getLogger("jobmesh.controller.local")
 
+HOST_START_TIMEOUT = 60.0  # until a new host listens
+LISTING_AGE = 1.0  # s a listing of the host's jobs answers health checks for
+
 
 @dataclass(frozen=True)
-class AgentInfo:
+class HostInfo:
     pid: int
     port: int
-    postgres_port: int
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-def agent_argv(python: str, jd: JobDir, port: int, *, store_url: str, s3_endpoint: str | None,
-               base_backup_interval: float, wal_window: float,
-               generation: int = 0) -> list[str]:
-    argv = [python, "-m", "jobmesh", "agent", "serve", "--pgdata", str(jd.pgdata),
-            "--job", jd.job_id, "--store", store_url]
-    if s3_endpoint:
-        argv += ["--s3-endpoint", s3_endpoint]
-    return [*argv, "--listen", f"127.0.0.1:{port}", "--spool", str(jd.spool),
-            "--base-backup-interval", f"{base_backup_interval:g}",
-            "--wal-window", f"{wal_window:g}", "--generation", str(generation),
-            "--keep-base-backups", "0"]  # the controller's retention decides
+@dataclass(frozen=True)
+class AgentInfo:
+    """A job's agent: the host that runs it, and where its API is."""
+
+    host: HostInfo
+    job_id: str
+
+    @property
+    def pid(self) -> int:
+        return self.host.pid
+
+    @property
+    def url(self) -> str:
+        return f"{self.host.url}/jobs/{self.job_id}"
 
 
-def pick_port(before: AgentInfo | None) -> int:
-    """The port the job's last agent had when it is free (so the agent URL the catalog
-    holds stays right), else any free one."""
-    if before is not None:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's server
-            try:
-                s.bind(("127.0.0.1", before.port))
-            except OSError:
-                pass
-            else:
-                return before.port
-    return free_port()
+def agent_settings(jd: JobDir, *, base_backup_interval: float, wal_window: float,
+                   generation: int) -> dict[str, Any]:
+    """What ``PUT /jobs/<id>`` sends: the job's agent settings (the host's ``ServeConfig``
+    by field name)."""
+    return {"pgdata": str(jd.pgdata), "spool": str(jd.spool),
+            "base_backup_interval": base_backup_interval, "wal_window": wal_window,
+            "generation": generation,
+            "keep_base_backups": 0}  # the controller's retention decides
 
 
-def read_agent(jd: JobDir) -> AgentInfo | None:
-    try:
-        raw = json.loads(jd.agent_json.read_text())
-        return AgentInfo(int(raw["pid"]), int(raw["port"]), int(raw["postgres_port"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+class AgentHost:
+    """The controller's handle on the agent host: starting it, and telling it of jobs."""
 
+    def __init__(self, root: Path, python: str, store_url: str,
+                 s3_endpoint: str | None) -> None:
+        self.state = root / "agent-host.json"
+        self.log_path = root / "agent-host.log"
+        self.argv = [python, "-m", "jobmesh", "agent", "host", "--store", store_url,
+                     "--state", str(self.state)]
+        if s3_endpoint:
+            self.argv += ["--s3-endpoint", s3_endpoint]
+        self._lock = asyncio.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._listing: tuple[float, HostInfo, frozenset[str]] | None = None
 
-def agent_running(jd: JobDir, info: AgentInfo | None) -> bool:
-    if info is None or not pid_alive(info.pid):
-        return False
-    try:
-        raw = Path(f"/proc/{info.pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no procfs: trust the pid
-    if not raw:
-        # Mid-exec: Popen returns once the child has started exec, which may be before
-        # the kernel has set up its new arguments. (Kernel threads have none either,
-        # but no recorded agent pid is one.)
-        return True
-    argv = raw.split(b"\0")
-    return b"serve" in argv and str(jd.pgdata).encode() in argv
-
-
-def spawn_agent(jd: JobDir, argv: Sequence[str], port: int,
-                postgres_port: int) -> tuple[AgentInfo, subprocess.Popen[bytes]]:
-    """Start the agent, logging to agent.log, and record it in agent.json. Does not wait
-    for it to listen (clients need Postgres, not the agent)."""
-    with jd.agent_log.open("ab") as out:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    info = AgentInfo(proc.pid, port, postgres_port)
-    tmp = jd.agent_json.with_name(".agent.json.tmp")
-    tmp.write_text(json.dumps({**asdict(info), "started_at": time.time()}) + "\n")
-    os.replace(tmp, jd.agent_json)
-    return info, proc
-
-
-async def wait_listening(jd: JobDir, info: AgentInfo, timeout: float = 60) -> None:
-    """Until the agent accepts connections (it takes about half a second to start)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def read(self) -> HostInfo | None:
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", info.port), 5)
-        except (OSError, TimeoutError):
-            if not agent_running(jd, info):
-                raise BackendError(f"the agent of job {jd.job_id} exited: "
-                                   f"{last_line(jd.agent_log)}") from None
+            raw = json.loads(self.state.read_text())
+            return HostInfo(int(raw["pid"]), int(raw["port"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def running(self, info: HostInfo | None = None) -> bool:
+        info = info or self.read()
+        if info is None or not pid_alive(info.pid):
+            return False
+        try:
+            argv = Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return True  # no procfs: trust the pid
+        return b"host" in argv and str(self.state).encode() in argv
+
+    async def ensure(self) -> HostInfo:
+        """The running host (one started now if there is none)."""
+        info = self.read()
+        if info is not None and self.running(info):
+            return info
+        async with self._lock:
+            info = self.read()
+            if info is not None and self.running(info):
+                return info
+            if info is not None:  # the port it had: the agent URLs in the catalog stay right
+                with contextlib.suppress(BackendError):
+                    return await self._spawn(info.port)
+            return await self._spawn(0)
+
+    async def _spawn(self, port: int) -> HostInfo:
+        proc = await asyncio.to_thread(self._popen, port)
+        self.reap()
+        self._child = proc
+        deadline = time.monotonic() + HOST_START_TIMEOUT
+        while (info := self.read()) is None or info.pid != proc.pid:
+            if proc.poll() is not None:
+                raise BackendError(f"the agent host exited at start: {last_line(self.log_path)}")
             if time.monotonic() > deadline:
-                raise BackendError(f"the agent of job {jd.job_id} did not listen on port "
-                                   f"{info.port} within {timeout:g} s") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
+                proc.kill()
+                raise BackendError(f"the agent host did not listen within "
+                                   f"{HOST_START_TIMEOUT:g} s")
+            await asyncio.sleep(0.02)
+        log.info("agent host started (pid %d, port %d)", info.pid, info.port)
+        return info
+
+    def _popen(self, port: int) -> subprocess.Popen[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            self.state.unlink()
+        with self.log_path.open("ab") as out:
+            return subprocess.Popen([*self.argv, "--listen", f"127.0.0.1:{port}"],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    async def jobs(self) -> frozenset[str] | None:
+        """The jobs the host runs an agent for (a listing at most a second old); None when
+        no host runs."""
+        info = self.read()
+        if info is None or not self.running(info):
+            return None
+        cached = self._listing
+        if cached is not None and cached[1] == info and time.monotonic() - cached[0] < LISTING_AGE:
+            return cached[2]
+        status, body = await self._call(info, "GET", "/jobs", 10)
+        if status != 200 or not isinstance(body, dict):
+            raise BackendError(f"the agent host could not list its jobs: {_error(body)}")
+        listed = frozenset(str(j["job"]) for j in body["jobs"])
+        self._listing = (time.monotonic(), info, listed)
+        return listed
+
+    async def agent(self, job_id: str) -> AgentInfo | None:
+        """The job's agent, if the host runs one."""
+        listed = await self.jobs()
+        info = self.read()
+        if listed is None or info is None or job_id not in listed:
+            return None
+        return AgentInfo(info, job_id)
+
+    async def put(self, job_id: str, settings: dict[str, Any]) -> AgentInfo:
+        """Start the job's agent (a no-op when it runs with these settings already)."""
+        info = await self.ensure()
+        status, body = await self._call(info, "PUT", f"/jobs/{job_id}", 60, settings)
+        if status not in (200, 201):
+            raise BackendError(f"cannot start the agent of job {job_id}: {_error(body)}")
+        self._listing = None
+        return AgentInfo(info, job_id)
+
+    async def remove(self, job_id: str, timeout: float) -> None:
+        """Stop the job's agent: it ships what is left in its spool first (the host goes
+        on with that past ``timeout``; the caller does not wait longer)."""
+        info = self.read()
+        if info is None or not self.running(info):
+            return
+        self._listing = None
+        try:
+            status, body = await self._call(info, "DELETE", f"/jobs/{job_id}", timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("job %s: its agent did not stop within %g s (%s)", job_id, timeout,
+                        one_line(exc) or type(exc).__name__)
+            return
+        if status == 200 and isinstance(body, dict) and body.get("status"):
+            log.warning("job %s: its agent stopped with status %s", job_id, body["status"])
+
+    async def stop(self, timeout: float = 60) -> None:
+        """Stop the host (every job's agent ships what it has left)."""
+        info = self.read()
+        if info is None or not self.running(info):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, 15)
+        try:
+            await wait_for_exit(info.pid, timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, 9)
+        self.reap()
+
+    def reap(self) -> None:
+        """Collect a host of ours that exited (it would stay a zombie until then)."""
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    async def _call(self, info: HostInfo, method: str, path: str, timeout: float,
+                    body: Any = None) -> tuple[int, Any]:
+        limits = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=limits) as session, \
+                session.request(method, info.url + path, json=body) as resp:
+            return resp.status, await resp.json(content_type=None)
 
 
-async def request_pause(jd: JobDir, info: AgentInfo, timeout: float) -> Manifest:
+def _error(body: Any) -> Any:
+    return body.get("error") if isinstance(body, dict) else body
+
+
+async def request_pause(info: AgentInfo, timeout: float) -> Manifest:
     """The agent stops Postgres, drains the spool and stores a pause snapshot; returns the
     snapshot's manifest, as stored (see ``agent_client``)."""
-    return await AgentClient(info.url, jd.job_id).pause(timeout)
+    return await AgentClient(info.url, info.job_id).pause(timeout)
 
 
-async def stop_agent(jd: JobDir, info: AgentInfo | None, *, timeout: float = 30) -> None:
-    """SIGTERM (the agent then ships what is left in the spool), SIGKILL after ``timeout``."""
-    if info is None or not agent_running(jd, info):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(info.pid, signal.SIGTERM)
-    try:
-        await wait_for_exit(info.pid, timeout)
-    except TimeoutError:
-        log.warning("job %s: agent (pid %d) did not stop within %g s; killing it",
-                    jd.job_id, info.pid, timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(info.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await wait_for_exit(info.pid, 10)
-
-
-async def ship_last_wal(jd: JobDir, store: Store, report: Progress, *,
+async def ship_last_wal(jd: JobDir, host: AgentHost, store: Store, report: Progress, *,
                         timeout: float) -> None:
     """Before a crashed job's local data is discarded: let its agent upload the finished
-    WAL still in the spool (or, if the agent is dead too, do it here), then stop what is
-    left. What is not in the store by then is lost."""
-    info = read_agent(jd)
-    if agent_running(jd, info):
+    WAL still in the spool (or, if it has none, do it here), then stop what is left. What
+    is not in the store by then is lost."""
+    if await host.agent(jd.job_id) is not None:
         if await asyncio.to_thread(spool_backlog, jd):
             await report("shipping the last WAL")
         for _ in range(int(timeout / 0.1)):  # the agent ships segments as they appear
-            if not (await asyncio.to_thread(spool_backlog, jd) and agent_running(jd, info)):
+            if not await asyncio.to_thread(spool_backlog, jd):
                 break
             await asyncio.sleep(0.1)
-        await stop_agent(jd, info, timeout=timeout)  # its final drain takes stragglers
+        await host.remove(jd.job_id, timeout)  # its final drain takes stragglers
     await stop_postgres(jd, "immediate")
     if await asyncio.to_thread(spool_backlog, jd):
         try:

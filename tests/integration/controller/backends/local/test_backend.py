@@ -41,7 +41,6 @@ from jobmesh.controller.backends.local.process import (
     kill_leftovers,
     postmaster,
 )
-from jobmesh.controller.backends.local.sidecar import agent_running, read_agent, wait_listening
 from jobmesh.controller.backends.local.warm_cache import Entry, evictions
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
@@ -139,15 +138,6 @@ async def other_backend(pg_root: Path, store_url: str, new_job: MakeJob
             await asyncio.to_thread(shutil.rmtree, b.root / d, True)
 
 
-def _agents_of(jd: JobDir) -> list[int]:
-    found = []
-    for pid in pids_mentioning(str(jd.pgdata)):
-        with contextlib.suppress(OSError):
-            if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                found.append(pid)
-    return found
-
-
 class Said(list[str]):
     """A progress callback that remembers what it was told."""
 
@@ -196,8 +186,8 @@ async def test_create_starts_a_job_its_owner_can_write_to_over_tcp(backend, new_
     await write_items(started, job, 1, 100)
     assert await count_items(started, job) == 100
     jd = JobDir(backend.root, job.id)
-    info = read_agent(jd)
-    assert info is not None and started.agent_url == info.url and agent_running(jd, info)
+    info = await backend.agents.agent(job.id)
+    assert info is not None and started.agent_url == info.url and backend.agents.running()
     assert postmaster(jd).port == started.port
 
 
@@ -357,12 +347,13 @@ async def test_pause_stores_a_pause_snapshot_and_leaves_nothing_running(backend,
     started = await backend.create(job, Said())
     await write_items(started, job, 1, 1000)
     jd = JobDir(backend.root, job.id)
-    pg_pid, agent_pid = postmaster(jd).pid, read_agent(jd).pid
+    pg_pid = postmaster(jd).pid
+    assert await backend.agents.agent(job.id) is not None
     t = time.perf_counter()
     stopped = await backend.pause(job)
     print(f"\npause: {(time.perf_counter() - t) * 1000:.0f} ms, {stopped.bytes_moved} bytes stored")
     assert stopped.manifest.kind == "pause" and stopped.bytes_moved > 0
-    assert not pid_alive(pg_pid) and not pid_alive(agent_pid)
+    assert not pid_alive(pg_pid) and await backend.agents.agent(job.id) is None
     assert not jd.path.exists()
     assert await backend.alive(job) is False
     stored = await get_bytes(backend.store, snapshot_manifest_key(job.id, stopped.manifest.id))
@@ -539,7 +530,7 @@ async def test_an_entry_is_stale_once_wal_was_archived_after_its_pause(backend, 
         return await other.store.size(wal_key(job.id, segment)) is not None
 
     await until(shipped, f"{segment} in the store")
-    for pid in (postmaster(jd).pid, read_agent(jd).pid):
+    for pid in (postmaster(jd).pid, backend.agents.read().pid):  # its agent: the host
         os.kill(pid, signal.SIGKILL)
         await until(lambda pid=pid: _is(asyncio.to_thread(pid_alive, pid), False),
                     f"the death of {pid}")
@@ -648,7 +639,7 @@ async def test_a_killed_postgres_recovers_in_place_with_every_commit(backend, ne
     started = await backend.create(job, Said())
     await write_items(started, job, 1, 3000)  # in the local WAL only: nothing archived
     jd = JobDir(backend.root, job.id)
-    agent = read_agent(jd).pid
+    agents = backend.agents.read().pid
     os.kill(postmaster(jd).pid, signal.SIGKILL)
     assert await until(lambda: _is(backend.alive(job), False), "the job to be seen dead")
     said = Said()
@@ -658,7 +649,8 @@ async def test_a_killed_postgres_recovers_in_place_with_every_commit(backend, ne
     assert not any(text.startswith("restoring ") for text in said)
     assert recovered.port == started.port  # its old port was free: routes need not change
     assert await count_items(recovered, job) == 3000
-    assert read_agent(jd).pid == agent  # the agent lived on, and serves the new server
+    # The agent lived on, and serves the new server.
+    assert backend.agents.read().pid == agents and await backend.agents.agent(job.id)
     await write_items(recovered, job, 3001, 3010)
     assert await backend.alive(job) is True
 
@@ -679,7 +671,7 @@ async def test_recover_after_the_local_disk_is_lost_keeps_what_was_archived(back
         return await backend.store.size(wal_key(job.id, segment)) is not None
 
     await until(shipped, f"{segment} in the store")
-    for pid in (postmaster(jd).pid, read_agent(jd).pid):
+    for pid in (postmaster(jd).pid, backend.agents.read().pid):  # its agent: the host
         os.kill(pid, signal.SIGKILL)
         await until(lambda pid=pid: _is(asyncio.to_thread(pid_alive, pid), False),
                     f"the death of {pid}")
@@ -743,7 +735,7 @@ async def test_recover_ships_the_wal_a_dead_agent_left_in_the_spool(backend, new
     started = await backend.create(job, Said())
     await until(lambda: stored_base_backup(backend, job), "the first base backup")
     jd = JobDir(backend.root, job.id)
-    agent_pid = read_agent(jd).pid
+    agent_pid = backend.agents.read().pid  # the agent host: every job's agent
     os.kill(agent_pid, signal.SIGKILL)
     await until(lambda: _is(asyncio.to_thread(pid_alive, agent_pid), False), "the agent's death")
     await write_items(started, job, 1, 2000)
@@ -798,29 +790,31 @@ async def test_without_a_recovery_point_a_crashed_job_restarts_from_its_local_da
         await no_backups.close()
 
 
-async def test_alive_restarts_a_dead_agent(backend, new_job):
+async def test_alive_restarts_a_dead_agent_host_on_its_port_and_puts_the_job_back(
+        backend, new_job):
     job = await new_job()
-    await backend.create(job, Said())
-    jd = JobDir(backend.root, job.id)
-    old = read_agent(jd)
+    started = await backend.create(job, Said())
+    old = backend.agents.read()
     os.kill(old.pid, signal.SIGKILL)
     await until(lambda: _is(asyncio.to_thread(pid_alive, old.pid), False), "the agent's death")
     assert await backend.alive(job) is True
-    new = read_agent(jd)
-    assert new.pid != old.pid and agent_running(jd, new)
+    new = backend.agents.read()
+    assert new.pid != old.pid and backend.agents.running(new)
     assert new.port == old.port  # the agent URL the catalog holds stays right
+    info = await backend.agents.agent(job.id)
+    assert info is not None and info.url == started.agent_url
 
 
 async def test_alive_right_after_create_keeps_the_agent_it_started(backend, new_job):
-    for _ in range(3):  # the agent may still be in exec (no command line yet)
+    host = backend.agents.read().pid
+    for _ in range(3):
         job = await new_job()
         await backend.create(job, Said())
-        jd = JobDir(backend.root, job.id)
-        pid = read_agent(jd).pid
         assert await backend.alive(job) is True
-        await wait_listening(jd, read_agent(jd))  # (by now any second agent would show)
-        assert read_agent(jd).pid == pid
-        assert await asyncio.to_thread(_agents_of, jd) == [pid]
+        assert backend.agents.read().pid == host
+        assert await backend.agents.agent(job.id) is not None
+    assert len([pid for pid in pids_mentioning(str(backend.agents.state))
+                if pid_alive(pid)]) == 1
 
 
 async def test_alive_without_an_instance_is_false(backend, new_job):
@@ -834,11 +828,10 @@ async def test_orphans_are_found_and_stopped_keeping_their_data(backend, new_job
     job = await new_job()
     await backend.create(job, Said())
     jd = JobDir(backend.root, job.id)
-    agent_pid = read_agent(jd).pid
     assert job.id in await backend.orphans(set())
     assert job.id not in await backend.orphans({job.id})
     await backend.stop_orphan(job.id)
-    assert postmaster(jd) is None and not pid_alive(agent_pid)
+    assert postmaster(jd) is None and await backend.agents.agent(job.id) is None
     assert (jd.pgdata / "PG_VERSION").exists() and cleanly_stopped(jd.pgdata)
 
 
@@ -847,9 +840,9 @@ async def test_delete_removes_processes_files_and_stored_objects(backend, new_jo
     await backend.create(job, Said())
     await until(lambda: stored_base_backup(backend, job), "the first base backup")
     jd = JobDir(backend.root, job.id)
-    pg_pid, agent_pid = postmaster(jd).pid, read_agent(jd).pid
+    pg_pid = postmaster(jd).pid
     await backend.delete(job)
-    assert not pid_alive(pg_pid) and not pid_alive(agent_pid)
+    assert not pid_alive(pg_pid) and await backend.agents.agent(job.id) is None
     assert not jd.path.exists()
     assert await backend.store.list(f"{job.id}/") == []
     await backend.delete(job)  # and again: nothing left to do

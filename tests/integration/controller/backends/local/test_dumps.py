@@ -29,7 +29,6 @@ from jobmesh.agent.postgres import Instance, bin_dir
 from jobmesh.controller.backends.job_database import connect, restore_list
 from jobmesh.controller.backends.local.backend import LocalBackend
 from jobmesh.controller.backends.local.process import JobDir, postmaster
-from jobmesh.controller.backends.local.sidecar import read_agent, wait_listening
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
 from jobmesh.controller.core.backend import PermanentError, Started
@@ -134,10 +133,6 @@ async def run(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 async def export(backend: LocalBackend, started: Started, job: Job, dest: Path) -> Path:
     """What ``jobmesh job export`` does: the agent dumps into the store, then the stored
     object is read back."""
-    jd = JobDir(backend.root, job.id)
-    info = read_agent(jd)
-    assert info is not None
-    await wait_listening(jd, info)
     async with aiohttp.ClientSession() as http, \
             http.post(f"{started.agent_url}/dump") as resp:
         assert resp.status == 200, await resp.text()
