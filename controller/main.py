@@ -39,6 +39,7 @@ from .core.reconciler import Reconciler, ReconcilerConfig
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from .backends.local.backend import LocalBackend
     from .storage.keeper import Keeper
 
 log = logging.getLogger("jobmesh.controller")
@@ -80,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="jobs' WAL window: their agents send the streamed WAL this often, "
                    f"bounding what a lost machine loses (default {defaults.WAL_WINDOW:g}; "
                    "0: finished segments only)")
+    add_job_limits(p)
     p.add_argument("--warm-cache-bytes", type=int, default=defaults.WARM_CACHE_BYTES,
                    metavar="N",
                    help="local backend: keep paused jobs' clean PGDATA up to N bytes so a "
@@ -145,6 +147,39 @@ class KubernetesSettings:
     identity: str
 
 
+def add_job_limits(p: argparse.ArgumentParser) -> None:
+    """--job-cpu and --job-memory: the local backend's cgroup limits for a job whose spec
+    sets none (shared by ``jobmesh controller`` and ``jobmesh up``)."""
+    p.add_argument("--job-cpu", default=defaults.JOB_CPU, metavar="CPUS",
+                   help="local backend: a job's CPU limit unless its spec sets one "
+                   f"(default {defaults.JOB_CPU}; \"none\": unlimited)")
+    p.add_argument("--job-memory", default=defaults.JOB_MEMORY, metavar="QUANTITY",
+                   help="local backend: a job's memory limit unless its spec sets one; its "
+                   f"PostgreSQL's memory settings follow it (default {defaults.JOB_MEMORY}; "
+                   "\"none\": unlimited)")
+
+
+def job_limits(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The flags' limits, checked (UsageError); None for "none"."""
+    from .backends.local.cgroups import parse_cpu, parse_memory
+
+    out: list[str | None] = []
+    for flag, value, parse in (("--job-cpu", args.job_cpu, parse_cpu),
+                               ("--job-memory", args.job_memory, parse_memory)):
+        if value is None or value.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            if parse(value) <= 0:
+                raise ValueError(value)
+        except ValueError:
+            raise UsageError(f"{flag} {value!r}: expected a quantity such as "
+                             f"{'0.5 or 500m' if flag == '--job-cpu' else '512Mi or 1Gi'}, "
+                             "or none") from None
+        out.append(value)
+    return out[0], out[1]
+
+
 @dataclass
 class ControllerSettings:
     catalog_dsn: str
@@ -163,6 +198,8 @@ class ControllerSettings:
     keep_pauses: int = defaults.KEEP_PAUSES
     pitr_window: float = defaults.PITR_WINDOW
     gc_interval: float = defaults.GC_INTERVAL
+    job_cpu: str | None = defaults.JOB_CPU  # the local backend's default limits
+    job_memory: str | None = defaults.JOB_MEMORY
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -185,6 +222,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     if not host or not port.isdigit():
         raise UsageError(f"--api-listen {args.api_listen!r}: expected HOST:PORT")
     state = args.state_dir.absolute()
+    job_cpu, job_memory = job_limits(args)
     return ControllerSettings(
         catalog_dsn=dsn, state_dir=state,
         store=args.store or f"file://{state / 'store'}", s3_endpoint=args.s3_endpoint,
@@ -197,7 +235,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
         wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
         keep_pauses=args.keep_pauses, pitr_window=args.pitr_window,
-        gc_interval=args.gc_interval,
+        gc_interval=args.gc_interval, job_cpu=job_cpu, job_memory=job_memory,
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -238,12 +276,17 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
                            base_backup_interval=s.base_backup_interval)
         return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
                                  start_timeout=k.start_timeout)
+    return local_backend(s)
+
+
+def local_backend(s: ControllerSettings) -> LocalBackend:
     from .backends.local.backend import LocalBackend
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
                         archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                         base_backup_interval=s.base_backup_interval,
-                        warm_cache_bytes=s.warm_cache_bytes)
+                        warm_cache_bytes=s.warm_cache_bytes, job_cpu=s.job_cpu,
+                        job_memory=s.job_memory)
 
 
 async def serve(s: ControllerSettings, stop: asyncio.Event,
@@ -268,15 +311,17 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         await catalog.migrate()
         metrics = ControllerMetrics()
         # Kubernetes sets a job pod's requests and limits and its volume's size; the
-        # local backend runs plain processes, so a job's cpu, memory and disk are not
-        # enforced: the API says so when a job asks for them.
+        # local backend puts each job in cgroups with its cpu and memory limits where it
+        # can make them (never a disk limit): the API says what is not enforced when a
+        # job asks for it.
         kubernetes = s.kubernetes is not None
+        local = None if kubernetes else local_backend(s)
         keeper = Keeper(store, catalog, Retention(s.keep_pauses, s.pitr_window),
                         interval=s.gc_interval)
         app = build_app(catalog, token=token, store=store, state_dir=s.state_dir,
                         backend="kubernetes" if kubernetes else "local",
-                        enforced_limits=frozenset({"cpu", "memory", "disk"}) if kubernetes
-                        else frozenset(), keeper=keeper)
+                        enforced_limits=frozenset({"cpu", "memory", "disk"}) if local is None
+                        else local.enforced_limits, keeper=keeper)
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),
@@ -293,7 +338,8 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         # several replicas only the leader.
         if s.kubernetes is None:
             async with keeping(keeper, stop):
-                await Reconciler(catalog, make_backend(s), s.reconciler, metrics).run(stop)
+                assert local is not None
+                await Reconciler(catalog, local, s.reconciler, metrics).run(stop)
         else:
             await lead(s, catalog, metrics, stop, keeper)
     finally:

@@ -13,6 +13,9 @@ from pathlib import Path
 # Durability: the agent streams a running job's unfinished WAL segment to the
 # store every this many seconds (what a lost machine may lose, plus the upload), s.
 WAL_WINDOW = 5.0
+# A local job's cgroup limits when its spec sets none (as the Kubernetes pod limits).
+JOB_CPU = "1"
+JOB_MEMORY = "1Gi"
 KEEP_PAUSES = 3  # pause snapshots each job keeps
 KEEP_BASE_BACKUPS = 2  # a standalone agent's own retention (under a controller: its retention)
 PITR_WINDOW = 24 * 3600.0  # seconds a point-in-time restore or fork can reach back

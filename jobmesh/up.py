@@ -39,7 +39,7 @@ from jobmesh.controller.catalog.models import CatalogError
 from jobmesh.controller.catalog.passwords import scram_verifier
 from jobmesh.controller.catalog.states import ACTIVE, DesiredState
 from jobmesh.controller.core.reconciler import ReconcilerConfig
-from jobmesh.controller.main import ControllerSettings, serve
+from jobmesh.controller.main import ControllerSettings, add_job_limits, job_limits, serve
 from jobmesh.controller.mesh import ensure_secret, write_mesh
 from jobmesh.errors import CommandFailed, UsageError
 from jobmesh.secretfile import write_secret_file
@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pause jobs with no client for S seconds "
                    f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--max-running", type=int, metavar="N", help="at most N jobs running")
+    add_job_limits(p)
     p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S",
                    help="archive a job's WAL at least every S seconds: what a lost machine "
                    f"may lose at most (default {defaults.ARCHIVE_TIMEOUT})")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--demo-job: {jobids.message(args.demo_job)}")
 
     state = args.state_dir.absolute()
+    job_limits(args)  # (checked before anything starts)
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -149,13 +151,14 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
         dsn = (f"postgresql://postgres:{ensure_secret(state / 'catalog-password')}"
                f"@127.0.0.1:{catalog_pg.port}/{CATALOG_DB}")
         api_port = args.api_port or free_port()
+        job_cpu, job_memory = job_limits(args)
         settings = ControllerSettings(
             catalog_dsn=dsn, state_dir=data, store=f"file://{data / 'store'}",
             s3_endpoint=None, api_host="127.0.0.1", api_port=api_port,
             token_file=state / "api-token",
             reconciler=ReconcilerConfig(idle_timeout=args.idle_timeout or None,
                                         max_running=args.max_running),
-            archive_timeout=args.archive_timeout)
+            archive_timeout=args.archive_timeout, job_cpu=job_cpu, job_memory=job_memory)
         ready = asyncio.Event()
         controller = asyncio.create_task(serve(settings, controller_stop, ready))
         await _first(ready.wait(), controller)

@@ -24,7 +24,7 @@ import pytest
 from jobmesh.defaults import WAL_WINDOW
 from tests.support.kube_mesh import KubeMesh
 from tests.support.ledger import Ledger
-from tests.support.mesh import Mesh, psql
+from tests.support.mesh import Mesh, children_of, psql
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
@@ -427,18 +427,6 @@ async def pause_despite_clients(mesh: Mesh, job_id: str, attempts: int = 5) -> N
             assert await mesh.transitions(job_id, "paused") == paused_before + 1
             return
     raise AssertionError(f"job {job_id} was woken before every one of {attempts} pauses")
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 class Committed(list[int]):

@@ -192,6 +192,19 @@ def pids_mentioning(text: str) -> list[int]:
     return found
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def kill_processes_mentioning(text: str) -> None:
     for pid in pids_mentioning(text):
         with contextlib.suppress(ProcessLookupError):

@@ -41,7 +41,7 @@ from jobmesh.agent.manifest import ManifestError
 from jobmesh.agent.postgres import PostgresError, os_user, run_pg
 from jobmesh.agent.restore import restore
 from jobmesh.agent.store import StoreError, open_store
-from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, WAL_WINDOW
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, JOB_CPU, JOB_MEMORY, WAL_WINDOW
 from jobmesh.errors import one_line
 
 from ...catalog.models import JOB_ID, Job
@@ -59,6 +59,7 @@ from ..job_store import (
     stored_pause,
 )
 from ..step_report import Laps, Relay, mb
+from .cgroups import Cgroups
 from .in_place import FAILED_COPIES_BYTES, CrashLoop, FailedCopies, whole
 from .instance import HOST, Instances
 from .process import JobDir, empty_trash, is_ready, postmaster, prepare, remove, stop_postgres
@@ -79,12 +80,21 @@ EXPECTED_ERRORS = (AgentError, StoreError, PostgresError, ManifestError, OSError
 class LocalBackend:
     name = "local"
 
+    @property
+    def enforced_limits(self) -> frozenset[str]:
+        """The spec fields it enforces: cpu and memory where it can make cgroups."""
+        if self.cgroups is None or self.cgroups.mode is None:
+            return frozenset()
+        return frozenset({"cpu", "memory"})
+
     def __init__(self, root: Path, store_url: str, *, s3_endpoint: str | None = None,
                  archive_timeout: int = ARCHIVE_TIMEOUT, wal_window: float = WAL_WINDOW,
                  base_backup_interval: float = BASE_BACKUP_INTERVAL,
                  python: str = sys.executable, spares: int = 2, start_timeout: float = 600,
                  pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30,
-                 failed_copies_bytes: int = FAILED_COPIES_BYTES) -> None:
+                 failed_copies_bytes: int = FAILED_COPIES_BYTES,
+                 job_cpu: str | None = JOB_CPU, job_memory: str | None = JOB_MEMORY,
+                 cgroups: bool = True) -> None:
         self.root = Path(root).absolute()
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
@@ -97,10 +107,12 @@ class LocalBackend:
             raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
         self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
         self.agents = AgentHost(self.root, python, store_url, s3_endpoint)
+        self.cgroups = Cgroups(self.root) if cgroups else None
         self.instances = Instances(
-            self.template, self.agents, archive_timeout=archive_timeout,
+            self.template, self.agents, self.cgroups, archive_timeout=archive_timeout,
             wal_window=wal_window, base_backup_interval=base_backup_interval,
-            start_timeout=start_timeout, pause_timeout=pause_timeout)
+            start_timeout=start_timeout, pause_timeout=pause_timeout, job_cpu=job_cpu,
+            job_memory=job_memory)
         self.locks = JobLocks(EXPECTED_ERRORS, log)
         self.crash_loop = CrashLoop()
         self.failed_copies = FailedCopies(self.root / "failed", failed_copies_bytes)
@@ -246,6 +258,7 @@ class LocalBackend:
             laps("agent exit")
             await self.warm_cache.put(jd, manifest)  # PGDATA as the snapshot's copy, if kept
             await asyncio.to_thread(remove, jd)  # the rest (or all, if not kept)
+            self.instances.forget(job.id)
             laps("cache")
             log.info("pause of job %s: snapshot %s in %.0f ms (%s)", job.id, manifest.id,
                      laps.total(), laps)

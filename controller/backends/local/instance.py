@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pwd
 from pathlib import Path
 
 import asyncpg
 
 from jobmesh.agent.manifest import Manifest
-from jobmesh.agent.postgres import free_port
+from jobmesh.agent.postgres import free_port, os_user
 from jobmesh.agent.postmaster import Postmaster
 
 from ...catalog.models import Job
@@ -31,7 +32,9 @@ from ..job_database import (
     wait_until_writable,
 )
 from ..job_spec import archive_timeout, wal_window
+from ..pg_tuning import TRIMS, memory_settings
 from ..step_report import Laps
+from .cgroups import Cgroups, limits_of
 from .process import (
     JobDir,
     PortTaken,
@@ -56,11 +59,15 @@ HOST = "127.0.0.1"
 class Instances:
     """How the local backend starts, adopts, pauses and discards a job's instance."""
 
-    def __init__(self, template: Template, agents: AgentHost, *, archive_timeout: int,
-                 wal_window: float, base_backup_interval: float,
-                 start_timeout: float, pause_timeout: float) -> None:
+    def __init__(self, template: Template, agents: AgentHost, cgroups: Cgroups | None, *,
+                 archive_timeout: int, wal_window: float, base_backup_interval: float,
+                 start_timeout: float, pause_timeout: float, job_cpu: str | None = None,
+                 job_memory: str | None = None) -> None:
         self.template = template
         self.agents = agents
+        self.cgroups = cgroups
+        self.job_cpu = job_cpu  # a job's limits when its spec sets none (None: unlimited)
+        self.job_memory = job_memory
         self.archive_timeout = archive_timeout
         self.wal_window = wal_window
         self.base_backup_interval = base_backup_interval
@@ -160,11 +167,18 @@ class Instances:
                              prefer: int | None = None) -> Postmaster:
         """Start the job's Postgres on a free port (``prefer`` first, if given), on another
         one when a server that started meanwhile took it first."""
+        limits = limits_of(job.spec, self.job_cpu, self.job_memory)
+        join = []
+        if self.cgroups is not None and self.cgroups.mode is not None:
+            user = os_user()
+            join = await asyncio.to_thread(self.cgroups.prepare, job.id, limits,
+                                           pwd.getpwnam(user).pw_uid if user else None)
         for attempt in range(3):
             port = prefer if attempt == 0 and prefer else free_port()
             try:
-                return await start_postgres(jd, self.settings(job, jd, port),
-                                            timeout=self.start_timeout)
+                return await start_postgres(
+                    jd, {**self.settings(job, jd, port), **memory_settings(limits.memory)},
+                    timeout=self.start_timeout, join=join)
             except PortTaken:
                 if attempt == 2:
                     raise
@@ -180,7 +194,7 @@ class Instances:
             timeout = archive_timeout(job.spec, self.archive_timeout)
         except ValueError as exc:
             raise BackendError(f"job {job.id}: {exc}") from exc
-        return postgres_settings(jd, port, timeout)
+        return {**postgres_settings(jd, port, timeout), **TRIMS}
 
     async def spawn_agent(self, job: Job, jd: JobDir) -> AgentInfo:
         """Start the job's agent (in the agent host)."""
@@ -199,3 +213,9 @@ class Instances:
         await self.agents.remove(jd.job_id, timeout=10)
         await stop_postgres(jd, "immediate")
         await asyncio.to_thread(remove, jd)
+        self.forget(jd.job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Remove the job's cgroups (once its processes are gone)."""
+        if self.cgroups is not None:
+            self.cgroups.remove(job_id)

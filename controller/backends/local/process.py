@@ -33,7 +33,7 @@ import shlex
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,16 +204,24 @@ class PortTaken(BackendError):
     """Another server bound the port picked for this start first: pick another."""
 
 
+# Joins the cgroups named by its first arguments, then runs the rest: pg_ctl, whose server
+# (every process of it) is then born in the job's cgroups.
+_JOIN = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done; exec "$@"'
+
+
 async def start_postgres(jd: JobDir, settings: Mapping[str, str], *,
-                         timeout: float) -> Postmaster:
-    """Start the job's Postgres; returns once its postmaster.pid says ``ready`` (accepting
-    connections; during archive recovery that is hot standby, not yet writable)."""
+                         timeout: float, join: Sequence[Path] = ()) -> Postmaster:
+    """Start the job's Postgres (in the cgroups whose ``cgroup.procs`` files ``join``
+    lists); returns once its postmaster.pid says ``ready`` (accepting connections;
+    during archive recovery that is hot standby, not yet writable)."""
     await clear_stale_pid_file(jd)
     offset = await asyncio.to_thread(_log_size, jd.postgres_log)
     opts = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
-    proc = await asyncio.to_thread(
-        run_pg, [str(bin_dir() / "pg_ctl"), "start", "-W", "-D", str(jd.pgdata),
-                 "-l", str(jd.postgres_log), "-o", opts], check=False, timeout=60)
+    argv = [str(bin_dir() / "pg_ctl"), "start", "-W", "-D", str(jd.pgdata),
+            "-l", str(jd.postgres_log), "-o", opts]
+    if join:
+        argv = ["sh", "-c", _JOIN, "sh", str(len(join)), *map(str, join), *argv]
+    proc = await asyncio.to_thread(run_pg, argv, check=False, timeout=60)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise BackendError(f"pg_ctl start failed for job {jd.job_id}: "
