@@ -80,10 +80,27 @@ def add_host(sub: Subparsers) -> None:
     p.set_defaults(run=run_host)
 
 
+def lean_malloc() -> None:
+    """Make glibc give freed memory back: a long-lived agent's uploads allocate chunk and
+    segment buffers (1 to 16 MiB) that, once glibc's dynamic mmap threshold has grown
+    past them, stay in the heap after they are freed (an agent host with six idle jobs:
+    80 MB PSS, 40 MB with this). Fixed mmap threshold; two malloc arenas at most."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (also ends its dynamic growth)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: its own allocator's ways
+
+
 def run_host(args: argparse.Namespace) -> int:
     from ..sidecar.host import serve_host
     from ..store import open_store
 
+    lean_malloc()
     address = parse_listen(args.listen)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     return asyncio.run(serve_host(store, address, args.state and args.state.absolute()))
@@ -122,6 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          generation=args.generation, fence_interval=args.fence_interval,
                          keep_base_backups=max(0, args.keep_base_backups))
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    lean_malloc()
     return asyncio.run(serve(config, store, host, port))
 
 

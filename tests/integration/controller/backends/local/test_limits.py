@@ -82,11 +82,12 @@ def test_quantities_parse_as_kubernetes_writes_them():
 
 def test_memory_settings_follow_the_limit():
     assert memory_settings(None) == {}
-    assert memory_settings(256 * 2**20) == {"shared_buffers": "64MB",
+    assert memory_settings(256 * 2**20) == {"shared_buffers": "32MB",
                                            "effective_cache_size": "192MB",
                                            "work_mem": "1024kB",
                                            "maintenance_work_mem": "16MB"}
-    assert memory_settings(4 * 2**30)["shared_buffers"] == "1024MB"
+    assert memory_settings(4 * 2**30)["shared_buffers"] == "512MB"
+    assert memory_settings(2**30)["shared_buffers"] == "128MB"  # PostgreSQL's own default
 
 
 async def test_a_job_runs_in_its_cgroups_with_its_limits_and_settings(backend, new_job):
@@ -106,7 +107,7 @@ async def test_a_job_runs_in_its_cgroups_with_its_limits_and_settings(backend, n
         assert int((groups[0] / "memory.max").read_text()) == 256 * 2**20
     conn = await _connect(started, job)
     try:
-        assert await conn.fetchval("SHOW shared_buffers") == "64MB"
+        assert await conn.fetchval("SHOW shared_buffers") == "32MB"
         assert await conn.fetchval("SHOW work_mem") == "1MB"
         kinds = {r[0] for r in await conn.fetch("SELECT backend_type FROM pg_stat_activity")}
     finally:
