@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"bounding what a lost machine loses (default {defaults.WAL_WINDOW:g}; "
                    "0: finished segments only)")
     add_job_limits(p)
+    p.add_argument("--max-starting", type=int, default=defaults.MAX_STARTING, metavar="N",
+                   help="job starts (create, resume, recover) run at once; more queue, and "
+                   f"their clients hear their place (default {defaults.MAX_STARTING})")
+    p.add_argument("--max-stopping", type=int, default=defaults.MAX_STOPPING, metavar="N",
+                   help="job pauses and ends run at once (default "
+                   f"{defaults.MAX_STOPPING})")
     p.add_argument("--warm-cache-bytes", type=int, default=defaults.WARM_CACHE_BYTES,
                    metavar="N",
                    help="local backend: keep paused jobs' clean PGDATA up to N bytes so a "
@@ -216,6 +222,8 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         raise UsageError("--keep-pauses must be at least 1: a paused job wakes from its newest")
     if args.pitr_window < 0 or args.gc_interval <= 0:
         raise UsageError("--pitr-window must be >= 0 and --gc-interval > 0")
+    if args.max_starting < 1 or args.max_stopping < 1:
+        raise UsageError("--max-starting and --max-stopping must be at least 1")
     if args.max_running is not None and args.max_running < 1:
         raise UsageError("--max-running must be at least 1")
     host, _, port = args.api_listen.rpartition(":")
@@ -231,7 +239,8 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         reconciler=ReconcilerConfig(
             resync_interval=args.resync_interval, health_interval=args.health_interval,
             idle_timeout=args.idle_timeout or None, max_running=args.max_running,
-            quiet_for=args.quiet_for),
+            quiet_for=args.quiet_for, max_starting=args.max_starting,
+            max_stopping=args.max_stopping),
         archive_timeout=args.archive_timeout, base_backup_interval=args.base_backup_interval,
         wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
         keep_pauses=args.keep_pauses, pitr_window=args.pitr_window,

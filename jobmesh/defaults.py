@@ -13,6 +13,9 @@ from pathlib import Path
 # Durability: the agent streams a running job's unfinished WAL segment to the
 # store every this many seconds (what a lost machine may lose, plus the upload), s.
 WAL_WINDOW = 5.0
+# Job starts (create, resume, recover) and stops (pause, end) a controller runs at once.
+MAX_STARTING = 4
+MAX_STOPPING = 4
 # A local job's cgroup limits when its spec sets none (as the Kubernetes pod limits).
 JOB_CPU = "1"
 JOB_MEMORY = "1Gi"

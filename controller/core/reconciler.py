@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -33,7 +34,7 @@ from ..catalog.db import Catalog
 from ..catalog.models import CHECK_CHANNEL, JOBS_CHANNEL, Job
 from ..catalog.states import JobState
 from . import lifecycle
-from .backend import Backend, PermanentError, Started, Stopped
+from .backend import Backend, PermanentError, Progress, Started, Stopped
 from .lifecycle import Action, Activity, Step
 from .metrics import ControllerMetrics
 
@@ -48,6 +49,10 @@ class ReconcilerConfig:
     max_running: int | None = None  # at most this many jobs up at once
     quiet_for: float = 15.0         # a job is evictable after this long without sessions
     retry_max: float = 60.0         # the longest back-off between failed attempts
+    # How many starts (create, resume, recover) and stops (pause, end) run at once: a storm
+    # queues (its clients hear their place) instead of starving every step of CPU.
+    max_starting: int = defaults.MAX_STARTING
+    max_stopping: int = defaults.MAX_STOPPING
 
 
 class Reconciler:
@@ -66,6 +71,8 @@ class Reconciler:
         self._backoff: dict[str, tuple[Action, float]] = {}
         self._listener: asyncpg.Connection | None = None
         self._resync = asyncio.Event()
+        self._queues = {"start": StepQueue("start", config.max_starting),
+                        "stop": StepQueue("stop", config.max_stopping)}
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -237,9 +244,17 @@ class Reconciler:
 
     async def _execute(self, job: Job, step: Step) -> None:
         async def progress(text: str) -> None:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 await self.catalog.set_progress(job.id, text)
 
+        queue = self._queues.get(_QUEUE_OF.get(step.action, ""))
+        if queue is not None:
+            async with queue.turn(job.id, progress):
+                await self._run_step(job, step, progress)
+        else:
+            await self._run_step(job, step, progress)
+
+    async def _run_step(self, job: Job, step: Step, progress: Progress) -> None:
         started_at = time.monotonic()
         log.info("job %s: %s (%s -> %s)", job.id, step.action.value, job.state, step.done)
         try:
@@ -339,6 +354,56 @@ class Reconciler:
         self._timers.pop(job_id, None)
         self._backoff.pop(job_id, None)
         self.kick(job_id)
+
+
+_QUEUE_OF = {Action.CREATE: "start", Action.RESUME: "start", Action.RECOVER: "start",
+             Action.PAUSE: "stop", Action.END: "stop"}
+
+
+class StepQueue:
+    """At most ``limit`` steps of one kind at once, first come first served; the waiting
+    ones are told their place (the router passes it on to a waking client)."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        self.limit = max(1, limit)
+        self.running = 0
+        self.waiting: list[str] = []
+        self._turn = asyncio.Condition()
+        self._telling: set[asyncio.Future[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, job_id: str, progress: Progress) -> AsyncIterator[None]:
+        async with self._turn:
+            if self.running >= self.limit or self.waiting:
+                self.waiting.append(job_id)
+                try:
+                    told = -1
+                    while self.running >= self.limit or self.waiting[0] != job_id:
+                        place = self.waiting.index(job_id) + 1
+                        if place != told:
+                            told = place
+                            told_task = asyncio.ensure_future(progress(
+                                f"queued: {_ordinal(place)} of {len(self.waiting)} waiting to "
+                                f"{self.kind} ({self.limit} at a time)"))
+                            self._telling.add(told_task)
+                            told_task.add_done_callback(self._telling.discard)
+                        await self._turn.wait()
+                finally:
+                    self.waiting.remove(job_id)
+                    self._turn.notify_all()
+            self.running += 1
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self.running -= 1
+                self._turn.notify_all()
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _activity(job: Job) -> Activity:
