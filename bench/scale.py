@@ -31,8 +31,8 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time

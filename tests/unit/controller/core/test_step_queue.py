@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from jobmesh.controller.core.reconciler import StepQueue
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -36,8 +37,8 @@ async def test_steps_beyond_the_limit_wait_in_order_and_hear_their_place():
     for i in range(5):
         tasks.append(asyncio.create_task(step(f"j{i}")))
         await asyncio.sleep(0)  # each joins the queue in turn
-    while len(order) < 2 or len(queue.waiting) < 3:
-        await asyncio.sleep(0)
+    await until(lambda: len(order) == 2 and len(queue.waiting) == 3, "two in, three queued",
+                timeout=5, interval=0)
     assert order == ["j0", "j1"] and queue.waiting == ["j2", "j3", "j4"]
     await asyncio.sleep(0)
     assert said["j4"] == ["queued: 3rd of 3 waiting to start (2 at a time)"]
@@ -62,8 +63,7 @@ async def test_a_cancelled_waiter_leaves_its_place():
     first = asyncio.create_task(step("a"))
     second = asyncio.create_task(step("b"))
     third = asyncio.create_task(step("c"))
-    while queue.waiting != ["b", "c"]:
-        await asyncio.sleep(0)
+    await until(lambda: queue.waiting == ["b", "c"], "b and c queued", timeout=5, interval=0)
     second.cancel()
     with pytest.raises(asyncio.CancelledError):
         await second
