@@ -511,7 +511,7 @@ class Probe:
             (download, "_pwrite", "restore: pwrite chunks"),
             (download, "_finish_file", "restore: finish files (fsync, chmod, utime)"),
             (download, "fsync_path", "restore: fsync files and dirs"),
-            (download, "_syncfs", "restore: syncfs"),
+            (download, "syncfs", "restore: syncfs"),
             (FileStore, "read_sync", "restore: read objects (file://)"),
             (download, "write_cache", "restore: write hash cache"),
             (restore, "_sync_few", "restore: final syncs"),

@@ -133,7 +133,7 @@ def _finish_file(root: Path, f: FileEntry, uid_gid: tuple[int, int] | None,
     return wrote
 
 
-def _syncfs(root: Path) -> bool:
+def syncfs(root: Path) -> bool:
     """Flush the file system holding ``root`` (Linux ``syncfs``): one call instead of an
     fsync per file; False where it cannot be had."""
     try:
@@ -333,7 +333,7 @@ async def restore_files(objects: Objects, root: Path, m: Manifest, *,
         written = [root / f.path for f in regular if synced.get(f.path)]
         # Many files: one flush of the file system (each fsync is a journal commit);
         # a few (a wake over a template copy): just those, not other jobs' writes too.
-        if len(written) < SYNCFS_FROM or not _syncfs(root):
+        if len(written) < SYNCFS_FROM or not syncfs(root):
             for path in written:
                 fsync_path(path)
             for d in [root, *(root / d.path for d in m.dirs)]:

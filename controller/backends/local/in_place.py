@@ -26,6 +26,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from jobmesh.agent.cas.download import syncfs
+
 from .process import JobDir, is_ready
 
 log = logging.getLogger("jobmesh.controller.local")
@@ -45,8 +47,13 @@ def whole(jd: JobDir) -> bool:
 
 
 def sync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (what ``initdb --sync-only`` does),
-    so that a marker written afterwards never stands for data still in the page cache."""
+    """Flush every file and directory under ``root`` (what ``initdb --sync-only`` does),
+    so that a marker written afterwards never stands for data still in the page cache:
+    one ``syncfs`` of its file system where Linux has it (a fresh job's 1,000 files: one
+    call instead of 1,000 fsyncs, which under four creates at once took 2 to 3 s each),
+    else an fsync each."""
+    if syncfs(root):
+        return
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jobmesh.agent.cas.download import syncfs
 from jobmesh.agent.manifest import Manifest
 
 # The same test restore() makes before it replays WAL over a pause snapshot, so the
@@ -48,6 +48,7 @@ from jobmesh.agent.store import Store
 
 from ...catalog.models import JOB_ID
 from ..job_store import latest_snapshot
+from .in_place import fsync_dir
 from .process import JobDir
 
 log = logging.getLogger("jobmesh.controller.local")
@@ -271,7 +272,7 @@ class WarmCache:
                      time.time() - e.cached_at, entry.job)
         doomed.append(self._detach(entry.job))  # the job's older entry, if any
         staging.rename(self._entry_dir(entry.job))
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return [p for p in doomed if p is not None]
 
     def _claim(self, job_id: str, entry: Entry) -> Path | None:
@@ -323,25 +324,8 @@ def _size_if_snapshotted(pgdata: Path, pause: Manifest) -> int | None:
 
 def _sync_file_system(path: Path) -> None:
     """syncfs(2) on the file system holding ``path`` (sync(2) where there is none)."""
-    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-    if syncfs is None:
+    if not syncfs(path):
         os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
