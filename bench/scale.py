@@ -144,14 +144,24 @@ async def agent_alone(work: Path) -> dict[str, Any]:
 # --- 2-5. the mesh ---------------------------------------------------------------------------
 
 
-def mesh_pss(mesh: wm.Mesh, catalog_pid: int | None) -> dict[str, float]:
+def cpu_s(pid: int) -> float:
+    """CPU seconds of the process and of the children it waited for (pg_ctl, cp ...)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def mesh_pss(mesh: wm.Mesh, catalog_pid: int | None, *, cpu: bool = False) -> dict[str, float]:
+    """PSS (MB) of the mesh's processes by part; with ``cpu``, their CPU seconds instead."""
     parts: dict[str, float] = {"postgres": 0, "agent_host": 0, "wal_receivers": 0,
                                "controller": 0, "router": 0, "catalog": 0}
     jobs = str(mesh.state / "jobs") + "/"
     postmasters = {int((p / "postmaster.pid").read_text().split()[0])
                    for p in mesh.state.glob("jobs/*/pgdata") if (p / "postmaster.pid").exists()}
     for pid, cmd in processes():
-        kb = pss_kb(pid)
+        kb = cpu_s(pid) * 1024 if cpu else pss_kb(pid)
         parent = _ppid(pid)
         if pid in postmasters or parent in postmasters:
             parts["postgres"] += kb
@@ -215,6 +225,16 @@ async def storm(mesh: wm.Mesh, ids: list[str]) -> dict[str, Any]:
             "errors": errors[:5]}
 
 
+async def _settled(catalog: Catalog, timeout: float = 600) -> None:
+    """Until no job is between states (the evictions' pauses have finished)."""
+    deadline = time.monotonic() + timeout
+    while any(j.state not in ("running", "paused") for j in await catalog.jobs()):
+        if time.monotonic() > deadline:
+            raise BenchError("jobs did not settle")
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(3)  # and the agents' first base backups are done
+
+
 async def grow_catalog(catalog: Catalog, n: int) -> None:
     """n more jobs, as paused jobs that never ran (rows only: what the catalog holds)."""
     await catalog.pool.execute(
@@ -243,7 +263,7 @@ async def run_mesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             say(f"creating {len(more)} jobs, each evicting one ...")
             out["create_evicting_ms"] = summary(await create_jobs(catalog, more))
             say(f"  {out['create_evicting_ms']}")
-            await asyncio.sleep(5)
+            await _settled(catalog)
             running = sum(1 for j in await catalog.jobs() if j.state == "running")
             parts = mesh_pss(mesh, inst.postmaster_pid() if hasattr(inst, "postmaster_pid")
                              else None)
@@ -253,9 +273,15 @@ async def run_mesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                            **process_counts(mesh), "fds_limit": _fd_limit()}
             say(f"mesh at {running} running: {out['mesh']}")
             paused = [j.id for j in await catalog.jobs() if j.state == "paused"][:args.storm]
-            await asyncio.sleep(2)
+            cpu_before = mesh_pss(mesh, None, cpu=True)
             say(f"storm: {len(paused)} paused jobs connected at once ...")
+            t = time.perf_counter()
             out["storm"] = await storm(mesh, paused)
+            await asyncio.sleep(1)
+            cpu_after = mesh_pss(mesh, None, cpu=True)
+            out["storm"]["wall_s"] = round(time.perf_counter() - t, 1)
+            out["storm"]["cpu_s"] = {k: round(cpu_after[k] - cpu_before[k], 1)
+                                     for k in cpu_after}
             say(f"  {out['storm']}")
             before = mesh_pss(mesh, None)
             extra = max(0, args.catalog_jobs - len(first) - len(more))

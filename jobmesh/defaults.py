@@ -14,7 +14,7 @@ from pathlib import Path
 # store every this many seconds (what a lost machine may lose, plus the upload), s.
 WAL_WINDOW = 5.0
 # Job starts (create, resume, recover) and stops (pause, end) a controller runs at once.
-MAX_STARTING = 4
+MAX_STARTING = 8
 MAX_STOPPING = 4
 # A local job's cgroup limits when its spec sets none (as the Kubernetes pod limits).
 JOB_CPU = "1"

@@ -135,6 +135,7 @@ class LocalBackend:
             return
         self._closed = True
         await self.template.close()
+        await self.agents.settle()
         with contextlib.suppress(*EXPECTED_ERRORS, BackendError):
             if await self.agents.jobs() == frozenset():
                 await self.agents.stop()  # idle: the next start makes a new one
@@ -285,6 +286,8 @@ class LocalBackend:
         return True
 
     async def _has_agent(self, job_id: str) -> bool:
+        if self.agents.starting(job_id):
+            return True
         try:
             return await self.agents.agent(job_id) is not None
         except (*EXPECTED_ERRORS, BackendError) as exc:

@@ -119,7 +119,7 @@ class Instances:
             await import_dump(jd.run, port, job.id, dump, progress)
             laps("import")
         await asyncio.to_thread(mark_ready, jd, how)
-        info = await self.spawn_agent(job, jd)
+        info = await self.spawn_agent(job, jd, wait=False)
         laps("agent")
         return port, info
 
@@ -196,15 +196,18 @@ class Instances:
             raise BackendError(f"job {job.id}: {exc}") from exc
         return {**postgres_settings(jd, port, timeout), **TRIMS}
 
-    async def spawn_agent(self, job: Job, jd: JobDir) -> AgentInfo:
-        """Start the job's agent (in the agent host)."""
+    async def spawn_agent(self, job: Job, jd: JobDir, *, wait: bool = True) -> AgentInfo:
+        """Start the job's agent (in the agent host); ``wait=False`` returns before the
+        host has answered (a start serves clients before its agent runs)."""
         try:
             window = wal_window(job.spec, self.wal_window)
         except ValueError as exc:
             raise BackendError(f"job {job.id}: {exc}") from exc
-        return await self.agents.put(job.id, agent_settings(
-            jd, base_backup_interval=self.base_backup_interval, wal_window=window,
-            generation=job.generation))
+        settings = agent_settings(jd, base_backup_interval=self.base_backup_interval,
+                                  wal_window=window, generation=job.generation)
+        if not wait:
+            return await self.agents.put_soon(job.id, settings)
+        return await self.agents.put(job.id, settings)
 
     async def discard(self, jd: JobDir) -> None:
         """Stop whatever runs of the job here and delete its local files."""

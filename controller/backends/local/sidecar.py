@@ -39,7 +39,8 @@ from .process import JobDir, spool_backlog, stop_postgres
 log = logging.getLogger("jobmesh.controller.local")
 
 HOST_START_TIMEOUT = 60.0  # until a new host listens
-LISTING_AGE = 1.0  # s a listing of the host's jobs answers health checks for
+LISTING_AGE = 1.0
+HOST_NICENESS = 10  # s a listing of the host's jobs answers health checks for
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class AgentHost:
         self._lock = asyncio.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._listing: tuple[float, HostInfo, frozenset[str]] | None = None
+        self._puts: set[asyncio.Task[None]] = set()
 
     def read(self) -> HostInfo | None:
         try:
@@ -144,7 +146,10 @@ class AgentHost:
         with contextlib.suppress(FileNotFoundError):
             self.state.unlink()
         with self.log_path.open("ab") as out:
-            return subprocess.Popen([*self.argv, "--listen", f"127.0.0.1:{port}"],
+            # Niced: its work (shipping WAL, snapshots, base backups) is background work,
+            # and gives way to the jobs' own PostgreSQL and to their starts.
+            return subprocess.Popen(["nice", "-n", str(HOST_NICENESS), *self.argv,
+                                     "--listen", f"127.0.0.1:{port}"],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -182,9 +187,30 @@ class AgentHost:
         self._listing = None
         return AgentInfo(info, job_id)
 
+    async def put_soon(self, job_id: str, settings: dict[str, Any]) -> AgentInfo:
+        """Start the job's agent without waiting for it: a job serves its clients before
+        its agent runs (its WAL waits in the spool), and a busy host answers a start in
+        seconds, which a wake would otherwise wait for. A failure is logged; the next
+        health check of the job puts it again."""
+        info = await self.ensure()
+
+        async def put() -> None:
+            try:
+                await self.put(job_id, settings)
+            except Exception as exc:
+                log.warning("job %s: %s", job_id, one_line(exc))
+
+        task = asyncio.create_task(put(), name=f"agent-{job_id}")
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+        return AgentInfo(info, job_id)
+
     async def remove(self, job_id: str, timeout: float) -> None:
         """Stop the job's agent: it ships what is left in its spool first (the host goes
         on with that past ``timeout``; the caller does not wait longer)."""
+        for task in [t for t in self._puts if t.get_name() == f"agent-{job_id}"]:
+            with contextlib.suppress(Exception):
+                await task  # a start still on its way: stopped after it
         info = self.read()
         if info is None or not self.running(info):
             return
@@ -211,6 +237,15 @@ class AgentHost:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(info.pid, 9)
         self.reap()
+
+    def starting(self, job_id: str) -> bool:
+        """Is a start of the job's agent on its way (``put_soon``)?"""
+        return any(t.get_name() == f"agent-{job_id}" for t in self._puts)
+
+    async def settle(self) -> None:
+        """Until the starts ``put_soon`` sent have been answered."""
+        if self._puts:
+            await asyncio.gather(*list(self._puts), return_exceptions=True)
 
     def reap(self) -> None:
         """Collect a host of ours that exited (it would stay a zombie until then)."""

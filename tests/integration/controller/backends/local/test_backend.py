@@ -186,6 +186,7 @@ async def test_create_starts_a_job_its_owner_can_write_to_over_tcp(backend, new_
     await write_items(started, job, 1, 100)
     assert await count_items(started, job) == 100
     jd = JobDir(backend.root, job.id)
+    await backend.agents.settle()  # (the agent is started, not waited for)
     info = await backend.agents.agent(job.id)
     assert info is not None and started.agent_url == info.url and backend.agents.running()
     assert postmaster(jd).port == started.port
@@ -348,6 +349,7 @@ async def test_pause_stores_a_pause_snapshot_and_leaves_nothing_running(backend,
     await write_items(started, job, 1, 1000)
     jd = JobDir(backend.root, job.id)
     pg_pid = postmaster(jd).pid
+    await backend.agents.settle()
     assert await backend.agents.agent(job.id) is not None
     t = time.perf_counter()
     stopped = await backend.pause(job)
@@ -639,6 +641,7 @@ async def test_a_killed_postgres_recovers_in_place_with_every_commit(backend, ne
     started = await backend.create(job, Said())
     await write_items(started, job, 1, 3000)  # in the local WAL only: nothing archived
     jd = JobDir(backend.root, job.id)
+    await backend.agents.settle()
     agents = backend.agents.read().pid
     os.kill(postmaster(jd).pid, signal.SIGKILL)
     assert await until(lambda: _is(backend.alive(job), False), "the job to be seen dead")
@@ -794,6 +797,7 @@ async def test_alive_restarts_a_dead_agent_host_on_its_port_and_puts_the_job_bac
         backend, new_job):
     job = await new_job()
     started = await backend.create(job, Said())
+    await backend.agents.settle()
     old = backend.agents.read()
     os.kill(old.pid, signal.SIGKILL)
     await until(lambda: _is(asyncio.to_thread(pid_alive, old.pid), False), "the agent's death")
@@ -811,6 +815,7 @@ async def test_alive_right_after_create_keeps_the_agent_it_started(backend, new_
         job = await new_job()
         await backend.create(job, Said())
         assert await backend.alive(job) is True
+        await backend.agents.settle()
         assert backend.agents.read().pid == host
         assert await backend.agents.agent(job.id) is not None
     assert len([pid for pid in pids_mentioning(str(backend.agents.state))
