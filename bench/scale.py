@@ -271,6 +271,11 @@ async def run_mesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["mesh"] = {"running": running, "pss_mb": parts, "total_pss_mb": round(total, 1),
                            "pss_per_running_job_mb": round(total / max(running, 1), 2),
                            **process_counts(mesh), "fds_limit": _fd_limit()}
+            idle_from = mesh_pss(mesh, None, cpu=True)
+            await asyncio.sleep(10)
+            idle_to = mesh_pss(mesh, None, cpu=True)
+            out["mesh"]["idle_cpu_percent"] = {k: round((idle_to[k] - idle_from[k]) * 10, 1)
+                                               for k in idle_to}
             say(f"mesh at {running} running: {out['mesh']}")
             paused = [j.id for j in await catalog.jobs() if j.state == "paused"][:args.storm]
             cpu_before = mesh_pss(mesh, None, cpu=True)
@@ -289,6 +294,7 @@ async def run_mesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             await asyncio.sleep(35)  # the controller's resync and the routers' reload
             after = mesh_pss(mesh, None)
             out["catalog"] = {"jobs": len(first) + len(more) + extra,
+                              "before": len(first) + len(more),
                               "controller_mb": [before["controller"], after["controller"]],
                               "router_mb": [before["router"], after["router"]]}
             say(f"catalog of {out['catalog']['jobs']} jobs: {out['catalog']}")
@@ -411,7 +417,7 @@ def markdown(data: dict[str, Any]) -> str:
         (f"wake storm of {m['storm']['of']} (served {m['storm']['served']}), first row p50 / p95",
          f"{m['storm']['first_row_ms']['p50']} / {m['storm']['first_row_ms']['p95']} ms",
          "p95 5000 ms"),
-        (f"controller PSS, {m['mesh']['running'] + 0} -> {m['catalog']['jobs']} jobs in catalog",
+        (f"controller PSS, {m['catalog']['before']} -> {m['catalog']['jobs']} jobs in catalog",
          " -> ".join(f"{v} MB" for v in m["catalog"]["controller_mb"]), "flat"),
         ("router PSS, same", " -> ".join(f"{v} MB" for v in m["catalog"]["router_mb"]), "flat"),
     ]

@@ -36,6 +36,10 @@ from .daemon import Agent, Conflict, ServeConfig
 log = logging.getLogger("jobmesh.agent.serve")
 
 FENCED = 3  # exit status of an agent a newer generation fenced off
+# s between looks at the spool for finished segments: the WAL streamer ships the segment
+# being written every window, so a second is soon enough, and a host with 200 jobs looked
+# 1,000 times a second at 0.2.
+SPOOL_POLL = 1.0
 
 
 class SidecarRun:
@@ -69,8 +73,8 @@ class SidecarRun:
             self.store = FencedStore(self.store, config.job, config.generation,
                                      interval=config.fence_interval, on_fenced=self._on_fenced)
         agent = self._agent = Agent(config, self.store, self.metrics)
-        self._shipping.append(asyncio.create_task(agent.archiver.run(self._stop),
-                                                  name=f"archiver-{config.job}"))
+        self._shipping.append(asyncio.create_task(
+            agent.archiver.run(self._stop, interval=SPOOL_POLL), name=f"archiver-{config.job}"))
         if agent.streamer is not None:
             self._shipping.append(asyncio.create_task(agent.streamer.run(self._stop),
                                                       name=f"wal-stream-{config.job}"))

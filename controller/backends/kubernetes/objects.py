@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import quote
 
 from jobmesh import jobids
-from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, WAL_WINDOW
+from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, JOB_CPU, JOB_MEMORY, WAL_WINDOW
 
 from ..job_spec import archive_timeout, wal_window
 
@@ -87,7 +87,7 @@ S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 DEFAULT_DISK = "10Gi"
 DEFAULT_REQUESTS = {"cpu": "250m", "memory": "512Mi"}
-DEFAULT_LIMITS = {"cpu": "1", "memory": "1Gi"}
+DEFAULT_LIMITS = {"cpu": JOB_CPU, "memory": JOB_MEMORY}  # as the local backend's cgroups
 AGENT_RESOURCES = {"requests": {"cpu": "50m", "memory": "128Mi"},
                    "limits": {"cpu": "1", "memory": "512Mi"}}
 
