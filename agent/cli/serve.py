@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,11 +97,25 @@ def lean_malloc() -> None:
         pass  # not glibc: its own allocator's ways
 
 
+def raise_fd_limit() -> None:
+    """The soft limit on open files up to the hard one: the agent host holds a few per
+    running job (pg_receivewal's pipes and pidfd, store files), and soft limits are often
+    1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 def run_host(args: argparse.Namespace) -> int:
     from ..sidecar.host import serve_host
     from ..store import open_store
 
     lean_malloc()
+    raise_fd_limit()
     address = parse_listen(args.listen)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     return asyncio.run(serve_host(store, address, args.state and args.state.absolute()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -128,11 +129,14 @@ def _holds_slot(j: Activity) -> bool:
             and not (j.gave_up and j.state != JobState.RUNNING))
 
 
-def has_room(jobs: Iterable[Activity], job_id: str, max_running: int | None) -> bool:
-    """May ``job_id`` start now without exceeding ``max_running`` (None: no limit)?"""
+def has_room(jobs: Iterable[Activity], job_id: str, max_running: int | None,
+             waiting: AbstractSet[str] = frozenset()) -> bool:
+    """May ``job_id`` start now without exceeding ``max_running`` (None: no limit)?
+    ``waiting``: jobs known to wait for a slot (creates among them hold none yet)."""
     if max_running is None:
         return True
-    return sum(1 for j in jobs if j.job_id != job_id and _holds_slot(j)) < max_running
+    return sum(1 for j in jobs if j.job_id != job_id and j.job_id not in waiting
+               and _holds_slot(j)) < max_running
 
 
 # Stopped jobs: wanted running, they wait for a slot to start in.
@@ -140,20 +144,21 @@ _STOPPED = frozenset({JobState.PAUSED, JobState.ENDED, JobState.FAILED})
 
 
 def evictions(jobs: Sequence[Activity], max_running: int | None, now: datetime,
-              quiet_for: float) -> list[str]:
+              quiet_for: float, waiting: AbstractSet[str] = frozenset()) -> list[str]:
     """Which running jobs to pause so that the jobs waiting to start fit in ``max_running``.
 
-    A job waiting to start (wanted running, still paused, ended or failed) needs
-    a slot; the least recently active running jobs that have been quiet for
-    ``quiet_for`` seconds (no router reported a session in that time) give
-    theirs. Busy jobs are never evicted: when none is quiet, the wake waits.
+    A job waiting to start (wanted running, still paused, ended or failed, or a
+    create in ``waiting``) needs a slot; the least recently active running jobs
+    that have been quiet for ``quiet_for`` seconds (no router reported a session
+    in that time) give theirs. Busy jobs are never evicted: when none is quiet,
+    the wake waits.
     """
     if max_running is None:
         return []
-    holding = [j for j in jobs if _holds_slot(j)]
-    waiting = [j for j in jobs if j.state in _STOPPED and j.desired == DesiredState.RUNNING
-               and not j.gave_up]
-    over = len(holding) + len(waiting) - max_running
+    holding = [j for j in jobs if _holds_slot(j) and j.job_id not in waiting]
+    starting = [j for j in jobs if not j.gave_up and (
+        j.job_id in waiting or (j.state in _STOPPED and j.desired == DesiredState.RUNNING))]
+    over = len(holding) + len(starting) - max_running
     if over <= 0:
         return []
     cutoff = now - timedelta(seconds=quiet_for)

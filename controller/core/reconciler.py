@@ -156,7 +156,7 @@ class Reconciler:
 
     async def _evict(self, activity: list[Activity], now: datetime) -> None:
         for job_id in lifecycle.evictions(activity, self.config.max_running, now,
-                                          self.config.quiet_for):
+                                          self.config.quiet_for, self._waiting_for_room):
             if await self.catalog.pause_if_idle(job_id, self.config.quiet_for, reason="evicted"):
                 log.info("job %s evicted to make room (max_running=%s)", job_id,
                          self.config.max_running)
@@ -222,6 +222,10 @@ class Reconciler:
                 self._dirty.add(job.id)  # someone else moved it: look again
                 return
             job = moved
+            if step.action in (Action.PAUSE, Action.END):
+                # A stopping job holds no slot (lifecycle.has_room): the starts waiting for
+                # one go now, not once its upload is done.
+                self._room_freed()
         await self._execute(job, step)
 
     async def _room_for(self, job: Job) -> bool:
@@ -229,7 +233,8 @@ class Reconciler:
             return True
         jobs = await self.catalog.jobs()
         activity = [_activity(j) for j in jobs]
-        if lifecycle.has_room(activity, job.id, self.config.max_running):
+        if lifecycle.has_room(activity, job.id, self.config.max_running,
+                              self._waiting_for_room):
             self._waiting_for_room.discard(job.id)
             return True
         self._waiting_for_room.add(job.id)

@@ -51,6 +51,8 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.failures: dict[str, list[Exception]] = defaultdict(list)
         self.calls: list[tuple[str, float]] = []  # (action, time.monotonic()) in order
+        self.pause_gate = asyncio.Event()  # a pause finishes once this is set
+        self.pause_gate.set()
 
     def fail(self, action: str, *errors: Exception) -> None:
         """The next calls of ``action`` raise ``errors``, one each; then it works again."""
@@ -84,6 +86,7 @@ class ScriptedBackend:
 
     async def pause(self, job: Job) -> Stopped:
         self._do("pause")
+        await self.pause_gate.wait()
         return Stopped(Manifest(kind="pause", id=new_id(), job=job.id,
                                 created_at=datetime.now(UTC).isoformat(), objects=[]))
 
@@ -131,6 +134,32 @@ async def state(catalog: Catalog, wanted: str, job_id: str = "alpha",
                 timeout: float = 20) -> Job:
     return await row_becomes(catalog, lambda j: j is not None and j.state == wanted, job_id,
                              timeout=timeout)
+
+
+# --- capacity ------------------------------------------------------------------------------
+
+
+async def test_a_start_waiting_for_a_slot_goes_once_the_evicted_job_begins_pausing(
+        catalog: Catalog) -> None:
+    backend = ScriptedBackend()
+    reconciler = Reconciler(catalog, backend, ReconcilerConfig(
+        idle_timeout=None, max_running=1, quiet_for=0, resync_interval=300))
+    stop = asyncio.Event()
+    task = asyncio.create_task(reconciler.run(stop))
+    try:
+        await catalog.create_job("a")
+        await state(catalog, "running", "a")
+        backend.pause_gate.clear()  # a's upload takes as long as this test likes
+        await catalog.create_job("b")
+        await state(catalog, "pausing", "a")
+        await state(catalog, "running", "b", timeout=10)  # not after a's pause: before it
+        assert (await catalog.job("a")).state == "pausing"
+        backend.pause_gate.set()
+        await state(catalog, "paused", "a")
+    finally:
+        backend.pause_gate.set()
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 # --- failures retrying cannot fix ----------------------------------------------------------

@@ -123,6 +123,16 @@ def test_evictions_pick_the_least_recently_active_quiet_jobs() -> None:
     assert evictions(jobs, 4, NOW, quiet_for=15) == []
 
 
+def test_creates_waiting_for_a_slot_hold_none_and_each_gets_an_eviction() -> None:
+    jobs = [_job("a", idle_s=100), _job("b", idle_s=300), _job("c", idle_s=200),
+            _job("n1", "creating"), _job("n2", "creating")]
+    # Both creates wait (they started nothing yet): each needs a slot of a running job.
+    assert evictions(jobs, 3, NOW, quiet_for=15, waiting={"n1", "n2"}) == ["b", "c"]
+    assert not has_room(jobs, "n1", 3, waiting={"n1", "n2"})
+    assert has_room(jobs, "n1", 4, waiting={"n1", "n2"})  # n2 waits: it holds nothing
+    assert not has_room(jobs, "n1", 4)  # (not known to wait: it may be starting)
+
+
 def test_busy_jobs_are_never_evicted() -> None:
     jobs = [_job("a", idle_s=1), _job("b", idle_s=2), _job("w", "paused", "running")]
     assert evictions(jobs, 2, NOW, quiet_for=15) == []
