@@ -6,7 +6,7 @@ VENV := .venv
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: up test soak lint bench-proxy bench-backup bench-wake clean
+.PHONY: up test soak lint bench-proxy bench-backup bench-wake bench-scale clean
 
 # uv installs what pip would, from the same index, in seconds rather than minutes (a fresh
 # venv with the test extras: 9 s against pip's 175 s here); pip does it when uv cannot be had.
@@ -55,6 +55,9 @@ bench-backup: $(STAMP)
 
 bench-wake: $(STAMP)
 	$(VENV)/bin/python bench/wake.py
+
+bench-scale: $(STAMP)
+	$(VENV)/bin/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jobmesh

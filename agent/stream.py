@@ -251,7 +251,9 @@ class WalStreamer:
         try:
             while proc.returncode is None and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 1.0)
+                    # (it exits by itself when its server goes; this looks for a server
+                    # restarted under it, which it would not notice)
+                    await asyncio.wait_for(proc.wait(), 5.0)
                 pm = read_postmaster(self.pgdata)
                 if proc.returncode is None and (pm is None or pm.pid != postmaster):
                     break  # a new server (or none): the connection is to a dead one

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobmesh.agent.wal")
 
 ZSTD_LEVEL = 3
+LAG_EVERY = 5.0  # s between looks at archive_lag while an upload hangs (each drain looks too)
 
 
 def key_for(job: str, name: str) -> str:
@@ -274,7 +275,10 @@ class Archiver:
         archive_lag is refreshed every ``interval`` even while an upload hangs, so
         a store that stopped answering shows up as a growing lag.
         """
-        watcher = asyncio.create_task(self._watch_lag(stop, interval), name="archive-lag")
+        # Every drain refreshes the lag; the watcher is for an upload that hangs, which a
+        # few seconds late still shows.
+        watcher = asyncio.create_task(self._watch_lag(stop, max(interval, LAG_EVERY)),
+                                      name="archive-lag")
         backoff = interval
         try:
             while not stop.is_set():

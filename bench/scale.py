@@ -225,6 +225,13 @@ async def storm(mesh: wm.Mesh, ids: list[str]) -> dict[str, Any]:
             "errors": errors[:5]}
 
 
+async def _catalog_connections(catalog: Catalog) -> int:
+    """Connections to the catalog database (this bench's pool among them)."""
+    return int(await catalog.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()"))
+
+
 async def _settled(catalog: Catalog, timeout: float = 600) -> None:
     """Until no job is between states (the evictions' pauses have finished)."""
     deadline = time.monotonic() + timeout
@@ -289,12 +296,15 @@ async def run_mesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                      for k in cpu_after}
             say(f"  {out['storm']}")
             before = mesh_pss(mesh, None)
+            conns_before = await _catalog_connections(catalog)
             extra = max(0, args.catalog_jobs - len(first) - len(more))
             await grow_catalog(catalog, extra)
             await asyncio.sleep(35)  # the controller's resync and the routers' reload
             after = mesh_pss(mesh, None)
             out["catalog"] = {"jobs": len(first) + len(more) + extra,
                               "before": len(first) + len(more),
+                              "catalog_connections": [conns_before,
+                                                      await _catalog_connections(catalog)],
                               "controller_mb": [before["controller"], after["controller"]],
                               "router_mb": [before["router"], after["router"]]}
             say(f"catalog of {out['catalog']['jobs']} jobs: {out['catalog']}")
@@ -420,6 +430,11 @@ def markdown(data: dict[str, Any]) -> str:
         (f"controller PSS, {m['catalog']['before']} -> {m['catalog']['jobs']} jobs in catalog",
          " -> ".join(f"{v} MB" for v in m["catalog"]["controller_mb"]), "flat"),
         ("router PSS, same", " -> ".join(f"{v} MB" for v in m["catalog"]["router_mb"]), "flat"),
+        ("catalog connections, same (this bench's own pool among them)",
+         " -> ".join(str(v) for v in m["catalog"].get("catalog_connections", [])), "flat"),
+        ("idle CPU at that many running (% of one core): agent host / PostgreSQL / controller",
+         " / ".join(str(m["mesh"]["idle_cpu_percent"][k])
+                    for k in ("agent_host", "postgres", "controller")), ""),
     ]
     n = data.get("neighbour") or {}
     for key in ("limited", "unlimited"):

@@ -150,9 +150,9 @@ async def arm_archive_timeout(agent: Agent, stop: asyncio.Event) -> None:
                     finally:
                         await conn.close()
                     armed = pm.pid
-        # Shortly while a server is coming up; once armed, a look a second is enough.
+        # Shortly while a server is coming up; once armed, a look every 5 s is enough.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2 if armed is None else 1.0)
+            await asyncio.wait_for(stop.wait(), 0.2 if armed is None else 5.0)
 
 
 async def _quietly(what: str, coro: Awaitable[None]) -> None:
