@@ -22,6 +22,9 @@ _wake_mesh.py). In one run:
    half a CPU (its cgroup) and without limits; A's latency p95 each time.
 
 Writes scale.json and scale.png to --out, a markdown table on stdout.
+
+Over ~400 lines on purpose: one run measuring six things that share one mesh
+(bench/_wake_mesh.py holds the mesh itself); each part is a function.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ the HTTP API, and only the holder of the leader Lease (``controller.leader``)
 runs the reconciler. A replica that loses the lease exits non-zero at once
 (abandoning its in-flight work, which the next leader redoes: every backend
 step is idempotent), and its Deployment starts it again as a candidate.
+
+Over ~400 lines on purpose: the controller's flags, their checks and the
+serve loop that wires them together, which read best side by side.
 """
 
 from __future__ import annotations

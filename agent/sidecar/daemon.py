@@ -12,6 +12,10 @@ A pause deletes nothing locally: the spool keeps every segment the store
 has not confirmed, and PGDATA stays as it is, so a failed pause can simply
 be retried (a repeated pause of a stopped server takes the snapshot again,
 or answers the snapshot it already took).
+
+Just over ~400 lines on purpose: one class, the sidecar's state and its
+operations, which share that state; the HTTP layer (``api.py``), the run loop
+(``run.py``) and the schedule's rules (``policy.py``) are apart already.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ reconciler that retries, or runs two steps for one job at once, never
 interleaves them. An instance counts as set up once its ``ready`` file
 exists; one that is running without it was interrupted mid-setup and is set
 up again from scratch (``instance.py`` starts, adopts and discards them).
+
+Just over ~400 lines on purpose: the Backend protocol's methods for this
+backend, one each; instances, the agent host, cgroups, the template and the
+warm cache have modules of their own.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobmesh.controller.core.reconciler import StepQueue
+from jobmesh.controller.core.step_queue import StepQueue
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(10)
