@@ -144,7 +144,15 @@ def streamed_since(path: Path, start: int) -> bytes:
     file size says nothing; the data ends at the last non-zero byte. WAL that
     happens to end in zero bytes is cut there and shipped with the next delta:
     the file is only ever appended to, so those bytes are zeros in both.
+
+    The file is read twice. A read that races pg_receivewal's write can be torn:
+    it sees a page still zero and, past it, bytes written just after (the page
+    cache does not serialise a read with a write). pg_receivewal writes in
+    offset order, so every byte below the last non-zero byte the first read saw
+    was written before that read ended: the second read of that extent is exact.
     """
     with path.open("rb") as f:
         f.seek(start)
-        return f.read(SEGMENT_SIZE - start).rstrip(b"\0")
+        seen = len(f.read(SEGMENT_SIZE - start).rstrip(b"\0"))
+        f.seek(start)
+        return f.read(seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,32 @@ def test_what_was_streamed_ends_at_the_last_written_byte(tmp_path: Path) -> None
     assert len(streamed_since(path, 0)) == 1018
     assert streamed_since(path, 1000) == b"\0" * 8 + b"\2" * 10
     assert streamed_since(path, 1018) == b""
+
+
+class _TornFirstRead(io.BytesIO):
+    """A file whose first read sees one page still zero, and the bytes written past it:
+    what a read that races pg_receivewal's write can see (the page cache does not
+    serialise them). Later reads see the file as it is."""
+
+    def __init__(self, data: bytes, hole: slice) -> None:
+        super().__init__(data)
+        self._torn = bytearray(data)
+        self._torn[hole] = bytes(hole.stop - hole.start)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._torn is None:
+            return super().read(size)
+        at, torn, self._torn = self.tell(), bytes(self._torn), None
+        got = super().read(size)
+        return torn[at:at + len(got)]
+
+
+def test_a_torn_read_of_the_partial_file_is_never_shipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / f"{SEG}.partial"
+    written = bytes(range(1, 256)) * 100  # WAL as far as pg_receivewal has written it
+    data = written + bytes(SEGMENT_SIZE - len(written))
+    monkeypatch.setattr(Path, "open", lambda self, mode="r": _TornFirstRead(
+        data, slice(8192, 16384)))
+    assert streamed_since(path, 0) == written
+    assert streamed_since(path, 100) == written[100:]
