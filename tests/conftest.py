@@ -21,6 +21,7 @@ from jobmesh.agent.postgres import Instance, give_to_postgres
 from jobmesh.agent.store import Store
 from jobmesh.controller.catalog.db import Catalog
 from tests.support.cleanup import remove_later
+from tests.support.failure_logs import CALL_REPORT, tell_if_failed
 from tests.support.kube_mesh import KubeMesh, running_kube_mesh
 from tests.support.mesh import Mesh, pids_mentioning
 from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
@@ -154,6 +155,16 @@ async def catalog(catalog_dsn: str):
     await cat.close()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """The call's report, kept where the fixtures' finalisers can see it failed."""
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
 @pytest.fixture(scope="session")
 def template_store(pg_root: Path) -> Path:
     """A store holding only the local backend's template, made once per session (worker)."""
@@ -161,8 +172,8 @@ def template_store(pg_root: Path) -> Path:
 
 
 @pytest.fixture
-async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog,
-               template_store: Path) -> AsyncIterator[Mesh]:
+async def mesh(request: pytest.FixtureRequest, pg_root: Path, catalog_dsn: str,
+               catalog: Catalog, template_store: Path) -> AsyncIterator[Mesh]:
     """Catalog, router and (once a test starts it) a controller on the local backend."""
     root = pg_root / f"mesh-{os.urandom(4).hex()}"
     root.mkdir(mode=0o755)
@@ -172,12 +183,16 @@ async def mesh(pg_root: Path, catalog_dsn: str, catalog: Catalog,
         yield m
     finally:
         await asyncio.to_thread(m.stop)
+        tell_if_failed(request.node, root)
         remove_later(root)
 
 
 @pytest.fixture
-async def kube(pg_root: Path, catalog_dsn: str, catalog: Catalog,
-               s3_server: S3Server) -> AsyncIterator[KubeMesh]:
+async def kube(request: pytest.FixtureRequest, pg_root: Path, catalog_dsn: str,
+               catalog: Catalog, s3_server: S3Server) -> AsyncIterator[KubeMesh]:
     """The mesh on the Kubernetes backend (API emulator, test kubelet, moto store)."""
     async with running_kube_mesh(pg_root, catalog_dsn, catalog, s3_server) as k:
-        yield k
+        try:
+            yield k
+        finally:
+            tell_if_failed(request.node, k.mesh.root)

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from jobmesh.agent.init import init_pgdata
 from jobmesh.agent.postgres import Instance, free_port, give_to_postgres
 from jobmesh.agent.walnames import parse_lsn
+from tests.support.failure_logs import tell_if_failed
 from tests.support.process import LoggedProcess
 from tests.support.stores import StoreSpec
 from tests.support.waiting import until
@@ -54,7 +56,7 @@ class Machine:
         cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(self.pgdata),
                "--spool", str(self.spool), *self.spec.cli_args(self.job),
                "--listen", "127.0.0.1:0", *flags]
-        agent = LoggedProcess("agent", cmd)
+        agent = LoggedProcess("agent", cmd, self.base / f"agent-{len(self.agents) + 1}.log")
         self.agents.append(agent)
         agent.port = int(agent.wait_for_log(  # type: ignore[attr-defined]
             r"agent listening on http://[\d.]+:(\d+)").group(1))
@@ -124,9 +126,10 @@ async def astatus(agent: LoggedProcess) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def machines(pg_root: Path, store_spec: StoreSpec) -> Iterator[Callable[..., Machine]]:
+def machines(pg_root: Path, store_spec: StoreSpec,
+             node: pytest.Item | None = None) -> Iterator[Callable[..., Machine]]:
     """Make machines (``make(job)``: an ``agent init`` cluster, started); all stopped at the
-    end, even when the test fails."""
+    end, even when the test fails (``node``'s failure shows their logs' ends)."""
     made: list[Machine] = []
 
     def make(job: str, *, archive_timeout: int = 3600) -> Machine:
@@ -144,6 +147,8 @@ def machines(pg_root: Path, store_spec: StoreSpec) -> Iterator[Callable[..., Mac
     finally:
         for m in made:
             m.stop()
+            if node is not None:
+                tell_if_failed(node, m.base)
 
 
 def post(agent: LoggedProcess, path: str) -> tuple[int, Any]:

@@ -144,6 +144,11 @@ class Mesh:
             while True:
                 try:
                     async with http.post(f"{job.agent_url}/base-backup") as resp:
+                        if resp.status == 404 and "no agent" in await resp.text():
+                            # a local job is running before its agent is: the host is
+                            # told to start it after Postgres is up (put_soon)
+                            await asyncio.sleep(0.1)
+                            continue
                         assert resp.status == 200, await resp.text()
                         return await resp.json()
                 except aiohttp.ClientConnectionError:

@@ -47,8 +47,9 @@ def others() -> Iterator[list[Machine]]:
 
 
 @pytest.fixture
-def make(pg_root: Path, file_store: StoreSpec, others: list[Machine]) -> Iterator[Any]:
-    with machines(pg_root, file_store) as make:
+def make(request: pytest.FixtureRequest, pg_root: Path, file_store: StoreSpec,
+         others: list[Machine]) -> Iterator[Any]:
+    with machines(pg_root, file_store, request.node) as make:
         make.others = others  # type: ignore[attr-defined]
         yield make
 

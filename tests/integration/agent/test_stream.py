@@ -40,8 +40,9 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def machine(pg_root: Path, store_spec: StoreSpec) -> Iterator[Callable[..., Machine]]:
-    with machines(pg_root, store_spec) as make:
+def machine(request: pytest.FixtureRequest, pg_root: Path,
+            store_spec: StoreSpec) -> Iterator[Callable[..., Machine]]:
+    with machines(pg_root, store_spec, request.node) as make:
         yield make
 
 
