@@ -275,6 +275,7 @@ def test_cli_base_backup_prints_the_id_of_a_stored_backup(
 # --- crash recovery -------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # 17 s on the file store; 70-120 s on moto under the suite's load
 async def test_kill_9_under_write_load_loses_at_most_the_unarchived_tail(
         new_job: Callable[..., Job], store: Store) -> None:
     job = new_job("crash")
@@ -299,8 +300,8 @@ async def test_kill_9_under_write_load_loses_at_most_the_unarchived_tail(
         await until(some_rows, "the writer to commit 200 rows")
         manifest = await take_base_backup(job.dsn, job.pgdata, store, job.id)
         rows_in_backup = committed[-1][1]
-        # Keep writing until a few more segments went through the whole pipeline.
-        await asyncio.wait_for(archiver.wait_uploaded(archiver.uploaded + 4), 120)
+        # Keep writing until more segments went through the whole pipeline.
+        await asyncio.wait_for(archiver.wait_uploaded(archiver.uploaded + 2), 120)
         # Segments are uploaded right after a switch: crash mid-way to the next one
         # instead, when the tail at risk is at its usual size.
         shipped_at = time.monotonic()

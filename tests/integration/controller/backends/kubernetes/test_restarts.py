@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,17 @@ def statuses(pod: Obj | None, kind: str = "containerStatuses") -> dict[str, Obj]
     return {s["name"]: s for s in ((pod or {}).get("status") or {}).get(kind) or []}
 
 
+def runs(volume: Path, count: int, timeout: float = 30) -> None:
+    """Until the container's runs have written ``count`` lines into the volume's ``runs``
+    (a file nothing announces: looked at every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    path = volume / "runs"
+    while not (path.exists() and len(path.read_text().split()) >= count):
+        assert time.monotonic() < deadline, f"{path}: not {count} runs within {timeout} s"
+        time.sleep(0.05)
+    assert len(path.read_text().split()) == count
+
+
 @pytest.mark.timeout(60)
 def test_a_killed_container_restarts_in_its_pod_at_once_then_backs_off_10_s(
         emulator: K8sEmulator, core: client.CoreV1Api, pg_root: Path) -> None:
@@ -85,6 +97,8 @@ def test_a_killed_container_restarts_in_its_pod_at_once_then_backs_off_10_s(
                                        .get("c", {}).get("state", {}))
         assert first is not None
         ip = first["status"]["podIP"]
+        volume = kubelet.volume("p", "data")
+        runs(volume, 1)  # "running" is the process started, not its line written
 
         kubelet.kill_container("p", "c", signal.SIGKILL)
         again = emulator.wait_for_sync("pods", NS, "p", lambda p: statuses(p).get(
@@ -95,8 +109,7 @@ def test_a_killed_container_restarts_in_its_pod_at_once_then_backs_off_10_s(
         assert c["lastState"]["terminated"]["reason"] == "Error"
         assert again["metadata"]["uid"] == first["metadata"]["uid"]
         assert again["status"]["podIP"] == ip and again["status"]["phase"] == "Running"
-        volume = kubelet.volume("p", "data")
-        assert len((volume / "runs").read_text().split()) == 2  # the same emptyDir
+        runs(volume, 2)  # the same emptyDir
 
         kubelet.kill_container("p", "c", signal.SIGKILL)  # a second crash: the back-off
         waiting = emulator.wait_for_sync("pods", NS, "p", lambda p: "waiting" in statuses(
