@@ -37,7 +37,7 @@ class Relay:
 @dataclass(frozen=True, slots=True)
 class KeyData:
     pid: int
-    secret: int
+    secret: bytes
 
 
 @dataclass(frozen=True, slots=True)

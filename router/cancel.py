@@ -1,10 +1,23 @@
-"""Forwarding a client's CancelRequest to the backend that runs its query."""
+"""Forwarding a client's CancelRequest to the backend that runs its query.
+
+A key names no worker or router (``cancel_map.py``), so one this worker did
+not issue is asked of every sibling worker; whoever issued it forwards it.
+A cancel nobody knows is a miss: each source address may miss a few times
+in a burst and then about twice a second (``MissBudget``); past that, its
+cancels are dropped unread until its budget refills. That is what makes a
+32-bit secret hard to guess: a spray of wrong keys at a known pid gets about
+two tries a second per worker, and no try while throttled. A client behind
+the same address as a sprayer is throttled with it (its cancels are dropped
+until the budget refills); that trade is documented in the README.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
 
 from . import peers
 from . import protocol as pg
@@ -15,31 +28,73 @@ from .metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
+MISS_BURST = 20  # misses a source address may have at once...
+MISS_RATE = 2.0  # ...then this many a second
+MISS_ADDRESSES = 4096  # addresses remembered at most (the least recent are forgotten)
+
+
+class MissBudget:
+    """A token bucket per source address, spent by cancels that matched no key."""
+
+    def __init__(self, burst: float = MISS_BURST, rate: float = MISS_RATE,
+                 most: int = MISS_ADDRESSES) -> None:
+        self.burst, self.rate, self.most = burst, rate, most
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+
+    def _tokens(self, source: str, now: float) -> float:
+        tokens, at = self._buckets.get(source, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def allows(self, source: str, now: float) -> bool:
+        return self._tokens(source, now) >= 1
+
+    def missed(self, source: str, now: float) -> None:
+        self._buckets[source] = (self._tokens(source, now) - 1, now)
+        self._buckets.move_to_end(source)
+        while len(self._buckets) > self.most:
+            self._buckets.popitem(last=False)
+
 
 class Canceller:
-    def __init__(self, cancel_map: CancelMap, config: RouterConfig, metrics: RouterMetrics) -> None:
+    def __init__(self, cancel_map: CancelMap, config: RouterConfig, metrics: RouterMetrics,
+                 misses: MissBudget | None = None) -> None:
         self.cancel_map = cancel_map
         self.config = config
         self.metrics = metrics
+        self.misses = misses or MissBudget()
 
-    async def handle(self, pid: int, secret: int) -> None:
-        owner = self.cancel_map.owner(pid)
-        if owner != self.config.worker_index and self.config.control_dir is not None:
-            try:
-                await peers.forward_cancel(
-                    self.config.control_dir, owner, pid, secret
-                )
-            except OSError as exc:
-                self.metrics.cancels.labels("failed").inc()
-                log.warning("cancel could not reach router worker %d: %s", owner, exc)
+    async def handle(self, pid: int, secret: bytes, source: str) -> None:
+        """A CancelRequest from a client at ``source`` (its address)."""
+        now = time.monotonic()
+        if not self.misses.allows(source, now):
+            self.metrics.cancels.labels("rate_limited").inc()
             return
-        await self.cancel_here(pid, secret)
+        if await self.cancel_here(pid, secret) or await self._ask_siblings(pid, secret):
+            return
+        self.misses.missed(source, now)
+        self.metrics.cancels.labels("unknown_key").inc()
 
-    async def cancel_here(self, pid: int, secret: int) -> None:
+    async def _ask_siblings(self, pid: int, secret: bytes) -> bool:
+        directory = self.config.control_dir
+        others = [w for w in range(self.config.workers) if w != self.config.worker_index]
+        if directory is None or not others:
+            return False
+
+        async def ask(worker: int) -> bool:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    return await peers.forward_cancel(directory, worker, pid, secret)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.warning("cancel could not reach router worker %d: %s", worker, exc)
+                return False
+
+        return any(await asyncio.gather(*(ask(w) for w in others)))
+
+    async def cancel_here(self, pid: int, secret: bytes) -> bool:
+        """Forward the cancel if this worker issued the key; False when it did not."""
         target = self.cancel_map.lookup(pid, secret)
         if target is None:
-            self.metrics.cancels.labels("unknown_key").inc()
-            return
+            return False
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -52,7 +107,6 @@ class Canceller:
         except (OSError, TimeoutError) as exc:
             self.metrics.cancels.labels("failed").inc()
             log.warning("cancel to %s:%s failed: %s", target.host, target.port, exc)
-            return
+            return True
         self.metrics.cancels.labels("forwarded").inc()
-
-
+        return True

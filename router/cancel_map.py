@@ -1,13 +1,17 @@
-"""Router-issued cancel keys, and where each one points.
+"""Cancel keys the router issued, and the backend each one points to.
 
-Clients get a BackendKeyData the router made up, never the backend's own,
-so a CancelRequest must come back through the router, which forwards it to
-the right Postgres with the real key. Keys are looked up by pid and the
-secret is compared in constant time, as Postgres does.
+A client's BackendKeyData carries its backend's real pid (what
+``pg_backend_pid()`` says, what NOTIFY names as the sender) and a secret the
+router made: 4 random bytes for a protocol 3.0 client, 32 for a 3.2 one. A
+CancelRequest must therefore come back through the router, which forwards
+it to the right Postgres with the backend's own key.
 
-With several worker processes sharing one listening socket, a CancelRequest
-may reach a worker other than the one holding the session. The issuing
-worker is therefore encoded in the pid: ``pid % workers == worker``.
+A real pid is small, guessable, and the same pid runs in many pods, so the
+secret is all that protects one tenant's queries from another's cancels:
+none of its bits say which worker or router issued it. A cancel this worker
+does not know is asked of the sibling workers and the peer routers instead
+(``cancel.py``), and misses are rate-limited per source address. Secrets
+are compared in constant time, as Postgres does.
 """
 
 from __future__ import annotations
@@ -16,54 +20,50 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-_PID_LIMIT = 1 << 31  # BackendKeyData pids are read as signed int32 by some drivers
-
 
 @dataclass(frozen=True, slots=True)
 class BackendKey:
     host: str
     port: int
     pid: int
-    secret: int
+    secret: bytes  # the backend's own
 
 
 class CancelMap:
-    def __init__(self, worker: int = 0, workers: int = 1) -> None:
-        if not 0 <= worker < workers:
-            raise ValueError(f"worker {worker} out of range for {workers} workers")
-        self.worker = worker
-        self.workers = workers
-        self._seq = secrets.randbelow(_PID_LIMIT // workers - 1) + 1
-        self._entries: dict[int, tuple[int, BackendKey]] = {}
+    def __init__(self) -> None:
+        # pid -> the keys issued with it (pids repeat across pods: usually one each)
+        self._entries: dict[int, list[tuple[bytes, BackendKey]]] = {}
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
-    def owner(self, pid: int) -> int:
-        """The worker that issued ``pid``."""
-        return pid % self.workers
-
-    def issue(self, backend: BackendKey) -> tuple[int, int]:
-        """A fresh (pid, secret) for the client, remembered until released."""
+    def issue(self, backend: BackendKey, length: int = 4) -> bytes:
+        """A fresh secret for the client of ``backend`` (whose pid the client is told),
+        remembered until released."""
+        keys = self._entries.setdefault(backend.pid, [])
         while True:
-            pid = self._seq * self.workers + self.worker
-            self._seq += 1
-            if self._seq * self.workers >= _PID_LIMIT:
-                self._seq = 1
-            if pid not in self._entries:
+            secret = secrets.token_bytes(length)
+            if all(s != secret for s, _ in keys):
                 break
-        secret = secrets.randbits(32)
-        self._entries[pid] = (secret, backend)
-        return pid, secret
+        keys.append((secret, backend))
+        self._count += 1
+        return secret
 
-    def lookup(self, pid: int, secret: int) -> BackendKey | None:
-        entry = self._entries.get(pid)
-        if entry is None:
-            return None
-        expected, backend = entry
-        if not hmac.compare_digest(expected.to_bytes(4, "big"), secret.to_bytes(4, "big")):
-            return None
-        return backend
+    def lookup(self, pid: int, secret: bytes) -> BackendKey | None:
+        found = None
+        for expected, backend in self._entries.get(pid, ()):
+            if hmac.compare_digest(expected, secret):
+                found = backend
+        return found
 
-    def release(self, pid: int) -> None:
-        self._entries.pop(pid, None)
+    def release(self, pid: int, secret: bytes) -> None:
+        keys = self._entries.get(pid)
+        if keys is None:
+            return
+        kept = [(s, b) for s, b in keys if s != secret]
+        self._count -= len(keys) - len(kept)
+        if kept:
+            self._entries[pid] = kept
+        else:
+            del self._entries[pid]

@@ -2,8 +2,10 @@
 
 Each worker serves ``<dir>/w<i>.sock``. Two requests exist:
 
-- ``C`` + pid + secret (8 bytes): a CancelRequest that reached another
-  worker; handled exactly as if it had arrived here.
+- ``C`` + pid (4 bytes) + the secret's length (2) + the secret: a
+  CancelRequest that reached another worker, which did not issue its key.
+  The answer is one byte: ``1`` if this worker issued the key (and forwarded
+  the cancel), ``0`` if not.
 - ``M``: the worker's Prometheus exposition, for the supervisor to merge.
 """
 
@@ -16,7 +18,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-_KEY = struct.Struct("!II")
+_KEY = struct.Struct("!IH")
 
 
 def control_path(directory: str | Path, worker: int) -> Path:
@@ -26,15 +28,17 @@ def control_path(directory: str | Path, worker: int) -> Path:
 async def serve_control(
     directory: str | Path,
     worker: int,
-    on_cancel: Callable[[int, int], Awaitable[None]],
+    on_cancel: Callable[[int, bytes], Awaitable[bool]],
     metrics_text: Callable[[], bytes],
 ) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             kind = await reader.readexactly(1)
             if kind == b"C":
-                pid, secret = _KEY.unpack(await reader.readexactly(_KEY.size))
-                await on_cancel(pid, secret)
+                pid, length = _KEY.unpack(await reader.readexactly(_KEY.size))
+                matched = await on_cancel(pid, await reader.readexactly(length))
+                writer.write(b"1" if matched else b"0")
+                await writer.drain()
             elif kind == b"M":
                 writer.write(metrics_text())
                 await writer.drain()
@@ -49,12 +53,17 @@ async def serve_control(
     return await asyncio.start_unix_server(handle, path)
 
 
-async def forward_cancel(directory: str | Path, worker: int, pid: int, secret: int) -> None:
-    _, writer = await asyncio.open_unix_connection(control_path(directory, worker))
-    writer.write(b"C" + _KEY.pack(pid, secret))
-    await writer.drain()
-    writer.close()
-    await writer.wait_closed()
+async def forward_cancel(directory: str | Path, worker: int, pid: int, secret: bytes) -> bool:
+    """Ask ``worker`` to forward a cancel; True if it had issued the key."""
+    reader, writer = await asyncio.open_unix_connection(control_path(directory, worker))
+    try:
+        writer.write(b"C" + _KEY.pack(pid, len(secret)) + secret)
+        await writer.drain()
+        return await reader.readexactly(1) == b"1"
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 def fetch_metrics(directory: str | Path, worker: int, timeout: float = 5.0) -> str:

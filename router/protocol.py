@@ -22,6 +22,9 @@ MAX_AUTH_MESSAGE = 65_536
 MAX_BACKEND_STARTUP_MESSAGE = 1 << 20
 
 PROTOCOL_3_0 = 3 << 16
+PROTOCOL_3_2 = 3 << 16 | 2  # PostgreSQL 18: cancel keys of 4 to 256 bytes (3.0: exactly 4)
+MIN_CANCEL_KEY = 4
+MAX_CANCEL_KEY = 256
 CANCEL_REQUEST_CODE = 80877102
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -51,7 +54,7 @@ class GSSENCRequest:
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
     pid: int
-    secret: int
+    secret: bytes  # 4 bytes (protocol 3.0), up to 256 (3.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +139,11 @@ def decode_first_packet(payload: bytes) -> FirstPacket:
         _expect_len(payload, 4, "GSSENCRequest")
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE:
-        _expect_len(payload, 12, "CancelRequest")
-        pid, secret = struct.unpack_from("!II", payload, 4)
-        return CancelRequest(pid, secret)
+        if not 8 + MIN_CANCEL_KEY <= len(payload) <= 8 + MAX_CANCEL_KEY:
+            raise ProtocolViolation(f"CancelRequest has {len(payload)} bytes, expected "
+                                    f"{8 + MIN_CANCEL_KEY} to {8 + MAX_CANCEL_KEY}")
+        (pid,) = _U32.unpack_from(payload, 4)
+        return CancelRequest(pid, payload[8:])
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
         raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}")
@@ -234,11 +239,11 @@ def decode_parameter_status(body: bytes) -> tuple[str, str]:
     return parts[0].decode("utf-8", "replace"), parts[1].decode("utf-8", "replace")
 
 
-def decode_backend_key_data(body: bytes) -> tuple[int, int]:
-    if len(body) != 8:
+def decode_backend_key_data(body: bytes) -> tuple[int, bytes]:
+    if not 4 + MIN_CANCEL_KEY <= len(body) <= 4 + MAX_CANCEL_KEY:
         raise ProtocolViolation("malformed BackendKeyData")
-    pid, secret = struct.unpack("!II", body)
-    return pid, secret
+    (pid,) = _U32.unpack_from(body)
+    return pid, body[4:]
 
 
 # --- encoders -----------------------------------------------------------------
@@ -280,8 +285,8 @@ def parameter_status(name: str, value: str) -> bytes:
     return message(b"S", _cstr(name) + _cstr(value))
 
 
-def backend_key_data(pid: int, secret: int) -> bytes:
-    return message(b"K", struct.pack("!II", pid, secret))
+def backend_key_data(pid: int, secret: bytes) -> bytes:
+    return message(b"K", _U32.pack(pid) + secret)
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:
@@ -329,8 +334,8 @@ def startup_message(params: Mapping[str, str]) -> bytes:
     return _I32.pack(len(body) + 4) + body
 
 
-def cancel_request(pid: int, secret: int) -> bytes:
-    return struct.pack("!iiII", 16, CANCEL_REQUEST_CODE, pid, secret)
+def cancel_request(pid: int, secret: bytes) -> bytes:
+    return struct.pack("!iiI", 12 + len(secret), CANCEL_REQUEST_CODE, pid) + secret
 
 
 def ssl_request() -> bytes:

@@ -70,7 +70,7 @@ class Router:
         self.config = config
         self.routes = routes
         self.activity = activity
-        self.cancel_map = CancelMap(config.worker_index, config.workers)
+        self.cancel_map = CancelMap()
         self.sessions: set[Session] = set()
         self._job_sessions: Counter[str] = Counter()
         self.metrics = metrics or RouterMetrics()
@@ -213,9 +213,7 @@ class Router:
         inbox.write(pg.auth_ok())
         spliced = False
         try:
-            spliced = await self._reach(
-                inbox, job_id, access, route, user, request.forwarded, pipelined, slot
-            )
+            spliced = await self._reach(inbox, job_id, access, route, request, pipelined, slot)
         finally:
             if not spliced and slot is not None:
                 self.slots.release(slot)
@@ -226,8 +224,7 @@ class Router:
         job_id: str,
         access: Access,
         route: JobRoute | None,
-        user: str,
-        params: dict[str, str],
+        request: Startup,
         pipelined: bytes,
         slot: object | None,
     ) -> bool:
@@ -248,7 +245,7 @@ class Router:
             assert inbox.transport is not None
             inbox.transport.pause_reading()  # hold pipelined queries in the kernel until spliced
             try:
-                return await self._connect_backend(inbox, route, user, params, pipelined, slot)
+                return await self._connect_backend(inbox, route, request, pipelined, slot)
             except errors.NotAnswering as exc:
                 now = loop.time()
                 if held_until is None:
@@ -308,7 +305,7 @@ class Router:
             elif isinstance(event, pg.GSSENCRequest):
                 inbox.write(b"N")
             elif isinstance(event, pg.CancelRequest):
-                await self.canceller.handle(event.pid, event.secret)
+                await self.canceller.handle(event.pid, event.secret, _source(inbox))
                 inbox.close()
                 return None, tls
             else:
@@ -359,14 +356,13 @@ class Router:
         self,
         inbox: Inbox,
         job: JobRoute,
-        user: str,
-        params: dict[str, str],
+        request: Startup,
         pipelined: bytes,
         slot: object | None,
     ) -> bool:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        handshake = BackendHandshake(job.user, job.database, job.password, params)
+        handshake = BackendHandshake(job.user, job.database, job.password, request.forwarded)
         backend: Inbox | None = None
         spliced = False
         try:
@@ -378,7 +374,7 @@ class Router:
                 inbox.close()
                 return False
             self.metrics.backend_connect.observe(loop.time() - started)
-            spliced = self._splice(inbox, backend, job, user, ready, key, pipelined, slot)
+            spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot)
             return spliced
         except (ConnectionRefusedError, ConnectionResetError, ConnectionClosed) as exc:
             detail = getattr(exc, "strerror", None) or "connection closed during login"
@@ -399,7 +395,7 @@ class Router:
     async def _backend_login(
         self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake
     ) -> tuple[Ready | None, KeyData]:
-        key = KeyData(0, 0)
+        key = KeyData(0, b"\0" * 4)
         while True:
             event = handshake.next_event()
             if event is None:
@@ -428,7 +424,7 @@ class Router:
         inbox: Inbox,
         backend: Inbox,
         job: JobRoute,
-        user: str,
+        request: Startup,
         ready: Ready,
         key: KeyData,
         pipelined: bytes,
@@ -438,9 +434,12 @@ class Router:
             inbox.close()
             backend.close()
             return False
-        pid, secret = self.cancel_map.issue(BackendKey(job.host, job.port, key.pid, key.secret))
-        inbox.write(pg.backend_key_data(pid, secret) + pg.ready_for_query(ready.status))
-        session = Session(job, user, pid, key.pid, slot)
+        # The client is told its backend's real pid (pg_backend_pid(), NOTIFY's sender)
+        # and a secret of the router's own, as long as its protocol allows.
+        backend_key = BackendKey(job.host, job.port, key.pid, key.secret)
+        secret = self.cancel_map.issue(backend_key, request.key_length)
+        inbox.write(pg.backend_key_data(key.pid, secret) + pg.ready_for_query(ready.status))
+        session = Session(job, request.user, secret, key.pid, slot)
         self.sessions.add(session)
         self._job_sessions[job.job_id] += 1
         self._drained.clear()
@@ -465,9 +464,17 @@ class Router:
             del self._job_sessions[session.job_id]
             if self.activity is not None:
                 self.activity.last_session_ended(session.job_id)
-        self.cancel_map.release(session.cancel_pid)
+        self.cancel_map.release(session.backend_pid, session.cancel_secret)
         self.metrics.session_finished(session)
         if session.slot is not None:
             self.slots.release(session.slot)
         if not self.sessions:
             self._drained.set()
+
+
+def _source(inbox: Inbox) -> str:
+    """The client's address, whose cancels that match no key are rate-limited."""
+    peer = inbox.transport.get_extra_info("peername") if inbox.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "local")

@@ -11,15 +11,15 @@ class Session:
     """A spliced client/backend pair."""
 
     __slots__ = (
-        "_at_splice", "_final", "_seen", "backend_pid", "cancel_pid", "job", "pipes", "slot",
+        "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "job", "pipes", "slot",
         "user",
     )
 
-    def __init__(self, job: JobRoute, user: str, cancel_pid: int, backend_pid: int,
+    def __init__(self, job: JobRoute, user: str, cancel_secret: bytes, backend_pid: int,
                  slot: object | None) -> None:
         self.job = job
         self.user = user
-        self.cancel_pid = cancel_pid
+        self.cancel_secret = cancel_secret  # with backend_pid: the client's cancel key
         self.backend_pid = backend_pid
         self.slot = slot
         self.pipes: tuple[Pipe, Pipe] | None = None

@@ -15,6 +15,11 @@ from . import protocol as pg
 from .errors import ClientError
 from .routes import ADMIN_DATABASE, JOB_DATABASE_PREFIX, job_id_from_database
 
+# The cancel secret's length: 4 bytes is all protocol 3.0 has; a 3.2 client (libpq 18
+# with max_protocol_version=3.2) takes a longer one, 32 bytes as PostgreSQL 18 sends.
+KEY_3_0 = 4
+KEY_3_2 = 32
+
 # Startup parameters that are the router's business, not the backend's.
 _NOT_FORWARDED = {"user", "database", "replication"}
 
@@ -25,6 +30,7 @@ class Startup:
     job_id: str
     forwarded: dict[str, str]  # for the backend's StartupMessage
     negotiate: bytes | None  # a NegotiateProtocolVersion to send first, if any
+    key_length: int = KEY_3_0  # bytes of the cancel secret its BackendKeyData carries
 
 
 def read_startup(startup: pg.StartupMessage) -> Startup:
@@ -52,10 +58,14 @@ def read_startup(startup: pg.StartupMessage) -> Startup:
             raise errors.bad_job_id(database, database[len(JOB_DATABASE_PREFIX) :])
         raise errors.invalid_database(database)
     unsupported = [k for k in params if k.startswith("_pq_.")]
+    # 3.2 is spoken to the client only (its one change is the longer cancel key); the
+    # backend is asked for 3.0. 3.1 was never used: such a client is offered 3.0.
+    version = pg.PROTOCOL_3_2 if startup.minor >= 2 else pg.PROTOCOL_3_0
     negotiate = None
-    if startup.minor > 0 or unsupported:
-        negotiate = pg.negotiate_protocol_version(pg.PROTOCOL_3_0, unsupported)
+    if startup.minor not in (0, 2) or unsupported:
+        negotiate = pg.negotiate_protocol_version(version, unsupported)
     forwarded = {
         k: v for k, v in params.items() if k not in _NOT_FORWARDED and k not in unsupported
     }
-    return Startup(user, job_id, forwarded, negotiate)
+    key_length = KEY_3_2 if version == pg.PROTOCOL_3_2 else KEY_3_0
+    return Startup(user, job_id, forwarded, negotiate, key_length)

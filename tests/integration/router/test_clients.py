@@ -273,14 +273,6 @@ def test_startup_parameter_reaches_the_backend(router, param, value, setting, ex
             assert conn.info.parameter_status(setting) == expected
 
 
-@pytest.mark.timeout(60)
-def test_libpq_asking_for_protocol_3_2_is_negotiated_down_to_3_0(router):
-    # Direct to PostgreSQL 15 this connects with full_protocol_version 30000.
-    with _connect(router, max_protocol_version="3.2") as conn:
-        assert conn.info.pgconn.full_protocol_version == 30000
-        assert conn.execute("select 1").fetchone() == (1,)
-
-
 # --- asyncpg ---------------------------------------------------------------------
 
 

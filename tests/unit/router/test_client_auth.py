@@ -294,9 +294,10 @@ def events(hs: bh.BackendHandshake, data: bytes) -> list[object]:
     return out
 
 
-STARTUP_TAIL = (pg.parameter_status("server_version", "15.4") + pg.backend_key_data(4242, 77)
+KEY = b"\0\0\0M"
+STARTUP_TAIL = (pg.parameter_status("server_version", "15.4") + pg.backend_key_data(4242, KEY)
                 + pg.ready_for_query(b"I"))
-STARTUP_EVENTS = [bh.Relay(pg.parameter_status("server_version", "15.4")), bh.KeyData(4242, 77),
+STARTUP_EVENTS = [bh.Relay(pg.parameter_status("server_version", "15.4")), bh.KeyData(4242, KEY),
                   bh.Ready(b"I", b"")]
 
 

@@ -121,7 +121,8 @@ def test_any_startup_parameters_arrive_intact(p, cut_at):
 
 
 @FUZZ
-@given(pid=st.integers(0, 2**32 - 1), secret=st.integers(0, 2**32 - 1), junk=st.binary(max_size=20))
+@given(pid=st.integers(0, 2**32 - 1), secret=st.binary(min_size=4, max_size=256),
+       junk=st.binary(max_size=20))
 def test_cancel_request_closes_whatever_follows(pid, secret, junk):
     events = drive([pg.cancel_request(pid, secret) + junk])
     assert events == ([pg.CancelRequest(pid, secret)], False)

@@ -145,13 +145,13 @@ def test_bytes_pipelined_after_ssl_request_are_reported_as_buffered():
 
 def test_cancel_request_yields_the_key_and_closes():
     hs = ClientHandshake()
-    assert feed(pg.cancel_request(7, 99), hs) == [pg.CancelRequest(7, 99)]
+    assert feed(pg.cancel_request(7, b"\0\0\0c"), hs) == [pg.CancelRequest(7, b"\0\0\0c")]
     assert hs.state is State.CLOSED
 
 
 def test_any_input_after_a_cancel_request_is_a_violation():
     hs = ClientHandshake()
-    feed(pg.cancel_request(7, 99), hs)
+    feed(pg.cancel_request(7, b"\0\0\0c"), hs)
     hs.receive_data(STARTUP)
     with pytest.raises(pg.ProtocolViolation, match="closed"):
         hs.next_event()

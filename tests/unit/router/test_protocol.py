@@ -130,13 +130,21 @@ def test_encryption_request_with_a_body_is_a_violation(code):
 
 
 def test_decodes_cancel_request_with_unsigned_pid_and_secret():
-    body = struct.pack("!II", 1234, 0xFFFFFFFF)
+    body = struct.pack("!II", 0xFFFFFFF0, 0xFFFFFFFF)
     assert pg.decode_first_packet(payload(pg.CANCEL_REQUEST_CODE, body)) == pg.CancelRequest(
-        1234, 0xFFFFFFFF
+        0xFFFFFFF0, b"\xff" * 4
     )
 
 
-@pytest.mark.parametrize("rest", [b"", b"\0" * 7, b"\0" * 9])
+@pytest.mark.parametrize("length", [4, 32, 256])
+def test_a_protocol_3_2_cancel_request_carries_a_key_of_4_to_256_bytes(length):
+    body = struct.pack("!I", 7) + bytes(range(length % 256)) + b"\1" * (length - length % 256)
+    assert pg.decode_first_packet(payload(pg.CANCEL_REQUEST_CODE, body)) == pg.CancelRequest(
+        7, body[4:]
+    )
+
+
+@pytest.mark.parametrize("rest", [b"", b"\0" * 7, b"\0" * 261])
 def test_cancel_request_of_the_wrong_size_is_a_violation(rest):
     with pytest.raises(pg.ProtocolViolation, match="CancelRequest"):
         pg.decode_first_packet(payload(pg.CANCEL_REQUEST_CODE, rest))
@@ -264,9 +272,16 @@ def test_parameter_status_round_trips():
 
 
 def test_backend_key_data_round_trips_unsigned_values():
-    msg = parse(pg.backend_key_data(0x7FFFFFFF, 0xFFFFFFFF))
+    msg = parse(pg.backend_key_data(0xFFFFFFFF, b"\xff" * 4))
     assert msg.type == b"K"
-    assert pg.decode_backend_key_data(msg.body) == (0x7FFFFFFF, 0xFFFFFFFF)
+    assert pg.decode_backend_key_data(msg.body) == (0xFFFFFFFF, b"\xff" * 4)
+
+
+def test_backend_key_data_of_protocol_3_2_carries_a_longer_secret():
+    secret = bytes(range(32))
+    msg = parse(pg.backend_key_data(42, secret))
+    assert len(msg.body) == 36
+    assert pg.decode_backend_key_data(msg.body) == (42, secret)
 
 
 def test_ready_for_query_defaults_to_idle():
@@ -292,9 +307,9 @@ def test_startup_message_round_trips_through_decode_first_packet():
 
 def test_cancel_request_round_trips_through_decode_first_packet():
     frames = pg.FrameBuffer()
-    frames.feed(pg.cancel_request(42, 0xDEADBEEF))
+    frames.feed(pg.cancel_request(42, b"\xde\xad\xbe\xef"))
     assert pg.decode_first_packet(frames.next_startup_packet()) == pg.CancelRequest(
-        42, 0xDEADBEEF
+        42, b"\xde\xad\xbe\xef"
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jobmesh.router.cancel import MissBudget
 from jobmesh.router.cancel_map import BackendKey, CancelMap
 from jobmesh.router.credentials import make_verifier
 from jobmesh.router.routes import (
@@ -245,64 +246,88 @@ def test_other_database_names_map_to_no_job(database):
 
 # --- CancelMap ------------------------------------------------------------------------------
 
-KEY = BackendKey("10.0.0.5", 5432, pid=4242, secret=0xC0FFEE)
+KEY = BackendKey("10.0.0.5", 5432, pid=4242, secret=b"\x00\xc0\xff\xee")
 
 
-def test_issued_key_looks_up_the_backend():
+def test_an_issued_secret_looks_up_the_backend_by_its_real_pid():
     cancels = CancelMap()
-    pid, secret = cancels.issue(KEY)
-    assert cancels.lookup(pid, secret) == KEY
+    secret = cancels.issue(KEY)
+    assert cancels.lookup(KEY.pid, secret) == KEY
 
 
-def test_issued_key_is_not_the_backends_own():
-    pid, _ = CancelMap().issue(KEY)
-    assert pid != KEY.pid
-
-
-def test_issued_keys_fit_the_wire_format():
+def test_an_issued_secret_is_not_the_backends_own_and_has_the_length_asked():
     cancels = CancelMap()
-    for _ in range(100):
-        pid, secret = cancels.issue(KEY)
-        assert 0 < pid < 2**31
-        assert 0 <= secret < 2**32
+    assert len(cancels.issue(KEY)) == 4
+    long = cancels.issue(KEY, 32)
+    assert len(long) == 32 and cancels.lookup(KEY.pid, long) == KEY
+    assert all(cancels.issue(KEY) != KEY.secret for _ in range(100))
 
 
-def test_each_issue_gets_a_distinct_pid():
+def test_each_issue_for_one_pid_gets_a_distinct_secret():
     cancels = CancelMap()
-    pids = {cancels.issue(KEY)[0] for _ in range(1000)}
-    assert len(pids) == 1000
+    secrets = {cancels.issue(KEY) for _ in range(1000)}
+    assert len(secrets) == 1000
     assert len(cancels) == 1000
 
 
 def test_lookup_with_the_wrong_secret_finds_nothing():
     cancels = CancelMap()
-    pid, secret = cancels.issue(KEY)
-    assert cancels.lookup(pid, secret ^ 1) is None
-    assert cancels.lookup(pid, (secret + 2**31) % 2**32) is None
+    secret = cancels.issue(KEY)
+    flipped = bytes([secret[0] ^ 1]) + secret[1:]
+    assert cancels.lookup(KEY.pid, flipped) is None
+    assert cancels.lookup(KEY.pid, secret + b"\0") is None  # a longer key is another key
+    assert cancels.lookup(KEY.pid, secret[:3]) is None
 
 
 def test_lookup_of_an_unknown_pid_finds_nothing():
     cancels = CancelMap()
-    pid, secret = cancels.issue(KEY)
-    assert cancels.lookup(pid + 1, secret) is None
+    secret = cancels.issue(KEY)
+    assert cancels.lookup(KEY.pid + 1, secret) is None
 
 
-def test_released_key_no_longer_looks_up():
+def test_a_released_key_no_longer_looks_up_and_others_of_its_pid_still_do():
     cancels = CancelMap()
-    pid, secret = cancels.issue(KEY)
-    cancels.release(pid)
-    assert cancels.lookup(pid, secret) is None
+    first, second = cancels.issue(KEY), cancels.issue(KEY)
+    cancels.release(KEY.pid, first)
+    assert cancels.lookup(KEY.pid, first) is None
+    assert cancels.lookup(KEY.pid, second) == KEY
+    cancels.release(KEY.pid, second)
     assert len(cancels) == 0
 
 
-def test_releasing_an_unknown_pid_is_harmless():
+def test_releasing_an_unknown_key_is_harmless():
     cancels = CancelMap()
-    cancels.release(12345)
+    cancels.release(12345, b"\0" * 4)
     assert len(cancels) == 0
 
 
-def test_keys_for_different_backends_stay_apart():
+def test_the_same_pid_in_two_pods_stays_apart():
     cancels = CancelMap()
-    other = BackendKey("10.0.0.6", 5433, pid=7, secret=8)
+    other = BackendKey("10.0.0.6", 5432, pid=KEY.pid, secret=b"\0\0\0\x08")
     a, b = cancels.issue(KEY), cancels.issue(other)
-    assert (cancels.lookup(*a), cancels.lookup(*b)) == (KEY, other)
+    assert (cancels.lookup(KEY.pid, a), cancels.lookup(KEY.pid, b)) == (KEY, other)
+
+
+# --- MissBudget: cancels that match no key, per source address --------------------------------
+
+
+def test_misses_are_allowed_in_a_burst_then_at_the_rate():
+    budget = MissBudget(burst=3, rate=2.0)
+    for _ in range(3):
+        assert budget.allows("10.1.1.1", 100.0)
+        budget.missed("10.1.1.1", 100.0)
+    assert not budget.allows("10.1.1.1", 100.0)
+    assert budget.allows("10.9.9.9", 100.0)  # another address has its own
+    assert not budget.allows("10.1.1.1", 100.4)
+    assert budget.allows("10.1.1.1", 100.5)  # half a second: one more
+    budget.missed("10.1.1.1", 100.5)
+    assert not budget.allows("10.1.1.1", 100.6)
+    assert budget.allows("10.1.1.1", 200.0)
+
+
+def test_the_budget_remembers_a_bounded_number_of_addresses():
+    budget = MissBudget(burst=1, rate=0.001, most=10)
+    for i in range(100):
+        budget.missed(f"10.0.0.{i}", 1.0)
+    assert len(budget._buckets) == 10
+    assert not budget.allows("10.0.0.99", 1.0)  # the most recent are kept
