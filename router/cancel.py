@@ -1,7 +1,8 @@
 """Forwarding a client's CancelRequest to the backend that runs its query.
 
 A key names no worker or router (``cancel_map.py``), so one this worker did
-not issue is asked of every sibling worker; whoever issued it forwards it.
+not issue is asked of every sibling worker, then of every peer router
+(``fleet.py``); whoever issued it forwards it.
 A cancel nobody knows is a miss: each source address may miss a few times
 in a burst and then about twice a second (``MissBudget``); past that, its
 cancels are dropped unread until its budget refills. That is what makes a
@@ -23,6 +24,7 @@ from . import peers
 from . import protocol as pg
 from .cancel_map import CancelMap
 from .config import RouterConfig
+from .fleet import Peers
 from .inbox import ConnectionClosed, Inbox
 from .metrics import RouterMetrics
 
@@ -57,11 +59,12 @@ class MissBudget:
 
 class Canceller:
     def __init__(self, cancel_map: CancelMap, config: RouterConfig, metrics: RouterMetrics,
-                 misses: MissBudget | None = None) -> None:
+                 misses: MissBudget | None = None, peers: Peers | None = None) -> None:
         self.cancel_map = cancel_map
         self.config = config
         self.metrics = metrics
         self.misses = misses or MissBudget()
+        self.peers = peers
 
     async def handle(self, pid: int, secret: bytes, source: str) -> None:
         """A CancelRequest from a client at ``source`` (its address)."""
@@ -69,10 +72,18 @@ class Canceller:
         if not self.misses.allows(source, now):
             self.metrics.cancels.labels("rate_limited").inc()
             return
-        if await self.cancel_here(pid, secret) or await self._ask_siblings(pid, secret):
+        if await self.in_this_router(pid, secret):
+            return
+        if self.peers is not None and await self.peers.ask(pid, secret):
+            self.metrics.cancels.labels("to_peer").inc()
             return
         self.misses.missed(source, now)
         self.metrics.cancels.labels("unknown_key").inc()
+
+    async def in_this_router(self, pid: int, secret: bytes) -> bool:
+        """Forward the cancel if this worker or a sibling issued the key (what a peer
+        router's forwarded cancel gets: never passed on again)."""
+        return await self.cancel_here(pid, secret) or await self._ask_siblings(pid, secret)
 
     async def _ask_siblings(self, pid: int, secret: bytes) -> bool:
         directory = self.config.control_dir

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jobmesh import defaults
 
@@ -28,3 +28,8 @@ class RouterConfig:
     worker_index: int = 0
     listen_fd: int | None = None
     control_dir: str | None = None
+    # Many routers as one (fleet.py): where this router hears its peers' forwarded cancels,
+    # the peers it asks (names resolved on every ask), and the secret they all share.
+    peer_listen: tuple[str, int] | None = None
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    peer_secret: bytes | None = None

@@ -86,6 +86,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"worker processes sharing the listener (default {d.workers}; one per core uses "
         "every core)",
     )
+    p.add_argument(
+        "--peer-listen", metavar="HOST:PORT",
+        help="hear the other routers of the fleet here: cancels whose key they did not issue"
+        " (needs --peer-secret-file)",
+    )
+    p.add_argument(
+        "--peer", action="append", default=[], metavar="HOST:PORT",
+        help="another router's --peer-listen address, asked when a cancel's key is unknown "
+        "here; repeatable; a name is resolved on every ask (a headless Service: every pod)",
+    )
+    p.add_argument(
+        "--peer-secret-file", type=Path, metavar="FILE",
+        help="the secret (at least 16 bytes, mode 0600) every router of the fleet shares: it "
+        "authenticates forwarded cancels (env JOBMESH_ROUTER_PEER_SECRET_FILE)",
+    )
     # Set by the supervisor for its workers; not for people.
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
@@ -117,6 +132,18 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         listen_fd=args.listen_fd,
         control_dir=args.control_dir,
     )
+    if args.peer_listen:
+        config.peer_listen = parse_hostport(args.peer_listen, "--peer-listen")
+    config.peers = [parse_hostport(p, "--peer") for p in args.peer]
+    secret_file = args.peer_secret_file or os.environ.get("JOBMESH_ROUTER_PEER_SECRET_FILE")
+    if (config.peer_listen or config.peers) and not secret_file:
+        raise UsageError("--peer-listen and --peer need --peer-secret-file: forwarded cancels "
+                         "are authenticated")
+    if secret_file:
+        secret = read_secret_file(Path(secret_file), "--peer-secret-file").encode()
+        if len(secret) < 16:
+            raise UsageError("--peer-secret-file: the secret must be at least 16 bytes")
+        config.peer_secret = secret
     if not 1 <= args.workers <= 64:
         raise UsageError("--workers must be between 1 and 64")
     if args.wake_timeout <= 0 or args.activity_interval <= 0:

@@ -45,6 +45,7 @@ from .client_auth import CleartextExchange, Exchange, ScramExchange
 from .config import RouterConfig
 from .credentials import MockVerifiers
 from .errors import ClientError
+from .fleet import PeerAuth, Peers, serve_peers
 from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
@@ -75,7 +76,12 @@ class Router:
         self._job_sessions: Counter[str] = Counter()
         self.metrics = metrics or RouterMetrics()
         self.metrics.track_sessions(lambda: self.sessions)
-        self.canceller = Canceller(self.cancel_map, config, self.metrics)
+        peer_auth = PeerAuth(config.peer_secret) if config.peer_secret is not None else None
+        self._peer_auth = peer_auth
+        fleet = (Peers(config.peers, peer_auth, config.peer_listen, config.connect_timeout)
+                 if peer_auth is not None and config.peers else None)
+        self.canceller = Canceller(self.cancel_map, config, self.metrics, peers=fleet)
+        self._peer_server: asyncio.Server | None = None
         self.slots: Slots = (
             SharedSlots(Path(config.control_dir) / "slots") if config.control_dir else LocalSlots()
         )
@@ -108,6 +114,12 @@ class Router:
                 self.canceller.cancel_here,
                 lambda: generate_latest(self.metrics.registry),
             )
+        if self.config.peer_listen is not None:
+            assert self._peer_auth is not None, "a peer port needs the peer secret"
+            host, port = self.config.peer_listen
+            self._peer_server = await serve_peers(host, port, self._peer_auth,
+                                                  self.canceller.in_this_router, self.metrics,
+                                                  self.config.connect_timeout)
         if self.activity is not None:
             self.activity.start(self.active_jobs)
 
@@ -145,6 +157,8 @@ class Router:
             await asyncio.wait(self._handshakes, timeout=5)
         if self._control is not None:
             self._control.close()
+        if self._peer_server is not None:
+            self._peer_server.close()
         if self.activity is not None:
             await self.activity.close()
 

@@ -247,7 +247,7 @@ def test_secret_templates_render_valid_secrets_with_placeholder_credentials(
         secrets_rendered: list[dict[str, Any]]) -> None:
     secrets = of_kind(secrets_rendered, "Secret")
     assert {s["metadata"]["name"] for s in secrets} == {
-        "jobmesh-s3", "jobmesh-catalog", "jobmesh-api"}
+        "jobmesh-s3", "jobmesh-catalog", "jobmesh-api", "jobmesh-router-peer"}
     for s in secrets:
         kubernetes_validate.validate(s, K8S_VERSION, strict=True)
         assert s["metadata"]["namespace"] == "jobmesh"
@@ -483,11 +483,16 @@ def test_the_router_serves_6432_with_probes_and_metrics(target: str) -> None:
     docs = rendered(target)
     (c,) = named(docs, "Deployment", ROUTER)["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"postgres": 6432, "metrics": 9432}
+    assert ports == {"postgres": 6432, "metrics": 9432, "peers": 6433}
     assert "--listen=0.0.0.0:6432" in c["args"] and "--metrics=0.0.0.0:9432" in c["args"]
     assert c["readinessProbe"] and c["livenessProbe"]
     service = named(docs, "Service", ROUTER)
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(6432, "postgres")]
+    # the peers' name resolves to every router pod, draining ones too (fleet.py)
+    peers = named(docs, "Service", f"{ROUTER}-peers")
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"]
+    assert [(p["port"], p["targetPort"]) for p in peers["spec"]["ports"]] == [(6433, "peers")]
+    assert f"--peer={ROUTER}-peers:6433" in c["args"]
 
 
 @needs_kubectl
@@ -517,7 +522,8 @@ def test_router_and_controller_args_are_accepted_by_the_jobmesh_cli(
     from jobmesh.cli import build_parser
 
     docs = rendered(target)
-    env = dict(named(docs, "ConfigMap", "jobmesh-config")["data"], POD_NAMESPACE="jobmesh")
+    env = dict(named(docs, "ConfigMap", "jobmesh-config")["data"], POD_NAMESPACE="jobmesh",
+               POD_IP="10.1.2.3")
     for name in (ROUTER, CONTROLLER):
         (c,) = named(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
         argv = [expand(a, env) for a in c["args"]]
@@ -553,7 +559,8 @@ def test_every_selector_matches_the_pods_it_is_meant_for(target: str) -> None:
     for svc in of_kind(docs, "Service"):
         matching = [n for n, labels in templates.items()
                     if selects({"matchLabels": svc["spec"]["selector"]}, labels)]
-        assert matching == [svc["metadata"]["name"]], svc["metadata"]["name"]
+        assert matching == [svc["metadata"]["name"].removesuffix("-peers")], \
+            svc["metadata"]["name"]
     for pdb in of_kind(docs, "PodDisruptionBudget"):
         matching = [n for n, labels in templates.items()
                     if selects(pdb["spec"]["selector"], labels)]
