@@ -22,6 +22,10 @@ class RouterConfig:
     shutdown_timeout: float = 30.0
     wake_timeout: float = defaults.WAKE_TIMEOUT  # a client waits this long for its job to wake
     activity_interval: float = 5.0  # how often the catalog hears which jobs are in use
+    # Session mode keeps the backend connections clients leave, reset (pool.py): at most
+    # pool_size idle per job (0: none kept), each for server_idle_timeout seconds at most.
+    pool_size: int = 20
+    server_idle_timeout: float = 60.0
     # Worker mode (see supervisor.py): a socket inherited from the supervisor,
     # this worker's index, and the control directory the workers share.
     workers: int = 1

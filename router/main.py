@@ -87,6 +87,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "every core)",
     )
     p.add_argument(
+        "--pool-size", type=int, default=d.pool_size, metavar="N",
+        help="backend connections a job's leaving clients leave behind, reset with DISCARD "
+        f"ALL and kept for its next clients (default {d.pool_size}; 0: close them)",
+    )
+    p.add_argument(
+        "--server-idle-timeout", type=float, default=d.server_idle_timeout, metavar="S",
+        help="a kept backend connection is closed after S seconds unused "
+        f"(default {d.server_idle_timeout:g})",
+    )
+    p.add_argument(
         "--peer-listen", metavar="HOST:PORT",
         help="hear the other routers of the fleet here: cancels whose key they did not issue"
         " (needs --peer-secret-file)",
@@ -131,7 +141,11 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         worker_index=args.worker_index or 0,
         listen_fd=args.listen_fd,
         control_dir=args.control_dir,
+        pool_size=args.pool_size,
+        server_idle_timeout=args.server_idle_timeout,
     )
+    if args.pool_size < 0 or args.server_idle_timeout <= 0:
+        raise UsageError("--pool-size must be >= 0 and --server-idle-timeout positive")
     if args.peer_listen:
         config.peer_listen = parse_hostport(args.peer_listen, "--peer-listen")
     config.peers = [parse_hostport(p, "--peer") for p in args.peer]

@@ -78,6 +78,23 @@ class RouterMetrics:
             "1 while the router follows the catalog (LISTEN connected, cache loaded), else 0",
             registry=self.registry,
         )
+        self.server_idle = Gauge(
+            "jobmesh_router_server_connections_idle",
+            "Backend connections clients left, reset and kept for the job's next clients",
+            ["job"],
+            registry=self.registry,
+        )
+        self.server_reused = Counter(
+            "jobmesh_router_server_connections_reused_total",
+            "Clients served by a kept backend connection (no fork, no login)",
+            registry=self.registry,
+        )
+        self.server_not_kept = Counter(
+            "jobmesh_router_server_connections_not_kept_total",
+            "Backend connections closed when their client left: not idle (in a transaction,"
+            " COPY or mid-query), or the reset failed",
+            registry=self.registry,
+        )
         self.finished_bytes: Tally[tuple[str, str]] = Tally()
         self._collector = _SessionCollector(sessions, self.finished_bytes)
         self.registry.register(self._collector)

@@ -352,3 +352,8 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 def terminate() -> bytes:
     return message(b"X")
+
+
+def query(sql: str) -> bytes:
+    """A simple-protocol Query."""
+    return message(b"Q", _cstr(sql))

@@ -50,12 +50,13 @@ from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
 from .metrics import RouterMetrics
+from .pool import RESET_TIMEOUT, PoolKey, ServerPool, pool_key
 from .route_source import RouteSource
 from .routes import JobRoute, Principal
 from .session import Session
 from .shutdown import terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
-from .splice import Pipe, splice
+from .splice import ClientFeed, Pipe, splice
 from .startup import Startup, read_startup
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class Router:
         self._job_sessions: Counter[str] = Counter()
         self.metrics = metrics or RouterMetrics()
         self.metrics.track_sessions(lambda: self.sessions)
+        self.pool = ServerPool(config.pool_size, config.server_idle_timeout, self.metrics)
+        self._resets: set[asyncio.Task[None]] = set()
         peer_auth = PeerAuth(config.peer_secret) if config.peer_secret is not None else None
         self._peer_auth = peer_auth
         fleet = (Peers(config.peers, peer_auth, config.peer_listen, config.connect_timeout)
@@ -159,6 +162,9 @@ class Router:
             self._control.close()
         if self._peer_server is not None:
             self._peer_server.close()
+        if self._resets:
+            await asyncio.wait(self._resets, timeout=RESET_TIMEOUT + 1)
+        self.pool.close()
         if self.activity is not None:
             await self.activity.close()
 
@@ -376,6 +382,17 @@ class Router:
     ) -> bool:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        reuse = (pool_key(job.host, job.port, job.user, job.database, request.forwarded)
+                 if self.pool.enabled else None)
+        if reuse is not None and (pooled := self.pool.take(job.job_id, reuse)) is not None:
+            # A backend a client of the same key left, reset: no fork, no login.
+            inbox.write(b"".join(pooled.status))
+            self.metrics.backend_connect.observe(loop.time() - started)
+            if self._splice(inbox, pooled.inbox, job, request, Ready(b"I", b""), pooled.key,
+                            pipelined, slot, (reuse, pooled.status)):
+                return True
+            pooled.close()
+            return False
         handshake = BackendHandshake(job.user, job.database, job.password, request.forwarded)
         backend: Inbox | None = None
         spliced = False
@@ -383,12 +400,13 @@ class Router:
             async with asyncio.timeout(self.config.connect_timeout):
                 _, backend = await loop.create_connection(Inbox, job.host, job.port)
                 backend.write(handshake.startup_bytes())
-                ready, key = await self._backend_login(inbox, backend, handshake)
+                ready, key, status = await self._backend_login(inbox, backend, handshake)
             if ready is None:  # the backend said no; its ErrorResponse was relayed
                 inbox.close()
                 return False
             self.metrics.backend_connect.observe(loop.time() - started)
-            spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot)
+            spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot,
+                                   None if reuse is None else (reuse, status))
             return spliced
         except (ConnectionRefusedError, ConnectionResetError, ConnectionClosed) as exc:
             detail = getattr(exc, "strerror", None) or "connection closed during login"
@@ -408,8 +426,11 @@ class Router:
 
     async def _backend_login(
         self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake
-    ) -> tuple[Ready | None, KeyData]:
+    ) -> tuple[Ready | None, KeyData, list[bytes]]:
+        """Log in; the backend's ReadyForQuery (None: it refused), key and ParameterStatus
+        messages (what a later client of a pooled connection is told again)."""
         key = KeyData(0, b"\0" * 4)
+        status: list[bytes] = []
         while True:
             event = handshake.next_event()
             if event is None:
@@ -418,6 +439,8 @@ class Router:
                 backend.write(event.data)
             elif isinstance(event, Relay):
                 inbox.write(event.data)
+                if event.data[:1] == b"S":
+                    status.append(event.data)
             elif isinstance(event, KeyData):
                 key = event
             elif isinstance(event, BackendError):
@@ -428,10 +451,10 @@ class Router:
                     raise errors.NotAnswering(error, message)
                 self.metrics.errors.labels(code).inc()
                 inbox.write(event.raw)
-                return None, key
+                return None, key, status
             else:
                 assert isinstance(event, Ready)
-                return event, key
+                return event, key, status
 
     def _splice(
         self,
@@ -443,6 +466,7 @@ class Router:
         key: KeyData,
         pipelined: bytes,
         slot: object | None,
+        reuse: tuple[PoolKey, list[bytes]] | None = None,
     ) -> bool:
         if inbox.closed or backend.closed:
             inbox.close()
@@ -454,23 +478,29 @@ class Router:
         secret = self.cancel_map.issue(backend_key, request.key_length)
         inbox.write(pg.backend_key_data(key.pid, secret) + pg.ready_for_query(ready.status))
         session = Session(job, request.user, secret, key.pid, slot)
+        if reuse is not None:
+            session.reuse = (reuse[0], key, reuse[1])
         self.sessions.add(session)
         self._job_sessions[job.job_id] += 1
         self._drained.clear()
         assert inbox.transport is not None and backend.transport is not None
+        if session.reuse is not None:
+            session.feed = ClientFeed(backend.transport.write, inbox.transport.close)
         session.spliced(splice(
-            inbox.transport, backend.transport, lambda survivor: self._ended(session, survivor)
+            inbox.transport, backend.transport, lambda survivor: self._ended(session, survivor),
+            session.feed,
         ))
         to_backend = pipelined + inbox.take_buffered()
         if to_backend:
-            backend.transport.write(to_backend)
+            (session.feed or backend.transport.write)(to_backend)
         to_client = ready.leftover + backend.take_buffered()
         if to_client:
             inbox.transport.write(to_client)
         inbox.transport.resume_reading()
         return True
 
-    def _ended(self, session: Session, survivor: Pipe) -> None:
+    def _ended(self, session: Session, survivor: Pipe) -> bool:
+        """A session is over; True when its backend is kept (to be reset and pooled)."""
         session.freeze_bytes(survivor)
         self.sessions.discard(session)
         self._job_sessions[session.job_id] -= 1
@@ -484,6 +514,25 @@ class Router:
             self.slots.release(session.slot)
         if not self.sessions:
             self._drained.set()
+        if (session.reuse is None or self._stopping or session.pipes is None
+                or survivor is not session.pipes[1]):
+            return False  # the backend went (or the router stops): nothing to keep
+        pool_as, key, status = session.reuse
+        task = asyncio.get_running_loop().create_task(
+            self._keep(session.job_id, pool_as, survivor.transport, key, status))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+        return True
+
+    async def _keep(self, job_id: str, pool_as: PoolKey, backend: asyncio.Transport,
+                    key: KeyData, status: list[bytes]) -> None:
+        pooled = await self.pool.reset(backend, key, status)
+        if pooled is None:
+            log.debug("job %s: a backend its client left was not idle: closed", job_id)
+        elif self._stopping:
+            pooled.close()
+        else:
+            self.pool.put(job_id, pool_as, pooled)
 
 
 def _source(inbox: Inbox) -> str:

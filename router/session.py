@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from . import tcp_info
+from .backend_handshake import KeyData
+from .pool import PoolKey
 from .routes import JobRoute
-from .splice import Pipe
+from .splice import ClientFeed, Pipe
 
 
 class Session:
     """A spliced client/backend pair."""
 
     __slots__ = (
-        "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "job", "pipes", "slot",
-        "user",
+        "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "feed", "job",
+        "pipes", "reuse", "slot", "user",
     )
 
     def __init__(self, job: JobRoute, user: str, cancel_secret: bytes, backend_pid: int,
@@ -22,6 +24,9 @@ class Session:
         self.cancel_secret = cancel_secret  # with backend_pid: the client's cancel key
         self.backend_pid = backend_pid
         self.slot = slot
+        # what pooling its backend needs once the client leaves (None: not pooled)
+        self.reuse: tuple[PoolKey, KeyData, list[bytes]] | None = None
+        self.feed: ClientFeed | None = None  # its client's writer, when pooled
         self.pipes: tuple[Pipe, Pipe] | None = None
         # Counts are in "client socket" terms: bytes the client sent, bytes it acked.
         self._at_splice: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))

@@ -27,7 +27,8 @@ class Pipe(asyncio.BaseProtocol):
 
     __slots__ = ("data_received", "on_lost", "peer", "transport")
 
-    def __init__(self, transport: asyncio.Transport, on_lost: Callable[[Pipe], None]) -> None:
+    def __init__(self, transport: asyncio.Transport,
+                 on_lost: Callable[[Pipe], bool | None]) -> None:
         self.transport = transport
         self.peer: Pipe | None = None
         self.on_lost = on_lost
@@ -47,9 +48,10 @@ class Pipe(asyncio.BaseProtocol):
         self.peer = None
         peer.peer = None
         self.data_received = peer.data_received = _discard
-        # The peer's socket is still open: on_lost can read its kernel counters.
-        self.on_lost(peer)
-        peer.transport.close()
+        # The peer's socket is still open: on_lost can read its kernel counters, and keep
+        # it open (a backend whose client left, to be reset and pooled: pool.py).
+        if not self.on_lost(peer):
+            peer.transport.close()
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -64,18 +66,66 @@ def _discard(data: bytes) -> None:
     pass
 
 
+class ClientFeed:
+    """The client-to-backend writer of a session whose backend may be pooled: it follows
+    the client's message boundaries (a header per message: O(1) per chunk of a large
+    message) so that a Terminate is seen exactly and never reaches the backend, which it
+    would end. At a Terminate, ``on_terminate`` runs (the router closes the client, as
+    PgBouncer does, and keeps the backend). A Python call per client chunk; the backend's
+    direction stays a C-level write."""
+
+    __slots__ = ("head", "left", "on_terminate", "write")
+
+    def __init__(self, write: Callable[[bytes], None], on_terminate: Callable[[], None]) -> None:
+        self.write = write
+        self.on_terminate = on_terminate
+        self.left = 0  # bytes of the current message still to come
+        self.head = b""  # a message header cut by the chunk's end (held back)
+
+    def __call__(self, data: bytes) -> None:
+        n = len(data)
+        if self.left >= n:  # inside a long message (COPY data): no parsing
+            self.left -= n
+            self.write(data)
+            return
+        if self.head:
+            data, self.head = self.head + data, b""
+            n = len(data)
+        pos = self.left
+        while pos < n:
+            if pos + 5 > n:  # a header cut in two: hold it until it is whole
+                self.head = data[pos:]
+                data = data[:pos]
+                break
+            length = int.from_bytes(data[pos + 1:pos + 5])
+            if data[pos] == 0x58 and length == 4:  # Terminate
+                if pos:
+                    self.write(data[:pos])
+                self.left = 0
+                self.on_terminate()
+                return
+            pos += 1 + length
+        self.left = max(pos - n, 0)
+        if data:
+            self.write(data)
+
+
 def splice(
     client: asyncio.Transport,
     backend: asyncio.Transport,
-    on_lost: Callable[[Pipe], None],
+    on_lost: Callable[[Pipe], bool | None],
+    feed: ClientFeed | None = None,
 ) -> tuple[Pipe, Pipe]:
-    """Join two transports; ``on_lost(surviving_pipe)`` runs once when either side goes."""
+    """Join two transports; ``on_lost(surviving_pipe)`` runs once when either side goes, and
+    the survivor's transport is closed unless it returns True (then it is the caller's).
+    ``feed`` (made with ``backend.write``) keeps a client's Terminate from the backend, for a
+    backend that is to be pooled."""
     from_client = Pipe(client, on_lost)
     from_backend = Pipe(backend, on_lost)
     from_client.peer = from_backend
     from_backend.peer = from_client
     # Must be set before set_protocol: uvloop caches data_received there.
-    from_client.data_received = backend.write
+    from_client.data_received = feed or backend.write
     from_backend.data_received = client.write
     client.set_protocol(from_client)
     backend.set_protocol(from_backend)
