@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from jobmesh.agent.postgres import free_port
 from jobmesh.defaults import WAL_WINDOW
 from tests.support.kube_mesh import KubeMesh
 from tests.support.ledger import Ledger
@@ -349,6 +351,30 @@ async def test_idle_jobs_are_paused(mesh: Mesh) -> None:
     await mesh.create_job("alpha")
     await mesh.wait_state("alpha", "paused")
     assert [e.kind for e in await mesh.catalog.events("alpha", kind="idle")] == ["idle"]
+
+
+async def test_a_backend_kept_for_the_next_client_does_not_keep_its_job_awake(
+        mesh: Mesh) -> None:
+    """The router keeps a leaving client's backend (session pooling); that is no session:
+    the job still pauses when idle, and its next client wakes it on a fresh backend."""
+    metrics = free_port()
+    mesh.start_controller("--idle-timeout", "2")
+    mesh.start_router("--server-idle-timeout", "3600", "--metrics", f"127.0.0.1:{metrics}")
+    await mesh.add_user("alice", PW, alpha="write")
+    await mesh.create_job("alpha")
+    dsn = mesh.dsn("alpha", "alice", PW)
+
+    def kept() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            return 'jobmesh_router_server_connections_idle{job="alpha"} 1.0' in r.read().decode()
+
+    first = psql(dsn, "SELECT pg_backend_pid()")
+    await until(kept, "the backend kept for the next client")
+    assert psql(dsn, "SELECT pg_backend_pid()") == first  # kept, and reused
+    await until(kept, "the backend kept again")
+    await mesh.wait_state("alpha", "paused")  # the kept backend did not hold it up
+    assert psql(dsn, "SELECT pg_backend_pid()") != first  # woken: a new server
+    assert (await mesh.catalog.job("alpha")).state == "running"
 
 
 async def test_max_running_evicts_the_least_recently_active_job(mesh: Mesh) -> None:
