@@ -1,10 +1,13 @@
-"""The spliced phase: bytes both ways, never parsed, never touched by Python.
+"""The spliced phase: bytes both ways, results never parsed nor touched by Python.
 
 After the handshake each transport gets a ``Pipe`` as its protocol. A pipe's
 ``data_received`` *is* the peer transport's ``write``: uvloop caches that
 bound method when the protocol is set and calls it from Cython on every
-read, so relaying a message runs no Python bytecode at all. Byte counts come
-from the kernel (``tcp_info``), not from the hot path.
+read, so relaying a message runs no Python bytecode at all. The one
+exception is the client's direction of a session whose backend is to be
+pooled: there ``data_received`` is a ``ClientFeed``, which reads one header
+per message to keep the client's Terminate from the backend. Byte counts
+come from the kernel (``tcp_info``), not from the hot path.
 
 Flow control couples the two sides: when a transport's write buffer passes
 its high-water mark, its pipe gets ``pause_writing`` and stops reading on
