@@ -60,6 +60,14 @@ def not_granted(user: str, job_id: str) -> ClientError:
     )
 
 
+def not_console_user(user: str) -> ClientError:
+    return ClientError(
+        "42501",
+        f'permission denied: user "{user}" may not use the admin console',
+        "The console is for admin principals, and stats principals (SHOW only).",
+    )
+
+
 def too_many(what: str, hint: str) -> ClientError:
     return ClientError("53300", f"sorry, too many clients already ({what})", hint)
 

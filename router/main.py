@@ -280,10 +280,11 @@ async def _run_router(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     if catalog is not None:
-        loop.add_signal_handler(signal.SIGHUP, catalog.resync)
+        router.on_reload = catalog.resync
     else:
         assert routes_path is not None
-        loop.add_signal_handler(signal.SIGHUP, _reload, router, routes_path)
+        router.on_reload = lambda: _reload(router, routes_path)
+    loop.add_signal_handler(signal.SIGHUP, router.request_reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if worker:

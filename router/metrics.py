@@ -107,6 +107,15 @@ class RouterMetrics:
         """Sessions live on this loop; scrapes from other threads read them there."""
         self._collector.loop = loop
 
+    def byte_totals(self, sessions: Iterable[SessionView]) -> Tally[tuple[str, str]]:
+        """Bytes relayed per (job, direction), finished sessions' and live ones'."""
+        totals = Tally(self.finished_bytes)
+        for s in sessions:
+            rx, tx = s.byte_counts()
+            totals[(s.job_id, "in")] += rx
+            totals[(s.job_id, "out")] += tx
+        return totals
+
     def session_finished(self, session: SessionView) -> None:
         rx, tx = session.byte_counts()
         self.finished_bytes[(session.job_id, "in")] += rx

@@ -87,6 +87,18 @@ class ServerPool:
             return len(self._idle.get(job_id, ()))
         return sum(len(d) for d in self._idle.values())
 
+    def idle_by_user(self) -> dict[tuple[str, str], int]:
+        """(job, backend role) -> idle connections kept (the admin console's pools)."""
+        counts: dict[tuple[str, str], int] = {}
+        for job_id, idle in self._idle.items():
+            for key in idle.values():
+                counts[(job_id, key[2])] = counts.get((job_id, key[2]), 0) + 1
+        return counts
+
+    def all_idle(self) -> list[tuple[str, str, Pooled]]:
+        return [(job_id, key[2], pooled) for job_id, idle in self._idle.items()
+                for pooled, key in idle.items()]
+
     def take(self, job_id: str, key: PoolKey) -> Pooled | None:
         """The most recently kept idle connection of ``key``, or None."""
         idle = self._idle.get(job_id)

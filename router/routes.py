@@ -12,6 +12,8 @@ max_connections = 100     # optional per-job client limit
 [users.alice]
 password = "s3cret"       # plain text or a SCRAM-SHA-256$... verifier
 jobs = ["alpha"]          # job ids, or "*"
+admin = false             # optional: write everywhere, every admin console command
+stats = false             # optional: the admin console's SHOW commands only
 ```
 
 Loading validates everything up front and raises ``RouteFileError`` with
@@ -44,6 +46,7 @@ from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
 
 JOB_DATABASE_PREFIX = "job_"
 ADMIN_DATABASE = "jobmesh"
+ADMIN_ALIASES = frozenset({ADMIN_DATABASE, "pgbouncer"})  # (what PgBouncer tools ask for)
 
 
 class RouteFileError(ValueError):
@@ -68,7 +71,8 @@ class Principal:
     name: str
     verifier: ScramVerifier
     grants: tuple[tuple[str, Access], ...] = ()  # (pattern, access): "alpha", "scrape-*", "*"
-    admin: bool = False  # write on every job
+    admin: bool = False  # write on every job, and every admin console command
+    stats: bool = False  # the admin console's SHOW commands (PgBouncer's stats_users)
 
     def access(self, job_id: str) -> Access | None:
         """What this principal may do on ``job_id``; when several grants match, write wins."""
@@ -172,7 +176,7 @@ def _parse_job(job_id: str, raw: Any, where: str) -> JobRoute:
 def _parse_user(name: str, raw: Any, where: str) -> Principal:
     at = f"{where}: users.{name}"
     t = _table(raw, at)
-    _no_unknown(t, {"password", "jobs"}, at)
+    _no_unknown(t, {"password", "jobs", "admin", "stats"}, at)
     password = _get(t, "password", str, at, required=True)
     try:
         verifier = credential_from_config(password)
@@ -188,7 +192,11 @@ def _parse_user(name: str, raw: Any, where: str) -> Principal:
     for j in jobs:
         if j != "*" and not is_job_id(j):
             raise RouteFileError(f"{at}.jobs: {j!r} is not a valid job id")
-    return Principal(name, verifier, tuple((j, "write") for j in dict.fromkeys(jobs)))
+    admin, stats = t.get("admin", False), t.get("stats", False)
+    if not isinstance(admin, bool) or not isinstance(stats, bool):
+        raise RouteFileError(f"{at}: admin and stats must be true or false")
+    return Principal(name, verifier, tuple((j, "write") for j in dict.fromkeys(jobs)),
+                     admin=admin, stats=stats)
 
 
 def _table(raw: Any, at: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import logging
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -30,6 +30,7 @@ from jobmesh.controller.catalog.states import Access
 from . import errors, peers
 from . import protocol as pg
 from .activity import ActivityReporter
+from .admin import Console
 from .backend_handshake import (
     BackendAuthFailed,
     BackendError,
@@ -78,6 +79,9 @@ class Router:
         self.metrics = metrics or RouterMetrics()
         self.metrics.track_sessions(lambda: self.sessions)
         self.pool = ServerPool(config.pool_size, config.server_idle_timeout, self.metrics)
+        self.assignments: Counter[str] = Counter()  # sessions given a backend, per job
+        self._statuses: dict[tuple[bytes, ...], list[bytes]] = {}
+        self.on_reload: Callable[[], None] | None = None  # what RELOAD does (main.py sets it)
         self._resets: set[asyncio.Task[None]] = set()
         peer_auth = PeerAuth(config.peer_secret) if config.peer_secret is not None else None
         self._peer_auth = peer_auth
@@ -168,6 +172,22 @@ class Router:
         if self.activity is not None:
             await self.activity.close()
 
+    def _shared(self, status: list[bytes]) -> list[bytes]:
+        """One list for every session whose login said the same (it is kept per session
+        for pooling: about 1 KB each otherwise); never mutated (pool.reset copies it)."""
+        key = tuple(status)
+        found = self._statuses.get(key)
+        if found is None:
+            if len(self._statuses) >= 4096:
+                self._statuses.clear()
+            found = self._statuses[key] = status
+        return found
+
+    def request_reload(self) -> None:
+        """The admin console's RELOAD: what SIGHUP does."""
+        if self.on_reload is not None:
+            self.on_reload()
+
     def _new_inbox(self) -> Inbox:
         inbox = Inbox()
         inbox.on_made = self._spawn_handshake
@@ -211,6 +231,13 @@ class Router:
             request = self._check_startup(inbox, startup, tls)
             user, job_id = request.user, request.job_id
             principal = await self._authenticate(inbox, hs, user, tls)
+        if request.console:
+            if not (principal.admin or principal.stats):
+                raise errors.not_console_user(user)
+            inbox.write(pg.auth_ok())
+            console = Console(self, inbox, user, admin=principal.admin)
+            await console.serve(hs.authenticated())
+            return
         # Only now, with the client known, may a lookup reveal or wake anything.
         job = self.routes.job(job_id) or await self.routes.look_again(job_id)
         if job is None:
@@ -406,7 +433,7 @@ class Router:
                 return False
             self.metrics.backend_connect.observe(loop.time() - started)
             spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot,
-                                   None if reuse is None else (reuse, status))
+                                   None if reuse is None else (reuse, self._shared(status)))
             return spliced
         except (ConnectionRefusedError, ConnectionResetError, ConnectionClosed) as exc:
             detail = getattr(exc, "strerror", None) or "connection closed during login"
@@ -478,6 +505,7 @@ class Router:
         secret = self.cancel_map.issue(backend_key, request.key_length)
         inbox.write(pg.backend_key_data(key.pid, secret) + pg.ready_for_query(ready.status))
         session = Session(job, request.user, secret, key.pid, slot)
+        self.assignments[job.job_id] += 1
         if reuse is not None:
             session.reuse = (reuse[0], key, reuse[1])
         self.sessions.add(session)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 from . import tcp_info
 from .backend_handshake import KeyData
 from .pool import PoolKey
 from .routes import JobRoute
 from .splice import ClientFeed, Pipe
 
+_IDS = itertools.count(1)
+
 
 class Session:
     """A spliced client/backend pair."""
 
     __slots__ = (
-        "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "feed", "job",
-        "pipes", "reuse", "slot", "user",
+        "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "connected_at", "feed",
+        "id", "job", "pipes", "reuse", "slot", "user",
     )
 
     def __init__(self, job: JobRoute, user: str, cancel_secret: bytes, backend_pid: int,
@@ -24,6 +29,8 @@ class Session:
         self.cancel_secret = cancel_secret  # with backend_pid: the client's cancel key
         self.backend_pid = backend_pid
         self.slot = slot
+        self.id = next(_IDS)  # the admin console's client id (KILL_CLIENT)
+        self.connected_at = time.time()
         # what pooling its backend needs once the client leaves (None: not pooled)
         self.reuse: tuple[PoolKey, KeyData, list[bytes]] | None = None
         self.feed: ClientFeed | None = None  # its client's writer, when pooled

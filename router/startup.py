@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from . import errors
 from . import protocol as pg
 from .errors import ClientError
-from .routes import ADMIN_DATABASE, JOB_DATABASE_PREFIX, job_id_from_database
+from .routes import ADMIN_ALIASES, JOB_DATABASE_PREFIX, job_id_from_database
 
 # The cancel secret's length: 4 bytes is all protocol 3.0 has; a 3.2 client (libpq 18
 # with max_protocol_version=3.2) takes a longer one, 32 bytes as PostgreSQL 18 sends.
@@ -31,6 +31,7 @@ class Startup:
     forwarded: dict[str, str]  # for the backend's StartupMessage
     negotiate: bytes | None  # a NegotiateProtocolVersion to send first, if any
     key_length: int = KEY_3_0  # bytes of the cancel secret its BackendKeyData carries
+    console: bool = False  # dbname=jobmesh (or pgbouncer): the admin console
 
 
 def read_startup(startup: pg.StartupMessage) -> Startup:
@@ -46,12 +47,8 @@ def read_startup(startup: pg.StartupMessage) -> Startup:
             "replication connections are not supported through the router",
             "Connect to the job's PostgreSQL directly for replication.",
         )
-    if database == ADMIN_DATABASE:
-        raise ClientError(
-            "3D000",
-            'the admin console database "jobmesh" is not available on this router',
-            "Connect with dbname=job_<id>.",
-        )
+    if database in ADMIN_ALIASES:
+        return Startup(user, "", {}, None, console=True)  # (admin.py: protocol 3.0, no options)
     job_id = job_id_from_database(database)
     if job_id is None:
         if database.startswith(JOB_DATABASE_PREFIX):
