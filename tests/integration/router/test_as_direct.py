@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
-import struct
 
 import asyncpg
 import psycopg
 import pytest
 
-from jobmesh.agent.postgres import free_port
-from tests.support.router import routes_toml
-from tests.support.waiting import until
+from tests.support.cancels import send_cancel, sleep_and_cancel, waiting_victim
 
-from .test_lifecycle import _next_result, scrape
+from .test_lifecycle import scrape
 
 pytestmark = pytest.mark.timeout(90)
-
-CANCEL_REQUEST_CODE = 80877102
-
 
 def _connect(router, **kw) -> psycopg.Connection:
     return psycopg.connect(router.dsn(**kw), connect_timeout=10, autocommit=True)
@@ -68,36 +61,11 @@ def test_notify_names_its_sender_as_the_sender_knows_itself(router):
 def test_a_protocol_3_2_client_gets_3_2_and_its_long_key_cancels(router):
     # Direct to PostgreSQL 15 this client would get 3.0 and a 4-byte key; the router speaks
     # 3.2 to it (the only change 3.2 makes: a longer cancel key) and 3.0 to the backend.
-    with _connect(router, max_protocol_version="3.2") as conn:
+    dsn = router.dsn(max_protocol_version="3.2")
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
         assert conn.info.pgconn.full_protocol_version == 30002
         assert conn.info.backend_pid == conn.execute("select pg_backend_pid()").fetchone()[0]
-        conn.pgconn.send_query(b"select pg_sleep(60)")
-        while conn.pgconn.flush():
-            pass
-        conn.cancel_safe(timeout=10)
-        res = _next_result(conn.pgconn)
-        assert res is not None
-        assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"57014"
-        while _next_result(conn.pgconn) is not None:
-            pass
-        assert conn.execute("select 1").fetchone() == (1,)
-
-
-def _send_cancel(port: int, pid: int, secret: int, source: str = "127.0.0.1") -> None:
-    """One CancelRequest from ``source``; returns once the router has closed it (by then a
-    cancel it forwarded has reached Postgres)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(source, 0)) as s:
-        s.sendall(struct.pack("!iiIi", 16, CANCEL_REQUEST_CODE, pid, secret))
-        assert s.recv(1) == b""
-
-
-@pytest.fixture
-def metrics_router(router_factory, pg):
-    port = free_port()
-    r = router_factory(routes_toml(pg), "--metrics", f"127.0.0.1:{port}")
-    r.metrics_port = port
-    return r
+    sleep_and_cancel(dsn)  # its 32-byte key is the only one the router would match
 
 
 async def test_a_spray_of_wrong_keys_is_rate_limited_and_cancels_nothing(metrics_router):
@@ -105,26 +73,15 @@ async def test_a_spray_of_wrong_keys_is_rate_limited_and_cancels_nothing(metrics
     address has 20 misses in a burst, then about 2 a second, then is throttled; even the
     right key from it is dropped while it is. From another address the right key works."""
     r = metrics_router
-    lock = secrets.randbelow(2**31)
-    holder, victim = await _aconnect(r), await _aconnect(r)
-    try:
-        await holder.execute("select pg_advisory_lock($1)", lock)
-        waiting = asyncio.create_task(victim.execute("select pg_advisory_lock($1)", lock))
-        pid, secret = victim.get_server_pid(), victim._protocol.backend_secret
-
-        async def blocked() -> bool:
-            return await holder.fetchval(
-                "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", pid)
-
-        await until(blocked, "the victim to wait for the lock")
+    async with waiting_victim(r.port) as v:
         sprayed = 0
         while sprayed < 300:
             guess = secrets.randbits(32) - 2**31
-            if guess != secret:
-                await asyncio.to_thread(_send_cancel, r.port, pid, guess)
+            if guess != v.secret:
+                await asyncio.to_thread(send_cancel, r.port, v.pid, guess)
                 sprayed += 1
-        await asyncio.to_thread(_send_cancel, r.port, pid, secret)  # throttled: dropped
-        assert await blocked() and not waiting.done()  # nothing cancelled it
+        await asyncio.to_thread(send_cancel, r.port, v.pid, v.secret)  # throttled: dropped
+        assert await v.blocked() and not v.waiting.done()  # nothing cancelled it
 
         counts = scrape(r.metrics_port)
 
@@ -135,11 +92,8 @@ async def test_a_spray_of_wrong_keys_is_rate_limited_and_cancels_nothing(metrics
         assert outcome("unknown_key") + outcome("rate_limited") == 301
         assert outcome("forwarded") == 0
 
-        await asyncio.to_thread(_send_cancel, r.port, pid, secret, "127.0.0.2")
+        await asyncio.to_thread(send_cancel, r.port, v.pid, v.secret, "127.0.0.2")
         with pytest.raises(asyncpg.QueryCanceledError):
-            await asyncio.wait_for(waiting, 20)
+            await asyncio.wait_for(v.waiting, 20)
         assert scrape(r.metrics_port)[
             ("jobmesh_router_cancel_requests_total", (("outcome", "forwarded"),))] == 1
-    finally:
-        await holder.close()
-        await victim.close()

@@ -18,7 +18,6 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobmesh.agent.postgres import free_port
 from tests.support.postgres import SUPERUSER_PASSWORD
 from tests.support.router import routes_toml
 
@@ -63,14 +62,6 @@ def refused_login(router, **kw: str) -> psycopg.OperationalError:
     with pytest.raises(psycopg.OperationalError) as exc_info:
         psycopg.connect(router.dsn(**kw), connect_timeout=10)
     return exc_info.value
-
-
-@pytest.fixture
-def metrics_router(router_factory, pg):
-    port = free_port()
-    r = router_factory(routes_toml(pg), "--metrics", f"127.0.0.1:{port}")
-    r.metrics_port = port
-    return r
 
 
 # --- startup timeout -------------------------------------------------------------------

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import urllib.request
 
 import psycopg
 import pytest
 
 from jobmesh.agent.postgres import free_port
+from tests.support.cancels import sleep_and_cancel
 from tests.support.postgres import SUPERUSER_PASSWORD
 from tests.support.router import routes_toml
 
@@ -21,40 +21,12 @@ def _connect(router, **kw) -> psycopg.Connection:
     return psycopg.connect(router.dsn(**kw), connect_timeout=10, autocommit=True)
 
 
-def _start_sleep_and_cancel(router) -> None:
-    with _connect(router) as conn:
-        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-        errors: list[BaseException] = []
-
-        def sleeper() -> None:
-            try:
-                conn.execute("select pg_sleep(30)")
-            except BaseException as exc:  # handed to the test thread
-                errors.append(exc)
-
-        t = threading.Thread(target=sleeper)
-        t.start()
-        with psycopg.connect(router.dsn(), connect_timeout=10, autocommit=True) as probe:
-            # Wait until the backend is really sleeping, or the cancel would be ignored.
-            while t.is_alive():
-                row = probe.execute(
-                    "select wait_event from pg_stat_activity where pid = %s", (pid,)
-                ).fetchone()
-                if row and row[0] == "PgSleep":
-                    break
-                t.join(0.02)
-        conn.cancel_safe(timeout=10)
-        t.join(20)
-        assert not t.is_alive()
-        assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
-
-
 def test_cancel_requests_reach_the_session_whichever_worker_receives_them(router_factory, pg):
     router = router_factory(routes_toml(pg), "--workers", "2")
     # Each cancel connection lands on either worker; if forwarding between
     # workers were broken, about half of these would time out.
     for _ in range(8):
-        _start_sleep_and_cancel(router)
+        sleep_and_cancel(router.dsn())
 
 
 def test_job_connection_limit_is_exact_across_workers(router_factory, pg):
