@@ -39,7 +39,14 @@ log = logging.getLogger(__name__)
 RESET_QUERY = "DISCARD ALL"
 RESET_TIMEOUT = 5.0  # s for the reset's answer; a backend slower than that is closed
 
+CROWDED_RETRIES = 3  # kept connections closed at most, one by one, for a client PostgreSQL
+# refused as too many (53300) while connections of other startup parameters sat kept
+
 PoolKey = tuple[str, int, str, str, tuple[tuple[str, str], ...]]
+
+
+class Crowded(Exception):
+    """PostgreSQL said "too many clients" while the job has connections kept idle."""
 
 
 def pool_key(host: str, port: int, user: str, database: str,
@@ -115,6 +122,24 @@ class ServerPool:
             pooled.close()
         self._count(job_id)
         return None
+
+    async def evict_oldest(self, job_id: str, timeout: float = 5.0) -> bool:
+        """Close the job's oldest kept connection and wait until PostgreSQL has closed it
+        (its slot is free by then); False when the job keeps none."""
+        idle = self._idle.get(job_id)
+        if not idle:
+            return False
+        oldest, _ = idle.popitem(last=False)
+        self._count(job_id)
+        if oldest.timer is not None:
+            oldest.timer.cancel()
+        oldest.inbox.write(pg.terminate())
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(timeout):
+                while True:  # until the backend has exited and closed its end
+                    await oldest.inbox.read()
+        oldest.inbox.close()
+        return True
 
     def _count(self, job_id: str) -> None:
         idle = self._idle.get(job_id)

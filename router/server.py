@@ -51,7 +51,7 @@ from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
 from .metrics import RouterMetrics
-from .pool import RESET_TIMEOUT, PoolKey, ServerPool, pool_key
+from .pool import CROWDED_RETRIES, RESET_TIMEOUT, Crowded, PoolKey, ServerPool, pool_key
 from .route_source import RouteSource
 from .routes import JobRoute, Principal
 from .session import Session
@@ -420,6 +420,22 @@ class Router:
                 return True
             pooled.close()
             return False
+        for _ in range(CROWDED_RETRIES):
+            try:
+                return await self._log_in(inbox, job, request, reuse, pipelined, slot, started)
+            except Crowded:
+                # PostgreSQL is full, partly of connections kept idle for clients of other
+                # startup parameters: close the job's oldest kept one, then try again.
+                if not await self.pool.evict_oldest(job.job_id):
+                    break
+        return await self._log_in(inbox, job, request, None, pipelined, slot, started)
+
+    async def _log_in(self, inbox: Inbox, job: JobRoute, request: Startup,
+                      reuse: PoolKey | None, pipelined: bytes, slot: object | None,
+                      started: float) -> bool:
+        """A fresh backend connection, logged in and spliced (``reuse``: poolable, and a
+        53300 from a backend whose job has kept connections raises Crowded)."""
+        loop = asyncio.get_running_loop()
         handshake = BackendHandshake(job.user, job.database, job.password, request.forwarded)
         backend: Inbox | None = None
         spliced = False
@@ -427,7 +443,9 @@ class Router:
             async with asyncio.timeout(self.config.connect_timeout):
                 _, backend = await loop.create_connection(Inbox, job.host, job.port)
                 backend.write(handshake.startup_bytes())
-                ready, key, status = await self._backend_login(inbox, backend, handshake)
+                crowded = job.job_id if reuse is not None else None
+                ready, key, status = await self._backend_login(inbox, backend, handshake,
+                                                               crowded)
             if ready is None:  # the backend said no; its ErrorResponse was relayed
                 inbox.close()
                 return False
@@ -452,7 +470,8 @@ class Router:
                 backend.close()
 
     async def _backend_login(
-        self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake
+        self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake,
+        crowded: str | None = None,
     ) -> tuple[Ready | None, KeyData, list[bytes]]:
         """Log in; the backend's ReadyForQuery (None: it refused), key and ParameterStatus
         messages (what a later client of a pooled connection is told again)."""
@@ -476,6 +495,8 @@ class Router:
                     message = event.fields.get("M", "cannot connect now")
                     error = ClientError(code, message, event.fields.get("H"))
                     raise errors.NotAnswering(error, message)
+                if code == "53300" and crowded is not None and self.pool.idle_count(crowded):
+                    raise Crowded
                 self.metrics.errors.labels(code).inc()
                 inbox.write(event.raw)
                 return None, key, status

@@ -180,3 +180,23 @@ def test_pgbench_new_connection_per_transaction_is_served_from_the_pool(pooled, 
     assert proc.returncode == 0, proc.stderr
     assert "number of transactions actually processed: 100/100" in proc.stdout
     assert _metric(pooled, REUSED) >= 50  # most of its 100 connections took a kept backend
+
+
+async def test_a_full_postgres_gives_up_kept_connections_for_a_new_client(router_factory,
+                                                                          pg_factory):
+    """Kept connections of other startup parameters (each application_name pools apart)
+    must not lock a new client out: PostgreSQL's 53300 closes the oldest kept one."""
+    small = pg_factory(f"small{secrets.token_hex(2)}", max_connections="6",
+                       superuser_reserved_connections="0")
+    r = _router(router_factory, small)
+    pids = []
+    for i in range(6):  # fill it with kept connections, each its own pool
+        with _connect(r, application_name=f"app{i}") as conn:
+            pids.append(conn.info.backend_pid)
+        await _idle(r, i + 1)
+    with _connect(r, application_name="newcomer") as conn:
+        assert conn.execute("show application_name").fetchone() == ("newcomer",)
+        assert conn.info.backend_pid not in pids
+    await _idle(r, 6)  # one kept connection gave way; the newcomer's is kept now
+    with _connect(r, application_name="app1") as conn:
+        assert conn.info.backend_pid == pids[1]  # the others were left alone
