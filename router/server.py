@@ -6,11 +6,13 @@ is the route source's business (``route_source``); holding a client while
 its job wakes is ``hold``'s. This module only moves bytes between them and
 sockets and keeps the books (sessions, limits, cancel keys, activity).
 
-At ~470 lines it is over the usual ~400 on purpose: it is one connection's
-path from accept to splice (holding the client while its job wakes or comes
-back from a crash included), read top to bottom; the parts that are ideas of
-their own (handshakes, splice, slots, cancel, hold, shutdown) already live
-in their own modules.
+At ~590 lines it is over the usual ~400 on purpose: it is one connection's
+path from accept to splice and back to the pool (holding the client while its
+job wakes or comes back from a crash included), read top to bottom; the parts
+that are ideas of their own (handshakes, splice, slots, cancel, peers, pool,
+admin console, hold, shutdown) already live in their own modules. The next
+split, when transaction mode comes, is the backend login (``_log_in``,
+``_backend_login``) into a module of its own.
 """
 
 from __future__ import annotations
