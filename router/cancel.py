@@ -103,9 +103,13 @@ class Canceller:
 
     async def cancel_here(self, pid: int, secret: bytes) -> bool:
         """Forward the cancel if this worker issued the key; False when it did not."""
-        target = self.cancel_map.lookup(pid, secret)
-        if target is None:
+        found = self.cancel_map.lookup(pid, secret)
+        if found is None:
             return False
+        target = found() if callable(found) else found
+        if target is None:  # a transaction-mode client between transactions
+            self.metrics.cancels.labels("nothing_running").inc()
+            return True
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):

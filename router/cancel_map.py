@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -29,10 +30,15 @@ class BackendKey:
     secret: bytes  # the backend's own
 
 
+# What a key points to: a backend, or (transaction mode) whichever backend runs the
+# client's transaction now (None: none does, nothing to cancel).
+Target = BackendKey | Callable[[], BackendKey | None]
+
+
 class CancelMap:
     def __init__(self) -> None:
         # pid -> the keys issued with it (pids repeat across pods: usually one each)
-        self._entries: dict[int, list[tuple[bytes, BackendKey]]] = {}
+        self._entries: dict[int, list[tuple[bytes, Target]]] = {}
         self._count = 0
 
     def __len__(self) -> int:
@@ -41,7 +47,10 @@ class CancelMap:
     def issue(self, backend: BackendKey, length: int = 4) -> bytes:
         """A fresh secret for the client of ``backend`` (whose pid the client is told),
         remembered until released."""
-        keys = self._entries.setdefault(backend.pid, [])
+        return self.issue_for(backend.pid, backend, length)
+
+    def issue_for(self, pid: int, backend: Target, length: int = 4) -> bytes:
+        keys = self._entries.setdefault(pid, [])
         while True:
             secret = secrets.token_bytes(length)
             if all(s != secret for s, _ in keys):
@@ -50,7 +59,7 @@ class CancelMap:
         self._count += 1
         return secret
 
-    def lookup(self, pid: int, secret: bytes) -> BackendKey | None:
+    def lookup(self, pid: int, secret: bytes) -> Target | None:
         found = None
         for expected, backend in self._entries.get(pid, ()):
             if hmac.compare_digest(expected, secret):

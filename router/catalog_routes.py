@@ -37,7 +37,7 @@ from . import errors
 from .credentials import InvalidVerifier, parse_verifier
 from .metrics import RouterMetrics
 from .route_source import Notice
-from .routes import JobRoute, Principal
+from .routes import POOL_MODES, JobRoute, PoolMode, Principal
 from .wake import Wakes, assess
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ class CachedJob:
     def job_id(self) -> str:
         return self.row.id
 
+    @property
+    def pool_mode(self) -> PoolMode:
+        mode = self.row.spec.get("pool_mode")
+        return "transaction" if mode == "transaction" else "session"
+
     @classmethod
     def of(cls, row: Job) -> CachedJob:
         return cls(row, routes_for(row) if row.state == JobState.RUNNING else None)
@@ -79,8 +84,13 @@ class CachedJob:
 def routes_for(row: Job) -> dict[Access, JobRoute] | None:
     if not (row.host and row.port):
         return None
+    mode, size = row.spec.get("pool_mode", "session"), row.spec.get("pool_size")
+    if mode not in POOL_MODES:  # (the API checks specs; a row written otherwise is not trusted)
+        mode = "session"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        size = None
     return {access: JobRoute(row.id, row.host, row.port, row.database, role,
-                             row.backend_password, None)
+                             row.backend_password, None, mode, size)
             for access, role in ROLES.items()}
 
 

@@ -26,6 +26,13 @@ class RouterConfig:
     # pool_size idle per job (0: none kept), each for server_idle_timeout seconds at most.
     pool_size: int = 20
     server_idle_timeout: float = 60.0
+    # Transaction mode (transaction.py): a pool_size per job and router process, shared by
+    # its clients. A client waits query_wait_timeout for a backend at most (53300 then), is
+    # told after query_wait_notify that it waits; each backend keeps at most
+    # max_prepared_statements of its clients' named statements (least recently used go).
+    query_wait_timeout: float = 120.0
+    query_wait_notify: float = 5.0
+    max_prepared_statements: int = 200
     # Worker mode (see supervisor.py): a socket inherited from the supervisor,
     # this worker's index, and the control directory the workers share.
     workers: int = 1

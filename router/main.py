@@ -97,6 +97,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {d.server_idle_timeout:g})",
     )
     p.add_argument(
+        "--query-wait-timeout", type=float, default=d.query_wait_timeout, metavar="S",
+        help="transaction mode: how long a client waits for one of its job's pool_size "
+        f"backend connections before 53300 (default {d.query_wait_timeout:g})",
+    )
+    p.add_argument(
+        "--query-wait-notify", type=float, default=d.query_wait_notify, metavar="S",
+        help="transaction mode: a waiting client is told so (a NOTICE) after S seconds "
+        f"(default {d.query_wait_notify:g})",
+    )
+    p.add_argument(
+        "--max-prepared-statements", type=int, default=d.max_prepared_statements, metavar="N",
+        help="transaction mode: named prepared statements each backend connection keeps "
+        f"for the clients it serves, least recently used closed first "
+        f"(default {d.max_prepared_statements})",
+    )
+    p.add_argument(
         "--peer-listen", metavar="HOST:PORT",
         help="hear the other routers of the fleet here: cancels whose key they did not issue"
         " (needs --peer-secret-file)",
@@ -143,9 +159,16 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         control_dir=args.control_dir,
         pool_size=args.pool_size,
         server_idle_timeout=args.server_idle_timeout,
+        query_wait_timeout=args.query_wait_timeout,
+        query_wait_notify=args.query_wait_notify,
+        max_prepared_statements=args.max_prepared_statements,
     )
     if args.pool_size < 0 or args.server_idle_timeout <= 0:
         raise UsageError("--pool-size must be >= 0 and --server-idle-timeout positive")
+    if args.query_wait_timeout <= 0 or args.query_wait_notify <= 0:
+        raise UsageError("--query-wait-timeout and --query-wait-notify must be positive")
+    if args.max_prepared_statements < 1:
+        raise UsageError("--max-prepared-statements must be at least 1")
     if args.peer_listen:
         config.peer_listen = parse_hostport(args.peer_listen, "--peer-listen")
     config.peers = [parse_hostport(p, "--peer") for p in args.peer]

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from jobmesh.controller.catalog.states import Access
 
-from .routes import JobRoute, Principal
+from .routes import JobRoute, PoolMode, Principal
 
 # Sends one line of progress to a waiting client (as a NoticeResponse).
 Notice = Callable[[str], None]
@@ -38,6 +38,9 @@ class KnownJob(Protocol):
 
     @property
     def max_connections(self) -> int | None: ...
+
+    @property
+    def pool_mode(self) -> PoolMode: ...
 
 
 class RouteSource(Protocol):

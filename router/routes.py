@@ -8,6 +8,10 @@ database = "postgres"     # optional; default job_alpha
 user = "postgres"         # the role the router logs in to the backend as
 password = "pw"           # optional
 max_connections = 100     # optional per-job client limit
+pool_mode = "session"     # optional: "session" (the default) or "transaction"
+pool_size = 20            # optional: backend connections per router process (default
+                          # --pool-size): shared by all clients in transaction mode, kept
+                          # idle for the next client in session mode
 
 [users.alice]
 password = "s3cret"       # plain text or a SCRAM-SHA-256$... verifier
@@ -33,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from scramp import ScramException
 
@@ -43,6 +47,9 @@ from jobmesh.jobids import is_job_id
 
 from . import errors
 from .credentials import InvalidVerifier, ScramVerifier, credential_from_config
+
+PoolMode = Literal["session", "transaction"]
+POOL_MODES: tuple[PoolMode, ...] = ("session", "transaction")
 
 JOB_DATABASE_PREFIX = "job_"
 ADMIN_DATABASE = "jobmesh"
@@ -62,6 +69,8 @@ class JobRoute:
     user: str
     password: str | None
     max_connections: int | None
+    pool_mode: PoolMode = "session"
+    pool_size: int | None = None  # None: the router's --pool-size
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +164,20 @@ def _parse_job(job_id: str, raw: Any, where: str) -> JobRoute:
     if not is_job_id(job_id):
         raise RouteFileError(f"{at}: {jobids.message(job_id)}")
     t = _table(raw, at)
-    _no_unknown(t, {"host", "port", "database", "user", "password", "max_connections"}, at)
+    _no_unknown(t, {"host", "port", "database", "user", "password", "max_connections",
+                    "pool_mode", "pool_size"}, at)
     port = _get(t, "port", int, at, required=True)
     if not 0 < port < 65536:
         raise RouteFileError(f"{at}.port: must be between 1 and 65535")
     limit = _get(t, "max_connections", int, at)
     if limit is not None and limit < 1:
         raise RouteFileError(f"{at}.max_connections: must be at least 1")
+    mode = _get(t, "pool_mode", str, at) or "session"
+    if mode not in POOL_MODES:
+        raise RouteFileError(f'{at}.pool_mode: must be "session" or "transaction"')
+    size = _get(t, "pool_size", int, at)
+    if size is not None and not 1 <= size <= 10_000:
+        raise RouteFileError(f"{at}.pool_size: must be from 1 to 10000")
     return JobRoute(
         job_id=job_id,
         host=_get(t, "host", str, at, required=True),
@@ -170,6 +186,8 @@ def _parse_job(job_id: str, raw: Any, where: str) -> JobRoute:
         user=_get(t, "user", str, at, required=True),
         password=_get(t, "password", str, at),
         max_connections=limit,
+        pool_mode=mode,
+        pool_size=size,
     )
 
 

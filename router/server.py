@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import ssl
 from collections import Counter
@@ -33,15 +34,7 @@ from . import errors, peers
 from . import protocol as pg
 from .activity import ActivityReporter
 from .admin import Console
-from .backend_handshake import (
-    BackendAuthFailed,
-    BackendError,
-    BackendHandshake,
-    KeyData,
-    Ready,
-    Relay,
-    Send,
-)
+from .backend_handshake import KeyData, Ready
 from .cancel import Canceller
 from .cancel_map import BackendKey, CancelMap
 from .client_auth import CleartextExchange, Exchange, ScramExchange
@@ -52,6 +45,7 @@ from .fleet import PeerAuth, Peers, serve_peers
 from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
+from .login import Refused, open_backend
 from .metrics import RouterMetrics
 from .pool import CROWDED_RETRIES, RESET_TIMEOUT, Crowded, PoolKey, ServerPool, pool_key
 from .route_source import RouteSource
@@ -61,6 +55,7 @@ from .shutdown import terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
 from .splice import ClientFeed, Pipe, splice
 from .startup import Startup, read_startup
+from .transaction import ClientFailed, JobPool, PoolTimeout, TxBackend, TxClient
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +76,7 @@ class Router:
         self.metrics = metrics or RouterMetrics()
         self.metrics.track_sessions(lambda: self.sessions)
         self.pool = ServerPool(config.pool_size, config.server_idle_timeout, self.metrics)
+        self.tx_pools: dict[str, JobPool] = {}  # transaction mode: per job
         self.assignments: Counter[str] = Counter()  # sessions given a backend, per job
         self._statuses: dict[tuple[bytes, ...], list[bytes]] = {}
         self.on_reload: Callable[[], None] | None = None  # what RELOAD does (main.py sets it)
@@ -171,6 +167,8 @@ class Router:
         if self._resets:
             await asyncio.wait(self._resets, timeout=RESET_TIMEOUT + 1)
         self.pool.close()
+        for tx_pool in self.tx_pools.values():
+            tx_pool.close()
         if self.activity is not None:
             await self.activity.close()
 
@@ -262,7 +260,12 @@ class Router:
         inbox.write(pg.auth_ok())
         spliced = False
         try:
-            spliced = await self._reach(inbox, job_id, access, route, request, pipelined, slot)
+            if job.pool_mode == "transaction":
+                spliced = await self._serve_transactions(inbox, job_id, access, route,
+                                                         request, pipelined, slot)
+            else:
+                spliced = await self._reach(inbox, job_id, access, route, request,
+                                            pipelined, slot)
         finally:
             if not spliced and slot is not None:
                 self.slots.release(slot)
@@ -314,6 +317,127 @@ class Router:
             pipelined += more
             delay = min(delay * 2, HOLD_RETRY[1])
             route = self.routes.route(job_id, access)  # moved, or no longer running: a wake
+
+    # --- transaction mode (transaction.py) -------------------------------------------
+
+    async def _serve_transactions(self, inbox: Inbox, job_id: str, access: Access,
+                                  route: JobRoute | None, request: Startup, pipelined: bytes,
+                                  slot: object | None) -> bool:
+        """A client of a transaction-mode job: told what a login says (a backend's
+        ParameterStatus, from the pool's last login of the same key, or from a login now,
+        which also wakes the job), a key of the router's, then served per transaction."""
+        def notice(text: str) -> None:
+            inbox.write(pg.notice_response(text))
+
+        if route is None:
+            route, more = await self._wait_for_wake(inbox, job_id, access)
+            pipelined += more
+        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
+        pool = self._tx_pool(job_id, route)
+        status = pool.statuses.get(key)
+        if status is None:
+            backend, more = await hold(inbox, self._tx_backend(job_id, access, request, notice))
+            pipelined += more
+            status = backend.status
+            pool.release(backend)
+        if inbox.closed or self._stopping:
+            inbox.close()
+            return False
+        assert inbox.transport is not None
+        pid = secrets.randbits(31) | 1  # a client holds no backend of its own: no real pid
+
+        async def take(client: TxClient) -> TxBackend:
+            def told(text: str) -> None:
+                client.transport.write(pg.notice_response(text))
+            try:
+                return await self._tx_backend(job_id, access, request, told)
+            except ClientError as exc:
+                self.metrics.errors.labels(exc.sqlstate).inc()
+                raise ClientFailed(exc.to_bytes()) from exc
+
+        client = TxClient(job_id, inbox.transport, take, lambda c: self._forget(session))
+        secret = self.cancel_map.issue_for(pid, client.current_cancel, request.key_length)
+        session = Session(route, request.user, secret, pid, slot)
+        session.tx = client
+        self.assignments[job_id] += 1
+        self.sessions.add(session)
+        self._job_sessions[job_id] += 1
+        self._drained.clear()
+        inbox.write(b"".join(status) + pg.backend_key_data(pid, secret) + pg.ready_for_query())
+        inbox.transport.set_protocol(client)
+        client.start(pipelined + inbox.take_buffered())
+        return True
+
+    def _tx_pool(self, job_id: str, route: JobRoute) -> JobPool:
+        size = route.pool_size or self.config.pool_size or 1
+        pool = self.tx_pools.get(job_id)
+        if pool is None:
+            pool = self.tx_pools[job_id] = JobPool(job_id, size, self.config.server_idle_timeout)
+        pool.size = size  # (a RELOAD or job update may have changed it)
+        return pool
+
+    async def _tx_backend(self, job_id: str, access: Access, request: Startup,
+                          notice: Callable[[str], None]) -> TxBackend:
+        """A backend for one transaction: woken, held while its job comes back (as
+        ``_reach``), waited for while the pool is busy (53300 after --query-wait-timeout)."""
+        loop = asyncio.get_running_loop()
+        held_until: float | None = None
+        delay = HOLD_RETRY[0]
+        while True:
+            route = self.routes.route(job_id, access)
+            if route is None:
+                route = await self.routes.wake(job_id, access, notice)
+            try:
+                return await self._tx_acquire(job_id, route, request, notice)
+            except errors.NotAnswering as exc:
+                now = loop.time()
+                if held_until is None:
+                    if not self.routes.unreachable(job_id):
+                        raise exc.error from exc
+                    held_until = now + self.config.wake_timeout
+                    notice(f"job_{job_id} is not answering ({exc.detail}): waiting for it to "
+                           "come back")
+                elif now >= held_until:
+                    raise errors.not_back(job_id, self.config.wake_timeout, exc.detail) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, HOLD_RETRY[1])
+
+    async def _tx_acquire(self, job_id: str, route: JobRoute, request: Startup,
+                          notice: Callable[[str], None]) -> TxBackend:
+        pool = self._tx_pool(job_id, route)
+        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
+
+        def waiting() -> None:
+            notice(f"waiting for a server connection: job_{job_id}'s {pool.size} are all "
+                   "in transactions")
+
+        try:
+            return await pool.acquire(
+                key, lambda: self._tx_connect(pool, key, route, request.forwarded),
+                self.config.query_wait_timeout, self.config.query_wait_notify, waiting)
+        except PoolTimeout:
+            raise errors.too_many(
+                f"job_{job_id}'s {pool.size} server connections stayed busy for "
+                f"{self.config.query_wait_timeout:g} s",
+                "Raise the job's pool_size, or keep transactions short.") from None
+
+    async def _tx_connect(self, pool: JobPool, key: PoolKey, route: JobRoute,
+                          forwarded: dict[str, str]) -> TxBackend:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            inbox, ready, kd, status = await open_backend(
+                route, forwarded, _ignore, self.config.connect_timeout)
+        except Refused as exc:
+            self.metrics.errors.labels(exc.code).inc()
+            raise ClientFailed(exc.raw) from None
+        self.metrics.backend_connect.observe(loop.time() - started)
+        status = pool.statuses[key] = self._shared(status)
+        backend = TxBackend(pool, key, BackendKey(route.host, route.port, kd.pid, kd.secret),
+                            status, self.config.max_prepared_statements)
+        assert inbox.transport is not None
+        backend.attach(inbox.transport, ready.leftover + inbox.take_buffered())
+        return backend
 
     async def _wait_for_wake(
         self, inbox: Inbox, job_id: str, access: Access
@@ -438,73 +562,21 @@ class Router:
         """A fresh backend connection, logged in and spliced (``reuse``: poolable, and a
         53300 from a backend whose job has kept connections raises Crowded)."""
         loop = asyncio.get_running_loop()
-        handshake = BackendHandshake(job.user, job.database, job.password, request.forwarded)
-        backend: Inbox | None = None
-        spliced = False
+        crowded = (lambda: self.pool.idle_count(job.job_id) > 0) if reuse is not None else None
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                _, backend = await loop.create_connection(Inbox, job.host, job.port)
-                backend.write(handshake.startup_bytes())
-                crowded = job.job_id if reuse is not None else None
-                ready, key, status = await self._backend_login(inbox, backend, handshake,
-                                                               crowded)
-            if ready is None:  # the backend said no; its ErrorResponse was relayed
-                inbox.close()
-                return False
-            self.metrics.backend_connect.observe(loop.time() - started)
-            spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot,
-                                   None if reuse is None else (reuse, self._shared(status)))
-            return spliced
-        except (ConnectionRefusedError, ConnectionResetError, ConnectionClosed) as exc:
-            detail = getattr(exc, "strerror", None) or "connection closed during login"
-            where = f"{job.host}:{job.port}: {detail}"
-            raise errors.NotAnswering(errors.unreachable(job.job_id, where), detail) from exc
-        except OSError as exc:
-            detail = exc.strerror or str(exc)
-            raise errors.unreachable(job.job_id, f"{job.host}:{job.port}: {detail}") from exc
-        except TimeoutError as exc:
-            raise errors.unreachable(job.job_id, "timed out logging in") from exc
-        except (BackendAuthFailed, pg.ProtocolViolation) as exc:
-            log.warning("job %s: backend login failed: %s", job.job_id, exc)
-            raise errors.unreachable(job.job_id, "the router's backend login failed") from exc
-        finally:
-            if backend is not None and not spliced:
-                backend.close()
-
-    async def _backend_login(
-        self, inbox: Inbox, backend: Inbox, handshake: BackendHandshake,
-        crowded: str | None = None,
-    ) -> tuple[Ready | None, KeyData, list[bytes]]:
-        """Log in; the backend's ReadyForQuery (None: it refused), key and ParameterStatus
-        messages (what a later client of a pooled connection is told again)."""
-        key = KeyData(0, b"\0" * 4)
-        status: list[bytes] = []
-        while True:
-            event = handshake.next_event()
-            if event is None:
-                handshake.receive_data(await backend.read())
-            elif isinstance(event, Send):
-                backend.write(event.data)
-            elif isinstance(event, Relay):
-                inbox.write(event.data)
-                if event.data[:1] == b"S":
-                    status.append(event.data)
-            elif isinstance(event, KeyData):
-                key = event
-            elif isinstance(event, BackendError):
-                code = event.fields.get("C", "XX000")
-                if code == "57P03":  # starting up, in recovery, shutting down: not there yet
-                    message = event.fields.get("M", "cannot connect now")
-                    error = ClientError(code, message, event.fields.get("H"))
-                    raise errors.NotAnswering(error, message)
-                if code == "53300" and crowded is not None and self.pool.idle_count(crowded):
-                    raise Crowded
-                self.metrics.errors.labels(code).inc()
-                inbox.write(event.raw)
-                return None, key, status
-            else:
-                assert isinstance(event, Ready)
-                return event, key, status
+            backend, ready, key, status = await open_backend(
+                job, request.forwarded, inbox.write, self.config.connect_timeout, crowded)
+        except Refused as exc:  # the backend said no: the client hears its ErrorResponse
+            self.metrics.errors.labels(exc.code).inc()
+            inbox.write(exc.raw)
+            inbox.close()
+            return False
+        self.metrics.backend_connect.observe(loop.time() - started)
+        spliced = self._splice(inbox, backend, job, request, ready, key, pipelined, slot,
+                               None if reuse is None else (reuse, self._shared(status)))
+        if not spliced:
+            backend.close()
+        return spliced
 
     def _splice(
         self,
@@ -553,6 +625,18 @@ class Router:
     def _ended(self, session: Session, survivor: Pipe) -> bool:
         """A session is over; True when its backend is kept (to be reset and pooled)."""
         session.freeze_bytes(survivor)
+        self._forget(session)
+        if (session.reuse is None or self._stopping or session.pipes is None
+                or survivor is not session.pipes[1]):
+            return False  # the backend went (or the router stops): nothing to keep
+        pool_as, key, status = session.reuse
+        task = asyncio.get_running_loop().create_task(
+            self._keep(session.job_id, pool_as, survivor.transport, key, status))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+        return True
+
+    def _forget(self, session: Session) -> None:
         self.sessions.discard(session)
         self._job_sessions[session.job_id] -= 1
         if self._job_sessions[session.job_id] <= 0:
@@ -565,15 +649,6 @@ class Router:
             self.slots.release(session.slot)
         if not self.sessions:
             self._drained.set()
-        if (session.reuse is None or self._stopping or session.pipes is None
-                or survivor is not session.pipes[1]):
-            return False  # the backend went (or the router stops): nothing to keep
-        pool_as, key, status = session.reuse
-        task = asyncio.get_running_loop().create_task(
-            self._keep(session.job_id, pool_as, survivor.transport, key, status))
-        self._resets.add(task)
-        task.add_done_callback(self._resets.discard)
-        return True
 
     async def _keep(self, job_id: str, pool_as: PoolKey, backend: asyncio.Transport,
                     key: KeyData, status: list[bytes]) -> None:
@@ -584,6 +659,10 @@ class Router:
             pooled.close()
         else:
             self.pool.put(job_id, pool_as, pooled)
+
+
+def _ignore(data: bytes) -> None:
+    pass  # a pooled login's notices: nobody's to hear
 
 
 def _source(inbox: Inbox) -> str:

@@ -10,6 +10,7 @@ from .backend_handshake import KeyData
 from .pool import PoolKey
 from .routes import JobRoute
 from .splice import ClientFeed, Pipe
+from .transaction import TxClient
 
 _IDS = itertools.count(1)
 
@@ -19,7 +20,7 @@ class Session:
 
     __slots__ = (
         "_at_splice", "_final", "_seen", "backend_pid", "cancel_secret", "connected_at", "feed",
-        "id", "job", "pipes", "reuse", "slot", "user",
+        "id", "job", "pipes", "reuse", "slot", "tx", "user",
     )
 
     def __init__(self, job: JobRoute, user: str, cancel_secret: bytes, backend_pid: int,
@@ -35,6 +36,7 @@ class Session:
         self.reuse: tuple[PoolKey, KeyData, list[bytes]] | None = None
         self.feed: ClientFeed | None = None  # its client's writer, when pooled
         self.pipes: tuple[Pipe, Pipe] | None = None
+        self.tx: TxClient | None = None  # transaction mode: the client, holding no backend
         # Counts are in "client socket" terms: bytes the client sent, bytes it acked.
         self._at_splice: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
         self._seen = (0, 0)  # the highest counts reported so far: counters never go down
@@ -54,6 +56,8 @@ class Session:
         """(bytes from the client, bytes to the client), as the kernel counted them."""
         if self._final is not None:
             return self._final
+        if self.tx is not None:
+            return self.tx.bytes_in, self.tx.bytes_out
         if self.pipes is None:
             return self._seen
         counts = tcp_info.socket_bytes(self.pipes[0].transport)
@@ -73,6 +77,8 @@ class Session:
         self._final = _at_least(counts or (0, 0), self._seen)
 
     def close(self) -> None:
+        if self.tx is not None:
+            self.tx.transport.close()
         if self.pipes is not None:
             self.pipes[0].transport.close()
             self.pipes[1].transport.close()

@@ -45,6 +45,7 @@ from .request import (
     json_object,
     json_response,
     path_job_id,
+    spec_update,
     verifier_of,
     wait_params,
 )
@@ -111,6 +112,17 @@ class Api:
         job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
         return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
                              {"Location": f"/v1/jobs/{job.id}"})
+
+    async def update_job(self, req: web.Request) -> web.Response:
+        """Change a job's router settings (pool_mode, pool_size): new connections use them."""
+        job_id = path_job_id(req)
+        example = '{"spec": {"pool_mode": "transaction", "pool_size": 10}}'
+        body = await json_object(req, example)
+        fields(body, example, (), ("spec",))
+        changes = spec_update(body.get("spec", {}))
+        await self.job_or_404(job_id)
+        job = await self.catalog.update_spec(job_id, changes)
+        return json_response(job.public())
 
     def local_only(self, what: str) -> None:
         if self.backend != "local":
@@ -348,6 +360,7 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.post("/v1/jobs", api.create_job),
         get("/v1/jobs/{id}", api.show_job),
         web.delete("/v1/jobs/{id}", api.delete_job),
+        web.patch("/v1/jobs/{id}", api.update_job),
         web.post("/v1/jobs/{id}/pause", api.desire(DesiredState.PAUSED)),
         web.post("/v1/jobs/{id}/resume", api.desire(DesiredState.RUNNING)),
         web.post("/v1/jobs/{id}/end", api.desire(DesiredState.ENDED)),

@@ -78,6 +78,12 @@ def _schemas() -> dict[str, Any]:
                 "pitr_window": {"type": "number", "minimum": 0, "maximum": 7776000,
                                 "description": "seconds: how far back a point-in-time "
                                                "restore can aim (default a day)"},
+                "pool_mode": {"enum": ["session", "transaction"],
+                              "description": "how the router pools the job's server "
+                                             "connections (default session)"},
+                "pool_size": {"type": "integer", "minimum": 1, "maximum": 10000,
+                              "description": "server connections per router process "
+                                             "(default the router's --pool-size)"},
                 "cpu": {"type": ["string", "number"], "examples": ["500m", 2]},
                 "memory": {"type": "string", "examples": ["1Gi"]},
                 "disk": {"type": "string", "examples": ["10Gi"]}}},
@@ -85,6 +91,12 @@ def _schemas() -> dict[str, Any]:
                       "properties": {"id": {"type": "string", "pattern": JOB_ID_PATTERN,
                                             "maxLength": jobids.MAX_LENGTH},
                                      "spec": _ref("JobSpec")}},
+        "JobUpdate": {"type": "object", "required": ["spec"], "additionalProperties": False,
+                      "properties": {"spec": {
+                          "type": "object", "additionalProperties": False, "minProperties": 1,
+                          "properties": {"pool_mode": {"enum": ["session", "transaction"]},
+                                         "pool_size": {"type": "integer", "minimum": 1,
+                                                       "maximum": 10000}}}}},
         "Job": {
             "type": "object",
             "required": ["id", "state", "desired_state", "spec", "attempts", "gave_up",
@@ -265,6 +277,11 @@ def _paths() -> dict[str, Any]:
             "get": _op("showJob", "A job with its snapshots and newest events",
                        {"200": _body(_ref("JobDetail"), "the job"), **_errors(400, 404)},
                        params=("JobId",), tags=("jobs",)),
+            "patch": _op("updateJob", "Change a job's router settings (pool_mode, "
+                         "pool_size); new connections use them",
+                         {"200": _body(job, "the job, updated"), **_errors(400, 404)},
+                         params=("JobId",), body={"required": True, "content": {
+                             JSON: {"schema": _ref("JobUpdate")}}}, tags=("jobs",)),
             "delete": _op(
                 "deleteJob", "Delete a job and its stored data; ?wait=1 answers once gone",
                 {"202": _body(job, "deletion requested"),

@@ -68,6 +68,24 @@ def fields(body: dict[str, Any], example: str, required: tuple[str, ...],
             raise ApiError(400, f"{name!r} must be a non-empty string", f"for example {example}")
 
 
+# What ``PATCH /v1/jobs/{id}`` may change: the router's settings, read at each connect.
+UPDATABLE = ("pool_mode", "pool_size")
+
+
+def spec_update(raw: Any) -> dict[str, Any]:
+    """The fields of a spec update, checked; the others are fixed when a job is created."""
+    spec = job_spec(raw)
+    fixed = sorted(set(spec) - set(UPDATABLE))
+    if fixed:
+        raise ApiError(400, f"{fixed[0]} cannot be changed after the job is created",
+                       f"a spec update may set {' and '.join(UPDATABLE)}; fork the job for "
+                       "other settings")
+    if not spec:
+        raise ApiError(400, "nothing to update",
+                       'for example {"spec": {"pool_mode": "transaction", "pool_size": 10}}')
+    return spec
+
+
 def job_spec(raw: Any) -> dict[str, Any]:
     """A job's resources, archive_timeout and wal_window, checked (the backends trust them)."""
     example = '{"archive_timeout": 60, "cpu": "500m", "memory": "1Gi", "disk": "10Gi"}'
@@ -101,6 +119,18 @@ def job_spec(raw: Any) -> dict[str, Any]:
                                "how far back a point-in-time restore or fork can aim "
                                "(default 86400: a day)")
             spec[key] = value
+        elif key == "pool_mode":
+            if value not in ("session", "transaction"):
+                raise ApiError(400, 'pool_mode must be "session" or "transaction"',
+                               "transaction: clients share pool_size server connections, one "
+                               "per transaction (session state does not carry over)")
+            spec[key] = value
+        elif key == "pool_size":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise ApiError(400, "pool_size must be a whole number from 1 to 10000",
+                               "server connections per router process (default: the "
+                               "router's --pool-size, 20)")
+            spec[key] = value
         elif key in ("cpu", "memory", "disk"):
             text = str(value) if isinstance(value, int | float) and not isinstance(
                 value, bool) else value
@@ -115,7 +145,7 @@ def job_spec(raw: Any) -> dict[str, Any]:
         else:
             raise ApiError(400, f"unknown spec field {key!r}",
                            f"the spec fields are archive_timeout, wal_window, keep_pauses, "
-                           f"pitr_window, cpu, memory and disk, as in "
+                           f"pitr_window, pool_mode, pool_size, cpu, memory and disk, as in "
                            f"{example}")
     return spec
 

@@ -30,6 +30,7 @@ from asyncpg.pool import PoolConnectionProxy
 from . import schema
 from .models import (
     CHECK_CHANNEL,
+    JOBS_CHANNEL,
     CatalogError,
     Conflict,
     Event,
@@ -103,6 +104,20 @@ class Catalog:
             " WHERE id = $1 RETURNING *", job_id, key, value)
         if row is None:
             raise NotFound(f"no job {job_id}")
+        return Job.from_row(row)
+
+    async def update_spec(self, job_id: str, changes: dict[str, Any]) -> Job:
+        """Merge ``changes`` into a job's spec (announced: routers re-read the row), with an
+        event saying what changed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("UPDATE jobs SET spec = spec || $2::jsonb, "
+                                      "updated_at = now() WHERE id = $1 RETURNING *",
+                                      job_id, changes)
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            await _insert_event(conn, job_id, "spec-updated", None, None, detail=changes)
+            # (the row's trigger announces the columns routing reads, not the spec)
+            await conn.execute("SELECT pg_notify($1, $2)", JOBS_CHANNEL, job_id)
         return Job.from_row(row)
 
     async def job(self, job_id: str) -> Job | None:

@@ -35,6 +35,7 @@ from .jobs import (
     job_restore,
     job_retry,
     job_show,
+    job_update,
 )
 from .psql import psql
 from .status import status
@@ -149,6 +150,14 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         raise ValueError(f"unknown operator command {command!r}")
 
 
+def _add_pooling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool-mode", choices=("session", "transaction"),
+                   help="session (default): a client keeps one server connection; "
+                   "transaction: clients share --pool-size of them, one per transaction")
+    p.add_argument("--pool-size", type=int, metavar="N",
+                   help="server connections per router process (default: the router's, 20)")
+
+
 def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
              waiting: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="op", required=True, metavar="COMMAND")
@@ -164,6 +173,7 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     c.add_argument("--pitr-window", type=float, metavar="S",
                    help="seconds a point-in-time restore can reach back (default: the "
                         "controller's, 86400)")
+    _add_pooling(c)
     c.add_argument("--cpu", help="CPU for the job's Postgres, e.g. 500m or 2")
     c.add_argument("--memory", help="memory, e.g. 1Gi")
     c.add_argument("--disk", help="disk, e.g. 10Gi")
@@ -184,6 +194,12 @@ def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,
     rs.add_argument("--at", required=True, metavar="TIME",
                     help="ISO 8601 (UTC without an offset), e.g. 2026-12-01T10:00:00Z")
     rs.set_defaults(run=_runs(job_restore))
+    u = sub.add_parser("update", parents=[common],
+                       help="change how the router pools a job's connections (new "
+                       "connections use it)")
+    u.add_argument("id", metavar="ID")
+    _add_pooling(u)
+    u.set_defaults(run=_runs(job_update))
     ls = sub.add_parser("list", parents=[common], help="list jobs")
     _add_output(ls)
     ls.set_defaults(run=_runs(job_list))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -50,3 +51,59 @@ def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=15)
     sock.settimeout(15)
     return sock
+
+
+class WireClient:
+    """A logged-in connection that sends protocol messages one by one (SCRAM via scramp):
+    for the exact answers of the extended protocol, which drivers never show."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, port: int, user: str, password: str, database: str) -> WireClient:
+        from scramp import ScramClient
+
+        sock = connect(port)
+        sock.sendall(startup_packet({"user": user, "database": database}))
+        scram = None
+        while True:
+            kind, body = read_message(sock)
+            if kind == b"E":
+                sock.close()
+                raise AssertionError(f"login failed: {error_fields(body)}")
+            if kind == b"Z":
+                return cls(sock)
+            if kind != b"R":
+                continue
+            (code,) = struct.unpack_from("!i", body)
+            if code == 10:
+                scram = ScramClient(["SCRAM-SHA-256"], user, password)
+                first = scram.get_client_first().encode()
+                sock.sendall(pmsg(b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+            elif code == 11:
+                assert scram is not None
+                scram.set_server_first(body[4:].decode())
+                sock.sendall(pmsg(scram.get_client_final().encode()))
+            elif code == 12:
+                assert scram is not None
+                scram.set_server_final(body[4:].decode())
+
+    def send(self, kind: bytes, body: bytes = b"") -> None:
+        self.sock.sendall(kind + struct.pack("!I", len(body) + 4) + body)
+
+    def read_until_ready(self) -> list[tuple[bytes, bytes]]:
+        """Every message up to and with the next ReadyForQuery (notices left out)."""
+        got = []
+        while True:
+            kind, body = read_message(self.sock)
+            if kind in (b"N", b"S"):
+                continue
+            got.append((kind, body))
+            if kind == b"Z":
+                return got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send(b"X")
+        self.sock.close()

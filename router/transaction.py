@@ -1,0 +1,732 @@
+"""Transaction pooling: a backend connection is a client's only while its transaction runs.
+
+A job whose ``pool_mode`` is ``transaction`` shares ``pool_size`` backend
+connections (per router process) among all its clients, as PgBouncer's
+transaction mode. A client holds no backend while idle; its next message
+takes one from the pool (or waits for one), and gives it back at the
+``ReadyForQuery`` that says idle (``I``) once every request sent has been
+answered.
+
+The router follows both directions message by message (a header each), and
+keeps a queue of the answers it expects from the backend, one entry per
+request that gets one (``Parse`` -> ``ParseComplete``, ``Sync`` ->
+``ReadyForQuery``...). That queue is what makes protocol-level named
+prepared statements work, as PgBouncer 1.21's ``max_prepared_statements``:
+
+- A client's ``Parse`` of statement ``s1`` is renamed to ``jm_<hash of its
+  text and parameter types>``, the same name on every backend. A backend that
+  has it already is not asked again: the client gets a ``ParseComplete`` made
+  by the router, in its place in the answers.
+- A ``Bind`` or ``Describe`` of ``s1`` on a backend that has not prepared it
+  is preceded by the ``Parse`` (whose ``ParseComplete`` the client never
+  sees). A ``Close`` of ``s1`` forgets it for this client and is answered by
+  the router; backends keep it (at most ``max_prepared`` each, least
+  recently used closed first).
+- After an error the backend ignores everything until ``Sync``: so does the
+  router (no entry, nothing sent), and the answers it was to make itself for
+  that stretch are dropped, as a direct connection would never send them.
+
+Session state cannot follow a client from one backend to the next. What the
+router can see in the SQL text (``SET`` outside ``SET LOCAL``, ``LISTEN``,
+session advisory locks, ``WITH HOLD`` cursors, SQL ``PREPARE``, temporary
+tables that outlive the transaction) is refused with 0A000 before it runs;
+``DISCARD`` and ``DEALLOCATE`` run, and their backend is closed afterwards
+instead of pooled (its prepared statements are no longer what the router
+thinks). What it cannot see (``set_config(..., false)`` in a query) is the
+README's list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import protocol as pg
+from .cancel_map import BackendKey
+from .pool import PoolKey
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 30  # a client message larger than PostgreSQL's own limit is a violation
+HIGH_WATER = 1 << 20  # bytes a client may have buffered while it waits for a backend
+
+# What ends the answer to each kind of request (one byte each, as the wire has them).
+_PARSE, _BIND, _CLOSE, _DESCRIBE, _EXECUTE, _SYNC = b"1", b"2", b"3", b"Tn", b"CIs", b"Z"
+PASS, SKIP, FAKE = 0, 1, 2  # what the router does with an entry's answer
+
+_PARSE_COMPLETE = pg.message(b"1")
+_CLOSE_COMPLETE = pg.message(b"3")
+
+
+def statement_name(parse_rest: bytes) -> str:
+    """The backend's name for a statement: the same text and parameter types get the same
+    name on every backend and for every client."""
+    return "jm_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest()
+
+
+# --- what transaction mode cannot carry -----------------------------------------------------
+
+# A cheap first look: only a query that names one of these words is read closely.
+_MAYBE = re.compile(r"set|listen|advisory|hold|prepare|temp|discard|deallocate", re.I)
+# Comments, string literals, quoted identifiers and dollar-quoted bodies say nothing.
+_NOISE = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|"
+                    r"\$([A-Za-z_]\w*)?\$.*?\$\1\$", re.S)
+_SESSION_LOCK = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
+_WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
+_TEMP_TABLE = re.compile(r"^create\s+(?:(?:global|local)\s+)?(?:temp|temporary)\s+"
+                         r"(?:table|view|sequence)\b", re.I)
+_ON_COMMIT_DROP = re.compile(r"\bon\s+commit\s+drop\b", re.I)
+_TX_SCOPED_SET = {"local", "transaction", "constraints"}
+
+
+class Unsupported(Exception):
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(what)
+        self.what, self.hint = what, hint
+
+
+def check_sql(sql: str) -> bool:
+    """Raise Unsupported for SQL that needs a session of its own; True when its backend must
+    be closed after the transaction (``DISCARD``, ``DEALLOCATE``), False otherwise."""
+    if not _MAYBE.search(sql):
+        return False
+    dirty = False
+    for statement in _NOISE.sub(" ", sql).split(";"):
+        words = statement.split(None, 2)
+        if not words:
+            continue
+        first = words[0].lower()
+        second = words[1].lower() if len(words) > 1 else ""
+        if first == "set" and second not in _TX_SCOPED_SET:
+            raise Unsupported("SET outside a transaction's scope",
+                              "Use SET LOCAL inside a transaction, or put the setting in the "
+                              "connection's options (they are kept per pooled connection).")
+        if first in ("listen", "prepare"):
+            raise Unsupported(first.upper(), "LISTEN and SQL-level PREPARE need a session; "
+                              "use protocol-level prepared statements, or session pooling.")
+        if first == "declare" and _WITH_HOLD.search(statement):
+            raise Unsupported("a WITH HOLD cursor", "Use a cursor inside the transaction.")
+        if _SESSION_LOCK.search(statement):
+            raise Unsupported("a session-level advisory lock",
+                              "Use pg_advisory_xact_lock, which ends with the transaction.")
+        if _TEMP_TABLE.match(statement.strip()) and not _ON_COMMIT_DROP.search(statement):
+            raise Unsupported("a temporary table that outlives its transaction",
+                              "Create it with ON COMMIT DROP, or use session pooling.")
+        if first in ("discard", "deallocate"):
+            dirty = True
+    return dirty
+
+
+def unsupported_error(job_id: str, exc: Unsupported) -> bytes:
+    return pg.error_response(
+        "0A000", f"{exc.what} is not supported: job_{job_id} uses transaction pooling",
+        exc.hint, severity="ERROR")
+
+
+def _raise_in_backend(job_id: str, exc: Unsupported) -> str:
+    """A query that makes the backend itself raise the refusal (so a transaction block is
+    aborted exactly as the refused statement's own error would abort it)."""
+    def lit(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+    message = f"{exc.what} is not supported: job_{job_id} uses transaction pooling"
+    return (f"DO $jm$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {lit(message)}, "
+            f"HINT = {lit(exc.hint)}; END$jm$")
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+
+class TxBackend(asyncio.Protocol):
+    """A logged-in backend connection of a transaction pool."""
+
+    def __init__(self, pool: JobPool, key: PoolKey, cancel: BackendKey,
+                 status: list[bytes], max_prepared: int) -> None:
+        self.pool = pool
+        self.key = key
+        self.cancel = cancel  # the backend's own pid and secret
+        self.status = status  # its login's ParameterStatus messages
+        self.max_prepared = max_prepared
+        self.prepared: OrderedDict[str, None] = OrderedDict()
+        self.transport: asyncio.Transport | None = None
+        self.client: TxClient | None = None
+        self.reusable = True
+        self.closed = False
+        self.counted = True  # holds one of its pool's slots (given up exactly once)
+        self.since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def attach(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        self.transport = transport
+        transport.set_protocol(self)
+        if leftover:  # a backend says nothing after its login's ReadyForQuery
+            self.reusable = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.from_backend(data)
+        else:  # an idle backend that speaks (its termination's FATAL): never reused
+            self.reusable = False
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        client, self.client = self.client, None
+        if client is not None:
+            client.backend_lost()
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(pg.terminate())
+            self.transport.close()
+
+
+class PoolTimeout(Exception):
+    pass
+
+
+Connect = Callable[[], Awaitable[TxBackend]]
+
+
+class JobPool:
+    """One job's backend connections in transaction mode (in one router process): at most
+    ``size``, shared by every client of the job, idle ones kept ``idle_timeout`` seconds.
+
+    ``count`` is the slots taken: backends idle, lent or logging in. A backend gives its
+    slot up exactly once (``_uncount``), when it closes or hands the slot to a waiter."""
+
+    def __init__(self, job_id: str, size: int, idle_timeout: float) -> None:
+        self.job_id = job_id
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.count = 0
+        self.idle: dict[PoolKey, list[TxBackend]] = {}
+        self.waiters: deque[tuple[PoolKey, asyncio.Future[TxBackend | None]]] = deque()
+        self.statuses: dict[PoolKey, list[bytes]] = {}  # a login's ParameterStatus, per key
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self.idle.values())
+
+    async def acquire(self, key: PoolKey, connect: Connect, wait: float,
+                      notify_after: float, notify: Callable[[], None]) -> TxBackend:
+        """A backend of ``key``: an idle one, a new one while the pool has room, else the
+        next one a client gives back (``notify`` runs once after ``notify_after`` seconds of
+        waiting; PoolTimeout after ``wait`` in all)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        handle = loop.call_later(notify_after, notify)
+        try:
+            while True:
+                backend = self._take_idle(key)
+                if backend is not None:
+                    return backend
+                if self.count < self.size:
+                    self.count += 1
+                elif not self._close_other_idle():
+                    given = await self._wait(key, deadline - loop.time())
+                    if given is not None:
+                        if given.closed:
+                            continue  # it died on its way here: try again
+                        return given
+                # One slot of this pool is ours: log in on it.
+                try:
+                    return await connect()
+                except BaseException:
+                    self.count -= 1
+                    self._next_waiter_connects()
+                    raise
+        finally:
+            handle.cancel()
+
+    async def _wait(self, key: PoolKey, timeout: float) -> TxBackend | None:
+        """The next backend of ``key`` given back, or None: a slot is ours (to log in)."""
+        fut: asyncio.Future[TxBackend | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append((key, fut))
+        try:
+            async with asyncio.timeout(max(timeout, 0)):
+                return await asyncio.shield(fut)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if fut.done() and not fut.cancelled():
+                given = fut.result()
+                if given is None:
+                    self.count -= 1
+                    self._next_waiter_connects()
+                else:
+                    self.release(given)
+            else:
+                fut.cancel()
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeout from None
+            raise
+
+    def _take_idle(self, key: PoolKey) -> TxBackend | None:
+        idle = self.idle.get(key)
+        while idle:
+            backend = idle.pop()
+            if not idle:
+                del self.idle[key]
+            if backend.timer is not None:
+                backend.timer.cancel()
+                backend.timer = None
+            if not backend.closed:
+                return backend
+        return None
+
+    def _unidle(self, backend: TxBackend) -> bool:
+        idle = self.idle.get(backend.key)
+        if not idle or backend not in idle:
+            return False
+        idle.remove(backend)
+        if not idle:
+            del self.idle[backend.key]
+        return True
+
+    def _close_other_idle(self) -> bool:
+        """Close the oldest idle backend (of another key) and take its slot; False if none."""
+        oldest: TxBackend | None = None
+        for backends in self.idle.values():
+            for b in backends:
+                if oldest is None or b.since < oldest.since:
+                    oldest = b
+        if oldest is None:
+            return False
+        self._unidle(oldest)
+        oldest.counted = False  # its slot is the caller's now
+        oldest.close()
+        return True
+
+    def _uncount(self, backend: TxBackend) -> None:
+        if backend.counted:
+            backend.counted = False
+            self.count -= 1
+            self._next_waiter_connects()
+
+    def release(self, backend: TxBackend) -> None:
+        """A client gives ``backend`` back, idle: to the first waiter, or kept."""
+        backend.client = None
+        if backend.closed or not backend.reusable:
+            backend.close()
+            self._uncount(backend)
+            return
+        while self.waiters:
+            key, fut = self.waiters.popleft()
+            if fut.done():
+                continue
+            if key == backend.key:
+                fut.set_result(backend)
+            else:
+                backend.counted = False  # its slot goes to the waiter, which logs in anew
+                backend.close()
+                fut.set_result(None)
+            return
+        loop = asyncio.get_running_loop()
+        backend.since = loop.time()
+        backend.timer = loop.call_later(self.idle_timeout, self._expire, backend)
+        self.idle.setdefault(backend.key, []).append(backend)
+
+    def _expire(self, backend: TxBackend) -> None:
+        backend.timer = None
+        if self._unidle(backend):
+            backend.close()
+            self._uncount(backend)
+
+    def lost(self, backend: TxBackend) -> None:
+        """A backend's connection closed (PostgreSQL stopped, or the router closed it)."""
+        self._unidle(backend)
+        self._uncount(backend)
+
+    def _next_waiter_connects(self) -> None:
+        """A slot came free: the first waiter logs in on it."""
+        while self.waiters and self.count < self.size:
+            _, fut = self.waiters.popleft()
+            if not fut.done():
+                self.count += 1
+                fut.set_result(None)
+                return
+
+    def close(self) -> None:
+        for backends in list(self.idle.values()):
+            for b in list(backends):
+                b.close()
+        self.idle.clear()
+
+
+# --- one client ----------------------------------------------------------------------------
+
+
+class TxClient(asyncio.Protocol):
+    """A client of a transaction-mode job, after its login: holds a backend per transaction.
+
+    ``take`` gets a backend (waking the job if need be); ``on_end`` runs once when the client
+    is gone. Entries of ``expect``: [ends, action, extra] where ``ends`` are the message
+    types that end the answer, ``action`` PASS / SKIP (the client never sees it) / FAKE
+    (``extra`` is the answer, made here), and ``extra`` of a Parse sent is the statement
+    name it prepares (forgotten if it fails)."""
+
+    def __init__(self, job_id: str, transport: asyncio.Transport,
+                 take: Callable[[TxClient], Awaitable[TxBackend]],
+                 on_end: Callable[[TxClient], None]) -> None:
+        self.job_id = job_id
+        self.transport = transport
+        self.take = take
+        self.on_end = on_end
+        self.buf = bytearray()
+        self.backend: TxBackend | None = None
+        self.statements: dict[bytes, bytes] = {}  # client's name -> Parse body after the name
+        self.expect: deque[list[Any]] = deque()
+        self.skipping = False  # after an error: until Sync, as the backend does
+        self.status = b"I"  # the last ReadyForQuery's transaction status
+        self.taking: asyncio.Task[None] | None = None
+        self.partial = b""  # a backend message cut by a read's end
+        self.ended = False
+        self.transactions = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_active = time.time()
+
+    # --- the client's direction ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        pass  # set_protocol does not call it
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.buf += data
+        if self.taking is None:
+            self._pump()
+        elif len(self.buf) > HIGH_WATER:
+            self.transport.pause_reading()  # until a backend takes what waits
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def start(self, pipelined: bytes) -> None:
+        if pipelined:
+            self.data_received(pipelined)
+
+    def _pump(self) -> None:
+        buf = self.buf
+        out: list[bytes] = []
+        while len(buf) >= 5:
+            length = int.from_bytes(buf[1:5])
+            if length < 4 or length > MAX_MESSAGE:
+                self.fail(pg.error_response("08P01", f"invalid message length {length}"))
+                return
+            if len(buf) < length + 1:
+                break
+            kind = buf[0]
+            if kind == 0x58:  # Terminate: the client leaves
+                self._send(out)
+                self.transport.close()
+                return
+            if self.backend is None:
+                self._send(out)
+                self._take_backend()
+                return
+            msg = bytes(buf[:length + 1])
+            del buf[:length + 1]
+            self._request(kind, msg, out)
+        self._send(out)
+
+    def _send(self, out: list[bytes]) -> None:
+        if out and self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.write(b"".join(out))
+            out.clear()
+        self._flush_fakes()
+
+    def _take_backend(self) -> None:
+        self.taking = asyncio.get_running_loop().create_task(self._taking())
+
+    async def _taking(self) -> None:
+        try:
+            backend = await self.take(self)
+        except asyncio.CancelledError:
+            return
+        except _ClientFailed as exc:
+            self.taking = None
+            self.fail(exc.error)
+            return
+        except Exception:
+            log.exception("job %s: taking a backend failed", self.job_id)
+            self.taking = None
+            self.fail(pg.error_response("XX000", "internal error in the router"))
+            return
+        self.taking = None
+        if self.ended or backend.closed:
+            backend.pool.release(backend)
+            if not self.ended:
+                self.backend_lost()
+            return
+        backend.client = self
+        self.backend = backend
+        self.transactions += 1
+        self.transport.resume_reading()
+        self._pump()
+
+    def _request(self, kind: int, msg: bytes, out: list[bytes]) -> None:
+        """One whole client message, with a backend attached."""
+        backend = self.backend
+        assert backend is not None
+        expect = self.expect
+        if self.skipping and kind != 0x53:  # the backend ignores all but Sync now
+            return
+        if kind == 0x51:  # Query
+            sql = msg[5:-1].decode("utf-8", "replace")
+            try:
+                if check_sql(sql):
+                    backend.reusable = False
+            except Unsupported as exc:
+                msg = pg.query(_raise_in_backend(self.job_id, exc))
+            expect.append([_SYNC, PASS, None])
+        elif kind == 0x50:  # Parse
+            body = msg[5:]
+            end = body.index(b"\0")
+            name, rest = body[:end], body[end + 1:]
+            try:
+                sql = rest[:rest.index(b"\0")].decode("utf-8", "replace")
+                if check_sql(sql):
+                    backend.reusable = False
+            except Unsupported as exc:
+                self._refuse(unsupported_error(self.job_id, exc))
+                return
+            if not name:
+                expect.append([_PARSE, PASS, None])
+            elif name in self.statements:
+                self._refuse(pg.error_response(
+                    "42P05", f'prepared statement "{name.decode("utf-8", "replace")}" '
+                    "already exists", severity="ERROR"))
+                return
+            else:
+                self.statements[name] = rest
+                server = statement_name(rest)
+                if server in backend.prepared:
+                    backend.prepared.move_to_end(server)
+                    expect.append([_PARSE, FAKE, _PARSE_COMPLETE])
+                    return
+                self._prepare(server, rest, out, PASS)
+                return
+        elif kind == 0x42:  # Bind: portal, statement, the rest
+            body = msg[5:]
+            p_end = body.index(b"\0")
+            s_end = body.index(b"\0", p_end + 1)
+            name = body[p_end + 1:s_end]
+            if name:
+                known = self._ensure(name, out)
+                if known is None:
+                    return
+                msg = pg.message(b"B", body[:p_end + 1] + known.encode() + body[s_end:])
+            expect.append([_BIND, PASS, None])
+        elif kind == 0x45:  # Execute
+            expect.append([_EXECUTE, PASS, None])
+        elif kind == 0x53:  # Sync
+            self.skipping = False
+            expect.append([_SYNC, PASS, None])
+        elif kind == 0x44:  # Describe: S or P, then a name
+            name = msg[6:-1]
+            if msg[5] == 0x53 and name:
+                known = self._ensure(name, out)
+                if known is None:
+                    return
+                msg = pg.message(b"D", b"S" + known.encode() + b"\0")
+            expect.append([_DESCRIBE, PASS, None])
+        elif kind == 0x43:  # Close: S or P, then a name
+            name = msg[6:-1]
+            if msg[5] == 0x53 and name:
+                self.statements.pop(name, None)  # backends keep it for other clients
+                expect.append([_CLOSE, FAKE, _CLOSE_COMPLETE])
+                return
+            expect.append([_CLOSE, PASS, None])
+        elif kind == 0x46:  # FunctionCall
+            expect.append([_SYNC, PASS, None])
+        # Flush, CopyData, CopyDone, CopyFail: nothing of their own to answer
+        out.append(msg)
+
+    def _ensure(self, name: bytes, out: list[bytes]) -> str | None:
+        """The backend's name for the client's statement ``name``, prepared on this backend
+        first if need be; None (and the client told, as PostgreSQL would) if unknown."""
+        rest = self.statements.get(name)
+        if rest is None:
+            self._refuse(pg.error_response(
+                "26000", f'prepared statement "{name.decode("utf-8", "replace")}" does not '
+                "exist", severity="ERROR"))
+            return None
+        server = statement_name(rest)
+        backend = self.backend
+        assert backend is not None
+        if server in backend.prepared:
+            backend.prepared.move_to_end(server)
+        else:
+            self._prepare(server, rest, out, SKIP)
+        return server
+
+    def _prepare(self, server: str, rest: bytes, out: list[bytes], action: int) -> None:
+        backend = self.backend
+        assert backend is not None
+        while len(backend.prepared) >= backend.max_prepared:
+            oldest, _ = backend.prepared.popitem(last=False)
+            out.append(pg.message(b"C", b"S" + oldest.encode() + b"\0"))
+            self.expect.append([_CLOSE, SKIP, None])
+        backend.prepared[server] = None
+        out.append(pg.message(b"P", server.encode() + b"\0" + rest))
+        self.expect.append([_PARSE, action, server])
+
+    def _refuse(self, error: bytes) -> None:
+        """An error the router answers for the backend (in its place among the answers);
+        then, as PostgreSQL, everything up to Sync is ignored."""
+        self.expect.append([b"", FAKE, error])
+        self.skipping = True
+
+    # --- the backend's direction ---------------------------------------------------------
+
+    def from_backend(self, data: bytes) -> None:
+        if self.partial:
+            data, self.partial = self.partial + data, b""
+        n = len(data)
+        pos = start = 0
+        expect = self.expect
+        out: list[bytes] = []
+        release = False
+        while pos + 5 <= n:
+            kind = data[pos:pos + 1]
+            end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5])
+            if end > n:
+                break
+            if not expect or kind in b"DNASdctGHW":  # rows, notices, copy: no entry ends
+                pos = end
+                continue
+            head = expect[0]
+            if kind == b"E":
+                pos = end
+                if head[0] is _SYNC:
+                    continue  # inside a simple Query: its ReadyForQuery ends it
+                out.append(data[start:pos])
+                start = pos
+                self._failed()
+                continue
+            if kind not in head[0]:
+                pos = end  # not what was expected: passed on as it is
+                continue
+            expect.popleft()
+            if head[1] == SKIP:
+                out.append(data[start:pos])
+                start = pos = end
+            else:
+                pos = end
+                if kind == b"Z":
+                    self.status = data[end - 1:end]
+                    release = self.status == b"I"
+            if expect and expect[0][1] == FAKE:
+                out.append(data[start:pos])
+                start = pos
+                while expect and expect[0][1] == FAKE:
+                    out.append(expect.popleft()[2])
+        if pos < n:
+            self.partial = data[pos:]
+        out.append(data[start:pos])
+        payload = b"".join(out)
+        if payload:
+            self.bytes_out += len(payload)
+            self.transport.write(payload)
+        if release and not expect and not self.partial:
+            self._give_back()
+
+    def _failed(self) -> None:
+        """An error in the extended protocol: the backend skips to the next Sync."""
+        expect = self.expect
+        backend = self.backend
+        while expect and expect[0][0] is not _SYNC:
+            ends, action, extra = expect.popleft()
+            if ends is _PARSE and action != FAKE and extra and backend is not None:
+                backend.prepared.pop(extra, None)  # not prepared after all
+        if not expect:
+            self.skipping = True
+
+    def _flush_fakes(self) -> None:
+        """Answers the router makes that are first in line (nothing is due before them)."""
+        expect = self.expect
+        if not expect or expect[0][1] != FAKE:
+            return
+        out = []
+        while expect and expect[0][1] == FAKE:
+            out.append(expect.popleft()[2])
+        payload = b"".join(out)
+        self.bytes_out += len(payload)
+        self.transport.write(payload)
+
+    def _give_back(self) -> None:
+        backend, self.backend = self.backend, None
+        self.last_active = time.time()
+        if backend is not None:
+            backend.pool.release(backend)
+        if self.buf and self.taking is None:
+            self._pump()
+
+    def backend_lost(self) -> None:
+        """The backend went mid-transaction (PostgreSQL stopped or crashed)."""
+        self.backend = None
+        self.fail(pg.error_response(
+            "08006", f"job_{self.job_id}'s server connection was lost",
+            "The transaction did not complete; connect again.", severity="FATAL"))
+
+    def current_cancel(self) -> BackendKey | None:
+        """What a cancel of this client reaches: the backend running its transaction."""
+        return self.backend.cancel if self.backend is not None else None
+
+    # --- the end -----------------------------------------------------------------------
+
+    def fail(self, error: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(error)
+            self.transport.close()
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.taking is not None:
+            self.taking.cancel()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            clean = not self.expect and self.status == b"I" and not self.partial
+            if not clean:
+                backend.reusable = False  # mid-transaction or mid-answer: never reused
+            backend.pool.release(backend)
+        with contextlib.suppress(Exception):
+            self.transport.close()
+        self.on_end(self)
+
+
+class _ClientFailed(Exception):
+    """Taking a backend failed in a way the client is told (its error, as bytes)."""
+
+    def __init__(self, error: bytes) -> None:
+        super().__init__()
+        self.error = error
+
+
+ClientFailed = _ClientFailed
