@@ -133,11 +133,13 @@ def run_client(cmd: list[str], peer: Peer, timeout: float) -> str:
 
 
 def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance, *,
-                 workers: int = 1, name: str = "router") -> Server:
-    routes = root / "routes.toml"
+                 workers: int = 1, name: str = "router", pool_mode: str = "session",
+                 pool_size: int | None = None) -> Server:
+    routes = root / f"routes-{name}.toml"
+    size = f"pool_size = {pool_size}\n" if pool_size else ""
     routes.write_text(
         f'[jobs.bench]\nhost = "127.0.0.1"\nport = {pg.port}\nuser = "postgres"\n'
-        f'password = "{SUPERUSER_PASSWORD}"\n\n'
+        f'password = "{SUPERUSER_PASSWORD}"\npool_mode = "{pool_mode}"\n{size}\n'
         f'[users.{BENCH_USER}]\npassword = "{BENCH_PASSWORD}"\njobs = ["bench"]\n'
     )
     cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
@@ -148,11 +150,30 @@ def start_router(stack: contextlib.ExitStack, root: Path, pg: Instance, *,
     return Server(Peer(name, int(m.group(1)), BENCH_USER, BENCH_PASSWORD), router.proc, router)
 
 
-def start_pgbouncer(stack: contextlib.ExitStack, root: Path, pg: Instance) -> Server:
-    """Our own pgbouncer (never the Debian service), foreground, as the postgres OS user."""
-    d = root / "pgbouncer"
+def start_pgbouncer(stack: contextlib.ExitStack, root: Path, pg: Instance, *,
+                    name: str = "pgbouncer", pool_mode: str = "session",
+                    pool_size: int = 1100, processes: int = 1) -> Server:
+    """Our own pgbouncer (never the Debian service), foreground, as the postgres OS user;
+    ``processes`` > 1 runs that many sharing the port (``so_reuseport``), PgBouncer's own
+    way to use more than one core."""
+    d = root / name
     d.mkdir()
     port = free_port()
+    reuse = "so_reuseport = 1\n" if processes > 1 else ""
+    first = _pgbouncer_process(stack, d, pg, port, pool_mode, pool_size, reuse, 0)
+    for i in range(1, processes):
+        other = _pgbouncer_process(stack, d, pg, port, pool_mode, pool_size, reuse, i)
+        time.sleep(0.5)  # (the port answers already: make sure this one did not exit)
+        if other.proc.poll() is not None:
+            raise BenchError(f"pgbouncer process {i + 1} of {processes} exited "
+                             f"({other.proc.returncode}): see {d / str(i)}")
+    return first
+
+
+def _pgbouncer_process(stack: contextlib.ExitStack, root: Path, pg: Instance, port: int,
+                       pool_mode: str, pool_size: int, reuse: str, index: int) -> Server:
+    d = root / str(index)
+    d.mkdir()
     (d / "userlist.txt").write_text(f'"{BENCH_USER}" "{BENCH_PASSWORD}"\n')
     (d / "pgbouncer.ini").write_text(f"""\
 [databases]
@@ -167,21 +188,21 @@ auth_type = scram-sha-256
 auth_file = {d}/userlist.txt
 pidfile = {d}/pgbouncer.pid
 logfile = {d}/pgbouncer.log
-pool_mode = session
+pool_mode = {pool_mode}
 max_client_conn = 1200
-default_pool_size = 1100
+default_pool_size = {pool_size}
 max_db_connections = 0
 log_connections = 0
 log_disconnections = 0
 ignore_startup_parameters = extra_float_digits
-""")
+{reuse}""")
     give_to_postgres(d)
     stderr = (d / "stderr.log").open("w")
     stack.callback(stderr.close)
     proc = subprocess.Popen([str(PGBOUNCER), str(d / "pgbouncer.ini")], user=os_user(),
                             cwd=d, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     stack.callback(stop_process, proc, signal.SIGTERM, 10)  # SIGTERM: immediate shutdown
-    peer = Peer("pgbouncer", port, BENCH_USER, BENCH_PASSWORD)
+    peer = Peer(root.name, port, BENCH_USER, BENCH_PASSWORD)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):

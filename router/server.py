@@ -55,7 +55,7 @@ from .shutdown import terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
 from .splice import ClientFeed, Pipe, splice
 from .startup import Startup, read_startup
-from .transaction import ClientFailed, JobPool, PoolTimeout, TxBackend, TxClient
+from .transaction import ClientFailed, JobPool, PoolTimeout, TxBackend, TxClient, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -346,16 +346,27 @@ class Router:
         assert inbox.transport is not None
         pid = secrets.randbits(31) | 1  # a client holds no backend of its own: no real pid
 
-        async def take(client: TxClient) -> TxBackend:
-            def told(text: str) -> None:
-                client.transport.write(pg.notice_response(text))
+        forwarded = request.forwarded
+
+        def take_now(client: TxClient) -> TxBackend | Waiter | None:
+            return self._tx_take_now(client, job_id, access, forwarded)
+
+        async def take(client: TxClient, slot: bool) -> TxBackend:
             try:
-                return await self._tx_backend(job_id, access, request, told)
+                if slot:
+                    got = await self._tx_on_slot(job_id, access, request)
+                    if got is not None:
+                        return got
+                return await self._tx_backend(job_id, access, request, client.notice)
             except ClientError as exc:
                 self.metrics.errors.labels(exc.sqlstate).inc()
                 raise ClientFailed(exc.to_bytes()) from exc
 
-        client = TxClient(job_id, inbox.transport, take, lambda c: self._forget(session))
+        def timeout_error() -> bytes:
+            return self._tx_timeout(job_id, pool).to_bytes()
+
+        client = TxClient(job_id, inbox.transport, take_now, take,
+                          lambda c: self._forget(session), timeout_error)
         secret = self.cancel_map.issue_for(pid, client.current_cancel, request.key_length)
         session = Session(route, request.user, secret, pid, slot)
         session.tx = client
@@ -367,6 +378,49 @@ class Router:
         inbox.transport.set_protocol(client)
         client.start(pipelined + inbox.take_buffered())
         return True
+
+    def _tx_take_now(self, client: TxClient, job_id: str, access: Access,
+                     forwarded: dict[str, str]) -> TxBackend | Waiter | None:
+        """The hot path: an idle backend at once, or the client queued on a full pool;
+        None when something must be awaited (a wake, a login)."""
+        try:
+            route = self.routes.route(job_id, access)
+        except ClientError:
+            return None
+        pool = self.tx_pools.get(job_id)
+        if route is None or pool is None:
+            return None
+        key = pool_key(route.host, route.port, route.user, route.database, forwarded)
+        backend = pool.take_now(key)
+        if backend is not None or not pool.must_wait():
+            return backend
+        return pool.wait(key, client.given, self.config.query_wait_timeout,
+                         self.config.query_wait_notify,
+                         lambda: client.notice(self._tx_waiting(job_id, pool)))
+
+    async def _tx_on_slot(self, job_id: str, access: Access,
+                          request: Startup) -> TxBackend | None:
+        """A queued client was given a slot of its pool: log in on it (None: the job is
+        not running any more; the slot is given back and the caller wakes it)."""
+        pool = self.tx_pools[job_id]
+        route = self.routes.route(job_id, access)
+        if route is None:
+            pool.give_up_slot()
+            return None
+        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
+        return await pool.connect_on_slot(
+            lambda: self._tx_connect(pool, key, route, request.forwarded))
+
+    def _tx_waiting(self, job_id: str, pool: JobPool) -> str:
+        return (f"waiting for a server connection: job_{job_id}'s {pool.size} are all in "
+                "transactions")
+
+    def _tx_timeout(self, job_id: str, pool: JobPool) -> ClientError:
+        self.metrics.errors.labels("53300").inc()
+        return errors.too_many(
+            f"job_{job_id}'s {pool.size} server connections stayed busy for "
+            f"{self.config.query_wait_timeout:g} s",
+            "Raise the job's pool_size, or keep transactions short.")
 
     def _tx_pool(self, job_id: str, route: JobRoute) -> JobPool:
         size = route.pool_size or self.config.pool_size or 1
@@ -406,20 +460,13 @@ class Router:
                           notice: Callable[[str], None]) -> TxBackend:
         pool = self._tx_pool(job_id, route)
         key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
-
-        def waiting() -> None:
-            notice(f"waiting for a server connection: job_{job_id}'s {pool.size} are all "
-                   "in transactions")
-
         try:
             return await pool.acquire(
                 key, lambda: self._tx_connect(pool, key, route, request.forwarded),
-                self.config.query_wait_timeout, self.config.query_wait_notify, waiting)
+                self.config.query_wait_timeout, self.config.query_wait_notify,
+                lambda: notice(self._tx_waiting(job_id, pool)))
         except PoolTimeout:
-            raise errors.too_many(
-                f"job_{job_id}'s {pool.size} server connections stayed busy for "
-                f"{self.config.query_wait_timeout:g} s",
-                "Raise the job's pool_size, or keep transactions short.") from None
+            raise self._tx_timeout(job_id, pool) from None
 
     async def _tx_connect(self, pool: JobPool, key: PoolKey, route: JobRoute,
                           forwarded: dict[str, str]) -> TxBackend:

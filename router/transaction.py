@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -65,10 +66,10 @@ _PARSE_COMPLETE = pg.message(b"1")
 _CLOSE_COMPLETE = pg.message(b"3")
 
 
-def statement_name(parse_rest: bytes) -> str:
+def statement_name(parse_rest: bytes) -> bytes:
     """The backend's name for a statement: the same text and parameter types get the same
     name on every backend and for every client."""
-    return "jm_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest()
+    return b"jm_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest().encode()
 
 
 # --- what transaction mode cannot carry -----------------------------------------------------
@@ -153,14 +154,13 @@ class TxBackend(asyncio.Protocol):
         self.cancel = cancel  # the backend's own pid and secret
         self.status = status  # its login's ParameterStatus messages
         self.max_prepared = max_prepared
-        self.prepared: OrderedDict[str, None] = OrderedDict()
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
         self.transport: asyncio.Transport | None = None
         self.client: TxClient | None = None
         self.reusable = True
         self.closed = False
         self.counted = True  # holds one of its pool's slots (given up exactly once)
         self.since = 0.0
-        self.timer: asyncio.TimerHandle | None = None
 
     def attach(self, transport: asyncio.Transport, leftover: bytes) -> None:
         self.transport = transport
@@ -194,9 +194,6 @@ class TxBackend(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(pg.terminate())
             self.transport.close()
@@ -207,6 +204,26 @@ class PoolTimeout(Exception):
 
 
 Connect = Callable[[], Awaitable[TxBackend]]
+# What a waiter is given: a backend of its key, or None (a slot is its own: it logs in), or
+# PoolTimeout (it waited --query-wait-timeout).
+Give = Callable[["TxBackend | PoolTimeout | None"], None]
+
+
+class Waiter:
+    """A client waiting for a backend of ``key`` (the pool's queue is first come first
+    served); ``notify`` runs once it has waited ``notify_after`` seconds."""
+
+    __slots__ = ("deadline", "give", "key", "notified", "notify", "notify_at", "pool")
+
+    def __init__(self, pool: JobPool, key: PoolKey, give: Give, now: float, wait: float,
+                 notify_after: float, notify: Callable[[], None]) -> None:
+        self.pool, self.key, self.give, self.notify = pool, key, give, notify
+        self.deadline = now + wait
+        self.notify_at = now + notify_after
+        self.notified = False
+
+
+SWEEP = 0.5  # s between looks at the pool's waiters (timeouts, notices) and idle backends
 
 
 class JobPool:
@@ -214,7 +231,10 @@ class JobPool:
     ``size``, shared by every client of the job, idle ones kept ``idle_timeout`` seconds.
 
     ``count`` is the slots taken: backends idle, lent or logging in. A backend gives its
-    slot up exactly once (``_uncount``), when it closes or hands the slot to a waiter."""
+    slot up exactly once (``_uncount``), when it closes or hands the slot to a waiter. A
+    backend given back goes straight to the first waiter of its key (no task, no future:
+    the hot path of a busy pool); timeouts, notices and idle expiry are one sweep every
+    ``SWEEP`` seconds, not a timer per transaction."""
 
     def __init__(self, job_id: str, size: int, idle_timeout: float) -> None:
         self.job_id = job_id
@@ -222,63 +242,85 @@ class JobPool:
         self.idle_timeout = idle_timeout
         self.count = 0
         self.idle: dict[PoolKey, list[TxBackend]] = {}
-        self.waiters: deque[tuple[PoolKey, asyncio.Future[TxBackend | None]]] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.statuses: dict[PoolKey, list[bytes]] = {}  # a login's ParameterStatus, per key
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self.idle.values())
 
+    # --- taking ------------------------------------------------------------------------
+
+    def take_now(self, key: PoolKey) -> TxBackend | None:
+        """An idle backend of ``key``, if there is one (the fast path: no waiting)."""
+        return self._take_idle(key)
+
+    def must_wait(self) -> bool:
+        """No idle backend of the caller's key, and no room for a new one."""
+        return self.count >= self.size and not any(self.idle.values())
+
+    def wait(self, key: PoolKey, give: Give, wait: float, notify_after: float,
+             notify: Callable[[], None]) -> Waiter:
+        now = asyncio.get_running_loop().time()
+        waiter = Waiter(self, key, give, now, wait, notify_after, notify)
+        self.waiters.append(waiter)
+        self._sweep_soon()
+        return waiter
+
+    def forget(self, waiter: Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
     async def acquire(self, key: PoolKey, connect: Connect, wait: float,
                       notify_after: float, notify: Callable[[], None]) -> TxBackend:
         """A backend of ``key``: an idle one, a new one while the pool has room, else the
-        next one a client gives back (``notify`` runs once after ``notify_after`` seconds of
-        waiting; PoolTimeout after ``wait`` in all)."""
+        next one a client gives back (PoolTimeout after ``wait`` seconds in all)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        handle = loop.call_later(notify_after, notify)
-        try:
-            while True:
-                backend = self._take_idle(key)
-                if backend is not None:
-                    return backend
-                if self.count < self.size:
-                    self.count += 1
-                elif not self._close_other_idle():
-                    given = await self._wait(key, deadline - loop.time())
-                    if given is not None:
-                        if given.closed:
-                            continue  # it died on its way here: try again
-                        return given
-                # One slot of this pool is ours: log in on it.
-                try:
-                    return await connect()
-                except BaseException:
-                    self.count -= 1
-                    self._next_waiter_connects()
-                    raise
-        finally:
-            handle.cancel()
+        while True:
+            backend = self._take_idle(key)
+            if backend is not None:
+                return backend
+            if self.count < self.size:
+                self.count += 1
+            elif not self._close_other_idle():
+                fut: asyncio.Future[TxBackend | PoolTimeout | None] = loop.create_future()
 
-    async def _wait(self, key: PoolKey, timeout: float) -> TxBackend | None:
-        """The next backend of ``key`` given back, or None: a slot is ours (to log in)."""
-        fut: asyncio.Future[TxBackend | None] = asyncio.get_running_loop().create_future()
-        self.waiters.append((key, fut))
+                def give(got: TxBackend | PoolTimeout | None,
+                         fut: asyncio.Future[TxBackend | PoolTimeout | None] = fut) -> None:
+                    if not fut.done():
+                        fut.set_result(got)
+                    elif isinstance(got, TxBackend):
+                        self.release(got)  # (its waiter left meanwhile)
+                    elif got is None:
+                        self.give_up_slot()
+
+                waiter = self.wait(key, give, deadline - loop.time(), notify_after, notify)
+                try:
+                    given = await fut
+                except asyncio.CancelledError:
+                    self.forget(waiter)
+                    raise
+                if isinstance(given, PoolTimeout):
+                    raise given
+                if given is not None:
+                    if given.closed:
+                        continue  # it died on its way here: try again
+                    return given
+            # One slot of this pool is ours: log in on it.
+            return await self.connect_on_slot(connect)
+
+    async def connect_on_slot(self, connect: Connect) -> TxBackend:
+        """Log in on a slot already counted as the caller's (given back if it fails)."""
         try:
-            async with asyncio.timeout(max(timeout, 0)):
-                return await asyncio.shield(fut)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if fut.done() and not fut.cancelled():
-                given = fut.result()
-                if given is None:
-                    self.count -= 1
-                    self._next_waiter_connects()
-                else:
-                    self.release(given)
-            else:
-                fut.cancel()
-            if isinstance(exc, TimeoutError):
-                raise PoolTimeout from None
+            return await connect()
+        except BaseException:
+            self.give_up_slot()
             raise
+
+    def give_up_slot(self) -> None:
+        self.count -= 1
+        self._next_waiter_connects()
 
     def _take_idle(self, key: PoolKey) -> TxBackend | None:
         idle = self.idle.get(key)
@@ -286,9 +328,6 @@ class JobPool:
             backend = idle.pop()
             if not idle:
                 del self.idle[key]
-            if backend.timer is not None:
-                backend.timer.cancel()
-                backend.timer = None
             if not backend.closed:
                 return backend
         return None
@@ -319,8 +358,9 @@ class JobPool:
     def _uncount(self, backend: TxBackend) -> None:
         if backend.counted:
             backend.counted = False
-            self.count -= 1
-            self._next_waiter_connects()
+            self.give_up_slot()
+
+    # --- giving back -------------------------------------------------------------------
 
     def release(self, backend: TxBackend) -> None:
         """A client gives ``backend`` back, idle: to the first waiter, or kept."""
@@ -329,27 +369,18 @@ class JobPool:
             backend.close()
             self._uncount(backend)
             return
-        while self.waiters:
-            key, fut = self.waiters.popleft()
-            if fut.done():
-                continue
-            if key == backend.key:
-                fut.set_result(backend)
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.key == backend.key:
+                waiter.give(backend)
             else:
                 backend.counted = False  # its slot goes to the waiter, which logs in anew
                 backend.close()
-                fut.set_result(None)
+                waiter.give(None)
             return
-        loop = asyncio.get_running_loop()
-        backend.since = loop.time()
-        backend.timer = loop.call_later(self.idle_timeout, self._expire, backend)
+        backend.since = asyncio.get_running_loop().time()
         self.idle.setdefault(backend.key, []).append(backend)
-
-    def _expire(self, backend: TxBackend) -> None:
-        backend.timer = None
-        if self._unidle(backend):
-            backend.close()
-            self._uncount(backend)
+        self._sweep_soon()
 
     def lost(self, backend: TxBackend) -> None:
         """A backend's connection closed (PostgreSQL stopped, or the router closed it)."""
@@ -358,14 +389,39 @@ class JobPool:
 
     def _next_waiter_connects(self) -> None:
         """A slot came free: the first waiter logs in on it."""
-        while self.waiters and self.count < self.size:
-            _, fut = self.waiters.popleft()
-            if not fut.done():
-                self.count += 1
-                fut.set_result(None)
-                return
+        if self.waiters and self.count < self.size:
+            self.count += 1
+            self.waiters.popleft().give(None)
+
+    # --- the sweep ---------------------------------------------------------------------
+
+    def _sweep_soon(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        for waiter in list(self.waiters):
+            if now >= waiter.deadline:
+                self.forget(waiter)
+                waiter.give(PoolTimeout())
+            elif not waiter.notified and now >= waiter.notify_at:
+                waiter.notified = True
+                waiter.notify()
+        for backends in list(self.idle.values()):
+            for b in list(backends):
+                if now - b.since >= self.idle_timeout:
+                    self._unidle(b)
+                    b.close()
+                    self._uncount(b)
+        if self.waiters or any(self.idle.values()):
+            self._sweep_soon()
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for backends in list(self.idle.values()):
             for b in list(backends):
                 b.close()
@@ -375,29 +431,43 @@ class JobPool:
 # --- one client ----------------------------------------------------------------------------
 
 
+# Backend message types (as ints) that end no entry: rows, notices, notifications,
+# parameter changes, COPY's data and its start, ParameterDescription.
+_PASSIVE = frozenset(b"DNASdctGHW")
+_HEADER = struct.Struct("!BI")
+
+TakeNow = Callable[["TxClient"], "TxBackend | Waiter | None"]
+Take = Callable[["TxClient", bool], Awaitable[TxBackend]]
+
+
 class TxClient(asyncio.Protocol):
     """A client of a transaction-mode job, after its login: holds a backend per transaction.
 
-    ``take`` gets a backend (waking the job if need be); ``on_end`` runs once when the client
-    is gone. Entries of ``expect``: [ends, action, extra] where ``ends`` are the message
-    types that end the answer, ``action`` PASS / SKIP (the client never sees it) / FAKE
-    (``extra`` is the answer, made here), and ``extra`` of a Parse sent is the statement
-    name it prepares (forgotten if it fails)."""
+    ``take_now`` gives a backend at once (an idle one), or queues the client (the pool is
+    full: ``given`` is called back), or None: then ``take`` (a task) wakes the job or logs
+    in. ``on_end`` runs once when the client is gone. Entries of ``expect``: [ends, action,
+    extra], where ``ends`` are the message types that end the answer, ``action`` PASS /
+    SKIP (the client never sees it) / FAKE (``extra`` is the answer, made here), and
+    ``extra`` of a Parse sent is the statement it prepares (forgotten if it fails)."""
 
-    def __init__(self, job_id: str, transport: asyncio.Transport,
-                 take: Callable[[TxClient], Awaitable[TxBackend]],
-                 on_end: Callable[[TxClient], None]) -> None:
+    def __init__(self, job_id: str, transport: asyncio.Transport, take_now: TakeNow,
+                 take: Take, on_end: Callable[[TxClient], None],
+                 timeout_error: Callable[[], bytes]) -> None:
         self.job_id = job_id
         self.transport = transport
+        self.take_now = take_now
         self.take = take
         self.on_end = on_end
+        self.timeout_error = timeout_error
         self.buf = bytearray()
         self.backend: TxBackend | None = None
         self.statements: dict[bytes, bytes] = {}  # client's name -> Parse body after the name
         self.expect: deque[list[Any]] = deque()
         self.skipping = False  # after an error: until Sync, as the backend does
         self.status = b"I"  # the last ReadyForQuery's transaction status
+        self.busy = False  # taking a backend (queued, or a task logging in)
         self.taking: asyncio.Task[None] | None = None
+        self.waiter: Waiter | None = None
         self.partial = b""  # a backend message cut by a read's end
         self.ended = False
         self.transactions = 0
@@ -413,7 +483,7 @@ class TxClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.buf += data
-        if self.taking is None:
+        if not self.busy:
             self._pump()
         elif len(self.buf) > HIGH_WATER:
             self.transport.pause_reading()  # until a backend takes what waits
@@ -432,20 +502,17 @@ class TxClient(asyncio.Protocol):
         buf = self.buf
         out: list[bytes] = []
         while len(buf) >= 5:
-            length = int.from_bytes(buf[1:5])
+            kind, length = _HEADER.unpack_from(buf)
             if length < 4 or length > MAX_MESSAGE:
                 self.fail(pg.error_response("08P01", f"invalid message length {length}"))
                 return
-            if len(buf) < length + 1:
+            if len(buf) <= length:
                 break
-            kind = buf[0]
             if kind == 0x58:  # Terminate: the client leaves
                 self._send(out)
                 self.transport.close()
                 return
-            if self.backend is None:
-                self._send(out)
-                self._take_backend()
+            if self.backend is None and not self._take_backend(out):
                 return
             msg = bytes(buf[:length + 1])
             del buf[:length + 1]
@@ -453,39 +520,79 @@ class TxClient(asyncio.Protocol):
         self._send(out)
 
     def _send(self, out: list[bytes]) -> None:
-        if out and self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.write(b"".join(out))
+        backend = self.backend
+        if out and backend is not None and backend.transport is not None:
+            backend.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        self._flush_fakes()
+        if self.expect and self.expect[0][1] == FAKE:
+            self._flush_fakes()
 
-    def _take_backend(self) -> None:
-        self.taking = asyncio.get_running_loop().create_task(self._taking())
+    def _take_backend(self, out: list[bytes]) -> bool:
+        """Attach a backend at once (True), or start waiting for one (False)."""
+        self._send(out)
+        got = self.take_now(self)
+        if isinstance(got, TxBackend):
+            self._attach(got)
+            return True
+        self.busy = True
+        if got is None:
+            self.taking = asyncio.get_running_loop().create_task(self._taking(False))
+        else:
+            self.waiter = got
+        return False
 
-    async def _taking(self) -> None:
+    def given(self, got: TxBackend | PoolTimeout | None) -> None:
+        """The pool's answer to a queued client: a backend, a slot to log in on, or the
+        end of its wait."""
+        self.waiter = None
+        if isinstance(got, PoolTimeout):
+            self.busy = False
+            self.fail(self.timeout_error())
+        elif got is None:
+            self.taking = asyncio.get_running_loop().create_task(self._taking(True))
+        elif self.ended or got.closed:
+            got.pool.release(got)
+            if not self.ended:
+                self.backend_lost()
+        else:
+            self.busy = False
+            self._attach(got)
+            self._pump()
+
+    async def _taking(self, slot: bool) -> None:
         try:
-            backend = await self.take(self)
+            backend = await self.take(self, slot)
         except asyncio.CancelledError:
             return
-        except _ClientFailed as exc:
+        except ClientFailed as exc:
             self.taking = None
+            self.busy = False
             self.fail(exc.error)
             return
         except Exception:
             log.exception("job %s: taking a backend failed", self.job_id)
             self.taking = None
+            self.busy = False
             self.fail(pg.error_response("XX000", "internal error in the router"))
             return
         self.taking = None
+        self.busy = False
         if self.ended or backend.closed:
             backend.pool.release(backend)
             if not self.ended:
                 self.backend_lost()
             return
+        self._attach(backend)
+        self.transport.resume_reading()
+        self._pump()
+
+    def _attach(self, backend: TxBackend) -> None:
         backend.client = self
         self.backend = backend
         self.transactions += 1
-        self.transport.resume_reading()
-        self._pump()
+
+    def notice(self, text: str) -> None:
+        self.transport.write(pg.notice_response(text))
 
     def _request(self, kind: int, msg: bytes, out: list[bytes]) -> None:
         """One whole client message, with a backend attached."""
@@ -495,20 +602,32 @@ class TxClient(asyncio.Protocol):
         if self.skipping and kind != 0x53:  # the backend ignores all but Sync now
             return
         if kind == 0x51:  # Query
-            sql = msg[5:-1].decode("utf-8", "replace")
             try:
-                if check_sql(sql):
+                if check_sql(msg[5:-1].decode("utf-8", "replace")):
                     backend.reusable = False
             except Unsupported as exc:
                 msg = pg.query(_raise_in_backend(self.job_id, exc))
+            expect.append([_SYNC, PASS, None])
+        elif kind == 0x42:  # Bind: portal, statement, the rest
+            p_end = msg.index(b"\0", 5)
+            s_end = msg.index(b"\0", p_end + 1)
+            if s_end > p_end + 1:
+                known = self._ensure(msg[p_end + 1:s_end], out)
+                if known is None:
+                    return
+                msg = pg.message(b"B", msg[5:p_end + 1] + known + msg[s_end:])
+            expect.append([_BIND, PASS, None])
+        elif kind == 0x45:  # Execute
+            expect.append([_EXECUTE, PASS, None])
+        elif kind == 0x53:  # Sync
+            self.skipping = False
             expect.append([_SYNC, PASS, None])
         elif kind == 0x50:  # Parse
             body = msg[5:]
             end = body.index(b"\0")
             name, rest = body[:end], body[end + 1:]
             try:
-                sql = rest[:rest.index(b"\0")].decode("utf-8", "replace")
-                if check_sql(sql):
+                if check_sql(rest[:rest.index(b"\0")].decode("utf-8", "replace")):
                     backend.reusable = False
             except Unsupported as exc:
                 self._refuse(unsupported_error(self.job_id, exc))
@@ -521,37 +640,21 @@ class TxClient(asyncio.Protocol):
                     "already exists", severity="ERROR"))
                 return
             else:
-                self.statements[name] = rest
                 server = statement_name(rest)
+                self.statements[name] = server + b"\0" + rest
                 if server in backend.prepared:
                     backend.prepared.move_to_end(server)
                     expect.append([_PARSE, FAKE, _PARSE_COMPLETE])
                     return
                 self._prepare(server, rest, out, PASS)
                 return
-        elif kind == 0x42:  # Bind: portal, statement, the rest
-            body = msg[5:]
-            p_end = body.index(b"\0")
-            s_end = body.index(b"\0", p_end + 1)
-            name = body[p_end + 1:s_end]
-            if name:
-                known = self._ensure(name, out)
-                if known is None:
-                    return
-                msg = pg.message(b"B", body[:p_end + 1] + known.encode() + body[s_end:])
-            expect.append([_BIND, PASS, None])
-        elif kind == 0x45:  # Execute
-            expect.append([_EXECUTE, PASS, None])
-        elif kind == 0x53:  # Sync
-            self.skipping = False
-            expect.append([_SYNC, PASS, None])
         elif kind == 0x44:  # Describe: S or P, then a name
             name = msg[6:-1]
             if msg[5] == 0x53 and name:
                 known = self._ensure(name, out)
                 if known is None:
                     return
-                msg = pg.message(b"D", b"S" + known.encode() + b"\0")
+                msg = pg.message(b"D", b"S" + known + b"\0")
             expect.append([_DESCRIBE, PASS, None])
         elif kind == 0x43:  # Close: S or P, then a name
             name = msg[6:-1]
@@ -565,33 +668,35 @@ class TxClient(asyncio.Protocol):
         # Flush, CopyData, CopyDone, CopyFail: nothing of their own to answer
         out.append(msg)
 
-    def _ensure(self, name: bytes, out: list[bytes]) -> str | None:
+    def _ensure(self, name: bytes, out: list[bytes]) -> bytes | None:
         """The backend's name for the client's statement ``name``, prepared on this backend
         first if need be; None (and the client told, as PostgreSQL would) if unknown."""
-        rest = self.statements.get(name)
-        if rest is None:
+        known = self.statements.get(name)
+        if known is None:
             self._refuse(pg.error_response(
                 "26000", f'prepared statement "{name.decode("utf-8", "replace")}" does not '
                 "exist", severity="ERROR"))
             return None
-        server = statement_name(rest)
+        cut = known.index(b"\0")
+        server = known[:cut]
         backend = self.backend
         assert backend is not None
-        if server in backend.prepared:
-            backend.prepared.move_to_end(server)
+        prepared = backend.prepared
+        if server in prepared:
+            prepared.move_to_end(server)
         else:
-            self._prepare(server, rest, out, SKIP)
+            self._prepare(server, known[cut + 1:], out, SKIP)
         return server
 
-    def _prepare(self, server: str, rest: bytes, out: list[bytes], action: int) -> None:
+    def _prepare(self, server: bytes, rest: bytes, out: list[bytes], action: int) -> None:
         backend = self.backend
         assert backend is not None
         while len(backend.prepared) >= backend.max_prepared:
             oldest, _ = backend.prepared.popitem(last=False)
-            out.append(pg.message(b"C", b"S" + oldest.encode() + b"\0"))
+            out.append(pg.message(b"C", b"S" + oldest + b"\0"))
             self.expect.append([_CLOSE, SKIP, None])
         backend.prepared[server] = None
-        out.append(pg.message(b"P", server.encode() + b"\0" + rest))
+        out.append(pg.message(b"P", server + b"\0" + rest))
         self.expect.append([_PARSE, action, server])
 
     def _refuse(self, error: bytes) -> None:
@@ -610,16 +715,17 @@ class TxClient(asyncio.Protocol):
         expect = self.expect
         out: list[bytes] = []
         release = False
+        unpack = _HEADER.unpack_from
         while pos + 5 <= n:
-            kind = data[pos:pos + 1]
-            end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5])
+            kind, length = unpack(data, pos)
+            end = pos + 1 + length
             if end > n:
                 break
-            if not expect or kind in b"DNASdctGHW":  # rows, notices, copy: no entry ends
+            if kind in _PASSIVE or not expect:
                 pos = end
                 continue
             head = expect[0]
-            if kind == b"E":
+            if kind == 0x45:  # ErrorResponse
                 pos = end
                 if head[0] is _SYNC:
                     continue  # inside a simple Query: its ReadyForQuery ends it
@@ -632,11 +738,12 @@ class TxClient(asyncio.Protocol):
                 continue
             expect.popleft()
             if head[1] == SKIP:
-                out.append(data[start:pos])
+                if pos > start:
+                    out.append(data[start:pos])
                 start = pos = end
             else:
                 pos = end
-                if kind == b"Z":
+                if kind == 0x5A:  # ReadyForQuery
                     self.status = data[end - 1:end]
                     release = self.status == b"I"
             if expect and expect[0][1] == FAKE:
@@ -646,8 +753,11 @@ class TxClient(asyncio.Protocol):
                     out.append(expect.popleft()[2])
         if pos < n:
             self.partial = data[pos:]
-        out.append(data[start:pos])
-        payload = b"".join(out)
+        if out:
+            out.append(data[start:pos])
+            payload = b"".join(out)
+        else:
+            payload = data[start:pos] if start or pos < n else data
         if payload:
             self.bytes_out += len(payload)
             self.transport.write(payload)
@@ -668,8 +778,6 @@ class TxClient(asyncio.Protocol):
     def _flush_fakes(self) -> None:
         """Answers the router makes that are first in line (nothing is due before them)."""
         expect = self.expect
-        if not expect or expect[0][1] != FAKE:
-            return
         out = []
         while expect and expect[0][1] == FAKE:
             out.append(expect.popleft()[2])
@@ -682,7 +790,7 @@ class TxClient(asyncio.Protocol):
         self.last_active = time.time()
         if backend is not None:
             backend.pool.release(backend)
-        if self.buf and self.taking is None:
+        if self.buf and not self.busy:
             self._pump()
 
     def backend_lost(self) -> None:
@@ -710,6 +818,9 @@ class TxClient(asyncio.Protocol):
         self.ended = True
         if self.taking is not None:
             self.taking.cancel()
+        if self.waiter is not None:
+            self.waiter.pool.forget(self.waiter)
+            self.waiter = None
         backend, self.backend = self.backend, None
         if backend is not None:
             clean = not self.expect and self.status == b"I" and not self.partial
@@ -721,12 +832,10 @@ class TxClient(asyncio.Protocol):
         self.on_end(self)
 
 
-class _ClientFailed(Exception):
+class ClientFailed(Exception):
     """Taking a backend failed in a way the client is told (its error, as bytes)."""
 
     def __init__(self, error: bytes) -> None:
         super().__init__()
         self.error = error
 
-
-ClientFailed = _ClientFailed
