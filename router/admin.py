@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as pg
+from .errors import ClientError
 from .inbox import ConnectionClosed, Inbox
+from .pauses import ALL
+from .routes import job_id_from_database
 
 if TYPE_CHECKING:
     from .server import Router
@@ -40,7 +43,8 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree withou
     VERSION = "0"
 
 HELP = ("SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|STATS|LISTS|CONFIG|USERS|JOBS; "
-        "KILL_CLIENT id; RELOAD")
+        "KILL_CLIENT id; RELOAD; PAUSE [job_x]; RESUME [job_x]; SNAPSHOT_STOP job_x; "
+        "WAKE job_x")
 
 
 class ConsoleError(Exception):
@@ -105,6 +109,10 @@ class Console:
             "SHOW USERS": self.show_users, "SHOW JOBS": self.show_jobs,
             "KILL_CLIENT": self.kill_client, "RELOAD": self.reload,
         }
+        self.actions: dict[str, Callable[[list[str]], Awaitable[str]]] = {
+            "PAUSE": self.pause, "RESUME": self.resume, "SNAPSHOT_STOP": self.snapshot_stop,
+            "WAKE": self.wake,
+        }
 
     async def serve(self, pipelined: bytes = b"") -> None:
         """Until the client leaves; ``pipelined``: what it sent after its password."""
@@ -127,8 +135,8 @@ class Console:
                 self.inbox.close()
                 return
             if msg.type == b"Q":
-                self.inbox.write(self.run(msg.body.rstrip(b"\0").decode(errors="replace"))
-                                 + pg.ready_for_query())
+                answer = await self.run(msg.body.rstrip(b"\0").decode(errors="replace"))
+                self.inbox.write(answer + pg.ready_for_query())
             elif msg.type == b"S":
                 if failed_extended:
                     failed_extended = False
@@ -139,12 +147,17 @@ class Console:
             else:
                 failed_extended = True  # Parse, Bind...: answered at their Sync
 
-    def run(self, sql: str) -> bytes:
+    async def run(self, sql: str) -> bytes:
         out = b""
         for statement in (s.strip() for s in sql.split(";")):
             if not statement:
                 continue
             try:
+                action = self.actions.get(statement.split()[0].upper())
+                if action is not None:
+                    self._may_act()
+                    out += command_complete(await action(statement.split()[1:]))
+                    continue
                 out += self.execute(statement)
             except ConsoleError as exc:
                 return out + pg.error_response(exc.sqlstate, exc.message, exc.hint,
@@ -159,9 +172,8 @@ class Console:
         if handler is None:
             raise ConsoleError("42601", f"unknown admin console command: {statement}",
                                f"Commands: {HELP}.")
-        if not name.startswith("SHOW") and not self.admin:
-            raise ConsoleError("42501", f"{self.user} may only SHOW (a stats principal)",
-                               "Log in as an admin principal to act.")
+        if not name.startswith("SHOW"):
+            self._may_act()
         result = handler(words[2:] if name.startswith("SHOW") else words[1:])
         if isinstance(result, str):
             return command_complete(result)
@@ -188,26 +200,69 @@ class Console:
             "pool_mode", "load_balance_hosts")]
         active: dict[tuple[str, str], int] = {}
         for s in self.router.sessions:
-            key = (f"job_{s.job_id}", s.job.user)
-            active[key] = active.get(key, 0) + 1
+            if s.tx is None:
+                key = (f"job_{s.job_id}", s.job.user)
+                active[key] = active.get(key, 0) + 1
         idle = self.router.pool.idle_by_user()
         rows = []
         for db, user in sorted(set(active) | {(f"job_{j}", u) for j, u in idle}):
             job = db.removeprefix("job_")
             rows.append([db, user, active.get((db, user), 0), 0, 0, 0, active.get((db, user), 0),
                          0, 0, idle.get((job, user), 0), 0, 0, 0, 0, 0, "session", None])
-        return cols, rows
+        return cols, rows + self._transaction_pools()
+
+    def _transaction_pools(self) -> list[list[Any]]:
+        """SHOW POOLS rows of transaction-mode jobs: clients logged in, clients waiting for a
+        server, servers in a transaction, servers idle, servers logging in."""
+        counts: dict[tuple[str, str], list[int]] = {}
+
+        def add(job_id: str, user: str, column: int, n: int = 1) -> None:
+            counts.setdefault((f"job_{job_id}", user), [0] * 5)[column] += n
+
+        for s in self.router.sessions:
+            if s.tx is not None:
+                add(s.job_id, s.job.user, 0)
+                if s.tx.backend is not None:
+                    add(s.job_id, s.job.user, 2)
+        now = asyncio.get_running_loop().time()
+        waited: dict[tuple[str, str], float] = {}
+        for job_id, pool in self.router.tx_pools.items():
+            for w in pool.waiters:
+                add(job_id, w.key[2], 1)
+                since = w.notify_at - self.router.config.query_wait_notify
+                where = (f"job_{job_id}", w.key[2])
+                waited[where] = max(waited.get(where, 0.0), now - since)
+            for pool_key, backends in pool.idle.items():
+                add(job_id, pool_key[2], 3, len(backends))
+            busy = sum(1 for s in self.router.sessions
+                       if s.tx is not None and s.job_id == job_id and s.tx.backend is not None)
+            logging_in = pool.count - pool.idle_count() - busy
+            if logging_in > 0:
+                add(job_id, "", 4, logging_in)
+        rows = []
+        for (db, user), (clients, waiting, active, idle, login) in sorted(counts.items()):
+            wait = waited.get((db, user), 0.0)
+            rows.append([db, user, clients - waiting, waiting, 0, 0, active, 0, 0, idle, 0, 0,
+                         login, int(wait), int(wait % 1 * 1e6), "transaction", None])
+        return rows
 
     def _clients(self) -> list[list[Any]]:
         rows = []
         for s in sorted(self.router.sessions, key=lambda s: s.id):
-            client = s.pipes[0].transport if s.pipes else None
+            client = s.tx.transport if s.tx is not None else (
+                s.pipes[0].transport if s.pipes else None)
             addr, port = _addr(client, "peername")
             local, lport = _addr(client, "sockname")
-            rows.append(["C", s.user, f"job_{s.job_id}", "none", "active", addr, port, local,
+            if s.tx is not None:  # linked to a server only while a transaction runs
+                state = "waiting" if s.tx.waiter is not None else "active"
+                link = f"{id(s.tx.backend):x}" if s.tx.backend is not None else ""
+                prepared = len(s.tx.statements)
+            else:
+                state, link = "active", f"{id(s.pipes[1]) if s.pipes else 0:x}"
+                prepared = 0
+            rows.append(["C", s.user, f"job_{s.job_id}", "none", state, addr, port, local,
                          lport, _when(s.connected_at), _when(s.connected_at), 0, 0, 0,
-                         f"{id(s):x}", f"{id(s.pipes[1]) if s.pipes else 0:x}", 0, "", "", 0,
-                         s.id])
+                         f"{id(s):x}", link, 0, "", "", prepared, s.id])
         return rows
 
     _CLIENT_COLUMNS = [
@@ -224,6 +279,8 @@ class Console:
     def show_servers(self, _: list[str]) -> Table:
         rows = []
         for s in sorted(self.router.sessions, key=lambda s: s.id):
+            if s.tx is not None:
+                continue  # (a transaction-mode client's server is listed below, if any)
             backend = s.pipes[1].transport if s.pipes else None
             addr, port = _addr(backend, "peername")
             local, lport = _addr(backend, "sockname")
@@ -231,6 +288,22 @@ class Console:
                          local, lport, _when(s.connected_at), _when(s.connected_at), 0, 0, 0,
                          f"{id(s.pipes[1]) if s.pipes else 0:x}", f"{id(s):x}", s.backend_pid,
                          "", "", 0, s.id])
+        for job_id, pool in self.router.tx_pools.items():
+            for pool_key, backends in pool.idle.items():
+                for b in backends:
+                    addr, port = _addr(b.transport, "peername")
+                    local, lport = _addr(b.transport, "sockname")
+                    rows.append(["S", pool_key[2], f"job_{job_id}", "none", "idle", addr, port,
+                                 local, lport, None, None, 0, 0, 0, f"{id(b):x}", "",
+                                 b.cancel.pid, "", "", len(b.prepared), 0])
+        for s in sorted(self.router.sessions, key=lambda s: s.id):
+            lent = s.tx.backend if s.tx is not None else None
+            if lent is not None:
+                addr, port = _addr(lent.transport, "peername")
+                local, lport = _addr(lent.transport, "sockname")
+                rows.append(["S", s.job.user, f"job_{s.job_id}", "none", "active", addr, port,
+                             local, lport, None, None, 0, 0, 0, f"{id(lent):x}", f"{id(s):x}",
+                             lent.cancel.pid, "", "", len(lent.prepared), 0])
         for job_id, user, pooled in self.router.pool.all_idle():
             addr, port = _addr(pooled.inbox.transport, "peername")
             local, lport = _addr(pooled.inbox.transport, "sockname")
@@ -254,10 +327,14 @@ class Console:
         for job_id, job in sorted(self._jobs().items()):
             route = self._route(job_id)
             n, idle = clients.get(job_id, 0), self.router.pool.idle_count(job_id)
+            size = (route.pool_size if route else None) or self.router.config.pool_size
+            tx = self.router.tx_pools.get(job_id)
+            servers = tx.count if tx is not None else n + idle
+            paused = int(self.router.pauses.hold_for(job_id) is not None)
             rows.append([f"job_{job_id}", route.host if route else None,
                          route.port if route else None, route.database if route else None,
-                         route.user if route else None, self.router.pool.size, 0, 0, 0,
-                         "session", None, job.max_connections or 0, n + idle, 0, n, 0, 0])
+                         route.user if route else None, size, 0, 0, 0, job.pool_mode, None,
+                         job.max_connections or 0, servers, 0, n, paused, 0])
         return cols, rows
 
     def _per_job_sessions(self) -> dict[str, int]:
@@ -279,8 +356,13 @@ class Console:
         totals = self.router.metrics.byte_totals(self.router.sessions)
         assigned = self.router.assignments
         rows = []
+        xacts: dict[str, int] = dict(self.router.tx_transactions)
+        for s in self.router.sessions:
+            if s.tx is not None:
+                xacts[s.job_id] = xacts.get(s.job_id, 0) + s.tx.transactions
         for job_id in sorted(set(self._jobs()) | {j for j, _ in totals} | set(assigned)):
-            row: list[Any] = [f"job_{job_id}", 0, 0, assigned.get(job_id, 0),
+            n = xacts.get(job_id, 0)
+            row: list[Any] = [f"job_{job_id}", n, n, assigned.get(job_id, 0) + n,
                               totals.get((job_id, "in"), 0), totals.get((job_id, "out"), 0),
                               0, 0, 0, 0, 0, 0, assigned.get(job_id, 0)]
             rows.append(row + [0] * (len(names) - len(row)))
@@ -293,7 +375,9 @@ class Console:
                  ("pools", pools),
                  ("free_clients", 0), ("used_clients", len(r.sessions)),
                  ("login_clients", len(r._handshakes)), ("free_servers", 0),
-                 ("used_servers", len(r.sessions) + r.pool.idle_count()), ("dns_names", 0),
+                 ("used_servers", sum(1 for s in r.sessions if s.tx is None)
+                  + r.pool.idle_count() + sum(p.count for p in r.tx_pools.values())),
+                 ("dns_names", 0),
                  ("dns_zones", 0), ("dns_queries", 0), ("dns_pending", 0)]
         return [("list", TEXT), ("items", INT8)], [list(i) for i in items]
 
@@ -302,6 +386,9 @@ class Console:
         settings = [("listen_addr", c.host), ("listen_port", c.port),
                     ("max_client_conn", c.max_client_conn), ("default_pool_size", c.pool_size),
                     ("server_idle_timeout", c.server_idle_timeout), ("pool_mode", "session"),
+                    ("query_wait_timeout", c.query_wait_timeout),
+                    ("query_wait_notify", c.query_wait_notify),
+                    ("max_prepared_statements", c.max_prepared_statements),
                     ("server_reset_query", "DISCARD ALL"), ("auth_type", "scram-sha-256"),
                     ("client_tls_sslmode", "require" if c.require_tls else
                      "allow" if c.tls else "disable"),
@@ -359,6 +446,61 @@ class Console:
     def reload(self, _: list[str]) -> str:
         self.router.request_reload()
         return "RELOAD"
+
+    def _may_act(self) -> None:
+        if not self.admin:
+            raise ConsoleError("42501", f"{self.user} may only SHOW (a stats principal)",
+                               "Log in as an admin principal to act.")
+
+    def _job_arg(self, args: list[str], command: str, *, optional: bool = False) -> str | None:
+        if not args and optional:
+            return None
+        if len(args) != 1:
+            raise ConsoleError("42601", f"{command} takes one job's database name, job_<id>")
+        job_id = job_id_from_database(args[0].strip('"'))
+        if job_id is None or job_id not in self._jobs():
+            raise ConsoleError("3D000", f"no job {args[0]}", "SHOW JOBS lists them.")
+        return job_id
+
+    async def pause(self, args: list[str]) -> str:
+        """PgBouncer's PAUSE: hold the job's traffic; returns once it uses no server."""
+        job_id = self._job_arg(args, "PAUSE", optional=True)
+        log.info("admin %s: PAUSE %s", self.user, job_id or "(every job)")
+        await self.router.pause(job_id or ALL)
+        return "PAUSE"
+
+    async def resume(self, args: list[str]) -> str:
+        job_id = self._job_arg(args, "RESUME", optional=True)
+        if not self.router.pauses.resume(job_id or ALL):
+            raise ConsoleError("55000", f"{args[0] if args else 'the router'} is not paused",
+                               f"Paused: {', '.join(self.router.pauses.paused()) or 'nothing'}.")
+        log.info("admin %s: RESUME %s", self.user, job_id or "(every job)")
+        return "RESUME"
+
+    async def snapshot_stop(self, args: list[str]) -> str:
+        """The job lifecycle's pause (snapshot, then stop), by a name no PgBouncer script
+        uses: PAUSE only holds traffic."""
+        job_id = self._job_arg(args, "SNAPSHOT_STOP")
+        assert job_id is not None
+        await self._lifecycle(job_id, "paused")
+        return "SNAPSHOT_STOP"
+
+    async def wake(self, args: list[str]) -> str:
+        job_id = self._job_arg(args, "WAKE")
+        assert job_id is not None
+        await self._lifecycle(job_id, "running")
+        return "WAKE"
+
+    async def _lifecycle(self, job_id: str, desired: str) -> None:
+        want = getattr(self.router.routes, "want", None)
+        if want is None:
+            raise ConsoleError("0A000", "a route file's jobs have no lifecycle",
+                               "Jobs from the catalog do (jobmesh router --catalog-dsn).")
+        log.info("admin %s: job %s wanted %s", self.user, job_id, desired)
+        try:
+            await want(job_id, desired)
+        except ClientError as exc:
+            raise ConsoleError(exc.sqlstate, exc.message, exc.hint) from exc
 
 
 def _fmt(v: Any) -> str:

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import asyncpg
 
 from jobmesh.controller.catalog.db import Catalog
-from jobmesh.controller.catalog.models import JOBS_CHANNEL, PRINCIPALS_CHANNEL, Job, PrincipalRow
+from jobmesh.controller.catalog.models import (
+    JOBS_CHANNEL,
+    PRINCIPALS_CHANNEL,
+    CatalogError,
+    Job,
+    PrincipalRow,
+)
 from jobmesh.controller.catalog.states import Access, DesiredState, JobState
 from jobmesh.errors import one_line
 
@@ -234,6 +240,20 @@ class CatalogRoutes:
         except CATALOG_ERRORS as exc:
             log.warning("catalog: cannot request a wake of job %s: %s", job_id, one_line(exc))
             raise errors.catalog_unavailable() from exc
+
+    async def want(self, job_id: str, desired: str) -> None:
+        """The admin console's SNAPSHOT_STOP ("paused") and WAKE ("running")."""
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                if desired == "running":
+                    await self._catalog.request_wake(job_id)
+                else:
+                    await self._catalog.set_desired(job_id, DesiredState.PAUSED)
+        except CATALOG_ERRORS as exc:
+            log.warning("catalog: cannot want job %s %s: %s", job_id, desired, one_line(exc))
+            raise errors.catalog_unavailable() from exc
+        except CatalogError as exc:  # no such job (any more), or it is being deleted
+            raise errors.ClientError("55000", one_line(exc)) from exc
 
     def _nudge(self, job_id: str) -> None:
         """Ask for the job to stay running, in the background (the client is served now)."""

@@ -168,6 +168,15 @@ class ServerPool:
             pooled.close()
             self._count(job_id)
 
+    def close_job(self, job_id: str | None) -> None:
+        """Close the idle connections kept for ``job_id`` (None: every job's)."""
+        for j, idle in list(self._idle.items()):
+            if job_id is None or j == job_id:
+                for pooled in idle:
+                    pooled.close()
+                idle.clear()
+                self._count(j)
+
     def close(self) -> None:
         for job_id, idle in list(self._idle.items()):
             for pooled in idle:

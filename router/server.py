@@ -47,6 +47,7 @@ from .hold import hold
 from .inbox import ConnectionClosed, Inbox
 from .login import Refused, open_backend
 from .metrics import RouterMetrics
+from .pauses import ALL, Pauses
 from .pool import CROWDED_RETRIES, RESET_TIMEOUT, Crowded, PoolKey, ServerPool, pool_key
 from .route_source import RouteSource
 from .routes import JobRoute, Principal
@@ -77,6 +78,8 @@ class Router:
         self.metrics.track_sessions(lambda: self.sessions)
         self.pool = ServerPool(config.pool_size, config.server_idle_timeout, self.metrics)
         self.tx_pools: dict[str, JobPool] = {}  # transaction mode: per job
+        self.pauses = Pauses()  # the admin console's PAUSE
+        self.tx_transactions: Counter[str] = Counter()  # of transaction-mode clients gone
         self.assignments: Counter[str] = Counter()  # sessions given a backend, per job
         self._statuses: dict[tuple[bytes, ...], list[bytes]] = {}
         self.on_reload: Callable[[], None] | None = None  # what RELOAD does (main.py sets it)
@@ -260,6 +263,7 @@ class Router:
         inbox.write(pg.auth_ok())
         spliced = False
         try:
+            pipelined += await self._while_paused(inbox, job_id)
             if job.pool_mode == "transaction":
                 spliced = await self._serve_transactions(inbox, job_id, access, route,
                                                          request, pipelined, slot)
@@ -318,6 +322,35 @@ class Router:
             delay = min(delay * 2, HOLD_RETRY[1])
             route = self.routes.route(job_id, access)  # moved, or no longer running: a wake
 
+    # --- PAUSE and RESUME (pauses.py) ---------------------------------------------------
+
+    async def _while_paused(self, inbox: Inbox, job_id: str) -> bytes:
+        """Hold a new client of a job the console paused until RESUME; what it sent."""
+        held = self.pauses.hold_for(job_id)
+        if held is None:
+            return b""
+        inbox.write(pg.notice_response(f"job_{job_id} is paused (PAUSE): waiting for RESUME"))
+        _, more = await hold(inbox, held.wait())
+        return more
+
+    async def pause(self, job_id: str) -> None:
+        """PAUSE: hold the job's traffic (pauses.ALL: every job's) until it uses no server."""
+        def mine(other: str) -> bool:
+            return job_id in (ALL, other)
+
+        def busy() -> int:
+            spliced = sum(1 for s in self.sessions if s.tx is None and mine(s.job_id))
+            lent = sum(p.count - p.idle_count() for j, p in self.tx_pools.items() if mine(j))
+            return spliced + lent
+
+        def close_idle() -> None:
+            for j in list(self.tx_pools):
+                if mine(j):
+                    self.tx_pools[j].close_idle()
+            self.pool.close_job(None if job_id == ALL else job_id)
+
+        await self.pauses.pause(job_id, busy, close_idle)
+
     # --- transaction mode (transaction.py) -------------------------------------------
 
     async def _serve_transactions(self, inbox: Inbox, job_id: str, access: Access,
@@ -365,8 +398,11 @@ class Router:
         def timeout_error() -> bytes:
             return self._tx_timeout(job_id, pool).to_bytes()
 
-        client = TxClient(job_id, inbox.transport, take_now, take,
-                          lambda c: self._forget(session), timeout_error)
+        def ended(c: TxClient) -> None:
+            self.tx_transactions[job_id] += c.transactions
+            self._forget(session)
+
+        client = TxClient(job_id, inbox.transport, take_now, take, ended, timeout_error)
         secret = self.cancel_map.issue_for(pid, client.current_cancel, request.key_length)
         session = Session(route, request.user, secret, pid, slot)
         session.tx = client
@@ -383,6 +419,8 @@ class Router:
                      forwarded: dict[str, str]) -> TxBackend | Waiter | None:
         """The hot path: an idle backend at once, or the client queued on a full pool;
         None when something must be awaited (a wake, a login)."""
+        if self.pauses.hold_for(job_id) is not None:
+            return None  # (the slow path waits for RESUME)
         try:
             route = self.routes.route(job_id, access)
         except ClientError:
@@ -438,6 +476,11 @@ class Router:
         held_until: float | None = None
         delay = HOLD_RETRY[0]
         while True:
+            held = self.pauses.hold_for(job_id)
+            if held is not None:
+                notice(f"job_{job_id} is paused (PAUSE): waiting for RESUME")
+                await held.wait()
+                continue
             route = self.routes.route(job_id, access)
             if route is None:
                 route = await self.routes.wake(job_id, access, notice)

@@ -418,6 +418,13 @@ class JobPool:
         if self.waiters or any(self.idle.values()):
             self._sweep_soon()
 
+    def close_idle(self) -> None:
+        for backends in list(self.idle.values()):
+            for b in list(backends):
+                self._unidle(b)
+                b.close()
+                self._uncount(b)
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -1,6 +1,7 @@
 """A job's pool mode through the whole mesh: set at create (``--pool-mode``), changed with
 ``jobmesh job update``; in transaction mode a client outlives its job's pause (its next
-transaction wakes the job), since it holds no server connection between transactions."""
+transaction wakes the job), since it holds no server connection between transactions. And
+the admin console's lifecycle commands, SNAPSHOT_STOP and WAKE."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import psycopg
 import pytest
 
+from jobmesh.controller.catalog.passwords import scram_verifier
 from jobmesh.controller.mesh import ensure_secret, write_mesh
 from tests.integration.controller.cli.test_damaged_dump import cli
 from tests.support.mesh import Mesh
@@ -71,3 +73,24 @@ async def test_a_transaction_mode_client_outlives_its_jobs_pause(mesh: Mesh) -> 
         assert (await mesh.catalog.job("alpha")).state == "running"  # type: ignore[union-attr]
     finally:
         await conn.close()
+
+
+async def test_the_consoles_snapshot_stop_and_wake_drive_the_jobs_lifecycle(mesh: Mesh) -> None:
+    """SNAPSHOT_STOP and WAKE (not PAUSE, which only holds traffic) pause and wake a job."""
+    await asyncio.to_thread(mesh.start_controller, "--idle-timeout", "0")
+    await asyncio.to_thread(mesh.start_router)
+    await mesh.catalog.create_principal("root", scram_verifier(PW), admin=True)
+    await mesh.create_job("alpha")
+
+    def console(command: str) -> None:
+        dsn = mesh.dsn("alpha", "root", PW).replace("/job_alpha", "/jobmesh")
+        with psycopg.connect(dsn, connect_timeout=30, autocommit=True,
+                             cursor_factory=psycopg.ClientCursor) as conn:
+            conn.execute(command)
+
+    await asyncio.to_thread(console, "SNAPSHOT_STOP job_alpha")
+    await mesh.wait_state("alpha", "paused")
+    await asyncio.to_thread(console, "WAKE job_alpha")
+    await mesh.wait_state("alpha", "running")
+    kinds = [e.kind for e in await mesh.catalog.events("alpha")]
+    assert "wake-requested" in kinds
