@@ -42,7 +42,8 @@ try:
 except PackageNotFoundError:  # pragma: no cover - run from a source tree without metadata
     VERSION = "0"
 
-HELP = ("SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|STATS|LISTS|CONFIG|USERS|JOBS; "
+HELP = ("SHOW HELP|VERSION|POOLS|CLIENTS|SERVERS|DATABASES|STATS|STATS_TOTALS|STATS_AVERAGES|"
+        "LISTS|CONFIG|USERS|JOBS; "
         "KILL_CLIENT id; RELOAD; PAUSE [job_x]; RESUME [job_x]; SNAPSHOT_STOP job_x; "
         "WAKE job_x")
 
@@ -107,6 +108,8 @@ class Console:
             "SHOW DATABASES": self.show_databases, "SHOW STATS": self.show_stats,
             "SHOW LISTS": self.show_lists, "SHOW CONFIG": self.show_config,
             "SHOW USERS": self.show_users, "SHOW JOBS": self.show_jobs,
+            "SHOW STATS_TOTALS": self.show_stats_totals,
+            "SHOW STATS_AVERAGES": self.show_stats_averages,
             "KILL_CLIENT": self.kill_client, "RELOAD": self.reload,
         }
         self.actions: dict[str, Callable[[list[str]], Awaitable[str]]] = {
@@ -368,6 +371,30 @@ class Console:
             rows.append(row + [0] * (len(names) - len(row)))
         return cols, rows
 
+    def show_stats_totals(self, _: list[str]) -> Table:
+        """SHOW STATS's totals under PgBouncer's STATS_TOTALS names (what pgbouncer_exporter
+        reads)."""
+        cols, rows = self.show_stats([])
+        names = [c for c, _ in cols]
+        wanted = {"database": "database", "total_xact_count": "xact_count",
+                  "total_query_count": "query_count",
+                  "total_server_assignment_count": "server_assignment_count",
+                  "total_received": "bytes_received", "total_sent": "bytes_sent",
+                  "total_xact_time": "xact_time", "total_query_time": "query_time",
+                  "total_wait_time": "wait_time",
+                  "total_client_parse_count": "client_parse_count",
+                  "total_server_parse_count": "server_parse_count",
+                  "total_bind_count": "bind_count"}
+        index = [names.index(n) for n in wanted]
+        return ([(wanted[names[i]], cols[i][1]) for i in index],
+                [[r[i] for i in index] for r in rows])
+
+    def show_stats_averages(self, _: list[str]) -> Table:
+        cols, rows = self.show_stats([])
+        index = [0] + [i for i, (c, _) in enumerate(cols) if c.startswith("avg_")]
+        return ([(cols[i][0].removeprefix("avg_"), cols[i][1]) for i in index],
+                [[r[i] for i in index] for r in rows])
+
     def show_lists(self, _: list[str]) -> Table:
         r = self.router
         pools = len(self.show_pools([])[1])
@@ -384,7 +411,8 @@ class Console:
     def show_config(self, _: list[str]) -> Table:
         c = self.router.config
         settings = [("listen_addr", c.host), ("listen_port", c.port),
-                    ("max_client_conn", c.max_client_conn), ("default_pool_size", c.pool_size),
+                    ("max_client_conn", c.max_client_conn), ("max_user_connections", 0),
+                    ("default_pool_size", c.pool_size),
                     ("server_idle_timeout", c.server_idle_timeout), ("pool_mode", "session"),
                     ("query_wait_timeout", c.query_wait_timeout),
                     ("query_wait_notify", c.query_wait_notify),
