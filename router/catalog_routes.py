@@ -71,7 +71,14 @@ class CachedJob:
 
     row: Job
     routes: dict[Access, JobRoute] | None
-    max_connections: int | None = None  # the catalog sets no per-job client limit (yet)
+
+    @property
+    def max_connections(self) -> int | None:
+        """The spec's client limit, across every router (leases.py); None: no limit."""
+        limit = self.row.spec.get("max_connections")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            return None
+        return limit
 
     @property
     def job_id(self) -> str:
@@ -116,6 +123,7 @@ class CatalogRoutes:
 
     def __init__(self, catalog: Catalog, metrics: RouterMetrics, *, wake_timeout: float) -> None:
         self._catalog = catalog
+        self.catalog = catalog  # (for the leases of per-job client limits)
         self._metrics = metrics
         self.jobs: dict[str, CachedJob] = {}
         self.users: dict[str, Principal] = {}

@@ -33,6 +33,7 @@ class RouterConfig:
     query_wait_timeout: float = 120.0
     query_wait_notify: float = 5.0
     max_prepared_statements: int = 200
+    lease_ttl: float = 30.0  # a job's slots leased from the catalog live this long (leases.py)
     # Worker mode (see supervisor.py): a socket inherited from the supervisor,
     # this worker's index, and the control directory the workers share.
     workers: int = 1

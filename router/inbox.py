@@ -22,6 +22,9 @@ class Inbox(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.on_made: Callable[[Inbox], None] | None = None
+        # A CancelRequest's connection: never answered, EOF is all (libpq's cancel fails
+        # with "unexpected response from server" on any byte, as PostgreSQL sends none).
+        self.no_reply = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio types the argument as any BaseTransport; a stream server

@@ -25,8 +25,9 @@ from jobmesh.errors import UsageError
 from jobmesh.secretfile import read_secret_file
 
 from .activity import ActivityReporter
-from .catalog_routes import CatalogConfigError, CatalogRoutes
+from .catalog_routes import CATALOG_ERRORS, CatalogConfigError, CatalogRoutes
 from .config import RouterConfig
+from .leases import Leases
 from .metrics import RouterMetrics
 from .routes import RouteFileError, RouteTable, load_routes
 from .server import Router
@@ -113,6 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {d.max_prepared_statements})",
     )
     p.add_argument(
+        "--lease-ttl", type=float, default=d.lease_ttl, metavar="S",
+        help="a job's max_connections holds across routers by slots each router leases "
+        "from the catalog for S seconds, renewed every S/3 (a dead router's lapse after S; "
+        f"default {d.lease_ttl:g})",
+    )
+    p.add_argument(
         "--peer-listen", metavar="HOST:PORT",
         help="hear the other routers of the fleet here: cancels whose key they did not issue"
         " (needs --peer-secret-file)",
@@ -162,7 +169,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         query_wait_timeout=args.query_wait_timeout,
         query_wait_notify=args.query_wait_notify,
         max_prepared_statements=args.max_prepared_statements,
+        lease_ttl=args.lease_ttl,
     )
+    if args.lease_ttl < 1:
+        raise UsageError("--lease-ttl must be at least 1 second")
     if args.pool_size < 0 or args.server_idle_timeout <= 0:
         raise UsageError("--pool-size must be >= 0 and --server-idle-timeout positive")
     if args.query_wait_timeout <= 0 or args.query_wait_notify <= 0:
@@ -274,7 +284,9 @@ async def _serve(
         activity = ActivityReporter(catalog.touch, config.activity_interval)
     routes = catalog or table
     assert routes is not None
-    router = Router(config, routes, metrics=metrics, activity=activity)
+    leases = (Leases(catalog.catalog, ttl=config.lease_ttl, renew=config.lease_ttl / 3,
+                     errors=CATALOG_ERRORS) if catalog is not None else None)
+    router = Router(config, routes, metrics=metrics, activity=activity, leases=leases)
     try:
         await _run_router(router, catalog, routes_path, metrics_at, worker)
     finally:

@@ -45,6 +45,7 @@ from .fleet import PeerAuth, Peers, serve_peers
 from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
+from .leases import Leased, Leases, Unreachable
 from .login import Refused, open_backend
 from .metrics import RouterMetrics
 from .pauses import ALL, Pauses
@@ -67,7 +68,8 @@ HOLD_RETRY = (0.05, 0.5)
 class Router:
     def __init__(self, config: RouterConfig, routes: RouteSource, *,
                  metrics: RouterMetrics | None = None,
-                 activity: ActivityReporter | None = None) -> None:
+                 activity: ActivityReporter | None = None,
+                 leases: Leases | None = None) -> None:
         self.config = config
         self.routes = routes
         self.activity = activity
@@ -93,6 +95,7 @@ class Router:
         self.slots: Slots = (
             SharedSlots(Path(config.control_dir) / "slots") if config.control_dir else LocalSlots()
         )
+        self.leases = leases  # catalog jobs' limits, across routers (the route file's: slots)
         # Each worker takes its share of the global client limit.
         self._max_clients = -(-config.max_client_conn // config.workers)
         self._control: asyncio.Server | None = None
@@ -130,6 +133,8 @@ class Router:
                                                   self.config.connect_timeout)
         if self.activity is not None:
             self.activity.start(self.active_jobs)
+        if self.leases is not None:
+            self.leases.start()
 
     @property
     def port(self) -> int:
@@ -174,6 +179,8 @@ class Router:
             tx_pool.close()
         if self.activity is not None:
             await self.activity.close()
+        if self.leases is not None:
+            await self.leases.close()
 
     def _shared(self, status: list[bytes]) -> list[bytes]:
         """One list for every session whose login said the same (it is kept per session
@@ -213,7 +220,10 @@ class Router:
         except (ConnectionClosed, TimeoutError, ssl.SSLError, OSError):
             inbox.close()
         except asyncio.CancelledError:
-            self._reject(inbox, errors.shutting_down())
+            if inbox.no_reply:
+                inbox.close()
+            else:
+                self._reject(inbox, errors.shutting_down())
         except Exception:  # a bug: the client still gets a proper error
             log.exception("internal error while serving a client")
             self._reject(inbox, ClientError("XX000", "internal error in the router",
@@ -222,7 +232,8 @@ class Router:
     def _reject(self, inbox: Inbox, exc: ClientError) -> None:
         self.metrics.errors.labels(exc.sqlstate).inc()
         log.info("rejected client: %s %s", exc.sqlstate, exc.message)
-        inbox.write(exc.to_bytes())
+        if not inbox.no_reply:
+            inbox.write(exc.to_bytes())
         inbox.close()
 
     async def _handshake(self, inbox: Inbox) -> None:
@@ -253,12 +264,7 @@ class Router:
         route = self.routes.route(job_id, access)
         slot = None
         if job.max_connections is not None:
-            slot = self.slots.acquire(job_id, job.max_connections)
-            if slot is None:
-                raise errors.too_many(
-                    f"job {job_id} allows {job.max_connections}",
-                    "Close idle connections to this job or raise its max_connections.",
-                )
+            slot = await self._take_slot(job_id, job.max_connections)
         pipelined = hs.authenticated()
         inbox.write(pg.auth_ok())
         spliced = False
@@ -272,7 +278,33 @@ class Router:
                                             pipelined, slot)
         finally:
             if not spliced and slot is not None:
-                self.slots.release(slot)
+                self._release_slot(slot)
+
+    async def _take_slot(self, job_id: str, limit: int) -> object:
+        """One of the job's max_connections: leased across routers (catalog jobs), or
+        shared by this router's workers (the route file's)."""
+        if self.leases is not None:
+            try:
+                token = await self.leases.acquire(job_id, limit)
+            except Unreachable:
+                raise errors.too_many(
+                    f"job {job_id} allows {limit} across the routers, and the catalog that "
+                    "counts them cannot be reached", "Try again in a moment.") from None
+            slot: object | None = None if token is None else Leased(token)
+        else:
+            slot = self.slots.acquire(job_id, limit)
+        if slot is None:
+            raise errors.too_many(f"job {job_id} allows {limit}",
+                                  "Close idle connections to this job or raise its "
+                                  "max_connections.")
+        return slot
+
+    def _release_slot(self, slot: object) -> None:
+        if isinstance(slot, Leased):
+            assert self.leases is not None
+            self.leases.release(slot.job_id)
+        else:
+            self.slots.release(slot)
 
     async def _reach(
         self,
@@ -568,8 +600,11 @@ class Router:
             elif isinstance(event, pg.GSSENCRequest):
                 inbox.write(b"N")
             elif isinstance(event, pg.CancelRequest):
-                await self.canceller.handle(event.pid, event.secret, _source(inbox))
-                inbox.close()
+                inbox.no_reply = True
+                try:
+                    await self.canceller.handle(event.pid, event.secret, _source(inbox))
+                finally:
+                    inbox.close()  # EOF is the only answer, as PostgreSQL gives
                 return None, tls
             else:
                 assert isinstance(event, pg.StartupMessage)
@@ -736,7 +771,7 @@ class Router:
         self.cancel_map.release(session.backend_pid, session.cancel_secret)
         self.metrics.session_finished(session)
         if session.slot is not None:
-            self.slots.release(session.slot)
+            self._release_slot(session.slot)
         if not self.sessions:
             self._drained.set()
 

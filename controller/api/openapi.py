@@ -84,6 +84,9 @@ def _schemas() -> dict[str, Any]:
                 "pool_size": {"type": "integer", "minimum": 1, "maximum": 10000,
                               "description": "server connections per router process "
                                              "(default the router's --pool-size)"},
+                "max_connections": {"type": "integer", "minimum": 1, "maximum": 100000,
+                                    "description": "client connections through all the "
+                                                   "routers together (default no limit)"},
                 "cpu": {"type": ["string", "number"], "examples": ["500m", 2]},
                 "memory": {"type": "string", "examples": ["1Gi"]},
                 "disk": {"type": "string", "examples": ["10Gi"]}}},
@@ -96,7 +99,9 @@ def _schemas() -> dict[str, Any]:
                           "type": "object", "additionalProperties": False, "minProperties": 1,
                           "properties": {"pool_mode": {"enum": ["session", "transaction"]},
                                          "pool_size": {"type": "integer", "minimum": 1,
-                                                       "maximum": 10000}}}}},
+                                                       "maximum": 10000},
+                                         "max_connections": {"type": "integer", "minimum": 1,
+                                                             "maximum": 100000}}}}},
         "Job": {
             "type": "object",
             "required": ["id", "state", "desired_state", "spec", "attempts", "gave_up",
@@ -278,7 +283,7 @@ def _paths() -> dict[str, Any]:
                        {"200": _body(_ref("JobDetail"), "the job"), **_errors(400, 404)},
                        params=("JobId",), tags=("jobs",)),
             "patch": _op("updateJob", "Change a job's router settings (pool_mode, "
-                         "pool_size); new connections use them",
+                         "pool_size, max_connections); new connections use them",
                          {"200": _body(job, "the job, updated"), **_errors(400, 404)},
                          params=("JobId",), body={"required": True, "content": {
                              JSON: {"schema": _ref("JobUpdate")}}}, tags=("jobs",)),

@@ -69,7 +69,7 @@ def fields(body: dict[str, Any], example: str, required: tuple[str, ...],
 
 
 # What ``PATCH /v1/jobs/{id}`` may change: the router's settings, read at each connect.
-UPDATABLE = ("pool_mode", "pool_size")
+UPDATABLE = ("pool_mode", "pool_size", "max_connections")
 
 
 def spec_update(raw: Any) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def spec_update(raw: Any) -> dict[str, Any]:
     fixed = sorted(set(spec) - set(UPDATABLE))
     if fixed:
         raise ApiError(400, f"{fixed[0]} cannot be changed after the job is created",
-                       f"a spec update may set {' and '.join(UPDATABLE)}; fork the job for "
+                       f"a spec update may set {', '.join(UPDATABLE)}; fork the job for "
                        "other settings")
     if not spec:
         raise ApiError(400, "nothing to update",
@@ -125,6 +125,12 @@ def job_spec(raw: Any) -> dict[str, Any]:
                                "transaction: clients share pool_size server connections, one "
                                "per transaction (session state does not carry over)")
             spec[key] = value
+        elif key == "max_connections":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+                raise ApiError(400, "max_connections must be a whole number from 1 to 100000",
+                               "client connections to the job through all the routers "
+                               "together (unset: no limit)")
+            spec[key] = value
         elif key == "pool_size":
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
                 raise ApiError(400, "pool_size must be a whole number from 1 to 10000",
@@ -145,7 +151,8 @@ def job_spec(raw: Any) -> dict[str, Any]:
         else:
             raise ApiError(400, f"unknown spec field {key!r}",
                            f"the spec fields are archive_timeout, wal_window, keep_pauses, "
-                           f"pitr_window, pool_mode, pool_size, cpu, memory and disk, as in "
+                           f"pitr_window, pool_mode, pool_size, max_connections, cpu, memory and "
+                           f"disk, as in "
                            f"{example}")
     return spec
 

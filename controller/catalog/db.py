@@ -120,6 +120,15 @@ class Catalog:
             await conn.execute("SELECT pg_notify($1, $2)", JOBS_CHANNEL, job_id)
         return Job.from_row(row)
 
+    async def lease_slots(self, job_id: str, router_id: str, need: int, want: int,
+                          ttl: float) -> int:
+        """Lease (renew, shrink) ``router_id``'s slots of the job's max_connections for
+        ``ttl`` seconds: ``want``, or ``need`` while another router is short; the slots
+        granted (migration 0004)."""
+        granted = await self.pool.fetchval("SELECT jobmesh_lease_slots($1, $2, $3, $4, $5)",
+                                           job_id, router_id, need, want, ttl)
+        return int(granted or 0)
+
     async def job(self, job_id: str) -> Job | None:
         row = await self.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         return Job.from_row(row) if row else None

@@ -27,7 +27,8 @@ ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
 
 def job_create(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
     spec = {k: v for k in ("archive_timeout", "wal_window", "keep_pauses", "pitr_window",
-                           "pool_mode", "pool_size", "cpu", "memory", "disk")
+                           "pool_mode", "pool_size", "max_connections", "cpu", "memory",
+                           "disk")
             if (v := getattr(args, k)) is not None}
     job = client.call("POST", "/v1/jobs", body={"id": job_id(args.id), "spec": spec},
                       query=wait_query(args), timeout=socket_timeout(args))
@@ -41,15 +42,18 @@ def job_create(args: argparse.Namespace, mesh: MeshInfo, client: Client) -> int:
 
 
 def job_update(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
-    spec = {k: v for k in ("pool_mode", "pool_size") if (v := getattr(args, k)) is not None}
+    spec = {k: v for k in ("pool_mode", "pool_size", "max_connections")
+            if (v := getattr(args, k)) is not None}
     if not spec:
-        print("jobmesh: job update: nothing to change: give --pool-mode or --pool-size",
-              file=sys.stderr)
+        print("jobmesh: job update: nothing to change: give --pool-mode, --pool-size or "
+              "--max-connections", file=sys.stderr)
         return 2
     job = client.call("PATCH", f"/v1/jobs/{seg(job_id(args.id))}", body={"spec": spec})
     mode = job["spec"].get("pool_mode", "session")
     size = job["spec"].get("pool_size")
-    print(f"job {job['id']}: pool_mode {mode}, pool_size {size or 'the router default'}")
+    limit = job["spec"].get("max_connections")
+    print(f"job {job['id']}: pool_mode {mode}, pool_size {size or 'the router default'}, "
+          f"max_connections {limit or 'no limit'}")
     return 0
 
 

@@ -156,6 +156,9 @@ def _add_pooling(p: argparse.ArgumentParser) -> None:
                    "transaction: clients share --pool-size of them, one per transaction")
     p.add_argument("--pool-size", type=int, metavar="N",
                    help="server connections per router process (default: the router's, 20)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections to the job through all the routers together "
+                   "(default: no limit)")
 
 
 def _add_job(p: argparse.ArgumentParser, common: argparse.ArgumentParser,

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -103,3 +106,25 @@ def test_peers_without_a_shared_secret_are_refused_in_one_line(tmp_path, flags):
     assert proc.stderr.strip().splitlines() == [
         "jobmesh router: --peer-listen and --peer need --peer-secret-file: forwarded cancels are "
         "authenticated"], proc.stderr
+
+
+def test_a_cancel_cut_short_by_a_shutdown_is_answered_by_eof_alone(router_factory, pg,
+                                                                   tmp_path):
+    """libpq's cancel fails on any byte after its CancelRequest ("unexpected response
+    from server"): a cancel still being asked of a peer when the router stops gets EOF,
+    never an ErrorResponse (as before, when the stop's 57P01 reached it)."""
+    silent = socket.create_server(("127.0.0.1", 0))  # a peer that accepts, never answers
+    try:
+        r = router_factory(routes_toml(pg), "--peer",
+                           f"127.0.0.1:{silent.getsockname()[1]}", "--peer-secret-file",
+                           str(_secret_file(tmp_path, "s")), "--connect-timeout", "30")
+        with socket.create_connection(("127.0.0.1", r.port), timeout=20) as s:
+            s.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest, as libpq sends first
+            assert s.recv(1) == b"N"
+            s.sendall(struct.pack("!iiIi", 16, 80877102, 4242, 1))  # a key nobody issued
+            peer, _ = silent.accept()  # the router asks the peer, which says nothing
+            with peer:
+                r.proc.send_signal(signal.SIGTERM)
+                assert s.recv(100) == b""  # EOF, nothing else
+    finally:
+        silent.close()

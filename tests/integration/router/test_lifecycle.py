@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import selectors
 import signal
 import socket
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.postgres import SUPERUSER_PASSWORD
 from tests.support.router import routes_toml
+from tests.support.waiting import until
 
 ALPHA = (("job", "alpha"),)
 
@@ -222,6 +224,11 @@ def test_cancel_with_right_key_cancels_the_query(metrics_router):
         conn.pgconn.send_query(b"select pg_sleep(60)")
         while conn.pgconn.flush():
             pass
+        # A cancel that reaches PostgreSQL before the query runs is ignored: wait for it.
+        with psycopg.connect(r.dsn(), connect_timeout=10, autocommit=True) as probe:
+            asyncio.run(until(lambda: probe.execute(
+                "select wait_event = 'PgSleep' from pg_stat_activity where pid = %s",
+                (conn.info.backend_pid,)).fetchone() == (True,), "the sleep to start"))
         conn.cancel_safe(timeout=10)
         res = _next_result(conn.pgconn)
         assert res is not None
