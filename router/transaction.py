@@ -78,7 +78,8 @@ def statement_name(parse_rest: bytes) -> bytes:
 _MAYBE = re.compile(r"set|listen|advisory|hold|prepare|temp|discard|deallocate", re.I)
 # Comments, string literals, quoted identifiers and dollar-quoted bodies say nothing.
 _NOISE = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|"
-                    r"\$([A-Za-z_]\w*)?\$.*?\$\1\$", re.S)
+                    r"\$((?:[A-Za-z_]\w*)?)\$.*?\$\1\$", re.S)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _SESSION_LOCK = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
 _WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
 _TEMP_TABLE = re.compile(r"^create\s+(?:(?:global|local)\s+)?(?:temp|temporary)\s+"
@@ -98,6 +99,10 @@ def check_sql(sql: str) -> bool:
     be closed after the transaction (``DISCARD``, ``DEALLOCATE``), False otherwise."""
     if not _MAYBE.search(sql):
         return False
+    # A session lock taken anywhere, a DO block's or a function call's text included.
+    if _SESSION_LOCK.search(_COMMENTS.sub(" ", sql)):
+        raise Unsupported("a session-level advisory lock",
+                          "Use pg_advisory_xact_lock, which ends with the transaction.")
     dirty = False
     for statement in _NOISE.sub(" ", sql).split(";"):
         words = statement.split(None, 2)
@@ -114,9 +119,6 @@ def check_sql(sql: str) -> bool:
                               "use protocol-level prepared statements, or session pooling.")
         if first == "declare" and _WITH_HOLD.search(statement):
             raise Unsupported("a WITH HOLD cursor", "Use a cursor inside the transaction.")
-        if _SESSION_LOCK.search(statement):
-            raise Unsupported("a session-level advisory lock",
-                              "Use pg_advisory_xact_lock, which ends with the transaction.")
         if _TEMP_TABLE.match(statement.strip()) and not _ON_COMMIT_DROP.search(statement):
             raise Unsupported("a temporary table that outlives its transaction",
                               "Create it with ON COMMIT DROP, or use session pooling.")
