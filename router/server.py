@@ -53,7 +53,7 @@ from .pool import CROWDED_RETRIES, RESET_TIMEOUT, Crowded, PoolKey, ServerPool, 
 from .route_source import RouteSource
 from .routes import JobRoute, Principal
 from .session import Session
-from .shutdown import terminate_backends
+from .shutdown import Terminable, terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
 from .splice import ClientFeed, Pipe, splice
 from .startup import Startup, read_startup
@@ -158,7 +158,7 @@ class Router:
             await asyncio.wait_for(self._drained.wait(), self.config.shutdown_timeout)
         except TimeoutError:
             log.info("shutdown timeout: terminating %d sessions", len(self.sessions))
-            await terminate_backends(list(self.sessions))
+            await terminate_backends(self._terminable())
             try:
                 await asyncio.wait_for(self._drained.wait(), 5)
             except TimeoutError:
@@ -181,6 +181,21 @@ class Router:
             await self.activity.close()
         if self.leases is not None:
             await self.leases.close()
+
+    def _terminable(self) -> list[Terminable | Session]:
+        """What the stop asks PostgreSQL to end: every spliced session's backend, and the
+        backend of every transaction-mode client inside a transaction. A transaction-mode
+        client between transactions is at a message boundary the router knows: it is told
+        57P01 here and closed."""
+        targets: list[Terminable | Session] = []
+        for s in list(self.sessions):
+            if s.tx is None:
+                targets.append(s)
+            elif s.tx.backend is not None:
+                targets.append(Terminable(s.job, s.tx.backend.cancel.pid))
+            elif not s.tx.busy:
+                s.tx.fail(errors.shutting_down().to_bytes())
+        return targets
 
     def _shared(self, status: list[bytes]) -> list[bytes]:
         """One list for every session whose login said the same (it is kept per session

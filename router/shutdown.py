@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import asyncpg
@@ -22,6 +23,17 @@ log = logging.getLogger(__name__)
 
 
 class _Terminable(Protocol):
+    @property
+    def job(self) -> JobRoute: ...
+
+    @property
+    def backend_pid(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Terminable:
+    """A backend to end that is not a session's own (a transaction-mode client's, lent)."""
+
     job: JobRoute
     backend_pid: int
 

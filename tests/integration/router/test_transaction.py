@@ -5,6 +5,7 @@ is refused with 0A000; a client waits for a busy pool (NOTICE, then 53300)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 
@@ -275,3 +276,23 @@ def test_a_backend_that_ran_discard_all_is_not_pooled_again(tx1):
         first = conn.execute("select pg_backend_pid()").fetchone()[0]
         conn.execute("discard all")
         assert conn.execute("select pg_backend_pid()").fetchone()[0] != first
+
+
+def test_a_stop_ends_transaction_mode_clients_with_57p01(router_factory, pg):
+    """Idle between transactions, a client is told 57P01 by the router (which knows the
+    message boundaries); inside one, its backend is terminated, and PostgreSQL says it."""
+    r = _tx_router(router_factory, pg, 2, "--shutdown-timeout", "1")
+    idle, busy = _connect(r), _connect(r)
+    try:
+        idle.execute("select 1")
+        busy.execute("begin")
+        busy.execute("select 1")
+        r.proc.send_signal(signal.SIGTERM)
+        r.proc.wait(30)
+        for conn in (idle, busy):
+            with pytest.raises(psycopg.OperationalError) as err:
+                conn.execute("select 1")
+            assert err.value.sqlstate == "57P01", err.value
+    finally:
+        idle.close()
+        busy.close()
