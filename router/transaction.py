@@ -509,23 +509,31 @@ class TxClient(asyncio.Protocol):
 
     def _pump(self) -> None:
         buf = self.buf
+        n = len(buf)
+        pos = 0
         out: list[bytes] = []
-        while len(buf) >= 5:
-            kind, length = _HEADER.unpack_from(buf)
+        unpack = _HEADER.unpack_from
+        while pos + 5 <= n:
+            kind, length = unpack(buf, pos)
             if length < 4 or length > MAX_MESSAGE:
                 self.fail(pg.error_response("08P01", f"invalid message length {length}"))
                 return
-            if len(buf) <= length:
+            end = pos + 1 + length
+            if end > n:
                 break
             if kind == 0x58:  # Terminate: the client leaves
                 self._send(out)
                 self.transport.close()
                 return
             if self.backend is None and not self._take_backend(out):
-                return
-            msg = bytes(buf[:length + 1])
-            del buf[:length + 1]
+                break  # (what is left waits in buf for the backend)
+            msg = bytes(buf[pos:end])
+            pos = end
             self._request(kind, msg, out)
+        if pos == n:
+            buf.clear()
+        elif pos:
+            del buf[:pos]
         self._send(out)
 
     def _send(self, out: list[bytes]) -> None:
