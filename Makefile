@@ -6,7 +6,7 @@ VENV := .venv
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: up test soak lint bench-proxy bench-backup bench-wake bench-scale clean
+.PHONY: up test soak lint bench-proxy bench-txpool bench-backup bench-wake bench-scale clean
 
 # uv installs what pip would, from the same index, in seconds rather than minutes (a fresh
 # venv with the test extras: 9 s against pip's 175 s here); pip does it when uv cannot be had.
@@ -49,6 +49,9 @@ soak: $(STAMP)
 
 bench-proxy: $(STAMP)
 	$(VENV)/bin/python bench/proxy.py
+
+bench-txpool: $(STAMP)
+	$(VENV)/bin/python bench/txpool.py
 
 bench-backup: $(STAMP)
 	$(VENV)/bin/python bench/backup.py

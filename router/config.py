@@ -43,5 +43,6 @@ class RouterConfig:
     # Many routers as one (fleet.py): where this router hears its peers' forwarded cancels,
     # the peers it asks (names resolved on every ask), and the secret they all share.
     peer_listen: tuple[str, int] | None = None
+    peer_advertise: tuple[str, int] | None = None  # what peers reach (default peer_listen)
     peers: list[tuple[str, int]] = field(default_factory=list)
     peer_secret: bytes | None = None

@@ -119,6 +119,8 @@ class Peers:
         self.timeout = timeout
         self._resolved: list[tuple[str, int]] = []
         self._resolved_at = -RESOLVE_EVERY
+        # What the catalog's registry says (registry.py), beside the names given.
+        self.registered: list[tuple[str, int]] = []
 
     async def addresses(self) -> list[tuple[str, int]]:
         now = time.monotonic()
@@ -134,7 +136,9 @@ class Peers:
                 found |= {(str(info[4][0]), int(info[4][1])) for info in infos}
             self._resolved = sorted(found - ({self.own} if self.own else set()))
             self._resolved_at = now
-        return self._resolved
+        if not self.registered:
+            return self._resolved
+        return sorted(set(self._resolved) | set(self.registered))
 
     async def ask(self, pid: int, secret: bytes) -> bool:
         """Forward to every peer at once; True if one of them had issued the key."""

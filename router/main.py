@@ -125,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " (needs --peer-secret-file)",
     )
     p.add_argument(
+        "--peer-advertise", metavar="HOST:PORT",
+        help="with --catalog-dsn, the address the other routers reach --peer-listen at, "
+        "registered in the catalog so that they find this router (default the "
+        "--peer-listen address)",
+    )
+    p.add_argument(
         "--peer", action="append", default=[], metavar="HOST:PORT",
         help="another router's --peer-listen address, asked when a cancel's key is unknown "
         "here; repeatable; a name is resolved on every ask (a headless Service: every pod)",
@@ -181,6 +187,13 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         raise UsageError("--max-prepared-statements must be at least 1")
     if args.peer_listen:
         config.peer_listen = parse_hostport(args.peer_listen, "--peer-listen")
+    if args.peer_advertise:
+        if not args.peer_listen:
+            raise UsageError("--peer-advertise needs --peer-listen")
+        config.peer_advertise = parse_hostport(args.peer_advertise, "--peer-advertise")
+    elif config.peer_listen is not None and config.peer_listen[0] in ("0.0.0.0", "::", ""):
+        raise UsageError("--peer-listen on a wildcard address needs --peer-advertise (the "
+                         "address the other routers reach this one at)")
     config.peers = [parse_hostport(p, "--peer") for p in args.peer]
     secret_file = args.peer_secret_file or os.environ.get("JOBMESH_ROUTER_PEER_SECRET_FILE")
     if (config.peer_listen or config.peers) and not secret_file:
@@ -286,7 +299,9 @@ async def _serve(
     assert routes is not None
     leases = (Leases(catalog.catalog, ttl=config.lease_ttl, renew=config.lease_ttl / 3,
                      errors=CATALOG_ERRORS) if catalog is not None else None)
-    router = Router(config, routes, metrics=metrics, activity=activity, leases=leases)
+    router = Router(config, routes, metrics=metrics, activity=activity, leases=leases,
+                    registry_catalog=catalog.catalog if catalog is not None else None,
+                    catalog_errors=CATALOG_ERRORS)
     try:
         await _run_router(router, catalog, routes_path, metrics_at, worker)
     finally:

@@ -45,11 +45,12 @@ from .fleet import PeerAuth, Peers, serve_peers
 from .handshake import AuthResponse, ClientHandshake, Terminated
 from .hold import hold
 from .inbox import ConnectionClosed, Inbox
-from .leases import Leased, Leases, Unreachable
+from .leases import Leased, Leases, Unreachable, router_id
 from .login import Refused, open_backend
 from .metrics import RouterMetrics
 from .pauses import ALL, Pauses
 from .pool import CROWDED_RETRIES, RESET_TIMEOUT, Crowded, PoolKey, ServerPool, pool_key
+from .registry import Registry, RegistryCatalog
 from .route_source import RouteSource
 from .routes import JobRoute, Principal
 from .session import Session
@@ -69,7 +70,9 @@ class Router:
     def __init__(self, config: RouterConfig, routes: RouteSource, *,
                  metrics: RouterMetrics | None = None,
                  activity: ActivityReporter | None = None,
-                 leases: Leases | None = None) -> None:
+                 leases: Leases | None = None,
+                 registry_catalog: RegistryCatalog | None = None,
+                 catalog_errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
         self.config = config
         self.routes = routes
         self.activity = activity
@@ -88,8 +91,16 @@ class Router:
         self._resets: set[asyncio.Task[None]] = set()
         peer_auth = PeerAuth(config.peer_secret) if config.peer_secret is not None else None
         self._peer_auth = peer_auth
+        registering = registry_catalog is not None and config.peer_listen is not None
         fleet = (Peers(config.peers, peer_auth, config.peer_listen, config.connect_timeout)
-                 if peer_auth is not None and config.peers else None)
+                 if peer_auth is not None and (config.peers or registering) else None)
+        self.registry: Registry | None = None
+        if registering and fleet is not None and registry_catalog is not None:
+            advertised = config.peer_advertise or config.peer_listen
+            assert advertised is not None
+            me = leases.me if leases is not None else router_id()
+            self.registry = Registry(registry_catalog, me, advertised, fleet,
+                                     config.lease_ttl, catalog_errors)
         self.canceller = Canceller(self.cancel_map, config, self.metrics, peers=fleet)
         self._peer_server: asyncio.Server | None = None
         self.slots: Slots = (
@@ -135,6 +146,8 @@ class Router:
             self.activity.start(self.active_jobs)
         if self.leases is not None:
             self.leases.start()
+        if self.registry is not None:
+            self.registry.start()
 
     @property
     def port(self) -> int:
@@ -181,6 +194,8 @@ class Router:
             await self.activity.close()
         if self.leases is not None:
             await self.leases.close()
+        if self.registry is not None:
+            await self.registry.close()
 
     def _terminable(self) -> list[Terminable | Session]:
         """What the stop asks PostgreSQL to end: every spliced session's backend, and the
@@ -426,10 +441,10 @@ class Router:
         assert inbox.transport is not None
         pid = secrets.randbits(31) | 1  # a client holds no backend of its own: no real pid
 
-        forwarded = request.forwarded
+        params = tuple(sorted(request.forwarded.items()))  # (sorted once, not per transaction)
 
         def take_now(client: TxClient) -> TxBackend | Waiter | None:
-            return self._tx_take_now(client, job_id, access, forwarded)
+            return self._tx_take_now(client, job_id, access, params)
 
         async def take(client: TxClient, slot: bool) -> TxBackend:
             try:
@@ -463,7 +478,7 @@ class Router:
         return True
 
     def _tx_take_now(self, client: TxClient, job_id: str, access: Access,
-                     forwarded: dict[str, str]) -> TxBackend | Waiter | None:
+                     params: tuple[tuple[str, str], ...]) -> TxBackend | Waiter | None:
         """The hot path: an idle backend at once, or the client queued on a full pool;
         None when something must be awaited (a wake, a login)."""
         if self.pauses.hold_for(job_id) is not None:
@@ -475,7 +490,7 @@ class Router:
         pool = self.tx_pools.get(job_id)
         if route is None or pool is None:
             return None
-        key = pool_key(route.host, route.port, route.user, route.database, forwarded)
+        key = (route.host, route.port, route.user, route.database, params)
         backend = pool.take_now(key)
         if backend is not None or not pool.must_wait():
             return backend

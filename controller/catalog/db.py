@@ -129,6 +129,14 @@ class Catalog:
                                            job_id, router_id, need, want, ttl)
         return int(granted or 0)
 
+    async def router_heartbeat(self, router_id: str, host: str, port: int,
+                               ttl: float) -> list[tuple[str, int]]:
+        """Register (renew) a router's peer address; the other live routers' (migration
+        0005)."""
+        rows = await self.pool.fetch("SELECT * FROM jobmesh_router_heartbeat($1, $2, $3, $4)",
+                                     router_id, host, port, ttl)
+        return sorted((r["o_host"], r["o_port"]) for r in rows)
+
     async def job(self, job_id: str) -> Job | None:
         row = await self.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         return Job.from_row(row) if row else None
