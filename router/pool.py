@@ -184,14 +184,21 @@ class ServerPool:
             idle.clear()
             self._count(job_id)
 
-    async def reset(self, backend: asyncio.Transport, key: KeyData,
-                    status: list[bytes]) -> Pooled | None:
-        """``DISCARD ALL`` on a backend its client left; the connection, idle and reset, or
-        None (then it is closed) when the backend answers anything but exactly that."""
+    @staticmethod
+    def hold(backend: asyncio.Transport) -> Inbox:
+        """Take a backend its client left from the splice: what it says from now on is
+        kept (for ``reset`` to see), never written to the gone client."""
         inbox = Inbox()
         inbox.transport = backend
         backend.set_protocol(inbox)
         backend.resume_reading()  # (a paused client may have paused it)
+        return inbox
+
+    async def reset(self, inbox: Inbox, key: KeyData,
+                    status: list[bytes]) -> Pooled | None:
+        """``DISCARD ALL`` on a backend its client left (``hold``); the connection, idle and
+        reset, or None (then it is closed) when the backend answers anything but exactly
+        that (anything it said since its client left included)."""
         inbox.write(pg.query(RESET_QUERY))
         frames = pg.FrameBuffer()
         status = list(status)

@@ -431,7 +431,13 @@ class Router:
         pool = self._tx_pool(job_id, route)
         status = pool.statuses.get(key)
         if status is None:
-            backend, more = await hold(inbox, self._tx_backend(job_id, access, request, notice))
+            try:
+                backend, more = await hold(inbox, self._tx_backend(job_id, access, request,
+                                                                   notice))
+            except ClientFailed as exc:  # the backend refused the login: its own FATAL
+                inbox.write(exc.error)
+                inbox.close()
+                return False
             pipelined += more
             status = backend.status
             pool.release(backend)
@@ -785,8 +791,11 @@ class Router:
                 or survivor is not session.pipes[1]):
             return False  # the backend went (or the router stops): nothing to keep
         pool_as, key, status = session.reuse
+        # The backend's protocol changes now, not in the task: uvloop hands a transport's
+        # reads to what it had when its protocol was set (the gone client's write).
+        held = self.pool.hold(survivor.transport)
         task = asyncio.get_running_loop().create_task(
-            self._keep(session.job_id, pool_as, survivor.transport, key, status))
+            self._keep(session.job_id, pool_as, held, key, status))
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
         return True
@@ -805,7 +814,7 @@ class Router:
         if not self.sessions:
             self._drained.set()
 
-    async def _keep(self, job_id: str, pool_as: PoolKey, backend: asyncio.Transport,
+    async def _keep(self, job_id: str, pool_as: PoolKey, backend: Inbox,
                     key: KeyData, status: list[bytes]) -> None:
         pooled = await self.pool.reset(backend, key, status)
         if pooled is None:

@@ -30,10 +30,10 @@ Session state cannot follow a client from one backend to the next. What the
 router can see in the SQL text (``SET`` outside ``SET LOCAL``, ``LISTEN``,
 session advisory locks, ``WITH HOLD`` cursors, SQL ``PREPARE``, temporary
 tables that outlive the transaction) is refused with 0A000 before it runs;
-``DISCARD`` and ``DEALLOCATE`` run, and their backend is closed afterwards
-instead of pooled (its prepared statements are no longer what the router
-thinks). What it cannot see (``set_config(..., false)`` in a query) is the
-README's list.
+``DEALLOCATE ALL`` and ``DISCARD ALL`` run, and the router forgets what it
+had prepared on that backend; a lone ``DEALLOCATE name`` of the client's own
+statement forgets it for that client and is answered by the router. What it
+cannot see (``set_config(..., false)`` in a query) is the README's list.
 """
 
 from __future__ import annotations
@@ -94,20 +94,25 @@ class Unsupported(Exception):
         self.what, self.hint = what, hint
 
 
-def check_sql(sql: str) -> bool:
-    """Raise Unsupported for SQL that needs a session of its own; True when its backend must
-    be closed after the transaction (``DISCARD``, ``DEALLOCATE``), False otherwise."""
+FORGET_ALL = "all"  # what check_sql says of DEALLOCATE ALL and DISCARD ALL
+_DEALLOCATE_ONE = re.compile(r"\s*deallocate\s+(?:prepare\s+)?(\"?)([^\s;\"]+)\1\s*;?\s*",
+                             re.I)
+
+
+def check_sql(sql: str) -> str | bytes | None:
+    """Raise Unsupported for SQL that needs a session of its own. Else: FORGET_ALL when it
+    deallocates every prepared statement of the session (``DEALLOCATE ALL``, ``DISCARD
+    ALL``), the name a lone ``DEALLOCATE name`` names (bytes), or None."""
     if not _MAYBE.search(sql):
-        return False
+        return None
     # A session lock taken anywhere, a DO block's or a function call's text included.
     if _SESSION_LOCK.search(_COMMENTS.sub(" ", sql)):
         raise Unsupported("a session-level advisory lock",
                           "Use pg_advisory_xact_lock, which ends with the transaction.")
-    dirty = False
-    for statement in _NOISE.sub(" ", sql).split(";"):
+    verdict: str | bytes | None = None
+    statements = [st for st in _NOISE.sub(" ", sql).split(";") if st.strip()]
+    for statement in statements:
         words = statement.split(None, 2)
-        if not words:
-            continue
         first = words[0].lower()
         second = words[1].lower() if len(words) > 1 else ""
         if first == "set" and second not in _TX_SCOPED_SET:
@@ -122,9 +127,16 @@ def check_sql(sql: str) -> bool:
         if _TEMP_TABLE.match(statement.strip()) and not _ON_COMMIT_DROP.search(statement):
             raise Unsupported("a temporary table that outlives its transaction",
                               "Create it with ON COMMIT DROP, or use session pooling.")
-        if first in ("discard", "deallocate"):
-            dirty = True
-    return dirty
+        rest = " ".join(words[1:]).lower().split()
+        if (first == "discard" and rest[:1] == ["all"]) or (
+                first == "deallocate" and rest[-1:] == ["all"]):
+            verdict = FORGET_ALL
+    if verdict is None and len(statements) == 1:
+        one = _DEALLOCATE_ONE.fullmatch(sql)
+        if one is not None and one.group(2).lower() != "all":
+            name = one.group(2) if one.group(1) else one.group(2).lower()
+            return name.encode()
+    return verdict
 
 
 def unsupported_error(job_id: str, exc: Unsupported) -> bytes:
@@ -478,6 +490,7 @@ class TxClient(asyncio.Protocol):
         self.taking: asyncio.Task[None] | None = None
         self.waiter: Waiter | None = None
         self.partial = b""  # a backend message cut by a read's end
+        self.write_paused = False  # the client's socket buffer is full (backpressure)
         self.ended = False
         self.transactions = 0
         self.bytes_in = 0
@@ -535,6 +548,8 @@ class TxClient(asyncio.Protocol):
         elif pos:
             del buf[:pos]
         self._send(out)
+        if self.backend is not None and not self.expect and self.status == b"I":
+            self._give_back()  # everything was answered by the router itself: nothing is due
 
     def _send(self, out: list[bytes]) -> None:
         backend = self.backend
@@ -607,6 +622,20 @@ class TxClient(asyncio.Protocol):
         backend.client = self
         self.backend = backend
         self.transactions += 1
+        if self.write_paused and backend.transport is not None:
+            backend.transport.pause_reading()
+
+    # The client reads slower than its backend answers: stop reading the backend (as a
+    # direct connection's backend waits on ClientWrite) until the client catches up.
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
 
     def notice(self, text: str) -> None:
         self.transport.write(pg.notice_response(text))
@@ -620,10 +649,21 @@ class TxClient(asyncio.Protocol):
             return
         if kind == 0x51:  # Query
             try:
-                if check_sql(msg[5:-1].decode("utf-8", "replace")):
-                    backend.reusable = False
+                verdict = check_sql(msg[5:-1].decode("utf-8", "replace"))
             except Unsupported as exc:
                 msg = pg.query(_raise_in_backend(self.job_id, exc))
+                verdict = None
+            if verdict == FORGET_ALL:  # the backend's statements go, every client's
+                backend.prepared.clear()
+                self.statements.clear()
+            elif isinstance(verdict, bytes) and verdict in self.statements and \
+                    self.status != b"E":
+                # DEALLOCATE of one of this client's statements: forgotten for it, answered
+                # here (backends keep it for their other clients)
+                del self.statements[verdict]
+                expect.append([_SYNC, FAKE, pg.message(b"C", b"DEALLOCATE\0")
+                               + pg.ready_for_query(self.status)])
+                return
             expect.append([_SYNC, PASS, None])
         elif kind == 0x42:  # Bind: portal, statement, the rest
             p_end = msg.index(b"\0", 5)
@@ -644,8 +684,9 @@ class TxClient(asyncio.Protocol):
             end = body.index(b"\0")
             name, rest = body[:end], body[end + 1:]
             try:
-                if check_sql(rest[:rest.index(b"\0")].decode("utf-8", "replace")):
-                    backend.reusable = False
+                if check_sql(rest[:rest.index(b"\0")].decode("utf-8", "replace")) == \
+                        FORGET_ALL:
+                    backend.reusable = False  # (run from a prepared statement: not followed)
             except Unsupported as exc:
                 self._refuse(unsupported_error(self.job_id, exc))
                 return
@@ -806,6 +847,8 @@ class TxClient(asyncio.Protocol):
         backend, self.backend = self.backend, None
         self.last_active = time.time()
         if backend is not None:
+            if self.write_paused and backend.transport is not None:
+                backend.transport.resume_reading()  # (its next client reads for itself)
             backend.pool.release(backend)
         if self.buf and not self.busy:
             self._pump()

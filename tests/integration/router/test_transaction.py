@@ -8,6 +8,8 @@ import asyncio
 import signal
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -16,7 +18,8 @@ import pytest
 from jobmesh.agent.postgres import bin_dir
 from tests.support.postgres import SUPERUSER_PASSWORD
 from tests.support.router import routes_toml
-from tests.support.wire import WireClient
+from tests.support.waiting import until
+from tests.support.wire import WireClient, read_message
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -271,11 +274,22 @@ def test_a_backend_lost_mid_transaction_fails_that_client_only(tx1, pg):
         assert next_client.execute("select 1").fetchone() == (1,)
 
 
-def test_a_backend_that_ran_discard_all_is_not_pooled_again(tx1):
-    with _connect(tx1) as conn:
+def test_discard_all_forgets_prepared_statements_and_never_breaks_them(tx1):
+    """As a simple query, DISCARD ALL is followed: its backend is pooled again, the router's
+    statements on it forgotten (prepared again when used). Parsed (psycopg's way for
+    every query), it runs later, at its Execute: that backend is closed after the
+    transaction instead, so no statement the router thinks prepared is gone."""
+    with _connect(tx1, prepare_threshold=0) as conn:
         first = conn.execute("select pg_backend_pid()").fetchone()[0]
+        assert conn.execute("select %s::int", (1,)).fetchone() == (1,)
+        # (behind psycopg's back: its cache of names is stale now, as it would be direct)
+        assert conn.pgconn.exec_(b"discard all").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert conn.execute("select %s::text", ("x",)).fetchone() == ("x",)
+        assert conn.execute("select pg_backend_pid() + 0").fetchone()[0] == first
+    with _connect(tx1, prepare_threshold=0) as conn:
         conn.execute("discard all")
-        assert conn.execute("select pg_backend_pid()").fetchone()[0] != first
+        assert conn.execute("select %s::int", (3,)).fetchone() == (3,)
+        assert conn.execute("select pg_backend_pid() + 1").fetchone()[0] != first + 1
 
 
 def test_a_stop_ends_transaction_mode_clients_with_57p01(router_factory, pg):
@@ -296,3 +310,91 @@ def test_a_stop_ends_transaction_mode_clients_with_57p01(router_factory, pg):
     finally:
         idle.close()
         busy.close()
+
+
+def test_deallocate_all_and_deallocate_one_as_direct(tx1):
+    """DEALLOCATE ALL (psycopg sends it after DDL) forgets the client's statements and what
+    the router had prepared on the backend; a lone DEALLOCATE of one statement forgets it
+    for that client only. Two clients on one backend (pool_size 1)."""
+    a = WireClient.connect(tx1.port, "alice", "s3cret", "job_alpha")
+    b = WireClient.connect(tx1.port, "alice", "s3cret", "job_alpha")
+    run = b"\0s1\0\0\0\0\0\0\0"  # Bind of s1 into the unnamed portal, no parameters
+
+    def execute(c: WireClient) -> list[bytes]:
+        c.send(b"B", run)
+        c.send(b"E", b"\0\0\0\0\0")
+        c.send(b"S")
+        return [k for k, _ in c.read_until_ready()]
+
+    try:
+        for c in (a, b):
+            c.send(b"P", b"s1\0select 41 + 1\0\0\0")
+            c.send(b"S")
+            assert [k for k, _ in c.read_until_ready()] == [b"1", b"Z"]
+        a.send(b"Q", b"deallocate all\0")
+        assert [k for k, _ in a.read_until_ready()] == [b"C", b"Z"]
+        assert execute(a) == [b"E", b"Z"]  # gone for a, as direct (26000)
+        assert execute(b) == [b"2", b"D", b"C", b"Z"]  # b's is prepared again for it
+        a.send(b"P", b"s1\0select 41 + 1\0\0\0")  # the name is a's to use again
+        a.send(b"S")
+        assert [k for k, _ in a.read_until_ready()] == [b"1", b"Z"]
+        assert execute(a) == [b"2", b"D", b"C", b"Z"]
+        a.send(b"Q", b"DEALLOCATE s1\0")
+        kinds = a.read_until_ready()
+        assert kinds == [(b"C", b"DEALLOCATE\0"), (b"Z", b"I")]
+        assert execute(a) == [b"E", b"Z"]
+        assert execute(b) == [b"2", b"D", b"C", b"Z"]  # b keeps its own
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_client_that_does_not_read_holds_its_backend_back(tx, pg):
+    """Backpressure: as direct, a backend whose client reads nothing waits on ClientWrite
+    (the router does not read the whole result into its own memory), so a cancel still
+    reaches a running query."""
+    c = WireClient.connect(tx.port, "alice", "s3cret", "job_alpha")
+    try:
+        c.send(b"Q", b"select repeat('x', 1000) from generate_series(1, 300000) /* bp */\0")
+        with psycopg.connect(host="127.0.0.1", port=pg.port, user="postgres",
+                             password=SUPERUSER_PASSWORD, dbname="job_alpha",
+                             autocommit=True) as direct:
+            def waiting_on_the_client() -> int | None:
+                row = direct.execute(
+                    "select pid from pg_stat_activity where query like '%/* bp */%' and "
+                    "wait_event = 'ClientWrite' and pid <> pg_backend_pid()").fetchone()
+                return row[0] if row else None
+            pid = asyncio.run(until(waiting_on_the_client, "the backend to wait on its client"))
+            # For 3 s the backend stays blocked and the router does not swell: without
+            # backpressure it reads the 300 MB into its own memory within that time.
+            rss = _rss_kb(tx.proc.pid)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                state = direct.execute("select state from pg_stat_activity where pid = %s",
+                                       (pid,)).fetchone()
+                assert state == ("active",), state
+                assert _rss_kb(tx.proc.pid) - rss < 50_000
+                time.sleep(0.1)
+            direct.execute("select pg_cancel_backend(%s)", (pid,))
+        kinds = []
+        while True:  # now read it all: the result ends with the cancel's error
+            kind, body = read_message(c.sock)
+            if kind not in (b"D", b"T"):
+                kinds.append((kind, body))
+            if kind == b"Z":
+                break
+        assert kinds[0][0] == b"E" and b"C57014" in kinds[0][1]
+    finally:
+        c.close()
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:")))
+
+
+def test_a_backends_refusal_of_the_startup_options_reaches_the_client(tx):
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(tx.dsn(), options="-c work_mem=bogus", connect_timeout=10)
+    assert 'invalid value for parameter "work_mem"' in str(err.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobmesh.router.transaction import Unsupported, check_sql, statement_name
+from jobmesh.router.transaction import FORGET_ALL, Unsupported, check_sql, statement_name
 
 
 @pytest.mark.parametrize("sql", [
@@ -41,12 +41,25 @@ def test_session_features_are_refused(sql):
     "update settings set v = 1",
 ])
 def test_what_lives_within_a_transaction_passes(sql):
-    assert check_sql(sql) is False
+    assert check_sql(sql) is None
 
 
-@pytest.mark.parametrize("sql", ["discard all", "DEALLOCATE ALL", "select 1; discard plans"])
-def test_discard_and_deallocate_run_and_close_their_backend_afterwards(sql):
-    assert check_sql(sql) is True
+@pytest.mark.parametrize("sql", ["discard all", "DEALLOCATE ALL", "deallocate prepare all",
+                                 "select 1; discard all"])
+def test_what_deallocates_every_statement_is_followed(sql):
+    assert check_sql(sql) == FORGET_ALL
+
+
+@pytest.mark.parametrize(("sql", "name"), [
+    ("deallocate s1", b"s1"), ("DEALLOCATE PREPARE _pg3_0;", b"_pg3_0"),
+    ('deallocate "MyStmt"', b"MyStmt"), ("deallocate MyStmt", b"mystmt")])
+def test_a_lone_deallocate_names_its_statement(sql, name):
+    assert check_sql(sql) == name
+
+
+@pytest.mark.parametrize("sql", ["discard plans", "select 1; deallocate s1", "discard temp"])
+def test_other_discards_and_deallocates_in_a_list_pass(sql):
+    assert check_sql(sql) is None
 
 
 def test_statement_names_depend_on_text_and_parameter_types_only():
