@@ -17,6 +17,9 @@ from typing import TypeVar
 from .inbox import Inbox
 
 MAX_HELD_BYTES = 64 * 1024
+# A held client's backend (its job not answering) is tried again after this long,
+# doubling up to the second, s.
+HOLD_RETRY = (0.05, 0.5)
 
 T = TypeVar("T")
 

@@ -6,20 +6,20 @@ is the route source's business (``route_source``); holding a client while
 its job wakes is ``hold``'s. This module only moves bytes between them and
 sockets and keeps the books (sessions, limits, cancel keys, activity).
 
-At ~590 lines it is over the usual ~400 on purpose: it is one connection's
+At ~650 lines it is over the usual ~400 on purpose: it is one connection's
 path from accept to splice and back to the pool (holding the client while its
 job wakes or comes back from a crash included), read top to bottom; the parts
-that are ideas of their own (handshakes, splice, slots, cancel, peers, pool,
-admin console, hold, shutdown) already live in their own modules. The next
-split, when transaction mode comes, is the backend login (``_log_in``,
-``_backend_login``) into a module of its own.
+that are ideas of their own already live in their own modules (handshakes,
+backend login, splice, slots and leases, cancel, peers and registry, pool,
+transaction mode (``txserve``, ``transaction``, ``txpool``, ``txsql``), admin
+console, pauses, hold, shutdown). The next split is the stop (``shutdown``,
+``_terminable``) into ``shutdown.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import socket
 import ssl
 from collections import Counter
@@ -43,7 +43,7 @@ from .credentials import MockVerifiers
 from .errors import ClientError
 from .fleet import PeerAuth, Peers, serve_peers
 from .handshake import AuthResponse, ClientHandshake, Terminated
-from .hold import hold
+from .hold import HOLD_RETRY, hold
 from .inbox import ConnectionClosed, Inbox
 from .leases import Leased, Leases, Unreachable, router_id
 from .login import Refused, open_backend
@@ -58,12 +58,11 @@ from .shutdown import Terminable, terminate_backends
 from .slots import LocalSlots, SharedSlots, Slots
 from .splice import ClientFeed, Pipe, splice
 from .startup import Startup, read_startup
-from .transaction import ClientFailed, JobPool, PoolTimeout, TxBackend, TxClient, Waiter
+from .txpool import JobPool
+from .txserve import TransactionMode
 
 log = logging.getLogger(__name__)
 
-# A held client's backend is tried again after this long, doubling up to the second, s.
-HOLD_RETRY = (0.05, 0.5)
 
 
 class Router:
@@ -85,6 +84,7 @@ class Router:
         self.tx_pools: dict[str, JobPool] = {}  # transaction mode: per job
         self.pauses = Pauses()  # the admin console's PAUSE
         self.tx_transactions: Counter[str] = Counter()  # of transaction-mode clients gone
+        self.transactions = TransactionMode(self)
         self.assignments: Counter[str] = Counter()  # sessions given a backend, per job
         self._statuses: dict[tuple[bytes, ...], list[bytes]] = {}
         self.on_reload: Callable[[], None] | None = None  # what RELOAD does (main.py sets it)
@@ -301,8 +301,8 @@ class Router:
         try:
             pipelined += await self._while_paused(inbox, job_id)
             if job.pool_mode == "transaction":
-                spliced = await self._serve_transactions(inbox, job_id, access, route,
-                                                         request, pipelined, slot)
+                spliced = await self.transactions.serve(inbox, job_id, access, route,
+                                                        request, pipelined, slot)
             else:
                 spliced = await self._reach(inbox, job_id, access, route, request,
                                             pipelined, slot)
@@ -353,7 +353,6 @@ class Router:
         it back (the catalog's controller, told at once): until it answers, its row
         says it is recovering (then this is a wake), or --wake-timeout passes.
         """
-        loop = asyncio.get_running_loop()
         held_until: float | None = None
         delay = HOLD_RETRY[0]
         while True:
@@ -365,19 +364,8 @@ class Router:
             try:
                 return await self._connect_backend(inbox, route, request, pipelined, slot)
             except errors.NotAnswering as exc:
-                now = loop.time()
-                if held_until is None:
-                    if not self.routes.unreachable(job_id):
-                        raise exc.error from exc
-                    held_until = now + self.config.wake_timeout
-                    self.metrics.clients_held.inc()
-                    log.info("job %s is not answering (%s): holding a client until it is "
-                             "back", job_id, exc.detail)
-                    inbox.write(pg.notice_response(
-                        f"job_{job_id} is not answering ({exc.detail}): waiting for it to "
-                        "come back"))
-                elif now >= held_until:
-                    raise errors.not_back(job_id, self.config.wake_timeout, exc.detail) from exc
+                held_until = self._hold_until(job_id, exc, held_until, lambda text: inbox.write(
+                    pg.notice_response(text)))
             inbox.transport.resume_reading()
             _, more = await hold(inbox, asyncio.sleep(delay))
             pipelined += more
@@ -413,189 +401,22 @@ class Router:
 
         await self.pauses.pause(job_id, busy, close_idle)
 
-    # --- transaction mode (transaction.py) -------------------------------------------
-
-    async def _serve_transactions(self, inbox: Inbox, job_id: str, access: Access,
-                                  route: JobRoute | None, request: Startup, pipelined: bytes,
-                                  slot: object | None) -> bool:
-        """A client of a transaction-mode job: told what a login says (a backend's
-        ParameterStatus, from the pool's last login of the same key, or from a login now,
-        which also wakes the job), a key of the router's, then served per transaction."""
-        def notice(text: str) -> None:
-            inbox.write(pg.notice_response(text))
-
-        if route is None:
-            route, more = await self._wait_for_wake(inbox, job_id, access)
-            pipelined += more
-        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
-        pool = self._tx_pool(job_id, route)
-        status = pool.statuses.get(key)
-        if status is None:
-            try:
-                backend, more = await hold(inbox, self._tx_backend(job_id, access, request,
-                                                                   notice))
-            except ClientFailed as exc:  # the backend refused the login: its own FATAL
-                inbox.write(exc.error)
-                inbox.close()
-                return False
-            pipelined += more
-            status = backend.status
-            pool.release(backend)
-        if inbox.closed or self._stopping:
-            inbox.close()
-            return False
-        assert inbox.transport is not None
-        pid = secrets.randbits(31) | 1  # a client holds no backend of its own: no real pid
-
-        params = tuple(sorted(request.forwarded.items()))  # (sorted once, not per transaction)
-
-        def take_now(client: TxClient) -> TxBackend | Waiter | None:
-            return self._tx_take_now(client, job_id, access, params)
-
-        async def take(client: TxClient, slot: bool) -> TxBackend:
-            try:
-                if slot:
-                    got = await self._tx_on_slot(job_id, access, request)
-                    if got is not None:
-                        return got
-                return await self._tx_backend(job_id, access, request, client.notice)
-            except ClientError as exc:
-                self.metrics.errors.labels(exc.sqlstate).inc()
-                raise ClientFailed(exc.to_bytes()) from exc
-
-        def timeout_error() -> bytes:
-            return self._tx_timeout(job_id, pool).to_bytes()
-
-        def ended(c: TxClient) -> None:
-            self.tx_transactions[job_id] += c.transactions
-            self._forget(session)
-
-        client = TxClient(job_id, inbox.transport, take_now, take, ended, timeout_error)
-        secret = self.cancel_map.issue_for(pid, client.current_cancel, request.key_length)
-        session = Session(route, request.user, secret, pid, slot)
-        session.tx = client
-        self.assignments[job_id] += 1
-        self.sessions.add(session)
-        self._job_sessions[job_id] += 1
-        self._drained.clear()
-        inbox.write(b"".join(status) + pg.backend_key_data(pid, secret) + pg.ready_for_query())
-        inbox.transport.set_protocol(client)
-        client.start(pipelined + inbox.take_buffered())
-        return True
-
-    def _tx_take_now(self, client: TxClient, job_id: str, access: Access,
-                     params: tuple[tuple[str, str], ...]) -> TxBackend | Waiter | None:
-        """The hot path: an idle backend at once, or the client queued on a full pool;
-        None when something must be awaited (a wake, a login)."""
-        if self.pauses.hold_for(job_id) is not None:
-            return None  # (the slow path waits for RESUME)
-        try:
-            route = self.routes.route(job_id, access)
-        except ClientError:
-            return None
-        pool = self.tx_pools.get(job_id)
-        if route is None or pool is None:
-            return None
-        key = (route.host, route.port, route.user, route.database, params)
-        backend = pool.take_now(key)
-        if backend is not None or not pool.must_wait():
-            return backend
-        return pool.wait(key, client.given, self.config.query_wait_timeout,
-                         self.config.query_wait_notify,
-                         lambda: client.notice(self._tx_waiting(job_id, pool)))
-
-    async def _tx_on_slot(self, job_id: str, access: Access,
-                          request: Startup) -> TxBackend | None:
-        """A queued client was given a slot of its pool: log in on it (None: the job is
-        not running any more; the slot is given back and the caller wakes it)."""
-        pool = self.tx_pools[job_id]
-        route = self.routes.route(job_id, access)
-        if route is None:
-            pool.give_up_slot()
-            return None
-        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
-        return await pool.connect_on_slot(
-            lambda: self._tx_connect(pool, key, route, request.forwarded))
-
-    def _tx_waiting(self, job_id: str, pool: JobPool) -> str:
-        return (f"waiting for a server connection: job_{job_id}'s {pool.size} are all in "
-                "transactions")
-
-    def _tx_timeout(self, job_id: str, pool: JobPool) -> ClientError:
-        self.metrics.errors.labels("53300").inc()
-        return errors.too_many(
-            f"job_{job_id}'s {pool.size} server connections stayed busy for "
-            f"{self.config.query_wait_timeout:g} s",
-            "Raise the job's pool_size, or keep transactions short.")
-
-    def _tx_pool(self, job_id: str, route: JobRoute) -> JobPool:
-        size = route.pool_size or self.config.pool_size or 1
-        pool = self.tx_pools.get(job_id)
-        if pool is None:
-            pool = self.tx_pools[job_id] = JobPool(job_id, size, self.config.server_idle_timeout)
-        pool.size = size  # (a RELOAD or job update may have changed it)
-        return pool
-
-    async def _tx_backend(self, job_id: str, access: Access, request: Startup,
-                          notice: Callable[[str], None]) -> TxBackend:
-        """A backend for one transaction: woken, held while its job comes back (as
-        ``_reach``), waited for while the pool is busy (53300 after --query-wait-timeout)."""
-        loop = asyncio.get_running_loop()
-        held_until: float | None = None
-        delay = HOLD_RETRY[0]
-        while True:
-            held = self.pauses.hold_for(job_id)
-            if held is not None:
-                notice(f"job_{job_id} is paused (PAUSE): waiting for RESUME")
-                await held.wait()
-                continue
-            route = self.routes.route(job_id, access)
-            if route is None:
-                route = await self.routes.wake(job_id, access, notice)
-            try:
-                return await self._tx_acquire(job_id, route, request, notice)
-            except errors.NotAnswering as exc:
-                now = loop.time()
-                if held_until is None:
-                    if not self.routes.unreachable(job_id):
-                        raise exc.error from exc
-                    held_until = now + self.config.wake_timeout
-                    notice(f"job_{job_id} is not answering ({exc.detail}): waiting for it to "
-                           "come back")
-                elif now >= held_until:
-                    raise errors.not_back(job_id, self.config.wake_timeout, exc.detail) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, HOLD_RETRY[1])
-
-    async def _tx_acquire(self, job_id: str, route: JobRoute, request: Startup,
-                          notice: Callable[[str], None]) -> TxBackend:
-        pool = self._tx_pool(job_id, route)
-        key = pool_key(route.host, route.port, route.user, route.database, request.forwarded)
-        try:
-            return await pool.acquire(
-                key, lambda: self._tx_connect(pool, key, route, request.forwarded),
-                self.config.query_wait_timeout, self.config.query_wait_notify,
-                lambda: notice(self._tx_waiting(job_id, pool)))
-        except PoolTimeout:
-            raise self._tx_timeout(job_id, pool) from None
-
-    async def _tx_connect(self, pool: JobPool, key: PoolKey, route: JobRoute,
-                          forwarded: dict[str, str]) -> TxBackend:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            inbox, ready, kd, status = await open_backend(
-                route, forwarded, _ignore, self.config.connect_timeout)
-        except Refused as exc:
-            self.metrics.errors.labels(exc.code).inc()
-            raise ClientFailed(exc.raw) from None
-        self.metrics.backend_connect.observe(loop.time() - started)
-        status = pool.statuses[key] = self._shared(status)
-        backend = TxBackend(pool, key, BackendKey(route.host, route.port, kd.pid, kd.secret),
-                            status, self.config.max_prepared_statements)
-        assert inbox.transport is not None
-        backend.attach(inbox.transport, ready.leftover + inbox.take_buffered())
-        return backend
+    def _hold_until(self, job_id: str, exc: errors.NotAnswering, held_until: float | None,
+                    notice: Callable[[str], None]) -> float:
+        """A backend did not answer: until when its client is held (told so once), as long
+        as the route source will bring it back; else the client's error is raised."""
+        now = asyncio.get_running_loop().time()
+        if held_until is None:
+            if not self.routes.unreachable(job_id):
+                raise exc.error from exc
+            self.metrics.clients_held.inc()
+            log.info("job %s is not answering (%s): holding a client until it is back",
+                     job_id, exc.detail)
+            notice(f"job_{job_id} is not answering ({exc.detail}): waiting for it to come back")
+            return now + self.config.wake_timeout
+        if now >= held_until:
+            raise errors.not_back(job_id, self.config.wake_timeout, exc.detail) from exc
+        return held_until
 
     async def _wait_for_wake(
         self, inbox: Inbox, job_id: str, access: Access
@@ -823,10 +644,6 @@ class Router:
             pooled.close()
         else:
             self.pool.put(job_id, pool_as, pooled)
-
-
-def _ignore(data: bytes) -> None:
-    pass  # a pooled login's notices: nobody's to hear
 
 
 def _source(inbox: Inbox) -> str:

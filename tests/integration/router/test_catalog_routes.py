@@ -8,17 +8,16 @@ a job's PostgreSQL with the roles a job has; the test plays the controller
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import psycopg
 import pytest
 
-from jobmesh.agent.postgres import Instance, free_port
+from jobmesh.agent.postgres import free_port
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import Job
 from jobmesh.router.credentials import make_verifier
@@ -26,7 +25,6 @@ from jobmesh.router.errors import ClientError
 from jobmesh.router.routes import Principal
 from jobmesh.router.wake import assess
 from tests.support.catalog_harness import (
-    CatalogRouters,
     FakeController,
     TcpProxy,
     add_user,
@@ -34,7 +32,6 @@ from tests.support.catalog_harness import (
     dsn,
     last_active_moves,
     log_line,
-    make_job_databases,
     metric_reaches,
     paused_job,
     query,
@@ -47,26 +44,6 @@ from tests.support.catalog_harness import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-# --- a job's PostgreSQL, shaped as agent init makes it --------------------------------
-
-
-@pytest.fixture(scope="module")
-def job_pg(pg_factory) -> Instance:
-    inst = pg_factory(f"router-catalog-{os.urandom(3).hex()}", databases=())
-    make_job_databases(inst)
-    return inst
-
-
-@pytest.fixture
-def routers() -> Iterator[CatalogRouters]:
-    factory = CatalogRouters()
-    yield factory
-    lines = factory.stop_all()
-    if os.environ.get("JOBMESH_SHOW_ROUTER_LOG"):
-        print("\n".join(lines))
-    assert not [line for line in lines if "Traceback" in line or "never retrieved" in line]
 
 
 # --- pure rules ---------------------------------------------------------------------------

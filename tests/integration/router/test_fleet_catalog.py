@@ -16,13 +16,11 @@ from tests.support.cancels import send_cancel, waiting_victim
 from tests.support.catalog_harness import PW, add_user, running_job
 from tests.support.waiting import until
 
-from .test_limits import job_pg, routers  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.timeout(120)
 
 
 async def test_a_cancel_to_the_wrong_router_reaches_its_issuer_through_the_registry(
-        catalog, job_pg, routers, tmp_path: Path):  # noqa: F811
+        catalog, job_pg, routers, tmp_path: Path):
     await running_job(catalog, job_pg)
     await add_user(catalog, "alice", ("alpha", "write"))
     secret = tmp_path / "peer-secret"

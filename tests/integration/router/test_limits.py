@@ -4,38 +4,19 @@ slot one router frees goes to another, and a dead router's lease lapses."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from jobmesh.agent.postgres import Instance
 from tests.support.catalog_harness import (
-    CatalogRouters,
     add_user,
     dsn,
-    make_job_databases,
     running_job,
 )
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def job_pg(pg_factory) -> Instance:
-    inst = pg_factory(f"router-limits-{os.urandom(3).hex()}", databases=())
-    make_job_databases(inst)
-    return inst
-
-
-@pytest.fixture
-def routers() -> Iterator[CatalogRouters]:
-    factory = CatalogRouters()
-    yield factory
-    factory.stop_all()
 
 
 async def _connect(router) -> asyncpg.Connection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobmesh.router.transaction import FORGET_ALL, Unsupported, check_sql, statement_name
+from jobmesh.router.txsql import FORGET_ALL, Unsupported, check_sql, statement_name
 
 
 @pytest.mark.parametrize("sql", [
