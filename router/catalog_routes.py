@@ -115,7 +115,7 @@ def principal_from(row: PrincipalRow) -> Principal | None:
                     row.name, exc)
         return None
     grants = tuple((g.pattern, g.access) for g in row.grants)
-    return Principal(row.name, verifier, grants, row.admin)
+    return Principal(row.name, verifier, grants, row.admin, row.stats)
 
 
 class CatalogRoutes:

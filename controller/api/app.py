@@ -56,7 +56,7 @@ from .wait import JobWatch
 
 
 def user_public(p: PrincipalRow) -> dict[str, Any]:
-    return {"name": p.name, "admin": p.admin,
+    return {"name": p.name, "admin": p.admin, "stats": p.stats,
             "grants": [{"pattern": g.pattern, "access": g.access} for g in p.grants]}
 
 
@@ -240,11 +240,17 @@ class Api:
     async def create_user(self, req: web.Request) -> web.Response:
         example = '{"name": "analyst", "password": "..."}'
         body = await json_object(req, example)
-        fields(body, example, ("name", "password"))
+        fields(body, example, ("name", "password"), ("stats",))
         check_principal(body["name"])
-        await self.catalog.create_principal(body["name"], verifier_of(body["password"]))
-        return json_response({"name": body["name"], "admin": False, "grants": []}, 201,
-                             {"Location": f"/v1/users/{body['name']}"})
+        stats = body.get("stats", False)
+        if not isinstance(stats, bool):
+            raise ApiError(400, "'stats' must be true or false",
+                           "true: a stats principal, which may only run the router's admin "
+                           "console SHOW commands (an exporter's login)")
+        await self.catalog.create_principal(body["name"], verifier_of(body["password"]),
+                                            stats=stats)
+        return json_response({"name": body["name"], "admin": False, "stats": stats,
+                              "grants": []}, 201, {"Location": f"/v1/users/{body['name']}"})
 
     async def set_password(self, req: web.Request) -> web.Response:
         """A new password for a user who lost theirs (kept, like the first, as a verifier)."""

@@ -327,11 +327,12 @@ class Catalog:
 
     # --- principals and grants ---------------------------------------------------------
 
-    async def create_principal(self, name: str, verifier: str, *, admin: bool = False) -> None:
+    async def create_principal(self, name: str, verifier: str, *, admin: bool = False,
+                               stats: bool = False) -> None:
         check_principal(name)
         done = await self.pool.execute(
-            "INSERT INTO principals (name, verifier, admin) VALUES ($1, $2, $3)"
-            " ON CONFLICT (name) DO NOTHING", name, verifier, admin)
+            "INSERT INTO principals (name, verifier, admin, stats) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (name) DO NOTHING", name, verifier, admin, stats)
         if done.endswith(" 0"):
             raise Conflict(f"user {name} already exists")
 
@@ -365,13 +366,13 @@ class Catalog:
 
     async def principals(self, name: str | None = None) -> list[PrincipalRow]:
         rows = await self.pool.fetch(
-            "SELECT p.name, p.verifier, p.admin,"
+            "SELECT p.name, p.verifier, p.admin, p.stats,"
             " COALESCE(array_agg(g.pattern || ':' || g.access ORDER BY g.pattern)"
             "   FILTER (WHERE g.pattern IS NOT NULL), '{}') AS grants"
             " FROM principals p LEFT JOIN grants g ON g.principal = p.name"
             " WHERE $1::text IS NULL OR p.name = $1 GROUP BY p.name ORDER BY p.name", name)
         return [PrincipalRow(r["name"], r["verifier"], r["admin"],
-                             tuple(_grant(g) for g in r["grants"]))
+                             tuple(_grant(g) for g in r["grants"]), r["stats"])
                 for r in rows]
 
     # --- notifications -------------------------------------------------------------------

@@ -126,6 +126,7 @@ class PrincipalRow:
     verifier: str
     admin: bool
     grants: tuple[Grant, ...]
+    stats: bool = False  # the admin console's SHOW commands only (PgBouncer's stats_users)
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,9 @@ def _add_user(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> No
     c.add_argument("name", metavar="NAME")
     c.add_argument("--password-stdin", action="store_true",
                    help="read the password from stdin (default: generate one, shown once)")
+    c.add_argument("--stats", action="store_true",
+                   help="a stats principal: the router's admin console SHOW commands only "
+                   "(PgBouncer's stats_users; an exporter's login)")
     c.set_defaults(run=_runs(user_create))
     pw = sub.add_parser("passwd", parents=[common],
                         help="give a user a new password (the old one stops working)")

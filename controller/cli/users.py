@@ -30,8 +30,9 @@ def new_password(args: argparse.Namespace) -> str:
 
 def user_create(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     password = new_password(args)
-    client.call("POST", "/v1/users", body={"name": args.name, "password": password})
-    print(f"created user {args.name}")
+    body = {"name": args.name, "password": password, **({"stats": True} if args.stats else {})}
+    client.call("POST", "/v1/users", body=body)
+    print(f"created {'stats ' if args.stats else ''}user {args.name}")
     if not args.password_stdin:
         print(f"password (shown once): {password}")
     return 0
@@ -62,7 +63,7 @@ def user_list(args: argparse.Namespace, _mesh: MeshInfo, client: Client) -> int:
     if print_data(users, args.output):
         return 0
     rows = [("NAME", "ADMIN", "GRANTS")]
-    rows += [(u["name"], "yes" if u["admin"] else "",
+    rows += [(u["name"], "yes" if u["admin"] else "stats" if u.get("stats") else "",
               ", ".join(f"{g['pattern']}:{g['access']}" for g in u["grants"]) or "-")
              for u in users]
     table(rows)

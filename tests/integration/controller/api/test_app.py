@@ -428,7 +428,8 @@ async def test_events_by_kind_and_limit(api: Api) -> None:
 
 async def test_a_created_user_has_a_postgres_scram_verifier_for_its_password(api: Api) -> None:
     status, body = await api.call("POST", "/v1/users", json={"name": "ann", "password": "s3cr3t"})
-    assert status == 201 and body == {"name": "ann", "admin": False, "grants": []}
+    assert status == 201 and body == {"name": "ann", "admin": False, "stats": False,
+                                    "grants": []}
     [row] = await api.catalog.principals("ann")
     assert re.fullmatch(r"SCRAM-SHA-256\$4096:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+",
                         row.verifier)
@@ -439,7 +440,8 @@ async def test_a_created_user_has_a_postgres_scram_verifier_for_its_password(api
 async def test_users_list_shows_no_verifiers(api: Api) -> None:
     await api.call("POST", "/v1/users", json={"name": "ann", "password": "x"})
     status, body = await api.call("GET", "/v1/users")
-    assert status == 200 and body == {"users": [{"name": "ann", "admin": False, "grants": []}]}
+    assert status == 200 and body == {"users": [{"name": "ann", "admin": False, "stats": False,
+                                                 "grants": []}]}
 
 
 @pytest.mark.parametrize("payload, expected, text", [
