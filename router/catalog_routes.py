@@ -17,6 +17,9 @@ cache has not seen) gets 57P03 rather than a hang.
 A grant's access picks the backend role (``job_owner`` / ``job_reader``);
 both log in with the job's ``backend_password`` to ``job_<id>`` at the
 address the catalog has while the job runs.
+
+At ~400 lines it is one cache and the one task that keeps it fresh, read
+together (LISTEN first, then load, then re-read what NOTIFY names).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ tables that outlive the transaction) is refused with 0A000 before it runs;
 had prepared on that backend; a lone ``DEALLOCATE name`` of the client's own
 statement forgets it for that client and is answered by the router. What it
 cannot see (``set_config(..., false)`` in a query) is the README's list.
+
+At ~520 lines it is one class, ``TxClient``: both directions of one client's
+message stream and the queue of answers that ties them, which only make sense
+read together; the pool, the SQL checks and the server's side are their own
+modules (``txpool``, ``txsql``, ``txserve``).
 """
 
 from __future__ import annotations

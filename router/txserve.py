@@ -134,7 +134,11 @@ class TransactionMode:
         """A queued client was given a slot of its pool: log in on it (None: the job is
         not running any more; the slot is given back and the caller wakes it)."""
         pool = self.r.tx_pools[job_id]
-        route = self.r.routes.route(job_id, access)
+        try:
+            route = self.r.routes.route(job_id, access)
+        except ClientError:  # (ended, or the catalog unreachable): the slot is not kept
+            pool.give_up_slot()
+            raise
         if route is None:
             pool.give_up_slot()
             return None

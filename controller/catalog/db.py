@@ -14,6 +14,10 @@ Routers use the catalog package too (an import contract: the router imports
 ``jobmesh.controller.catalog`` and nothing else of the controller), so it
 imports nothing else of the controller. The values it returns are in
 ``models.py``; the schema and its migrations in ``schema.py``.
+
+At ~410 lines it is one class over one connection pool: every query the
+catalog answers, so that its transactions and locks are read in one place; the
+SQL functions (leases, the router registry) live in the migrations.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ no --peer list at all; a router that stops is forgotten."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import signal
 from pathlib import Path
@@ -40,7 +39,6 @@ async def test_a_cancel_to_the_wrong_router_reaches_its_issuer_through_the_regis
     async with waiting_victim(a.port, password=PW) as victim:
         async def cancelled_through_b() -> bool:
             send_cancel(b.port, victim.pid, victim.secret)  # to the router that did not issue
-            await asyncio.sleep(0)
             return not await victim.blocked()
         await until(cancelled_through_b, "the cancel sent to b to reach a", interval=0.5)
         with pytest.raises(Exception, match="cancel"):

@@ -1,4 +1,8 @@
-"""The router process over its life: timeouts, reloads, shutdown, cancels, metrics, CLI."""
+"""The router process over its life: timeouts, reloads, shutdown, cancels, metrics, CLI.
+
+Over ~400 lines on purpose: one router process's life, start to stop, sharing
+its fixtures; the other router behaviours have files of their own.
+"""
 
 from __future__ import annotations
 

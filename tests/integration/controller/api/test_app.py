@@ -6,6 +6,9 @@ No controller runs here, so job states only change when a test moves them with
 
 Over ~400 lines on purpose: a list of specifications of one component, one
 behaviour per test, sharing this module's fixtures; its helpers live in tests/support.
+
+Over ~400 lines on purpose: one specification per endpoint of one app,
+sharing its fixtures (a real server, catalog and agent).
 """
 
 from __future__ import annotations
