@@ -19,9 +19,10 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,10 +39,12 @@ from .catalog.models import CatalogError
 from .core.backend import Backend, BackendError
 from .core.metrics import ControllerMetrics
 from .core.reconciler import Reconciler, ReconcilerConfig
+from .web.guard import WebConfig, WebConfigError
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from .backends.kubernetes.leader import LeaderElector
     from .backends.local.backend import LocalBackend
     from .storage.keeper import Keeper
 
@@ -71,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the HTTP API and /metrics (default {defaults.API_LISTEN})")
     p.add_argument("--api-token-file", type=Path, metavar="FILE",
                    help="the API's bearer token (default DIR/api-token, created if missing)")
+    add_web_arguments(p)
     p.add_argument("--idle-timeout", type=float, default=defaults.IDLE_TIMEOUT, metavar="S",
                    help="pause jobs with no client for S seconds "
                    f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
@@ -143,6 +147,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leader election: who we are (default hostname-pid)")
 
 
+def add_web_arguments(p: argparse.ArgumentParser) -> None:
+    """The status page's flags (shared by ``jobmesh controller`` and ``jobmesh up``)."""
+    env = os.environ.get
+    p.add_argument("--web-origin", action="append", metavar="URL",
+                   default=[o for o in env("JOBMESH_WEB_ORIGIN", "").split(",") if o],
+                   help="an address operators open the status page at besides loopback, "
+                   "such as https://status.example.com behind a proxy (repeatable; env "
+                   "JOBMESH_WEB_ORIGIN, comma-separated); an https one makes the session "
+                   "cookie Secure")
+    p.add_argument("--web-session-ttl", type=float, default=WebConfig.session_ttl,
+                   metavar="S", help="a status page login lasts S seconds (default "
+                   f"{WebConfig.session_ttl:g}; it also ends after "
+                   f"{WebConfig.session_idle:g} s without a request)")
+
+
+def web_config(args: argparse.Namespace, listen_host: str) -> WebConfig:
+    if args.web_session_ttl <= 0:
+        raise UsageError("--web-session-ttl must be positive")
+    try:
+        return WebConfig(origins=tuple(args.web_origin), listen_host=listen_host,
+                         session_ttl=args.web_session_ttl,
+                         session_idle=min(WebConfig.session_idle, args.web_session_ttl))
+    except WebConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@dataclass
+class Role:
+    """Which controller this is, and who leads: a line of the status page."""
+
+    identity: str
+    elector: LeaderElector | None = None  # the Kubernetes backend's
+
+    def __call__(self) -> str:
+        if self.elector is None:
+            return f"{self.identity}, running the reconciler (local backend)"
+        if self.elector.leading:
+            return f"{self.identity} (this replica) leads"
+        holder = self.elector.holder
+        return (f"{holder} leads; this replica ({self.identity}) is a candidate" if holder
+                else f"no leader seen yet; this replica ({self.identity}) is a candidate")
+
+
 @dataclass(frozen=True)
 class KubernetesSettings:
     namespace: str
@@ -209,6 +256,7 @@ class ControllerSettings:
     gc_interval: float = defaults.GC_INTERVAL
     job_cpu: str | None = defaults.JOB_CPU  # the local backend's default limits
     job_memory: str | None = defaults.JOB_MEMORY
+    web: WebConfig = field(default_factory=WebConfig)  # the status page
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -248,6 +296,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
         keep_pauses=args.keep_pauses, pitr_window=args.pitr_window,
         gc_interval=args.gc_interval, job_cpu=job_cpu, job_memory=job_memory,
+        web=web_config(args, host),
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -330,10 +379,13 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         local = None if kubernetes else local_backend(s)
         keeper = Keeper(store, catalog, Retention(s.keep_pauses, s.pitr_window),
                         interval=s.gc_interval)
+        role = Role(s.kubernetes.identity if s.kubernetes is not None
+                    else f"{socket.gethostname()}:{os.getpid()}")
         app = build_app(catalog, token=token, store=store, state_dir=s.state_dir,
                         backend="kubernetes" if kubernetes else "local",
                         enforced_limits=frozenset({"cpu", "memory", "disk"}) if local is None
-                        else local.enforced_limits, keeper=keeper)
+                        else local.enforced_limits, keeper=keeper, web_config=s.web,
+                        controller=role)
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),
@@ -343,7 +395,8 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         await runner.setup()
         site = web.TCPSite(runner, s.api_host, s.api_port)
         await site.start()
-        log.info("controller API listening on http://%s:%d", s.api_host, s.api_port)
+        log.info("controller API listening on http://%s:%d (and the status page, at /)",
+                 s.api_host, s.api_port)
         if ready is not None:
             ready.set()
         # Only the controller deletes from the store (sidecars only add to it), and of
@@ -353,7 +406,7 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
                 assert local is not None
                 await Reconciler(catalog, local, s.reconciler, metrics).run(stop)
         else:
-            await lead(s, catalog, metrics, stop, keeper)
+            await lead(s, catalog, metrics, stop, keeper, role)
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -374,7 +427,7 @@ async def keeping(keeper: Keeper, stop: asyncio.Event) -> AsyncIterator[None]:
 
 
 async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetrics,
-               stop: asyncio.Event, keeper: Keeper) -> None:
+               stop: asyncio.Event, keeper: Keeper, role: Role) -> None:
     """Wait for the leader Lease, then reconcile while holding it; released at ``stop``."""
     from .backends.kubernetes.client import api_client
     from .backends.kubernetes.leader import LeaderElector, LeaseConfig
@@ -388,6 +441,7 @@ async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetri
         backend = make_backend(s, catalog, api)  # a bad setting fails every replica at once
         elector = LeaderElector(lease_api, LeaseConfig(k.namespace, k.identity,
                                                        duration=k.lease_duration))
+        role.elector = elector
         log.info("candidate %s for the lease %s/%s", k.identity, k.namespace,
                  elector.config.name)
         if not await elector.acquire(stop):

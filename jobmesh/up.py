@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,13 +40,21 @@ from jobmesh.controller.catalog.models import CatalogError
 from jobmesh.controller.catalog.passwords import scram_verifier
 from jobmesh.controller.catalog.states import ACTIVE, DesiredState
 from jobmesh.controller.core.reconciler import ReconcilerConfig
-from jobmesh.controller.main import ControllerSettings, add_job_limits, job_limits, serve
+from jobmesh.controller.main import (
+    ControllerSettings,
+    add_job_limits,
+    add_web_arguments,
+    job_limits,
+    serve,
+    web_config,
+)
 from jobmesh.controller.mesh import ensure_secret, write_mesh
 from jobmesh.errors import CommandFailed, UsageError
 from jobmesh.secretfile import write_secret_file
 
 log = logging.getLogger("jobmesh.up")
 ADMIN = "admin"
+API_PORT = int(defaults.API_LISTEN.rsplit(":", 1)[1])  # where the status page is, if free
 CATALOG_DB = "jobmesh"
 
 
@@ -56,13 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=defaults.ROUTER_PORT,
                    help=f"the router's port (default {defaults.ROUTER_PORT})")
     p.add_argument("--api-port", type=int, default=0,
-                   help="the controller API's port (default: any free port)")
+                   help="the controller's API and status page port (default "
+                   f"{API_PORT}, or any free port when that one is taken)")
     p.add_argument("--demo-job", metavar="ID", help="create this job if it does not exist")
     p.add_argument("--idle-timeout", type=float, default=defaults.IDLE_TIMEOUT, metavar="S",
                    help="pause jobs with no client for S seconds "
                    f"(default {defaults.IDLE_TIMEOUT:g}; 0: never)")
     p.add_argument("--max-running", type=int, metavar="N", help="at most N jobs running")
     add_job_limits(p)
+    add_web_arguments(p)
     p.add_argument("--archive-timeout", type=int, default=defaults.ARCHIVE_TIMEOUT, metavar="S",
                    help="archive a job's WAL at least every S seconds: what a lost machine "
                    f"may lose at most (default {defaults.ARCHIVE_TIMEOUT})")
@@ -79,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     state = args.state_dir.absolute()
     job_limits(args)  # (checked before anything starts)
+    web_config(args, "127.0.0.1")
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -150,7 +162,7 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
     try:
         dsn = (f"postgresql://postgres:{ensure_secret(state / 'catalog-password')}"
                f"@127.0.0.1:{catalog_pg.port}/{CATALOG_DB}")
-        api_port = args.api_port or free_port()
+        api_port = args.api_port or (API_PORT if port_is_free(API_PORT) else free_port())
         job_cpu, job_memory = job_limits(args)
         settings = ControllerSettings(
             catalog_dsn=dsn, state_dir=data, store=f"file://{data / 'store'}",
@@ -158,7 +170,8 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
             token_file=state / "api-token",
             reconciler=ReconcilerConfig(idle_timeout=args.idle_timeout or None,
                                         max_running=args.max_running),
-            archive_timeout=args.archive_timeout, job_cpu=job_cpu, job_memory=job_memory)
+            archive_timeout=args.archive_timeout, job_cpu=job_cpu, job_memory=job_memory,
+            web=web_config(args, "127.0.0.1"))
         ready = asyncio.Event()
         controller = asyncio.create_task(serve(settings, controller_stop, ready))
         await _first(ready.wait(), controller)
@@ -169,7 +182,7 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
                 await catalog.create_job(args.demo_job, {})
             router = await asyncio.to_thread(_start_router, state, dsn, args)
             write_mesh(state, f"http://127.0.0.1:{api_port}", "127.0.0.1", args.port, ADMIN)
-            _greet(state, args, shown)
+            _greet(state, args, shown, api_port)
             await _first(stop.wait(), controller)
             print("\npausing running jobs ...", flush=True)
             await _pause_all(catalog, controller)
@@ -303,6 +316,17 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait()
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` now (a guess: it may be taken next)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cli_name() -> str:
     """How to call this jobmesh from the user's shell: ``jobmesh`` when that is the one on
     PATH, else its path (``.venv/bin/jobmesh`` after ``make up``)."""
@@ -317,7 +341,7 @@ def cli_name() -> str:
     return str(me.absolute())
 
 
-def _greet(state: Path, args: argparse.Namespace, shown: bool) -> None:
+def _greet(state: Path, args: argparse.Namespace, shown: bool, api_port: int) -> None:
     password = (state / "admin-password").read_text().strip()
     job = args.demo_job or "<id>"
     lines = ["", f"jobmesh is up (state in {state}).", ""]
@@ -329,6 +353,8 @@ def _greet(state: Path, args: argparse.Namespace, shown: bool) -> None:
         f'  psql "postgresql://{ADMIN}:{password if shown else "<admin-password>"}'
         f'@127.0.0.1:{args.port}/job_{job}"',
         f"  {cli_name()} psql {job}",
+        "",
+        f"Status page: http://127.0.0.1:{api_port}/ (log in as {ADMIN})",
         "",
         "Ctrl-C pauses running jobs (snapshots in the store) and stops; "
         "the next `jobmesh up` continues.",

@@ -222,8 +222,10 @@ class CatalogRoutes:
         assert routes is not None  # until_running returns running rows with an address
         return routes[access]
 
-    async def touch(self, job_ids: list[str]) -> None:
-        await self._catalog.touch(job_ids)
+    async def report(self, router: str, listen: str, clients: dict[str, int],
+                     touch: list[str], ttl: float) -> None:
+        """This router's clients per job (``activity.py``), its heartbeat in the catalog."""
+        await self._catalog.report_activity(router, listen, clients, touch, ttl)
 
     def unreachable(self, job_id: str) -> bool:
         """Tell the controller (NOTIFY) so its health check looks at the job now rather

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -294,11 +295,14 @@ async def _serve(
             catalog = await CatalogRoutes.open(dsn, metrics, wake_timeout=config.wake_timeout)
         except CatalogConfigError as exc:
             raise UsageError(f"--catalog-dsn: {exc}") from exc
-        activity = ActivityReporter(catalog.touch, config.activity_interval)
     routes = catalog or table
     assert routes is not None
     leases = (Leases(catalog.catalog, ttl=config.lease_ttl, renew=config.lease_ttl / 3,
                      errors=CATALOG_ERRORS) if catalog is not None else None)
+    if catalog is not None and leases is not None:
+        activity = ActivityReporter(
+            functools.partial(catalog.report, leases.me, f"{config.host}:{config.port}"),
+            config.activity_interval)
     router = Router(config, routes, metrics=metrics, activity=activity, leases=leases,
                     registry_catalog=catalog.catalog if catalog is not None else None,
                     catalog_errors=CATALOG_ERRORS)

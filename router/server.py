@@ -23,7 +23,7 @@ import logging
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -143,7 +143,7 @@ class Router:
                                                   self.canceller.in_this_router, self.metrics,
                                                   self.config.connect_timeout)
         if self.activity is not None:
-            self.activity.start(self.active_jobs)
+            self.activity.start(lambda: self._job_sessions)
         if self.leases is not None:
             self.leases.start()
         if self.registry is not None:
@@ -157,10 +157,6 @@ class Router:
     def reload(self, routes: RouteSource) -> None:
         """New connections use the new routes; live sessions are untouched."""
         self.routes = routes
-
-    def active_jobs(self) -> Iterable[str]:
-        """Jobs with at least one spliced session."""
-        return self._job_sessions.keys()
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions finish, then end the rest with 57P01."""

@@ -35,6 +35,8 @@ from ..catalog.models import (
 from ..catalog.states import DesiredState, settled
 from ..mesh import ADMIN_PASSWORD_FILE, announced_router
 from ..storage.keeper import Keeper
+from ..web.guard import WebConfig
+from ..web.pages import mount
 from . import openapi
 from .middleware import auth, errors
 from .request import (
@@ -332,12 +334,15 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
               agent_http: aiohttp.ClientSession | None = None, state_dir: Path | None = None,
               router: tuple[str, int] | None = None, backend: str = "local",
               enforced_limits: frozenset[str] = frozenset(),
-              keeper: Keeper | None = None) -> web.Application:
+              keeper: Keeper | None = None, web_config: WebConfig | None = None,
+              controller: Callable[[], str] | None = None) -> web.Application:
     """The API. ``agent_http``: the session for the agents' APIs (made here when None);
     ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json);
     ``backend``: the kind of backend the controller runs jobs on, and ``enforced_limits``
     the spec fields (cpu, memory, disk) it enforces: a job asking for one it does not is
-    created with a warning. No field counts as enforced unless the controller says so."""
+    created with a warning. No field counts as enforced unless the controller says so.
+    ``web_config``: serve the status page too (``controller.web``); ``controller`` says
+    which replica this is, and who leads, on that page."""
     if not token:
         raise ValueError("the API needs a token")
     api = Api(catalog, store, agent_http, state_dir.absolute() if state_dir else None, router,
@@ -384,4 +389,7 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.delete("/v1/grants", api.revoke),
         *store_routes(keeper),
     ])
+    if web_config is not None:
+        mount(app, web_config, catalog, api.watch, keeper=keeper, router=api.router_address,
+              controller=controller or (lambda: "this controller"))
     return app

@@ -33,6 +33,7 @@ class JobWatch:
         self._catalog = catalog
         self._conn: asyncpg.Connection | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._followers: set[asyncio.Queue[str | None]] = set()
         self._lock = asyncio.Lock()
 
     async def wait(self, job_id: str, target: DesiredState, timeout: float) -> Job | None:
@@ -82,6 +83,35 @@ class JobWatch:
             if not waiters:
                 self._waiters.pop(job_id, None)
 
+    @contextlib.asynccontextmanager
+    async def changes(self) -> AsyncIterator[asyncio.Queue[str | None]]:
+        """Every announcement while the block runs: a job's id, or None when some may
+        have been lost (the LISTEN connection dropped, or the block fell behind)."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
+        self._followers.add(queue)
+        try:
+            await self._listen()
+            if self._conn is None:
+                queue.put_nowait(None)  # not listening: the follower re-reads on its own
+            yield queue
+        finally:
+            self._followers.discard(queue)
+
+    async def relisten(self) -> bool:
+        """LISTEN again if the connection was lost (followers call it now and then);
+        whether we listen now."""
+        await self._listen()
+        return self._conn is not None
+
+    def _tell(self, change: str | None) -> None:
+        for queue in self._followers:
+            try:
+                queue.put_nowait(change)
+            except asyncio.QueueFull:  # behind by a thousand: it re-reads everything
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+
     async def _listen(self) -> None:
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
@@ -96,9 +126,11 @@ class JobWatch:
     def _announced(self, job_id: str) -> None:
         for changed in self._waiters.get(job_id, ()):
             changed.set()
+        self._tell(job_id)
 
     def _lost(self) -> None:
         self._conn = None
+        self._tell(None)
         for waiters in self._waiters.values():
             for changed in waiters:
                 changed.set()  # re-read now: what changed while nobody listened is unknown

@@ -148,8 +148,10 @@ class Catalog:
     async def jobs(self) -> list[Job]:
         return [Job.from_row(r) for r in await self.pool.fetch("SELECT * FROM jobs ORDER BY id")]
 
-    async def set_desired(self, job_id: str, desired: DesiredState) -> Job:
-        """The operator's wish (pause, resume, end, delete); the reconciler does the rest."""
+    async def set_desired(self, job_id: str, desired: DesiredState, *,
+                          actor: str | None = None) -> Job:
+        """The operator's wish (pause, resume, end, delete); the reconciler does the rest.
+        ``actor``: who asked (a principal's name), recorded in the event."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
             if row is None:
@@ -164,7 +166,7 @@ class Catalog:
                     " WHERE id = $1 RETURNING *", job_id, desired)
                 assert row is not None  # locked FOR UPDATE above: it is still there
                 await _insert_event(conn, job_id, "desired", None, None,
-                                    detail={"desired_state": desired})
+                                    detail={"desired_state": desired}, actor=actor)
         return Job.from_row(row)
 
     async def request_wake(self, job_id: str) -> Job | None:
@@ -280,6 +282,13 @@ class Catalog:
         """A router could not reach the job's PostgreSQL: the controller checks it now."""
         await self.pool.execute("SELECT pg_notify($1, $2)", CHECK_CHANNEL, job_id)
 
+    async def report_activity(self, router: str, listen: str, clients: dict[str, int],
+                              touch: list[str], ttl: float) -> None:
+        """A router's report: its clients per job now (the jobs it used are touched, and
+        ``touch`` besides), valid for ``ttl`` seconds (migration 0007)."""
+        await self.pool.execute("SELECT jobmesh_router_report($1, $2, $3, $4, $5)",
+                                router, listen, clients, touch, ttl)
+
     async def touch(self, job_ids: Iterable[str]) -> None:
         """Routers: these jobs had client sessions just now (idle pause reads it)."""
         ids = list(job_ids)
@@ -316,7 +325,8 @@ class Catalog:
 
     # --- events ----------------------------------------------------------------------
 
-    async def add_event(self, job_id: str, kind: str, **fields: Any) -> None:
+    async def add_event(self, job_id: str | None, kind: str, **fields: Any) -> None:
+        """An event of ``job_id``, or of the mesh (None: a login, say)."""
         async with self.pool.acquire() as conn:
             await _insert_event(conn, job_id, kind, fields.pop("from_state", None),
                                 fields.pop("to_state", None), **fields)
@@ -408,11 +418,12 @@ def _relay(callback: Callable[[str], None]) -> Callable[..., None]:
     return on_notify
 
 
-async def _insert_event(conn: asyncpg.Connection | PoolConnectionProxy, job_id: str, kind: str,
-                        from_state: str | None, to_state: str | None, *,
+async def _insert_event(conn: asyncpg.Connection | PoolConnectionProxy, job_id: str | None,
+                        kind: str, from_state: str | None, to_state: str | None, *,
                         duration_ms: float | None = None, bytes_moved: int | None = None,
-                        detail: dict[str, Any] | None = None) -> None:
+                        detail: dict[str, Any] | None = None,
+                        actor: str | None = None) -> None:
     await conn.execute(
-        "INSERT INTO events (job_id, kind, from_state, to_state, duration_ms, bytes, detail)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        job_id, kind, from_state, to_state, duration_ms, bytes_moved, detail or {})
+        "INSERT INTO events (job_id, kind, from_state, to_state, duration_ms, bytes, detail,"
+        " actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        job_id, kind, from_state, to_state, duration_ms, bytes_moved, detail or {}, actor)

@@ -132,7 +132,7 @@ class PrincipalRow:
 @dataclass(frozen=True)
 class Event:
     id: int
-    job_id: str
+    job_id: str | None  # None: an event of the mesh (a login, say)
     at: datetime
     kind: str
     # Plain text: besides the job states, an event may name "deleted" (the row went).
@@ -141,6 +141,7 @@ class Event:
     duration_ms: float | None
     bytes: int | None
     detail: dict[str, Any]
+    actor: str | None = None  # who asked: a principal's name (None: the mesh itself)
 
     @classmethod
     def from_row(cls, row: Row) -> Event:
@@ -148,12 +149,14 @@ class Event:
         return cls(
             id=row["id"], job_id=row["job_id"], at=row["at"], kind=row["kind"],
             from_state=row["from_state"], to_state=row["to_state"],
-            duration_ms=row["duration_ms"], bytes=row["bytes"], detail=row["detail"])
+            duration_ms=row["duration_ms"], bytes=row["bytes"], detail=row["detail"],
+            actor=_added(row, "actor", None))
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "job_id": self.job_id, "at": self.at.isoformat(),
                 "kind": self.kind, "from_state": self.from_state, "to_state": self.to_state,
-                "duration_ms": self.duration_ms, "bytes": self.bytes, "detail": self.detail}
+                "duration_ms": self.duration_ms, "bytes": self.bytes, "detail": self.detail,
+                "actor": self.actor}
 
 
 def check_job_id(job_id: str) -> None:

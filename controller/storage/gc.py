@@ -211,8 +211,22 @@ class JobUsage:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StoreSurvey:
+    """The whole store: its bytes and objects (each counted once), and each job's share."""
+
+    total_bytes: int
+    objects: int
+    jobs: dict[str, JobUsage]
+
+
 async def usage(collector: Collector) -> dict[str, JobUsage]:
     """Every job prefix in the store (templates too) and what it holds."""
+    return (await survey(collector)).jobs
+
+
+async def survey(collector: Collector) -> StoreSurvey:
+    """What ``usage`` tells, and the store's total, from one listing."""
     everything = await collector.store.list("")
     sizes = {n: o.size for o in everything if (n := name_of_key(o.key)) is not None}
     await collector.references(everything)
@@ -242,7 +256,8 @@ async def usage(collector: Collector) -> dict[str, JobUsage]:
             u.wal += o.size
         elif not rest.endswith("/manifest.json"):
             u.other += o.size
-    return dict(sorted(out.items()))
+    return StoreSurvey(sum(o.size for o in everything), len(everything),
+                       dict(sorted(out.items())))
 
 
 def _is_manifest(key: str) -> bool:

@@ -17,7 +17,7 @@ import time
 from jobmesh.agent.store import Store, StoreError
 
 from ..catalog.db import Catalog
-from .gc import Collector, GcReport, JobUsage, usage
+from .gc import Collector, GcReport, JobUsage, StoreSurvey, survey, usage
 from .retention import Retention
 
 log = logging.getLogger("jobmesh.controller.keeper")
@@ -58,6 +58,9 @@ class Keeper:
 
     async def usage(self) -> dict[str, JobUsage]:
         return await usage(self.collector)
+
+    async def survey(self) -> StoreSurvey:
+        return await survey(self.collector)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Collect after pauses and every ``interval`` until ``stop``."""

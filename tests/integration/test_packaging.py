@@ -79,6 +79,9 @@ def test_the_wheel_names_only_jobmesh_at_the_top(wheel: Path) -> None:
     for component in COMPONENTS:
         assert f"jobmesh/{component}/__init__.py" in names
     assert "jobmesh/controller/catalog/migrations/0001_catalog.sql" in names
+    # the status page is served from the package: its templates and static files
+    assert "jobmesh/controller/web/templates/overview.html" in names
+    assert "jobmesh/controller/web/static/live.js" in names
 
 
 def test_the_wheel_imports_from_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:

@@ -81,6 +81,11 @@ class LeaderElector:
         self._observed_at = 0.0  # when (our clock) it was first seen
         self.leading = False
 
+    @property
+    def holder(self) -> str | None:
+        """Who held the lease when we last looked (None: not looked yet, or nobody)."""
+        return (self._observed[0] or None) if self._observed else None
+
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Try every duration/3 until we lead (True) or ``stop`` is set (False)."""
         while not stop.is_set():
