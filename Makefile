@@ -6,7 +6,7 @@ VENV := .venv
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: up test soak lint bench-proxy bench-txpool bench-backup bench-wake bench-scale clean
+.PHONY: up test browser soak lint bench-proxy bench-txpool bench-backup bench-wake bench-scale bench-status-page clean
 
 # uv installs what pip would, from the same index, in seconds rather than minutes (a fresh
 # venv with the test extras: 9 s against pip's 175 s here); pip does it when uv cannot be had.
@@ -36,7 +36,18 @@ up: $(RUNTIME)
 	@echo "the jobmesh CLI: $(CURDIR)/$(VENV)/bin/jobmesh"
 	$(VENV)/bin/jobmesh up --demo-job demo
 
-test: $(STAMP)
+# The status page's browser tests drive Debian's chromium with Playwright (whose own
+# browser download is never used); as root (CI) it is installed here when missing.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the status page's browser tests ..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			> /dev/null; \
+	else echo "chromium is missing and only root can install it (apt-get install" \
+		"chromium): the browser tests will fail"; fi
+
+test: $(STAMP) browser
 	@$(compile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
@@ -55,6 +66,9 @@ bench-txpool: $(STAMP)
 
 bench-backup: $(STAMP)
 	$(VENV)/bin/python bench/backup.py
+
+bench-status-page: $(STAMP) browser
+	$(VENV)/bin/python bench/status_page.py
 
 bench-wake: $(STAMP)
 	$(VENV)/bin/python bench/wake.py

@@ -41,6 +41,7 @@ class Mesh:
     state: Path  # the controller's --state-dir
     catalog_dsn: str
     router_port: int = 0
+    api_port: int = 0  # the controller's API and status page
     controller: LoggedProcess | None = None
     router: LoggedProcess | None = None
 
@@ -87,11 +88,11 @@ def start_mesh(stack: contextlib.ExitStack, state: Path, catalog_dsn: str,
                wake_timeout: float, controller_args: tuple[str, ...] = ()) -> Mesh:
     state.mkdir(mode=0o755)
     state.chmod(0o755)
-    mesh = Mesh(state, catalog_dsn)
+    mesh = Mesh(state, catalog_dsn, api_port=free_port())
     stack.callback(mesh.stop)
     mesh.controller = LoggedProcess("controller", [
         sys.executable, "-m", "jobmesh", "controller", "--catalog-dsn", catalog_dsn,
-        "--state-dir", str(state), "--api-listen", f"127.0.0.1:{free_port()}",
+        "--state-dir", str(state), "--api-listen", f"127.0.0.1:{mesh.api_port}",
         "--idle-timeout", "0", *controller_args], state / "jobmesh.controller.log", cwd=REPO,
         failure=BenchError)
     mesh.controller.wait_for_log(r"controller API listening on", timeout=120)

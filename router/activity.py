@@ -22,8 +22,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
-# (clients per job, jobs to touch besides them, how long the report holds)
-Report = Callable[[dict[str, int], list[str], float], Awaitable[None]]
+# (where this router listens, clients per job, jobs to touch besides them, how long the
+# report holds)
+Report = Callable[[str, dict[str, int], list[str], float], Awaitable[None]]
 
 
 class ActivityReporter:
@@ -32,13 +33,15 @@ class ActivityReporter:
         self.interval = interval
         self._timeout = timeout
         self._clients: Callable[[], Mapping[str, int]] = dict
+        self._listen = ""
         self._loop_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._failing = False
 
-    def start(self, clients: Callable[[], Mapping[str, int]]) -> None:
-        """Report ``clients()`` (client connections per job) every interval."""
-        self._clients = clients
+    def start(self, clients: Callable[[], Mapping[str, int]], listen: str) -> None:
+        """Report ``clients()`` (client connections per job) every interval, as the
+        router listening at ``listen`` (HOST:PORT)."""
+        self._clients, self._listen = clients, listen
         self._loop_task = asyncio.get_running_loop().create_task(self._reporting())
 
     def last_session_ended(self, job_id: str) -> None:
@@ -56,7 +59,7 @@ class ActivityReporter:
         if self._loop_task is not None:  # goodbye: the status page stops listing us
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout):
-                    await self._report_to({}, [], 0.0)
+                    await self._report_to(self._listen, {}, [], 0.0)
 
     async def _reporting(self) -> None:
         while True:
@@ -67,7 +70,7 @@ class ActivityReporter:
         clients = {job: n for job, n in self._clients().items() if n > 0}
         try:
             async with asyncio.timeout(self._timeout):
-                await self._report_to(clients, touch, 3 * self.interval)
+                await self._report_to(self._listen, clients, touch, 3 * self.interval)
         except Exception as exc:  # never fatal: the next report catches up
             # Once per outage at WARNING, not every interval.
             log.log(logging.DEBUG if self._failing else logging.WARNING,

@@ -301,7 +301,7 @@ async def _serve(
                      errors=CATALOG_ERRORS) if catalog is not None else None)
     if catalog is not None and leases is not None:
         activity = ActivityReporter(
-            functools.partial(catalog.report, leases.me, f"{config.host}:{config.port}"),
+            functools.partial(catalog.report, leases.me),
             config.activity_interval)
     router = Router(config, routes, metrics=metrics, activity=activity, leases=leases,
                     registry_catalog=catalog.catalog if catalog is not None else None,

@@ -143,7 +143,7 @@ class Router:
                                                   self.canceller.in_this_router, self.metrics,
                                                   self.config.connect_timeout)
         if self.activity is not None:
-            self.activity.start(lambda: self._job_sessions)
+            self.activity.start(lambda: self._job_sessions, f"{self.config.host}:{self.port}")
         if self.leases is not None:
             self.leases.start()
         if self.registry is not None:

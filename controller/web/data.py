@@ -185,7 +185,7 @@ class Reader:
         job_rows = await self._rows(rows, survey)
         failures = await pool.fetch(
             "SELECT id, state, error, gave_up, attempts, updated_at FROM jobs"
-            " WHERE error IS NOT NULL OR state = 'failed' ORDER BY updated_at DESC LIMIT 20")
+            " WHERE error IS NOT NULL OR state = 'failed' ORDER BY updated_at DESC LIMIT 10")
         failing = await pool.fetchval(
             "SELECT count(*) FROM jobs WHERE error IS NOT NULL OR state = 'failed'")
         return Overview(

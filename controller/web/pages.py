@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..api.wait import JobWatch
 from ..catalog.db import Catalog
-from ..catalog.models import PRINCIPAL, Conflict, NotFound
+from ..catalog.models import JOB_ID, PRINCIPAL, Conflict, NotFound
 from ..catalog.passwords import password_matches, scram_verifier
 from ..catalog.states import DesiredState, JobState, settled
 from ..storage.keeper import Keeper
@@ -46,7 +46,7 @@ STARTED = web.RequestKey("started", float)
 FRAGMENT = "X-Live-Fragment"  # the live script's request for the page's live part only
 ACTIONS = {"pause": DesiredState.PAUSED, "resume": DesiredState.RUNNING,
            "end": DesiredState.ENDED}
-COLUMNS = (("id", "Job"), ("state", "State"), (None, "For"), ("size", "Size"),
+COLUMNS = (("id", "Job"), ("state", "State"), (None, "For"), ("size", "Snapshot"),
            (None, "In store"), (None, "Clients"), ("last_active", "Last active"), (None, ""))
 # A login as nobody still costs a verifier's work, so its answer's time tells nothing.
 _NOBODY = scram_verifier("no such principal")
@@ -194,8 +194,9 @@ class StatusPage:
         await self.need_session(request)
         q = ListQuery.parse(request.query, request.query.getall("state", []))
         o = await self.reader.overview(q)
-        top = sorted((o.store.jobs.items() if o.store else []),
-                     key=lambda kv: -(kv[1].unique + kv[1].wal + kv[1].other))[:10]
+        top = [(name, u, JOB_ID.fullmatch(name) is not None) for name, u in sorted(
+            (o.store.jobs.items() if o.store else []),
+            key=lambda kv: -(kv[1].unique + kv[1].wal + kv[1].other))[:10]]
         template = "_overview_live.html" if FRAGMENT in request.headers else "overview.html"
         return self.render(request, template, o=o, top_store=top,
                            live_stream=True)

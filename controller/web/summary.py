@@ -110,8 +110,8 @@ class WakeStats:
         tallest = max(counts) or 1
         labels, low = [], 0.0
         for top in WAKE_BUCKETS:
-            labels.append(f"> {duration(low)}" if math.isinf(top)
-                          else f"{duration(low)}-{duration(top)}")
+            labels.append(f"> {low:g} s" if math.isinf(top) else
+                          f"< {top:g} s" if low == 0 else f"{low:g}-{top:g} s")
             low = top
         return cls(len(ordered), percentile(ordered, 50), percentile(ordered, 95),
                    tuple(Bar(label, n, n / tallest)

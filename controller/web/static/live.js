@@ -14,7 +14,13 @@
     if (r.status !== 200) { location.reload(); return; }  // logged out: the login page
     live.innerHTML = await r.text();
     say("live · updated " + new Date().toLocaleTimeString());
+    pending();
   };
+  // A part the server is still working out (the store's survey) is asked for again.
+  const pending = () => {
+    if (!timer && live.querySelector("[data-pending]")) timer = setTimeout(refresh, 2000);
+  };
+  pending();
   const stream = new EventSource(live.dataset.stream);
   stream.addEventListener("change", () => { if (!timer) timer = setTimeout(refresh, 200); });
   stream.addEventListener("end", () => { stream.close(); location.reload(); });
