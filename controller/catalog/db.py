@@ -15,7 +15,7 @@ Routers use the catalog package too (an import contract: the router imports
 imports nothing else of the controller. The values it returns are in
 ``models.py``; the schema and its migrations in ``schema.py``.
 
-At ~410 lines it is one class over one connection pool: every query the
+At ~435 lines it is one class over one connection pool: every query the
 catalog answers, so that its transactions and locks are read in one place; the
 SQL functions (leases, the router registry) live in the migrations.
 """
@@ -286,8 +286,14 @@ class Catalog:
                               touch: list[str], ttl: float) -> None:
         """A router's report: its clients per job now (the jobs it used are touched, and
         ``touch`` besides), valid for ``ttl`` seconds (migration 0007)."""
-        await self.pool.execute("SELECT jobmesh_router_report($1, $2, $3, $4, $5)",
-                                router, listen, clients, touch, ttl)
+        try:
+            await self.pool.execute("SELECT jobmesh_router_report($1, $2, $3, $4, $5)",
+                                    router, listen, clients, touch, ttl)
+        except asyncpg.UndefinedFunctionError:
+            # A catalog not yet migrated to 0007 (a rolling upgrade, routers first): the
+            # idle clocks must still be reset, or jobs in use would be paused.
+            if ttl > 0:
+                await self.touch([*clients, *touch])
 
     async def touch(self, job_ids: Iterable[str]) -> None:
         """Routers: these jobs had client sessions just now (idle pause reads it)."""

@@ -179,7 +179,11 @@ class StatusPage:
         raise response
 
     async def logout(self, request: web.Request) -> web.Response:
-        session = await self.need_session(request)
+        session = await self.session_of(request)
+        if session is None:  # gone already (expired, or ended elsewhere): nothing to end
+            response = web.HTTPSeeOther("/login")
+            response.del_cookie(self.config.cookie, path="/")
+            raise response
         self.check_csrf(session, await request.post())
         await self.sessions.end(request.cookies.get(self.config.cookie, ""))
         await self.catalog.add_event(None, "logout", actor=session.principal,

@@ -223,3 +223,30 @@ async def test_notify_announces_job_and_principal_changes(catalog: Catalog) -> N
         assert await asyncio.wait_for(seen.get(), 10) == ("principal", "bob")
     finally:
         await conn.close()
+
+
+async def test_a_router_report_resets_the_idle_clocks_of_the_jobs_it_used(
+        catalog: Catalog) -> None:
+    for job in ("used", "ended-just-now", "idle"):
+        await catalog.create_job(job)
+    await catalog.pool.execute("UPDATE jobs SET last_active = now() - interval '1 hour'")
+    await catalog.report_activity("r1", "127.0.0.1:6432", {"used": 2}, ["ended-just-now"], 15)
+    fresh = {r["id"] for r in await catalog.pool.fetch(
+        "SELECT id FROM jobs WHERE last_active > now() - interval '1 minute'")}
+    assert fresh == {"used", "ended-just-now"}
+    row = await catalog.pool.fetchrow("SELECT * FROM router_reports")
+    assert (row["id"], row["listen"], row["clients"]) == ("r1", "127.0.0.1:6432", {"used": 2})
+    await catalog.report_activity("r1", "127.0.0.1:6432", {}, [], 0)  # the router stops
+    assert await catalog.pool.fetchval("SELECT count(*) FROM router_reports") == 0
+
+
+async def test_a_router_report_still_touches_a_catalog_not_yet_migrated(
+        catalog: Catalog) -> None:
+    """Routers upgraded before the controller (which migrates) must not let jobs in use
+    be idle-paused."""
+    await catalog.create_job("used")
+    await catalog.pool.execute("UPDATE jobs SET last_active = now() - interval '1 hour'")
+    await catalog.pool.execute("DROP FUNCTION jobmesh_router_report")
+    await catalog.report_activity("r1", "127.0.0.1:6432", {"used": 1}, [], 15)
+    assert await catalog.pool.fetchval(
+        "SELECT last_active > now() - interval '1 minute' FROM jobs WHERE id = 'used'")

@@ -375,3 +375,8 @@ async def test_a_stop_ends_open_streams(catalog: Catalog, tmp_path: Path) -> Non
                     await resp.content.read()  # the stream ended
     finally:
         await runner.cleanup()
+
+
+async def test_a_logout_without_a_session_only_clears_the_cookie(visitor: PageClient) -> None:
+    status, _, resp = await visitor.post("/logout", {})
+    assert status == 303 and resp.headers["Location"] == "/login"
