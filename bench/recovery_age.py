@@ -67,7 +67,8 @@ class Job:
         self.agent_port = 0
 
     def serve(self) -> None:
-        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(self.pgdata),
+        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+               "--pgdata", str(self.pgdata),
                "--spool", str(self.spool), "--store", self.store_url, "--job", self.name,
                "--listen", "127.0.0.1:0"]
         if self.s3_endpoint:

@@ -111,8 +111,8 @@ async def agent_alone(work: Path) -> dict[str, Any]:
         times, psses = [], []
         for i in range(5):
             state = work / f"agent-{kind}-{i}.json"
-            argv = [sys.executable, "-m", "jobmesh", "agent", "host", "--store", store,
-                    "--state", str(state)]
+            argv = [sys.executable, "-m", "jobmesh", "agent", "host", "--no-api-token",
+                    "--store", store, "--state", str(state)]
             if kind == "s3":
                 argv += ["--s3-endpoint", "http://127.0.0.1:9"]
             t = time.perf_counter()

@@ -76,7 +76,8 @@ def job(root: Path, name: str, store_url: str, window: float,
     init_pgdata(base / "pgdata", name, spool=base / "spool")  # the default archive_timeout
     inst = Instance(base / "pgdata", port=free_port())
     inst.start()
-    cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(base / "pgdata"),
+    cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+           "--pgdata", str(base / "pgdata"),
            "--spool", str(base / "spool"), "--store", store_url, "--job", name,
            "--listen", "127.0.0.1:0", "--wal-window", f"{window:g}",
            "--base-backup-interval", "3600"]

@@ -39,6 +39,7 @@ from .catalog.models import CatalogError
 from .core.backend import Backend, BackendError
 from .core.metrics import ControllerMetrics
 from .core.reconciler import Reconciler, ReconcilerConfig
+from .mesh import AGENT_KEY_FILE
 from .web.guard import WebConfig, WebConfigError
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the HTTP API and /metrics (default {defaults.API_LISTEN})")
     p.add_argument("--api-token-file", type=Path, metavar="FILE",
                    help="the API's bearer token (default DIR/api-token, created if missing)")
+    p.add_argument("--agent-key-file", type=Path, metavar="FILE",
+                   default=env("JOBMESH_AGENT_KEY_FILE"),
+                   help="the key each job's agent API token derives from (env "
+                   "JOBMESH_AGENT_KEY_FILE; default DIR/agent-key, created if missing; "
+                   "replicas on Kubernetes share one, from a Secret)")
     add_web_arguments(p)
     p.add_argument("--idle-timeout", type=float, default=defaults.IDLE_TIMEOUT, metavar="S",
                    help="pause jobs with no client for S seconds "
@@ -257,6 +263,11 @@ class ControllerSettings:
     job_cpu: str | None = defaults.JOB_CPU  # the local backend's default limits
     job_memory: str | None = defaults.JOB_MEMORY
     web: WebConfig = field(default_factory=WebConfig)  # the status page
+    agent_key_file: Path | None = None  # None: DIR/agent-key
+
+    @property
+    def agent_key_path(self) -> Path:
+        return self.agent_key_file or self.state_dir / AGENT_KEY_FILE
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
@@ -296,7 +307,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         wal_window=args.wal_window, warm_cache_bytes=args.warm_cache_bytes,
         keep_pauses=args.keep_pauses, pitr_window=args.pitr_window,
         gc_interval=args.gc_interval, job_cpu=job_cpu, job_memory=job_memory,
-        web=web_config(args, host),
+        web=web_config(args, host), agent_key_file=args.agent_key_file,
         kubernetes=kubernetes_settings(args) if args.backend == "kubernetes" else None)
 
 
@@ -324,7 +335,7 @@ def kubernetes_settings(args: argparse.Namespace) -> KubernetesSettings:
 
 
 def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
-                 api: ApiClient | None = None) -> Backend:
+                 api: ApiClient | None = None, agent_key: bytes | None = None) -> Backend:
     if s.kubernetes is not None:
         from .backends.kubernetes.backend import KubernetesBackend
         from .backends.kubernetes.objects import PodSettings
@@ -335,19 +346,20 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
                            s3_endpoint=s.s3_endpoint, s3_secret=k.s3_secret,
                            archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                            base_backup_interval=s.base_backup_interval)
+        assert agent_key is not None
         return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
-                                 start_timeout=k.start_timeout)
-    return local_backend(s)
+                                 agent_key=agent_key, start_timeout=k.start_timeout)
+    return local_backend(s, agent_key)
 
 
-def local_backend(s: ControllerSettings) -> LocalBackend:
+def local_backend(s: ControllerSettings, agent_key: bytes | None = None) -> LocalBackend:
     from .backends.local.backend import LocalBackend
 
     return LocalBackend(s.state_dir, s.store, s3_endpoint=s.s3_endpoint,
                         archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                         base_backup_interval=s.base_backup_interval,
                         warm_cache_bytes=s.warm_cache_bytes, job_cpu=s.job_cpu,
-                        job_memory=s.job_memory)
+                        job_memory=s.job_memory, agent_key=agent_key)
 
 
 async def serve(s: ControllerSettings, stop: asyncio.Event,
@@ -362,6 +374,7 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
 
     s.state_dir.mkdir(parents=True, exist_ok=True)
     token = ensure_secret(s.token_file)
+    agent_key = ensure_secret(s.agent_key_path).encode()
     try:
         catalog = await Catalog.connect(s.catalog_dsn, max_size=10)
     except asyncpg.ClientConfigurationError as exc:  # a DSN no retry can fix
@@ -376,7 +389,7 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
         # can make them (never a disk limit): the API says what is not enforced when a
         # job asks for it.
         kubernetes = s.kubernetes is not None
-        local = None if kubernetes else local_backend(s)
+        local = None if kubernetes else local_backend(s, agent_key)
         keeper = Keeper(store, catalog, Retention(s.keep_pauses, s.pitr_window),
                         interval=s.gc_interval)
         role = Role(s.kubernetes.identity if s.kubernetes is not None
@@ -385,7 +398,7 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
                         backend="kubernetes" if kubernetes else "local",
                         enforced_limits=frozenset({"cpu", "memory", "disk"}) if local is None
                         else local.enforced_limits, keeper=keeper, web_config=s.web,
-                        controller=role)
+                        controller=role, agent_key=agent_key)
 
         async def scrape(_req: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry),
@@ -406,7 +419,7 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
                 assert local is not None
                 await Reconciler(catalog, local, s.reconciler, metrics).run(stop)
         else:
-            await lead(s, catalog, metrics, stop, keeper, role)
+            await lead(s, catalog, metrics, stop, keeper, role, agent_key)
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -427,7 +440,7 @@ async def keeping(keeper: Keeper, stop: asyncio.Event) -> AsyncIterator[None]:
 
 
 async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetrics,
-               stop: asyncio.Event, keeper: Keeper, role: Role) -> None:
+               stop: asyncio.Event, keeper: Keeper, role: Role, agent_key: bytes) -> None:
     """Wait for the leader Lease, then reconcile while holding it; released at ``stop``."""
     from .backends.kubernetes.client import api_client
     from .backends.kubernetes.leader import LeaderElector, LeaseConfig
@@ -438,7 +451,7 @@ async def lead(s: ControllerSettings, catalog: Catalog, metrics: ControllerMetri
     api = api_client(kube_api=k.kube_api, kubeconfig=k.kubeconfig)
     lease_api = api_client(kube_api=k.kube_api, kubeconfig=k.kubeconfig)
     try:
-        backend = make_backend(s, catalog, api)  # a bad setting fails every replica at once
+        backend = make_backend(s, catalog, api, agent_key)  # a bad setting fails all at once
         elector = LeaderElector(lease_api, LeaseConfig(k.namespace, k.identity,
                                                        duration=k.lease_duration))
         role.elector = elector

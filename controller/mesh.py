@@ -21,6 +21,7 @@ from pathlib import Path
 MESH_FILE = "mesh.json"
 TOKEN_FILE = "api-token"
 ADMIN_PASSWORD_FILE = "admin-password"
+AGENT_KEY_FILE = "agent-key"  # the jobs' agent tokens derive from it (agent/apitoken.py)
 
 
 class MeshError(Exception):

@@ -62,7 +62,33 @@ def add_serve(sub: Subparsers) -> None:
                         f"that applies its own retention)")
     p.add_argument("--stop-timeout", type=float, default=300, metavar="S",
                    help="how long a pause waits for PostgreSQL to stop (default 300)")
+    add_token_arguments(p, "the API")
     p.set_defaults(run=run_serve)
+
+
+def add_token_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--api-token-file", type=Path, metavar="FILE",
+                   help=f"the bearer token {what} asks for (else $JOBMESH_AGENT_TOKEN); the "
+                        "controller makes one per job")
+    p.add_argument("--no-api-token", action="store_true",
+                   help=f"serve {what} to anyone who reaches it (by hand, on a machine of "
+                        "your own)")
+
+
+def api_token(args: argparse.Namespace) -> str | None:
+    """The token the flags give (None: --no-api-token); AgentError when there is none."""
+    from ..apitoken import TOKEN_ENV, read_token
+
+    if args.no_api_token:
+        return None
+    try:
+        token = read_token(args.api_token_file)
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"--api-token-file: {exc}") from exc
+    if token is None:
+        raise AgentError(f"the API needs a token: --api-token-file FILE or ${TOKEN_ENV} "
+                         "(--no-api-token serves it to anyone who reaches it)")
+    return token
 
 
 def add_host(sub: Subparsers) -> None:
@@ -78,6 +104,7 @@ def add_host(sub: Subparsers) -> None:
                    help="HTTP address (default 127.0.0.1:0: a free port)")
     p.add_argument("--state", type=Path, metavar="FILE",
                    help="write {pid, port} here once listening")
+    add_token_arguments(p, "the host's own endpoints (PUT, DELETE, GET /jobs)")
     p.set_defaults(run=run_host)
 
 
@@ -117,8 +144,10 @@ def run_host(args: argparse.Namespace) -> int:
     lean_malloc()
     raise_fd_limit()
     address = parse_listen(args.listen)
+    token = api_token(args)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
-    return asyncio.run(serve_host(store, address, args.state and args.state.absolute()))
+    return asyncio.run(serve_host(store, address, args.state and args.state.absolute(),
+                                  token))
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -152,7 +181,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          args.stop_timeout, wal_window=args.wal_window,
                          base_backup_wal_bytes=args.base_backup_wal_bytes,
                          generation=args.generation, fence_interval=args.fence_interval,
-                         keep_base_backups=max(0, args.keep_base_backups))
+                         keep_base_backups=max(0, args.keep_base_backups),
+                         api_token=api_token(args))
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
     lean_malloc()
     return asyncio.run(serve(config, store, host, port))

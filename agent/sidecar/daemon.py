@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,9 @@ class ServeConfig:
     # base backups kept by the agent itself after each one (0: none; a controller's
     # retention decides, and only the controller deletes)
     keep_base_backups: int = KEEP_BASE_BACKUPS
+    # the bearer token the API asks for (``apitoken.py``); None: an open API, for an
+    # agent run by hand with --no-api-token
+    api_token: str | None = field(default=None, repr=False)
 
 
 def _summary(m: Manifest | None) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ from jobmesh.errors import one_line
 
 from ..errors import AgentError
 from ..store import Store
-from .api import routes
+from .api import allowed, refused, routes
 from .daemon import Agent, ServeConfig
 from .run import SidecarRun
 
@@ -72,6 +72,10 @@ def config_from_json(job: str, body: Any) -> ServeConfig:
             values[name] = int(value) if name in _COUNTS else float(value)
         elif name == "job" and value != job:
             raise AgentError(f"job: the settings are for {value!r}, not {job!r}")
+        elif name == "api_token":
+            if not isinstance(value, str) or len(value) < 16:
+                raise AgentError("api_token: expected the job's agent token")
+            values[name] = value
     for required in ("pgdata", "spool", "base_backup_interval"):
         if required not in values:
             raise AgentError(f"{required}: missing")
@@ -158,16 +162,22 @@ class AgentHost:
         return self._locks.setdefault(job, asyncio.Lock())
 
 
-def build_host_app(host: AgentHost) -> web.Application:
+def build_host_app(host: AgentHost, token: str | None) -> web.Application:
+    """The host's API: its own endpoints want ``token`` (the host's, from the controller);
+    each job's, the job's own."""
     async def healthz(_req: web.Request) -> web.Response:
         return _json({"status": "ok", "jobs": len(host.runs)})
 
-    async def jobs(_req: web.Request) -> web.Response:
+    async def jobs(req: web.Request) -> web.Response:
+        if not allowed(req, token):
+            return refused(req)
         return _json({"jobs": [{"job": job, "pgdata": str(run.config.pgdata),
                                 "generation": run.config.generation}
                                for job, run in sorted(host.runs.items())]})
 
     async def put(req: web.Request) -> web.Response:
+        if not allowed(req, token):
+            return refused(req)
         job = req.match_info["job"]
         try:
             config = config_from_json(job, await req.json())
@@ -179,6 +189,8 @@ def build_host_app(host: AgentHost) -> web.Application:
         return _json({"job": job, "started": started}, 201 if started else 200)
 
     async def delete(req: web.Request) -> web.Response:
+        if not allowed(req, token):
+            return refused(req)
         status = await host.remove(req.match_info["job"])
         if status is None:
             return _json({"error": f"job {req.match_info['job']} has no agent here"}, 404)
@@ -206,8 +218,10 @@ def _json(body: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-async def serve_host(store: Store, address: tuple[str, int], state: Path | None) -> int:
-    """Serve until SIGTERM or SIGINT; ``state`` gets ``{"pid", "port"}`` once listening."""
+async def serve_host(store: Store, address: tuple[str, int], state: Path | None,
+                     token: str | None) -> int:
+    """Serve until SIGTERM or SIGINT; ``state`` gets ``{"pid", "port"}`` once listening.
+    ``token``: what the host's own endpoints want (None: open, run by hand)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -216,7 +230,7 @@ async def serve_host(store: Store, address: tuple[str, int], state: Path | None)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_JobTag())
     host = AgentHost(store)
-    runner = web.AppRunner(build_host_app(host), access_log=None)
+    runner = web.AppRunner(build_host_app(host, token), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, *address, shutdown_timeout=5)

@@ -33,7 +33,7 @@ from ..catalog.models import (
     check_principal,
 )
 from ..catalog.states import DesiredState, settled
-from ..mesh import ADMIN_PASSWORD_FILE, announced_router
+from ..mesh import ADMIN_PASSWORD_FILE, AGENT_KEY_FILE, announced_router, ensure_secret
 from ..storage.keeper import Keeper
 from ..web.guard import WebConfig
 from ..web.pages import mount
@@ -71,7 +71,7 @@ class Api:
     def __init__(self, catalog: Catalog, store: Store | None,
                  agent_http: aiohttp.ClientSession | None, state_dir: Path | None,
                  router: tuple[str, int] | None, backend: str,
-                 enforced_limits: frozenset[str]) -> None:
+                 enforced_limits: frozenset[str], agent_key: bytes) -> None:
         self.catalog = catalog
         self.store = store
         self.agent_http = agent_http
@@ -79,6 +79,7 @@ class Api:
         self.router = router
         self.backend = backend
         self.enforced_limits = enforced_limits
+        self.agent_key = agent_key  # the jobs' agent tokens derive from it
         self.watch = JobWatch(catalog)
         self.importing: set[str] = set()  # one import per job id at a time
 
@@ -221,7 +222,8 @@ class Api:
                            "start the controller with --store")
         job = await self.job_or_404(path_job_id(req))
         return await export_job(req, job, catalog=self.catalog, store=self.store,
-                                http=self.agent_http, watch=self.watch)
+                                http=self.agent_http, watch=self.watch,
+                                agent_key=self.agent_key)
 
     async def import_(self, req: web.Request) -> web.Response:
         job_id, timeout = path_job_id(req), wait_params(req)
@@ -335,18 +337,24 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
               router: tuple[str, int] | None = None, backend: str = "local",
               enforced_limits: frozenset[str] = frozenset(),
               keeper: Keeper | None = None, web_config: WebConfig | None = None,
-              controller: Callable[[], str] | None = None) -> web.Application:
+              controller: Callable[[], str] | None = None,
+              agent_key: bytes | None = None) -> web.Application:
     """The API. ``agent_http``: the session for the agents' APIs (made here when None);
     ``router``: the address to show in /v1/status (else read from ``state_dir``'s mesh.json);
     ``backend``: the kind of backend the controller runs jobs on, and ``enforced_limits``
     the spec fields (cpu, memory, disk) it enforces: a job asking for one it does not is
     created with a warning. No field counts as enforced unless the controller says so.
     ``web_config``: serve the status page too (``controller.web``); ``controller`` says
-    which replica this is, and who leads, on that page."""
+    which replica this is, and who leads, on that page. ``agent_key``: what the jobs'
+    agent tokens derive from (default: the state directory's ``agent-key``)."""
     if not token:
         raise ValueError("the API needs a token")
+    if agent_key is None:  # the local backend's: the state directory's agent key
+        if state_dir is None:
+            raise ValueError("the API needs the agent key, or a state directory holding it")
+        agent_key = ensure_secret(state_dir.absolute() / AGENT_KEY_FILE).encode()
     api = Api(catalog, store, agent_http, state_dir.absolute() if state_dir else None, router,
-              backend, enforced_limits)
+              backend, enforced_limits, agent_key)
     app = web.Application(middlewares=[errors, auth(token)])
 
     async def lifetime(_app: web.Application) -> Any:

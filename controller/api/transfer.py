@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from jobmesh.agent.apitoken import header, job_token
 from jobmesh.agent.manifest import Manifest, ManifestError, job_prefix
 from jobmesh.agent.store import CHUNK, Digest, Store, StoreError
 
@@ -43,8 +44,9 @@ ATTEMPTS = 3  # a job paused between the wake and the dump is woken again
 
 
 async def export_job(req: web.Request, job: Job, *, catalog: Catalog, store: Store,
-                     http: aiohttp.ClientSession, watch: JobWatch) -> web.StreamResponse:
-    manifest = await _dump(job, catalog, http, watch, timeout_param(req))
+                     http: aiohttp.ClientSession, watch: JobWatch,
+                     agent_key: bytes) -> web.StreamResponse:
+    manifest = await _dump(job, catalog, http, watch, timeout_param(req), agent_key)
     if not manifest.objects:
         raise ApiError(502, f"the dump of job {job.id} lists no object",
                        "retry; if it persists, see the agent's log")
@@ -87,7 +89,7 @@ async def export_job(req: web.Request, job: Job, *, catalog: Catalog, store: Sto
 
 
 async def _dump(job: Job, catalog: Catalog, http: aiohttp.ClientSession, watch: JobWatch,
-                timeout: float) -> Manifest:
+                timeout: float, agent_key: bytes) -> Manifest:
     """A fresh dump of the job, by its agent, waking the job first if needed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -105,7 +107,7 @@ async def _dump(job: Job, catalog: Catalog, http: aiohttp.ClientSession, watch: 
         if not job.agent_url:
             raise ApiError(409, f"job {job.id} has no agent to take a dump",
                            "the backend runs jobs without an agent; export is not available")
-        status, body = await _post_dump(job, http)
+        status, body = await _post_dump(job, http, agent_key)
         if status == 409 and attempt + 1 < ATTEMPTS:  # paused between our wake and the dump
             again = await catalog.job(job.id)
             if again is None:
@@ -125,10 +127,12 @@ async def _dump(job: Job, catalog: Catalog, http: aiohttp.ClientSession, watch: 
                    "something pauses it right after each wake; `jobmesh job show` tells what")
 
 
-async def _post_dump(job: Job, http: aiohttp.ClientSession) -> tuple[int, bytes]:
+async def _post_dump(job: Job, http: aiohttp.ClientSession,
+                     agent_key: bytes) -> tuple[int, bytes]:
     url = f"{(job.agent_url or '').rstrip('/')}/dump"
     try:
-        async with http.post(url, timeout=aiohttp.ClientTimeout(
+        async with http.post(url, headers=header(job_token(agent_key, job.id)),
+                             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=AGENT_CONNECT_TIMEOUT)) as resp:
             return resp.status, await resp.read()
     except aiohttp.ClientError as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from jobmesh.agent.apitoken import header
 from jobmesh.agent.manifest import Manifest, ManifestError
 
 from ..core.backend import BackendError
@@ -58,9 +59,11 @@ class AgentStatus:
 class AgentClient:
     """One job's agent, at ``url`` (``http://host:port``)."""
 
-    def __init__(self, url: str, job_id: str) -> None:
+    def __init__(self, url: str, job_id: str, token: str | None) -> None:
+        """``token``: the agent's (``jobmesh.agent.apitoken.job_token``)."""
         self.url = url.rstrip("/")
         self.job_id = job_id
+        self._headers = header(token) if token else {}
 
     async def pause(self, timeout: float) -> Manifest:
         """POST /pause: the agent stops Postgres, drains the spool and stores a pause
@@ -106,7 +109,7 @@ class AgentClient:
         """The answer's status, body and the body as JSON (None when empty)."""
         limits = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
         async with aiohttp.ClientSession(timeout=limits) as session, \
-                session.request(method, self.url + path) as resp:
+                session.request(method, self.url + path, headers=self._headers) as resp:
             data = await resp.read()
             return resp.status, data, await resp.json(content_type=None)
 

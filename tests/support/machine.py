@@ -53,7 +53,8 @@ class Machine:
         return self.base / "spool"
 
     def start_agent(self, *flags: str) -> LoggedProcess:
-        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(self.pgdata),
+        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+               "--pgdata", str(self.pgdata),
                "--spool", str(self.spool), *self.spec.cli_args(self.job),
                "--listen", "127.0.0.1:0", *flags]
         agent = LoggedProcess("agent", cmd, self.base / f"agent-{len(self.agents) + 1}.log")

@@ -21,10 +21,12 @@ from urllib.parse import quote
 
 import aiohttp
 
+from jobmesh.agent.apitoken import header, job_token
 from jobmesh.agent.postgres import bin_dir, free_port, run_pg
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import JOBS_CHANNEL, Job
 from jobmesh.controller.catalog.passwords import scram_verifier
+from jobmesh.controller.mesh import AGENT_KEY_FILE
 from tests.support.process import LoggedProcess
 
 
@@ -135,6 +137,12 @@ class Mesh:
         return sum(1 for e in await self.catalog.events(job_id, kind="transition")
                    if e.to_state == to_state)
 
+    def agent_headers(self, job_id: str) -> dict[str, str]:
+        """What the controller sends the job's agent: its token, from the state directory's
+        agent key (``jobmesh.agent.apitoken``)."""
+        key = (self.root / AGENT_KEY_FILE).read_text().strip().encode()
+        return header(job_token(key, job_id))
+
     async def wait_for_base_backup(self, job_id: str, timeout: float = 90) -> dict:
         """Ask the job's agent for a base backup: it answers with the one it is taking
         (a new job's first) or takes one, when its manifest is stored."""
@@ -143,7 +151,8 @@ class Mesh:
         async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.post(f"{job.agent_url}/base-backup") as resp:
+                    async with http.post(f"{job.agent_url}/base-backup",
+                                         headers=self.agent_headers(job_id)) as resp:
                         if resp.status == 404 and "no agent" in await resp.text():
                             # a local job is running before its agent is: the host is
                             # told to start it after Postgres is up (put_soon)

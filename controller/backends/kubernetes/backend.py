@@ -44,6 +44,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from jobmesh.agent.apitoken import job_token
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.init import OWNER_ROLE
 from jobmesh.agent.manifest import Manifest, ManifestError
@@ -84,9 +85,10 @@ class KubernetesBackend:
     name = "kubernetes"
 
     def __init__(self, api: client.ApiClient, catalog: Catalog, settings: PodSettings, *,
-                 router_service: str, start_timeout: float = 600,
+                 router_service: str, agent_key: bytes, start_timeout: float = 600,
                  pause_timeout: float = 3600, gone_timeout: float = GONE_TIMEOUT) -> None:
         self.api = Api(api, settings.namespace, gone_timeout=gone_timeout)
+        self.agent_key = agent_key  # the sidecars' API tokens derive from it
         self.catalog = catalog
         self.settings = settings
         self.ns = settings.namespace
@@ -272,7 +274,8 @@ class KubernetesBackend:
         same id is brought up to date, and then the user's password too."""
         core, name = self.api.core, objects.object_name(job.id)
         url = objects.connection_url(job.id, job.backend_password, self.router_service)
-        body = objects.job_secret(self.ns, job.id, job.backend_password, url, owner_uid)
+        body = objects.job_secret(self.ns, job.id, job.backend_password, url, owner_uid,
+                                  job_token(self.agent_key, job.id))
         current = await self.api.read(core.read_namespaced_secret, name)
         changed = current is None or current.get("data") != body["data"]
         if current is None:
@@ -370,7 +373,9 @@ class KubernetesBackend:
         """The pod's agent stops Postgres, drains the spool and stores a pause snapshot;
         returns the snapshot's manifest, as stored (see ``agent_client``)."""
         try:
-            return await AgentClient(objects.agent_url(ip), job.id).pause(self.pause_timeout)
+            return await AgentClient(objects.agent_url(ip), job.id,
+                                     job_token(self.agent_key, job.id)).pause(
+                self.pause_timeout)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise BackendError(f"cannot ask the agent of job {job.id} to pause: "
                                f"{one_line(exc)}") from exc

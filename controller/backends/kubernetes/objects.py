@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import quote
 
 from jobmesh import jobids
+from jobmesh.agent.apitoken import TOKEN_ENV
 from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, JOB_CPU, JOB_MEMORY, WAL_WINDOW
 
 from ..job_spec import archive_timeout, wal_window
@@ -80,6 +81,7 @@ ROUTER_PORT = 6432
 POSTGRES_UID = 999  # the image's postgres user (Dockerfile)
 
 PASSWORD_KEY = "backend-password"
+AGENT_TOKEN_KEY = "agent-token"  # the sidecar's API token, as $JOBMESH_AGENT_TOKEN
 URL_KEY = "url"
 PASSWORD_ENV = "JOBMESH_BACKEND_PASSWORD"
 # S3 credentials, when a Secret is named for them: its keys are the variables' names.
@@ -182,8 +184,10 @@ def agent_url(pod_ip: str | None) -> str:
     return f"http://{pod_ip}:{AGENT_PORT}"
 
 
-def job_secret(namespace: str, job_id: str, password: str, url: str, owner_uid: str) -> Obj:
-    """The backend password (for the init step) and the URL (for the job's workload).
+def job_secret(namespace: str, job_id: str, password: str, url: str, owner_uid: str,
+               agent_token: str) -> Obj:
+    """The backend password (for the init step), the URL (for the job's workload) and the
+    agent's API token (for the sidecar: ``jobmesh.agent.apitoken``).
 
     ``data`` (base64) rather than ``stringData``: the object reads back as it was sent.
     """
@@ -192,7 +196,8 @@ def job_secret(namespace: str, job_id: str, password: str, url: str, owner_uid: 
 
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": _metadata(namespace, job_id, owner_uid),
-            "data": {PASSWORD_KEY: b64(password), URL_KEY: b64(url)}}
+            "data": {PASSWORD_KEY: b64(password), URL_KEY: b64(url),
+                     AGENT_TOKEN_KEY: b64(agent_token)}}
 
 
 def network_policy(namespace: str) -> Obj:
@@ -272,7 +277,8 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
                     "--base-backup-interval", f"{settings.base_backup_interval:g}",
                     "--wal-window", f"{window:g}", "--generation", str(generation),
                     "--keep-base-backups", "0"],
-        "env": [pod_ip, *env],
+        "env": [pod_ip, *env, {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {
+            "name": object_name(job_id), "key": AGENT_TOKEN_KEY}}}],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": AGENT_PORT},
                            "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 3},

@@ -7,7 +7,9 @@ anything by now, so "running" also means "its command line is an agent host
 with this state file". A job has an agent once the host was told of it
 (``PUT /jobs/<id>`` with its settings); its agent URL is
 ``http://127.0.0.1:<port>/jobs/<id>``. When the host dies, the next health
-check of each running job starts a new host and puts the job back.
+check of each running job starts a new host and puts the job back. Each job's
+agent wants its own token, and the host's endpoints the host's
+(``jobmesh.agent.apitoken``, derived from the controller's agent key).
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from jobmesh.agent.apitoken import header, host_token, job_token
 from jobmesh.agent.manifest import Manifest
 from jobmesh.agent.postgres import pid_alive
 from jobmesh.agent.postmaster import wait_for_exit
 from jobmesh.agent.store import Store
 from jobmesh.agent.wal import Archiver
 from jobmesh.errors import one_line
+from jobmesh.secretfile import write_secret_file
 
 from ...core.backend import BackendError, Progress
 from ..agent_client import CONNECT_TIMEOUT, AgentClient
@@ -55,10 +59,11 @@ class HostInfo:
 
 @dataclass(frozen=True)
 class AgentInfo:
-    """A job's agent: the host that runs it, and where its API is."""
+    """A job's agent: the host that runs it, where its API is, and its token."""
 
     host: HostInfo
     job_id: str
+    token: str = field(default="", repr=False)
 
     @property
     def pid(self) -> int:
@@ -83,11 +88,13 @@ class AgentHost:
     """The controller's handle on the agent host: starting it, and telling it of jobs."""
 
     def __init__(self, root: Path, python: str, store_url: str,
-                 s3_endpoint: str | None) -> None:
+                 s3_endpoint: str | None, key: bytes) -> None:
         self.state = root / "agent-host.json"
         self.log_path = root / "agent-host.log"
+        self.key = key  # each job's agent token, and the host's own, derive from it
+        self.token_file = root / "agent-host-token"
         self.argv = [python, "-m", "jobmesh", "agent", "host", "--store", store_url,
-                     "--state", str(self.state)]
+                     "--state", str(self.state), "--api-token-file", str(self.token_file)]
         if s3_endpoint:
             self.argv += ["--s3-endpoint", s3_endpoint]
         self._lock = asyncio.Lock()
@@ -145,6 +152,7 @@ class AgentHost:
     def _popen(self, port: int) -> subprocess.Popen[bytes]:
         with contextlib.suppress(FileNotFoundError):
             self.state.unlink()
+        write_secret_file(self.token_file, host_token(self.key))
         with self.log_path.open("ab") as out:
             # Niced: its work (shipping WAL, snapshots, base backups) is background work,
             # and gives way to the jobs' own PostgreSQL and to their starts.
@@ -176,16 +184,18 @@ class AgentHost:
         info = self.read()
         if listed is None or info is None or job_id not in listed:
             return None
-        return AgentInfo(info, job_id)
+        return AgentInfo(info, job_id, job_token(self.key, job_id))
 
     async def put(self, job_id: str, settings: dict[str, Any]) -> AgentInfo:
         """Start the job's agent (a no-op when it runs with these settings already)."""
         info = await self.ensure()
-        status, body = await self._call(info, "PUT", f"/jobs/{job_id}", 60, settings)
+        token = job_token(self.key, job_id)
+        status, body = await self._call(info, "PUT", f"/jobs/{job_id}", 60,
+                                        {**settings, "api_token": token})
         if status not in (200, 201):
             raise BackendError(f"cannot start the agent of job {job_id}: {_error(body)}")
         self._listing = None
-        return AgentInfo(info, job_id)
+        return AgentInfo(info, job_id, token)
 
     async def put_soon(self, job_id: str, settings: dict[str, Any]) -> AgentInfo:
         """Start the job's agent without waiting for it: a job serves its clients before
@@ -203,7 +213,7 @@ class AgentHost:
         task = asyncio.create_task(put(), name=f"agent-{job_id}")
         self._puts.add(task)
         task.add_done_callback(self._puts.discard)
-        return AgentInfo(info, job_id)
+        return AgentInfo(info, job_id, job_token(self.key, job_id))
 
     async def remove(self, job_id: str, timeout: float) -> None:
         """Stop the job's agent: it ships what is left in its spool first (the host goes
@@ -256,7 +266,8 @@ class AgentHost:
                     body: Any = None) -> tuple[int, Any]:
         limits = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
         async with aiohttp.ClientSession(timeout=limits) as session, \
-                session.request(method, info.url + path, json=body) as resp:
+                session.request(method, info.url + path, json=body,
+                                headers=header(host_token(self.key))) as resp:
             return resp.status, await resp.json(content_type=None)
 
 
@@ -267,7 +278,7 @@ def _error(body: Any) -> Any:
 async def request_pause(info: AgentInfo, timeout: float) -> Manifest:
     """The agent stops Postgres, drains the spool and stores a pause snapshot; returns the
     snapshot's manifest, as stored (see ``agent_client``)."""
-    return await AgentClient(info.url, info.job_id).pause(timeout)
+    return await AgentClient(info.url, info.job_id, info.token).pause(timeout)
 
 
 async def ship_last_wal(jd: JobDir, host: AgentHost, store: Store, report: Progress, *,

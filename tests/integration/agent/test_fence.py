@@ -137,7 +137,7 @@ async def test_a_newer_claim_stops_the_agent_and_its_postgres(make: Any, store: 
     # Started again with its old generation, it refuses in seconds, in one line.
     t0 = time.monotonic()
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "jobmesh", "agent", "serve",
+        subprocess.run, [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
                          "--pgdata", str(m.pgdata), "--spool", str(m.spool),
                          *file_store.cli_args(m.job), "--listen", "127.0.0.1:0",
                          "--generation", "1"], capture_output=True, text=True, timeout=60)

@@ -51,7 +51,8 @@ def _start(tmp_path: Path, store: str) -> tuple[Host, Path]:
     state = tmp_path / "host.json"
     log = tmp_path / "host.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobmesh", "agent", "host", "--store",
+        proc = subprocess.Popen([sys.executable, "-m", "jobmesh", "agent", "host", "--no-api-token",
+                                 "--store",
                                  store, "--state", str(state)], stdout=out, stderr=out)
     return Host(proc, "", log), state
 

@@ -95,7 +95,7 @@ def start_agent() -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
     def start(job: Job, *extra: str, s3_endpoint: str | None = None) -> AgentProcess:
-        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve",
+        cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
                "--pgdata", str(job.inst.datadir), "--store", job.store_url, "--job", JOB,
                "--s3-endpoint", s3_endpoint or job.s3_endpoint, "--listen", "127.0.0.1:0",
                "--base-backup-interval", "0", *extra]
@@ -398,7 +398,8 @@ def test_a_job_with_a_pause_snapshot_waits_the_interval_for_its_base_backup(job,
 
 
 def test_bad_flags_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata",
+    proc = subprocess.run([sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+                           "--pgdata",
                            str(tmp_path), "--store", f"file://{tmp_path}/s", "--job", JOB],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1

@@ -639,7 +639,8 @@ def served(pg_root: Path) -> Iterator[ServedJob]:
         inst.psql("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 500) g",
                   database=f"job_{JOB}")
         agent = LoggedProcess("agent", [
-            sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(inst.datadir),
+            sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+                "--pgdata", str(inst.datadir),
             "--store", f"file://{store}", "--job", JOB, "--listen", "127.0.0.1:0",
             "--base-backup-interval", "0"])
         port = int(agent.wait_for_log(r"agent listening on http://[\d.]+:(\d+)").group(1))

@@ -71,14 +71,15 @@ def job(pg_root: Path, file_store: StoreSpec) -> Iterator[Job]:
 @pytest.fixture
 def agent(job: Job) -> Iterator[Agent]:
     """``jobmesh agent serve`` for ``job`` on a free port, and a client for it."""
-    cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--pgdata", str(job.inst.datadir),
+    cmd = [sys.executable, "-m", "jobmesh", "agent", "serve", "--no-api-token",
+           "--pgdata", str(job.inst.datadir),
            "--spool", str(job.spool), *job.store.cli_args(JOB), "--listen", "127.0.0.1:0",
            "--base-backup-interval", "0"]
     process = LoggedProcess("agent", cmd)
     try:
         port = int(process.wait_for_log(r"agent listening on http://[\d.]+:(\d+)",
                                         timeout=60).group(1))
-        yield Agent(process, AgentClient(f"http://127.0.0.1:{port}/", JOB))
+        yield Agent(process, AgentClient(f"http://127.0.0.1:{port}/", JOB, None))
     finally:
         process.stop()
 
@@ -232,7 +233,7 @@ def refusing_url() -> Iterator[str]:
 
 @pytest.mark.parametrize("ask", ["status", "pause", "base_backup"])
 async def test_an_agent_that_is_not_listening_is_connection_refused_at_once(refusing_url, ask):
-    client = AgentClient(refusing_url, JOB)
+    client = AgentClient(refusing_url, JOB, None)
     call = {"status": lambda: client.status(),
             "pause": lambda: client.pause(OPERATION_TIMEOUT),
             "base_backup": lambda: client.base_backup(OPERATION_TIMEOUT)}[ask]

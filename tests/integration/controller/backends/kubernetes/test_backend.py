@@ -62,18 +62,19 @@ def recovered(job: Job | None, events: list[Event]) -> bool:
         e.to_state == "failed" for e in events) and events[-1].from_state == "recovering"
 
 
-async def wait_until_archived(agent_url: str, dsn: str, timeout: float = 60) -> None:
+async def wait_until_archived(agent_url: str, dsn: str, headers: dict[str, str],
+                              timeout: float = 60) -> None:
     """Until the agent has shipped the WAL written so far: a write after the look at the
     last archived segment makes one more segment finish (the jobs here have
     archive_timeout 1; an idle server finishes none, and the segment of the test's own
     last write may have been archived before the look), and then the spool is empty."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
-        async with http.get(f"{agent_url}/status") as resp:
+        async with http.get(f"{agent_url}/status", headers=headers) as resp:
             before = (await resp.json())["wal"]["last_archived"]
         await asyncio.to_thread(psql, dsn, "CREATE TABLE IF NOT EXISTS archived_mark (at "
                                 "timestamptz); INSERT INTO archived_mark VALUES (now())")
         while True:
-            async with http.get(f"{agent_url}/status") as resp:
+            async with http.get(f"{agent_url}/status", headers=headers) as resp:
                 wal = (await resp.json())["wal"]
             if wal["last_archived"] != before and wal["spool_backlog"] == 0:
                 return
@@ -143,7 +144,7 @@ async def test_a_job_pod_deleted_behind_the_controllers_back_is_recovered(
     await kube.mesh.wait_for_base_backup("alpha")
     psql(dsn, "INSERT INTO t VALUES (2)")
     assert job.agent_url is not None
-    await wait_until_archived(job.agent_url, dsn)
+    await wait_until_archived(job.agent_url, dsn, kube.mesh.agent_headers("alpha"))
     old = kube.pod("alpha")
     assert old is not None
 
@@ -173,7 +174,7 @@ async def test_an_evicted_job_pod_is_replaced_and_recovered(kube: KubeMesh) -> N
     # The first base backup may have begun before the table: its WAL must be in the store
     # (what a job loses at most is the last archive_timeout, and this test is not about that).
     assert job.agent_url is not None
-    await wait_until_archived(job.agent_url, dsn)
+    await wait_until_archived(job.agent_url, dsn, kube.mesh.agent_headers("alpha"))
     old = kube.pod("alpha")
 
     await asyncio.to_thread(kube.kubelet.fail_pod, "job-alpha")  # stays there, Failed
@@ -237,7 +238,8 @@ async def backend(catalog: Catalog, pg_root: Path) -> AsyncIterator[tuple[Any, K
     store = pg_root / f"store-{os.urandom(4).hex()}"
     with K8sEmulator() as emulator, emulator.api_client() as api:
         b = KubernetesBackend(api, catalog, PodSettings(NS, "jobmesh:test", f"file://{store}"),
-                              router_service="jobmesh-router.jm.svc", start_timeout=5)
+                              router_service="jobmesh-router.jm.svc",
+                              agent_key=b"a key for the agents' tokens", start_timeout=5)
         await b.start()
         try:
             yield b, emulator
@@ -316,7 +318,8 @@ async def test_a_secret_and_user_left_by_an_earlier_job_of_that_id_are_brought_u
 
     b, emulator = backend
     with emulator.api_client() as api:
-        old = k8s_objects.job_secret(NS, "again", "old-password", "postgresql://old", "u")
+        old = k8s_objects.job_secret(NS, "again", "old-password", "postgresql://old", "u",
+                                     "old-agent-token")
         del old["metadata"]["ownerReferences"]
         await asyncio.to_thread(client.CoreV1Api(api).create_namespaced_secret, NS, old)
     await catalog.create_principal("job-again", scram_verifier("old-password"))

@@ -175,8 +175,9 @@ def test_a_failed_init_container_is_run_again_under_on_failure(
 # --- the backend: a crash recovers in place ------------------------------------------------
 
 
-async def agent_status(agent_url: str) -> Obj:
-    async with aiohttp.ClientSession() as http, http.get(f"{agent_url}/status") as resp:
+async def agent_status(agent_url: str, headers: dict[str, str]) -> Obj:
+    async with aiohttp.ClientSession() as http, http.get(f"{agent_url}/status",
+                                                         headers=headers) as resp:
         return dict(await resp.json())
 
 
@@ -191,7 +192,8 @@ async def test_a_killed_postgres_restarts_in_its_pod_and_loses_no_acknowledged_c
     assert job.agent_url is not None
     before = kube.pod("alpha")
     assert before is not None
-    pid_before = (await agent_status(job.agent_url))["postgres"]["pid"]
+    pid_before = (await agent_status(job.agent_url, kube.mesh.agent_headers("alpha")))[
+        "postgres"]["pid"]
 
     ledger = Ledger(dsn)
     writers = [asyncio.create_task(_write(ledger, w)) for w in range(4)]
@@ -233,19 +235,19 @@ async def test_a_killed_postgres_restarts_in_its_pod_and_loses_no_acknowledged_c
     assert current is not None and current.state == "running" and current.host == job.host
     # The agent serves the restarted server, and ships what it archives: a segment's
     # worth of WAL (as its owner, past the router: no ledger row) must reach the store.
-    status = await agent_status(job.agent_url)
+    status = await agent_status(job.agent_url, kube.mesh.agent_headers("alpha"))
     assert status["postgres"]["running"] and status["postgres"]["pid"] != pid_before
     shipped = status["wal"]["uploaded"]
     psql(f"postgresql://job_owner:{job.backend_password}@{job.host}:5432/job_alpha",
          "INSERT INTO t SELECT -g FROM generate_series(1, 400000) g; SELECT 1")
-    await until(lambda: _shipped_more(job.agent_url, shipped),
+    await until(lambda: _shipped_more(job.agent_url, kube.mesh.agent_headers("alpha"), shipped),
                 "the restarted server's WAL shipped")
     kube.assert_clean()
 
 
-async def _shipped_more(agent_url: str | None, than: int) -> bool:
+async def _shipped_more(agent_url: str | None, headers: dict[str, str], than: int) -> bool:
     assert agent_url is not None
-    wal = (await agent_status(agent_url))["wal"]
+    wal = (await agent_status(agent_url, headers))["wal"]
     return bool(wal["uploaded"] > than and wal["spool_backlog"] == 0)
 
 
@@ -313,7 +315,8 @@ async def fenced(catalog: Catalog, pg_root: Path) -> AsyncIterator[tuple[Any, K8
     settings = k8s_objects.PodSettings(NS, "jobmesh:test", f"file://{pg_root}/store-fence",
                                        grace_seconds=1)
     with K8sEmulator() as emulator, emulator.api_client() as api:
-        b = KubernetesBackend(api, catalog, settings, router_service="r", start_timeout=5,
+        b = KubernetesBackend(api, catalog, settings, router_service="r",
+                              agent_key=b"a key for the agents' tokens", start_timeout=5,
                               gone_timeout=1)
         await b.start()
         try:

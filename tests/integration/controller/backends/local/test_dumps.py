@@ -24,6 +24,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from jobmesh.agent.apitoken import header, job_token
 from jobmesh.agent.manifest import Manifest, job_prefix
 from jobmesh.agent.postgres import Instance, bin_dir
 from jobmesh.controller.backends.job_database import connect, restore_list
@@ -134,7 +135,8 @@ async def export(backend: LocalBackend, started: Started, job: Job, dest: Path) 
     """What ``jobmesh job export`` does: the agent dumps into the store, then the stored
     object is read back."""
     async with aiohttp.ClientSession() as http, \
-            http.post(f"{started.agent_url}/dump") as resp:
+            http.post(f"{started.agent_url}/dump",
+                      headers=header(job_token(backend.agents.key, job.id))) as resp:
         assert resp.status == 200, await resp.text()
         manifest = Manifest.from_json(await resp.read())
     with dest.open("wb") as f:

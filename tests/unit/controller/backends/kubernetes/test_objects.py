@@ -50,7 +50,8 @@ ALL_OBJECTS = {
     "pod of an odd id": restore_pod("odd_id-"),
     "pod without S3": o.job_pod("gamma", {}, o.PodSettings("jm", "img", "file:///store"),
                                 restore=False, owner_uid="u"),
-    "secret": o.job_secret("jm", "alpha", "pw", o.connection_url("alpha", "pw", "router"), "u"),
+    "secret": o.job_secret("jm", "alpha", "pw", o.connection_url("alpha", "pw", "router"), "u",
+                           "a-token-of-the-agent"),
     "anchor": o.anchor("jm", "alpha"),
     "network policy": o.network_policy("jm"),
 }
@@ -201,6 +202,9 @@ def test_the_agent_serves_on_the_pod_ip_and_ships_to_the_store() -> None:
         "--base-backup-interval", "600", "--wal-window", "5", "--generation", "0",
         "--keep-base-backups", "0"]  # the controller applies retention
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8008}
+    # its API wants the job's own token, from the job's Secret (never on the command line)
+    assert env(agent)["JOBMESH_AGENT_TOKEN"] == {"secretKeyRef": {"name": "job-alpha",
+                                                                  "key": "agent-token"}}
     window = container(new_pod(wal_window=0.5), "agent")["command"]
     at = window.index("--wal-window")
     assert window[at:at + 2] == ["--wal-window", "0.5"]  # the job's own, from its spec
@@ -222,7 +226,7 @@ def test_store_settings_and_s3_credentials_come_from_the_environment_and_a_secre
         assert e["AWS_DEFAULT_REGION"]["secretKeyRef"]["optional"] is True
     plain = o.job_pod("a", {}, o.PodSettings("jm", "img", "file:///store"), restore=False,
                       owner_uid="u")
-    assert set(env(container(plain, "agent"))) == {"POD_IP", "JOBMESH_STORE"}
+    assert set(env(container(plain, "agent"))) == {"POD_IP", "JOBMESH_STORE", "JOBMESH_AGENT_TOKEN"}
 
 
 def test_postgres_resources_come_from_the_job_spec() -> None:
@@ -247,9 +251,9 @@ def test_a_bad_archive_timeout_is_refused() -> None:
 
 def test_the_secret_holds_the_password_and_the_url_through_the_router() -> None:
     url = o.connection_url("alpha", "p@ss:/w rd", "jobmesh-router.jm.svc")
-    secret = o.job_secret("jm", "alpha", "p@ss:/w rd", url, "anchor-uid")
+    secret = o.job_secret("jm", "alpha", "p@ss:/w rd", url, "anchor-uid", "agent-tok")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert data == {"backend-password": "p@ss:/w rd", "url": url}
+    assert data == {"backend-password": "p@ss:/w rd", "url": url, "agent-token": "agent-tok"}
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "anchor-uid"
     parts = urlsplit(url)
     assert (parts.scheme, parts.hostname, parts.port) == (
