@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from jobmesh import defaults, jobids
 from jobmesh.agent.postgres import (
@@ -54,6 +55,7 @@ from jobmesh.secretfile import write_secret_file
 
 log = logging.getLogger("jobmesh.up")
 ADMIN = "admin"
+ROUTER_ROLE = "jobmesh_router"  # the routers' catalog role (migration 0008)
 API_PORT = int(defaults.API_LISTEN.rsplit(":", 1)[1])  # where the status page is, if free
 CATALOG_DB = "jobmesh"
 
@@ -180,7 +182,8 @@ async def _up(args: argparse.Namespace, state: Path, data: Path) -> int:
             shown = await _ensure_admin(catalog, state)
             if args.demo_job and await catalog.job(args.demo_job) is None:
                 await catalog.create_job(args.demo_job, {})
-            router = await asyncio.to_thread(_start_router, state, dsn, args)
+            router_dsn = await _router_login(catalog, state, dsn)
+            router = await asyncio.to_thread(_start_router, state, router_dsn, args)
             write_mesh(state, f"http://127.0.0.1:{api_port}", "127.0.0.1", args.port, ADMIN)
             _greet(state, args, shown, api_port)
             await _first(stop.wait(), controller)
@@ -242,6 +245,17 @@ def _start_catalog(state: Path, data: Path) -> Instance:
         raise CommandFailed(f"cannot start the catalog PostgreSQL in {inst.datadir}: "
                             f"{exc}") from exc
     return inst
+
+
+async def _router_login(catalog: Catalog, state: Path, dsn: str) -> str:
+    """The router's catalog DSN: the routers' role (migration 0008: it reads routes and
+    may only wake, pause and report), with a password made once and kept."""
+    password = ensure_secret(state / "router-catalog-password")
+    await catalog.pool.execute(f"ALTER ROLE {ROUTER_ROLE} LOGIN PASSWORD "
+                               f"'{password.replace(chr(39), chr(39) * 2)}'")
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(
+        netloc=f"{ROUTER_ROLE}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"))
 
 
 async def _ensure_admin(catalog: Catalog, state: Path) -> bool:

@@ -531,7 +531,7 @@ class Console:
                                "Jobs from the catalog do (jobmesh router --catalog-dsn).")
         log.info("admin %s: job %s wanted %s", self.user, job_id, desired)
         try:
-            await want(job_id, desired)
+            await want(job_id, desired, self.user)
         except ClientError as exc:
             raise ConsoleError(exc.sqlstate, exc.message, exc.hint) from exc
 

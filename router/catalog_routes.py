@@ -254,14 +254,15 @@ class CatalogRoutes:
             log.warning("catalog: cannot request a wake of job %s: %s", job_id, one_line(exc))
             raise errors.catalog_unavailable() from exc
 
-    async def want(self, job_id: str, desired: str) -> None:
-        """The admin console's SNAPSHOT_STOP ("paused") and WAKE ("running")."""
+    async def want(self, job_id: str, desired: str, actor: str | None = None) -> None:
+        """The admin console's SNAPSHOT_STOP ("paused") and WAKE ("running"), as ``actor``
+        (the admin principal) asked; the catalog's functions for routers do them."""
         try:
             async with asyncio.timeout(QUERY_TIMEOUT):
                 if desired == "running":
                     await self._catalog.request_wake(job_id)
                 else:
-                    await self._catalog.set_desired(job_id, DesiredState.PAUSED)
+                    await self._catalog.request_pause(job_id, actor)
         except CATALOG_ERRORS as exc:
             log.warning("catalog: cannot want job %s %s: %s", job_id, desired, one_line(exc))
             raise errors.catalog_unavailable() from exc

@@ -23,7 +23,7 @@ from jobmesh.controller.catalog.db import Catalog
 from tests.support.cleanup import remove_later
 from tests.support.failure_logs import CALL_REPORT, tell_if_failed
 from tests.support.kube_mesh import KubeMesh, running_kube_mesh
-from tests.support.mesh import Mesh, pids_mentioning
+from tests.support.mesh import ROUTER_PASSWORD, Mesh, pids_mentioning
 from tests.support.postgres import SUPERUSER_PASSWORD, PgFactory
 from tests.support.router import RouterFactory, RouterProcess, routes_toml
 from tests.support.s3 import S3Server, running_s3_server
@@ -148,9 +148,11 @@ def catalog_dsn(catalog_pg: Instance) -> Iterator[str]:
 
 @pytest.fixture
 async def catalog(catalog_dsn: str):
-    """A migrated catalog, connected."""
+    """A migrated catalog, connected; its routers' role (migration 0008) may log in, as
+    ``jobmesh up`` lets it (``tests.support.mesh.router_dsn``)."""
     cat = await Catalog.connect(catalog_dsn)
     await cat.migrate()
+    await cat.pool.execute(f"ALTER ROLE jobmesh_router LOGIN PASSWORD '{ROUTER_PASSWORD}'")
     yield cat
     await cat.close()
 

@@ -175,15 +175,29 @@ class Catalog:
         Idempotent: however many clients (on however many routers) ask, only the
         first changes the row, so there is one wake-requested event and one resume.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "UPDATE jobs SET desired_state = 'running', last_active = now(),"
-                f" {_FRESH_ATTEMPTS}, updated_at = now()"
-                " WHERE id = $1 AND desired_state = 'paused' RETURNING *", job_id)
-            if row is not None:
-                await _insert_event(conn, job_id, "wake-requested", row["state"], None)
-                return Job.from_row(row)
-        return await self.job(job_id)
+        try:  # a function (migration 0008): routers may not UPDATE jobs themselves
+            row = await self.pool.fetchrow("SELECT * FROM jobmesh_request_wake($1)", job_id)
+        except asyncpg.UndefinedFunctionError:  # a catalog not yet migrated (routers first)
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "UPDATE jobs SET desired_state = 'running', last_active = now(),"
+                    f" {_FRESH_ATTEMPTS}, updated_at = now()"
+                    " WHERE id = $1 AND desired_state = 'paused' RETURNING *", job_id)
+                if row is not None:
+                    await _insert_event(conn, job_id, "wake-requested", row["state"], None)
+        return Job.from_row(row) if row is not None else await self.job(job_id)
+
+    async def request_pause(self, job_id: str, actor: str | None) -> Job:
+        """The router's admin console: want a running job paused (migration 0008's
+        function, which is all a router may do of the kind). NotFound, or Conflict for a
+        job being deleted; a job wanted anything but running is left as it is."""
+        row = await self.pool.fetchrow("SELECT * FROM jobmesh_request_pause($1, $2)",
+                                       job_id, actor)
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        if row["desired_state"] == DesiredState.DELETED:
+            raise Conflict(f"job {job_id} is being deleted")
+        return Job.from_row(row)
 
     async def transition(self, job_id: str, from_state: JobState, to_state: JobState, *,
                          host: str | None = None, port: int | None = None,

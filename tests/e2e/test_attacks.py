@@ -9,13 +9,18 @@ NetworkPolicy lets through).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
+import psycopg
 import pytest
 
 from jobmesh.agent.apitoken import header, job_token
+from jobmesh.controller.catalog.db import Catalog
+from jobmesh.controller.catalog.passwords import scram_verifier
 from tests.support.kube_mesh import KubeMesh
-from tests.support.mesh import Mesh, psql
+from tests.support.mesh import Mesh, psql, router_dsn
 
 pytestmark = pytest.mark.timeout(300)
 PW = "pw-of-the-owner"
@@ -94,3 +99,116 @@ async def test_the_local_agent_hosts_own_endpoints_want_the_hosts_token(mesh: Me
     assert await call("GET", job.agent_url + "/status", job_s) == 200  # its agent still runs
     log = (mesh.root / "agent-host.log").read_text()
     assert "refused DELETE /jobs/alpha from 127.0.0.1: missing or wrong agent token" in log
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE principals SET admin = true",
+    "INSERT INTO grants (principal, pattern, access) VALUES ('owner', '*', 'write')",
+    "DELETE FROM jobs",
+    "UPDATE jobs SET desired_state = 'deleted'",
+    "DELETE FROM snapshots",
+    "SELECT * FROM web_sessions",
+    "SELECT * FROM events",
+    "CREATE TABLE mine (x int)",
+    "SELECT jobmesh_router_report('r', 'x', '{}', '{}', 0)",
+])
+async def test_the_routers_catalog_login_cannot_rewrite_the_catalog(catalog: Catalog,
+                                                                    catalog_dsn: str,
+                                                                    sql: str) -> None:
+    """A router is the component exposed to the internet: with its catalog credentials
+    one reads routes and can wake or pause a job, nothing more."""
+    await catalog.create_principal("owner", scram_verifier(PW))
+    await catalog.create_job("alpha")
+    conn = await asyncpg.connect(router_dsn(catalog_dsn))
+    try:
+        if sql.startswith("SELECT jobmesh_router_report"):  # allowed: what routers do
+            await conn.execute(sql)
+            return
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+    assert [p.admin for p in await catalog.principals("owner")] == [False]
+    assert [g for p in await catalog.principals() for g in p.grants] == []
+    assert await catalog.job("alpha") is not None
+
+
+async def test_what_a_router_may_do_it_does_through_narrow_functions(
+        catalog: Catalog, catalog_dsn: str) -> None:
+    await catalog.create_job("alpha")
+    await catalog.transition("alpha", "creating", "running")
+    conn = await asyncpg.connect(router_dsn(catalog_dsn))
+    try:
+        rows = await conn.fetch("SELECT id, desired_state FROM jobmesh_request_pause($1, $2)",
+                                "alpha", "ops")
+        assert [tuple(r) for r in rows] == [("alpha", "paused")]
+        rows = await conn.fetch("SELECT id, desired_state FROM jobmesh_request_wake($1)",
+                                "alpha")
+        assert [tuple(r) for r in rows] == [("alpha", "running")]
+        assert await conn.fetchval("SELECT count(*) FROM jobs") == 1  # routes: readable
+    finally:
+        await conn.close()
+    kinds = [(e.kind, e.actor) for e in await catalog.events("alpha")]
+    assert ("desired", "ops") in kinds and ("wake-requested", None) in kinds
+
+
+async def test_the_stats_role_reads_no_secret(catalog: Catalog, catalog_dsn: str) -> None:
+    await catalog.pool.execute("ALTER ROLE jobmesh_stats LOGIN PASSWORD 'stats-pw'")
+    await catalog.create_job("alpha")
+    parts = urlsplit(catalog_dsn)
+    conn = await asyncpg.connect(urlunsplit(parts._replace(
+        netloc=f"jobmesh_stats:stats-pw@{parts.hostname}:{parts.port}")))
+    try:
+        assert await conn.fetchval("SELECT state FROM jobs WHERE id = 'alpha'") == "creating"
+        assert await conn.fetchval("SELECT count(*) FROM events") >= 1
+        for sql in ("SELECT backend_password FROM jobs", "SELECT * FROM jobs",
+                    "SELECT verifier FROM principals", "UPDATE jobs SET error = 'x'"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_a_jobs_sql_cannot_reach_another_jobs_postgresql(mesh: Mesh) -> None:
+    """On one machine every job's PostgreSQL runs as the same OS user, beside the others:
+    a job owner's SQL (dblink and postgres_fdw are installed; COPY TO PROGRAM is not
+    granted) must not get into another job's server, by socket or by TCP."""
+    mesh.start_controller("--idle-timeout", "0")
+    mesh.start_router()
+    await mesh.add_user("owner", PW, alpha="write")  # alpha's owner; no grant on beta
+    for job in ("alpha", "beta"):
+        await mesh.create_job(job)
+    beta = await mesh.catalog.job("beta")
+    assert beta is not None and beta.port
+    await mesh.add_user("peeker", PW, beta="read")
+    socket_dir = mesh.root / "jobs" / "beta" / "run"
+    assert any(p.name.startswith(".s.PGSQL.") for p in socket_dir.iterdir())
+    alpha = mesh.dsn("alpha", "owner", PW)
+    attempts = {
+        "the socket, as the superuser": f"host={socket_dir} port={beta.port} user=postgres "
+                                        "dbname=job_beta",
+        "the socket, as beta's owner": f"host={socket_dir} port={beta.port} user=job_owner "
+                                       "dbname=job_beta",
+        "TCP, as the superuser": f"host=127.0.0.1 port={beta.port} user=postgres "
+                                 "dbname=job_beta",
+        "TCP, guessing a password": f"host=127.0.0.1 port={beta.port} user=job_owner "
+                                    "password=guess dbname=job_beta",
+    }
+    for what, conninfo in attempts.items():
+        with pytest.raises(psycopg.Error) as err, \
+                psycopg.connect(alpha, autocommit=True) as conn:
+            conn.execute("SELECT dblink_connect(%s)", (conninfo,))
+        assert ("password is required" in str(err.value)
+                or "password authentication failed" in str(err.value)), (what, err.value)
+    with pytest.raises(psycopg.Error) as err, psycopg.connect(alpha, autocommit=True) as conn:
+        conn.execute("CREATE SERVER b FOREIGN DATA WRAPPER postgres_fdw OPTIONS "
+                     f"(host '{socket_dir}', port '{beta.port}', dbname 'job_beta')")
+        conn.execute("CREATE USER MAPPING FOR CURRENT_USER SERVER b OPTIONS (user 'postgres')")
+        conn.execute("CREATE FOREIGN TABLE f (x int) SERVER b OPTIONS (table_name 'pg_class')")
+        conn.execute("SELECT * FROM f")
+    assert "password is required" in str(err.value), err.value
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), \
+            psycopg.connect(alpha, autocommit=True) as conn:
+        conn.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+    # through the router, with a grant, is the way: and it works
+    assert psql(mesh.dsn("beta", "peeker", PW), "SELECT 1") == "1"

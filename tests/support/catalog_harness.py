@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +27,7 @@ from jobmesh.agent.postgres import Instance, free_port
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.models import JOBS_CHANNEL, Job
 from jobmesh.router.credentials import make_verifier
+from tests.support.mesh import router_dsn
 from tests.support.router import RouterProcess
 from tests.support.wire import error_fields, pmsg, startup_packet
 
@@ -143,7 +145,11 @@ class CatalogRouters:
         self.routers: list[RouterProcess] = []
 
     async def start(self, dsn: str, *args: str, dsn_in_env: bool = False) -> RouterProcess:
-        """A router on the catalog at ``dsn`` (``--catalog-dsn``, or JOBMESH_CATALOG_DSN)."""
+        """A router on the catalog at ``dsn`` (``--catalog-dsn``, or JOBMESH_CATALOG_DSN),
+        logged in as the routers' role (migration 0008) when ``dsn`` is the superuser's:
+        every router test shows that role is enough."""
+        if urlsplit(dsn).username == "postgres":
+            dsn = router_dsn(dsn)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if dsn_in_env:
             env["JOBMESH_CATALOG_DSN"] = dsn

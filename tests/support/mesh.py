@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -28,6 +28,15 @@ from jobmesh.controller.catalog.models import JOBS_CHANNEL, Job
 from jobmesh.controller.catalog.passwords import scram_verifier
 from jobmesh.controller.mesh import AGENT_KEY_FILE
 from tests.support.process import LoggedProcess
+
+ROUTER_PASSWORD = "router-pw-for-tests"  # the catalog fixture gives jobmesh_router it
+
+
+def router_dsn(catalog_dsn: str) -> str:
+    """The catalog as routers reach it: as jobmesh_router, the least they need."""
+    parts = urlsplit(catalog_dsn)
+    netloc = f"jobmesh_router:{ROUTER_PASSWORD}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Mesh:
@@ -57,7 +66,7 @@ class Mesh:
 
     def start_router(self, *extra: str) -> LoggedProcess:
         cmd = [sys.executable, "-m", "jobmesh", "router", "--listen", "127.0.0.1:0",
-               "--catalog-dsn", self.catalog_dsn, "--activity-interval", "0.5",
+               "--catalog-dsn", router_dsn(self.catalog_dsn), "--activity-interval", "0.5",
                "--shutdown-timeout", "2", *extra]
         self.router = LoggedProcess("router", cmd, self.root / "jobmesh.router.log")
         m = self.router.wait_for_log(r"router listening on [\d.]+:(\d+)")

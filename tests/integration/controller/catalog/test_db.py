@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 async def test_migrations_apply_once(catalog_dsn: str) -> None:
     cat = await Catalog.connect(catalog_dsn)
     try:
-        assert await cat.migrate() == [1, 2, 3, 4, 5, 6, 7]
+        assert await cat.migrate() == [1, 2, 3, 4, 5, 6, 7, 8]
         assert await cat.migrate() == []
     finally:
         await cat.close()
@@ -43,7 +43,7 @@ async def test_the_attempts_migration_applies_to_a_catalog_with_jobs(catalog_dsn
             await conn.execute("INSERT INTO jobs (id, desired_state, state, backend_password,"
                                " error, attempts) VALUES ('old', 'running', 'creating', 'pw',"
                                " 'disk full', 2)")
-        assert await cat.migrate() == [2, 3, 4, 5, 6, 7]
+        assert await cat.migrate() == [2, 3, 4, 5, 6, 7, 8]
         job = await cat.job("old")
         assert job is not None
         assert (job.error, job.attempts, job.next_attempt_at, job.gave_up) == (

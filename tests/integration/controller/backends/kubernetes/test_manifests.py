@@ -56,7 +56,7 @@ JOB_POD = k8s_objects.job_pod(
     restore=False, owner_uid="00000000-0000-0000-0000-000000000000")
 JOB_POD_LABELS = JOB_POD["metadata"]["labels"]
 # Secret keys that are settings, not credentials: they may have a real default.
-NOT_SECRET = {"AWS_DEFAULT_REGION"}
+NOT_SECRET = {"AWS_DEFAULT_REGION", "username"}
 ROUTER = "jobmesh-router"
 CONTROLLER = "jobmesh-controller"
 # Secrets the manifests refer to that manifests/secrets does not make: the
@@ -247,7 +247,8 @@ def test_secret_templates_render_valid_secrets_with_placeholder_credentials(
         secrets_rendered: list[dict[str, Any]]) -> None:
     secrets = of_kind(secrets_rendered, "Secret")
     assert {s["metadata"]["name"] for s in secrets} == {
-        "jobmesh-s3", "jobmesh-catalog", "jobmesh-api", "jobmesh-router-peer"}
+        "jobmesh-s3", "jobmesh-catalog", "jobmesh-api", "jobmesh-router-peer",
+        "jobmesh-catalog-router"}
     for s in secrets:
         kubernetes_validate.validate(s, K8S_VERSION, strict=True)
         assert s["metadata"]["namespace"] == "jobmesh"
@@ -629,11 +630,21 @@ def test_the_cnpg_catalog_feeds_the_dsn_to_routers_and_controllers() -> None:
     cluster = named(docs, "Cluster", "jobmesh-catalog")
     owner = cluster["spec"]["bootstrap"]["initdb"]["owner"]
     assert owner == "jobmesh"
-    for name in (ROUTER, CONTROLLER):
-        (c,) = named(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
-        (dsn,) = [e for e in c["env"] if e["name"] == "JOBMESH_CATALOG_DSN"]
-        # CloudNativePG's application Secret is <cluster>-app, with the URI under `uri`.
-        assert dsn["valueFrom"]["secretKeyRef"] == {"name": "jobmesh-catalog-app", "key": "uri"}
+    (c,) = named(docs, "Deployment", CONTROLLER)["spec"]["template"]["spec"]["containers"]
+    (dsn,) = [e for e in c["env"] if e["name"] == "JOBMESH_CATALOG_DSN"]
+    # CloudNativePG's application Secret is <cluster>-app, with the URI under `uri`.
+    assert dsn["valueFrom"]["secretKeyRef"] == {"name": "jobmesh-catalog-app", "key": "uri"}
+    # Routers log in as their own role, which CloudNativePG manages; never as the owner.
+    (role,) = cluster["spec"]["managed"]["roles"]
+    assert (role["name"], role["login"]) == ("jobmesh_router", True)
+    (c,) = named(docs, "Deployment", ROUTER)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    names = list(env)
+    assert names.index("JOBMESH_ROUTER_CATALOG_PASSWORD") < names.index("JOBMESH_CATALOG_DSN")
+    assert env["JOBMESH_ROUTER_CATALOG_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": role["passwordSecret"]["name"], "key": "password"}
+    assert env["JOBMESH_CATALOG_DSN"]["value"].startswith(
+        "postgresql://jobmesh_router:$(JOBMESH_ROUTER_CATALOG_PASSWORD)@jobmesh-catalog-rw:")
 
 
 # --- network policy -----------------------------------------------------------------------
