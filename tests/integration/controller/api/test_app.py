@@ -220,7 +220,7 @@ async def test_create_and_show_warn_of_limits_the_backend_does_not_enforce(api: 
 
 async def test_a_backend_that_enforces_the_limits_gives_no_warning(
         catalog: Catalog, tmp_path: Path) -> None:
-    app = build_app(catalog, token=TOKEN, backend="kubernetes",
+    app = build_app(catalog, token=TOKEN, backend="kubernetes", agent_key=b"k",
                     enforced_limits=frozenset({"cpu", "memory", "disk"}))
     async with serving(app, catalog, tmp_path) as k8s:
         status, body = await k8s.call("POST", "/v1/jobs", json={
@@ -570,7 +570,8 @@ async def test_unknown_paths_and_methods_are_json_errors(api: Api) -> None:
 def test_the_openapi_document_is_valid_and_describes_every_route() -> None:
     doc = document()
     validate(doc)
-    app = build_app(Catalog(None, "postgresql://unused"), token=TOKEN)  # type: ignore[arg-type]
+    app = build_app(Catalog(None, "postgresql://unused"), token=TOKEN,  # type: ignore[arg-type]
+                    agent_key=b"k")
     routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes()
               if r.resource is not None}
     described = {(path, method) for path, item in doc["paths"].items() for method in item}
