@@ -66,6 +66,8 @@ COMMANDS = {
              _operator("psql")),
     "status": ("the running mesh: jobs by state, users, the router's address",
                _operator("status")),
+    "events": ("who did what, when: logins, users, grants, and every job's events",
+               _operator("events")),
     "store": ("the snapshot store: collect its garbage now (gc), what each job holds (usage)",
               _operator("store")),
     "router": ("run the Postgres-wire router", _router),

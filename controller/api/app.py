@@ -53,7 +53,7 @@ from .request import (
 )
 from .rewind import check_target, rewind
 from .storage import store_routes
-from .transfer import export_job, import_job
+from .transfer import API_ACTOR, export_job, import_job
 from .wait import JobWatch
 
 
@@ -90,6 +90,12 @@ class Api:
             return await self.catalog.job(job_id)
         return await self.watch.wait(job_id, target, timeout)
 
+    async def audit(self, req: web.Request, job_id: str | None, kind: str,
+                    **detail: Any) -> None:
+        """An operator's action through the API, as an event: who, when, what."""
+        await self.catalog.add_event(job_id, kind, actor=API_ACTOR,
+                                     detail={**detail, "source": req.remote or "unknown"})
+
     async def job_or_404(self, job_id: str) -> Job:
         job = await self.catalog.job(job_id)
         if job is None:
@@ -111,7 +117,8 @@ class Api:
         example = '{"id": "scrape-42", "spec": {"archive_timeout": 60}}'
         body = await json_object(req, example)
         fields(body, example, ("id",), ("spec",))
-        job = await self.catalog.create_job(body["id"], job_spec(body.get("spec", {})))
+        job = await self.catalog.create_job(body["id"], job_spec(body.get("spec", {})),
+                                            actor=API_ACTOR)
         job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
         return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
                              {"Location": f"/v1/jobs/{job.id}"})
@@ -148,7 +155,7 @@ class Api:
             at = (await check_target(self.store, src, at)).isoformat()
         spec = {k: v for k, v in src.spec.items() if k not in ("source", "rewind")}
         spec["source"] = {"fork": src.id, **({"at": at} if at else {})}
-        job = await self.catalog.create_job(body["id"], spec)
+        job = await self.catalog.create_job(body["id"], spec, actor=API_ACTOR)
         job = await self.settle(job.id, DesiredState.RUNNING, timeout) or job
         return json_response({**job.public(), "warnings": self.warnings(job)}, 201,
                              {"Location": f"/v1/jobs/{job.id}"})
@@ -173,7 +180,7 @@ class Api:
 
     async def set_desired(self, job_id: str, desired: DesiredState) -> Job:
         try:
-            return await self.catalog.set_desired(job_id, desired)
+            return await self.catalog.set_desired(job_id, desired, actor=API_ACTOR)
         except Conflict as exc:  # the one refusal: a job being deleted
             raise ApiError(409, str(exc), "a job being deleted can only be deleted; its id is "
                                           "free again once that has finished") from None
@@ -203,8 +210,19 @@ class Api:
         await self.settle(job_id, DesiredState.DELETED, timeout)
         return web.Response(status=204)
 
+    async def mesh_events(self, req: web.Request) -> web.Response:
+        """Every event (the mesh's own, a login say, and every job's), or ``?job=ID``'s."""
+        job_id = req.query.get("job")
+        if job_id is not None:
+            await self.job_or_404(job_id)
+        return await self._events(req, job_id)
+
     async def job_events(self, req: web.Request) -> web.Response:
         job_id = path_job_id(req)
+        await self.job_or_404(job_id)
+        return await self._events(req, job_id)
+
+    async def _events(self, req: web.Request, job_id: str | None) -> web.Response:
         try:
             limit = int(req.query.get("limit", "100"))
         except ValueError:
@@ -212,7 +230,6 @@ class Api:
         if not 1 <= limit <= 10_000:
             raise ApiError(400, "limit must be a whole number from 1 to 10000",
                            "the newest events are returned, oldest first")
-        await self.job_or_404(job_id)
         events = await self.catalog.events(job_id, kind=req.query.get("kind"), limit=limit)
         return json_response({"events": [e.public() for e in events]})
 
@@ -253,6 +270,7 @@ class Api:
                            "console SHOW commands (an exporter's login)")
         await self.catalog.create_principal(body["name"], verifier_of(body["password"]),
                                             stats=stats)
+        await self.audit(req, None, "user-created", user=body["name"], stats=stats)
         return json_response({"name": body["name"], "admin": False, "stats": stats,
                               "grants": []}, 201, {"Location": f"/v1/users/{body['name']}"})
 
@@ -274,6 +292,7 @@ class Api:
                            "to get a new one, stop `jobmesh up`, remove that file and start "
                            "`jobmesh up` again: it makes a new password and shows it once")
         await self.catalog.set_verifier(name, verifier_of(body["password"]))
+        await self.audit(req, None, "password-set", user=name)
         return web.Response(status=204)
 
     async def delete_user(self, req: web.Request) -> web.Response:
@@ -284,6 +303,7 @@ class Api:
             raise ApiError(409, f"user {name} is the mesh's administrator",
                            "the admin is how `jobmesh psql` reaches the jobs; it stays")
         await self.catalog.delete_principal(name)
+        await self.audit(req, None, "user-deleted", user=name)
         return web.Response(status=204)
 
     async def grant(self, req: web.Request) -> web.Response:
@@ -293,6 +313,8 @@ class Api:
         check_principal(body["user"])
         check_pattern(body["pattern"])
         await self.catalog.grant(body["user"], body["pattern"], body["access"])
+        await self.audit(req, None, "granted", user=body["user"], pattern=body["pattern"],
+                         access=body["access"])
         return json_response({k: body[k] for k in ("user", "pattern", "access")})
 
     async def revoke(self, req: web.Request) -> web.Response:
@@ -301,6 +323,7 @@ class Api:
         fields(body, example, ("user", "pattern"))
         check_principal(body["user"])
         await self.catalog.revoke(body["user"], body["pattern"])
+        await self.audit(req, None, "revoked", user=body["user"], pattern=body["pattern"])
         return web.Response(status=204)
 
     # -- the mesh ---------------------------------------------------------------------
@@ -387,6 +410,7 @@ def build_app(catalog: Catalog, *, token: str, store: Store | None = None,
         web.post("/v1/jobs/{id}/fork", api.fork_job),
         web.post("/v1/jobs/{id}/restore", api.restore_job),
         get("/v1/jobs/{id}/events", api.job_events),
+        get("/v1/events", api.mesh_events),
         get("/v1/jobs/{id}/export", api.export),
         web.post("/v1/jobs/{id}/import", api.import_),
         get("/v1/users", api.list_users),

@@ -137,7 +137,9 @@ def _schemas() -> dict[str, Any]:
             "id": text, "kind": text, "size_bytes": {"type": ["integer", "null"]},
             "stored_bytes": {"type": ["integer", "null"]}, "created_at": stamp}},
         "Event": {"type": "object", "required": ["id", "job_id", "at", "kind"], "properties": {
-            "id": {"type": "integer"}, "job_id": text, "at": stamp, "kind": text,
+            "id": {"type": "integer"}, "job_id": nullable_text, "at": stamp, "kind": text,
+            "actor": {"type": ["string", "null"],
+                      "description": "who asked: a principal's name, or api (the API token)"},
             "from_state": nullable_text, "to_state": nullable_text,
             "duration_ms": {"type": ["number", "null"]}, "bytes": {"type": ["integer", "null"]},
             "detail": {"type": "object"}}},
@@ -238,6 +240,9 @@ def _parameters() -> dict[str, Any]:
         "Limit": {"name": "limit", "in": "query", "required": False,
                   "schema": {"type": "integer", "minimum": 1, "maximum": 10000,
                              "default": 100}},
+        "JobFilter": {"name": "job", "in": "query", "required": False,
+                      "description": "only this job's events",
+                      "schema": {"type": "string", "pattern": JOB_ID_PATTERN}},
         "Kind": {"name": "kind", "in": "query", "required": False,
                  "description": "only events of this kind (transition, wake-requested, ...)",
                  "schema": {"type": "string"}},
@@ -335,6 +340,11 @@ def _paths() -> dict[str, Any]:
             "WAL, other",
             {"200": _body(_ref("StoreUsage"), "bytes per job"), **_errors(503)},
             tags=("store",))},
+        "/v1/events": {"get": _op(
+            "meshEvents", "Every event, oldest first: the mesh's own (logins, users, grants) "
+            "and every job's, with who acted (actor) where someone did",
+            {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},
+            params=("JobFilter", "Limit", "Kind"), tags=("jobs",))},
         "/v1/jobs/{id}/events": {"get": _op(
             "jobEvents", "A job's events, oldest first",
             {"200": _body(_ref("EventList"), "the events"), **_errors(400, 404)},

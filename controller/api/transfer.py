@@ -33,6 +33,10 @@ from ..catalog.states import DesiredState, JobState
 from .request import ApiError, timeout_param
 from .wait import JobWatch
 
+# Who acts through the API: whoever holds its one bearer token (the CLI, on the mesh's
+# machine). Events record it so, with the request's source address.
+API_ACTOR = "api"
+
 log = logging.getLogger("jobmesh.controller.api")
 
 DUMP_MAGIC = b"PGDMP"  # pg_dump's custom format
@@ -81,8 +85,9 @@ async def export_job(req: web.Request, job: Job, *, catalog: Catalog, store: Sto
         return resp
     await resp.write_eof()
     try:
-        await catalog.add_event(job.id, "exported", bytes_moved=entry.size,
-                                detail={"dump": manifest.id, "sha256": entry.sha256})
+        await catalog.add_event(job.id, "exported", bytes_moved=entry.size, actor=API_ACTOR,
+                                detail={"dump": manifest.id, "sha256": entry.sha256,
+                                        "source": req.remote or "unknown"})
     except Exception as exc:  # the export itself succeeded; the answer is already sent
         log.warning("cannot record the export of job %s: %s", job.id, exc)
     return resp
@@ -167,7 +172,8 @@ async def import_job(req: web.Request, job_id: str, *, catalog: Catalog, state_d
         finally:
             tmp.unlink(missing_ok=True)
         try:
-            job = await catalog.create_job(job_id, {"source": {"dump": str(path)}})
+            job = await catalog.create_job(job_id, {"source": {"dump": str(path)}},
+                                           actor=API_ACTOR)
         except Conflict:
             path.unlink(missing_ok=True)
             raise

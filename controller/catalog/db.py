@@ -87,7 +87,8 @@ class Catalog:
 
     # --- jobs ------------------------------------------------------------------------
 
-    async def create_job(self, job_id: str, spec: dict[str, Any] | None = None) -> Job:
+    async def create_job(self, job_id: str, spec: dict[str, Any] | None = None, *,
+                         actor: str | None = None) -> Job:
         check_job_id(job_id)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -98,7 +99,7 @@ class Catalog:
             if row is None:
                 raise Conflict(f"job {job_id} already exists")
             await _insert_event(conn, job_id, "created", None, JobState.CREATING,
-                                detail=spec or {})
+                                detail=spec or {}, actor=actor)
         return Job.from_row(row)
 
     async def set_spec_field(self, job_id: str, key: str, value: Any) -> Job:

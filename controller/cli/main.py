@@ -24,6 +24,7 @@ from jobmesh import defaults
 from ..mesh import TOKEN_FILE, MeshError, MeshInfo, read_mesh
 from .client import Client, RequestFailed
 from .command import WAIT_TIMEOUT, Command, OpsError
+from .events import events
 from .formats import FORMATS
 from .jobs import (
     ACTIONS,
@@ -98,7 +99,8 @@ class _PsqlArgs(argparse.Action):
 
 
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
-    """Register ``command`` (job, user, grant, revoke, psql, status or store) on ``p``."""
+    """Register ``command`` (job, user, grant, revoke, psql, status, events or store) on
+    ``p``."""
     common, waiting = _common(), _waiting()
     _add_state_dir(p)
     if command == "job":
@@ -131,6 +133,15 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     elif command == "status":
         _add_output(p)
         p.set_defaults(run=_runs(status))
+    elif command == "events":
+        p.add_argument("--job", metavar="ID", help="only this job's events")
+        p.add_argument("--kind", metavar="KIND",
+                       help="only events of this kind (login, granted, desired, transition, "
+                       "...)")
+        p.add_argument("--limit", type=int, default=100, metavar="N",
+                       help="the newest N (default 100, at most 10000)")
+        _add_output(p)
+        p.set_defaults(run=_runs(events))
     elif command == "store":
         sub = p.add_subparsers(dest="op", required=True, metavar="COMMAND")
         gc = sub.add_parser("gc", parents=[common],

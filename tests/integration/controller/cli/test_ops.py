@@ -730,3 +730,32 @@ async def test_import_of_odd_files_is_one_line_without_python_words(mesh: Mesh,
         line = one_error_line(r, "jobmesh job import: ", fragment)
         assert "Path(" not in line and "Errno" not in line, line
     assert await mesh.catalog.job("beta") is None
+
+
+async def test_every_operator_action_is_an_event_naming_who_and_from_where(mesh: Mesh) -> None:
+    """Audit: users, grants and a job's wants through the CLI (the API's token) are events
+    with their actor and source, which `jobmesh events` reads."""
+    steps = [("user", "create", "analyst"), ("grant", "analyst", "scrape-*", "--read"),
+             ("revoke", "analyst", "scrape-*"), ("job", "create", "alpha", "--no-wait"),
+             ("job", "end", "alpha", "--no-wait"), ("user", "delete", "analyst")]
+    for step in steps:
+        r = await mesh.run(*step)
+        assert r.code == 0, (step, r)
+    events = [e for e in await mesh.catalog.events() if e.actor is not None]
+    assert [(e.job_id, e.kind) for e in events] == [
+        (None, "user-created"), (None, "granted"), (None, "revoked"), ("alpha", "created"),
+        ("alpha", "desired"), (None, "user-deleted")]
+    assert {e.actor for e in events} == {"api"}
+    assert events[1].detail == {"user": "analyst", "pattern": "scrape-*", "access": "read",
+                                "source": "127.0.0.1"}
+    assert events[4].detail == {"desired_state": "ended"}
+    r = await mesh.run("events")
+    assert r.code == 0, r
+    header, *rows = r.out.strip().splitlines()
+    assert header.split() == ["AT", "JOB", "KIND", "ACTOR", "WHAT"]
+    kinds = [row.split()[3] for row in rows]
+    assert kinds[:1] == ["user-created"] and "granted" in kinds and "user-deleted" in kinds
+    r = await mesh.run("events", "--job", "alpha", "-o", "json")
+    assert r.code == 0 and {e["job_id"] for e in json.loads(r.out)["events"]} == {"alpha"}
+    r = await mesh.run("events", "--job", "nope")
+    assert r.code == 1 and r.err.count("\n") == 1 and "no job nope" in r.err, r
