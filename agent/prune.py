@@ -145,7 +145,19 @@ async def drop_by_retention(store: Store, job: str, listing: Listing, keep: set[
     await delete(sorted(info.key for area, oid, info in listing.orphans()
                         if (cut := newest[area]) is not None and oid < cut
                         and info.key not in gone))
+    gone = set(deleted)
+    await delete(sorted(k for k in superseded_deltas(job, listing.objects) if k not in gone))
     return deleted
+
+
+def superseded_deltas(job: str, keys: Iterable[str]) -> list[str]:
+    """The streamed deltas of segments the archive has stored whole (the agent leaves them:
+    it never deletes): a restore reads the whole segment, never its deltas."""
+    keys = list(keys)
+    whole = {wal_name(k) for k in keys if k.startswith(f"{job_prefix(job)}wal/")
+             and "/wal/partial/" not in k}
+    return [k for k in keys
+            if (d := parse_delta_key(job, k)) is not None and d.segment in whole]
 
 
 async def retain(store: Store, job: str, keep_base: int = 2, *,

@@ -187,10 +187,18 @@ async def wal_after_pause(store: Store, job: str, manifest: Manifest) -> bool:
     if manifest.kind != "pause" or not manifest.start_lsn:
         return False
     first = segment_of(manifest.timeline, parse_lsn(manifest.start_lsn))
+    streamed_to = parse_lsn(str(manifest.extra.get("streamed_to") or "0/0"))
     for obj in await store.list(f"{job_prefix(job)}wal/"):
         name = obj.key.rsplit("/", 1)[-1].removesuffix(".zst")
         if (delta := parse_delta_key(job, obj.key)) is not None:
-            name = delta.segment  # streamed after the resume (a pause deletes its own)
+            name = delta.segment
+            # The pausing agent's own deltas stay in the store (agents do not delete):
+            # they end at or before where its stream stood at the pause; what a later
+            # generation, or the same agent after a resume, streamed reaches past it.
+            if (delta.generation <= manifest.generation and parse_segment(name) <= first
+                    and (not streamed_to or
+                         parse_segment(name).start_lsn + delta.end <= streamed_to)):
+                continue
         if not is_segment(name):
             continue
         if parse_segment(name) >= first:  # Segment orders by timeline, then number

@@ -28,7 +28,7 @@ from .metrics import AgentMetrics
 from .postgres import PostgresError, bin_dir, pid_alive, run_pg
 from .progress import NoProgress, Progress
 from .store import Store
-from .walnames import parse_lsn
+from .walnames import format_lsn, parse_lsn
 
 # Not part of a stopped cluster's state; a stale pid file would only confuse the next start.
 _EXCLUDE = frozenset({"postmaster.pid", "postmaster.opts"})
@@ -170,8 +170,13 @@ def tree_size(path: Path, exclude: Callable[[str], bool] = lambda _rel: False) -
 async def take_snapshot(pgdata: Path, store: Store, job: str, *,
                         progress: Progress | None = None,
                         metrics: AgentMetrics | None = None,
-                        generation: int = 0, keyring: Keyring | None = None) -> Manifest:
+                        generation: int = 0, keyring: Keyring | None = None,
+                        streamed_to: int = 0) -> Manifest:
     """Upload a pause snapshot of a cleanly stopped PGDATA; returns its (stored) manifest.
+
+    ``streamed_to``: the WAL position the agent's streamed deltas reached when PostgreSQL
+    stopped (they stay in the store: ``restore.wal_after_pause`` tells them from WAL
+    streamed after a resume by it).
 
     Afterwards the hash cache beside the files describes them (the next pause
     reads only what PostgreSQL wrote in between).
@@ -194,7 +199,8 @@ async def take_snapshot(pgdata: Path, store: Store, job: str, *,
                 extra={"new_bytes": stats.new_bytes, "new_objects": stats.new_objects,
                        "read_bytes": stats.read_bytes, "files": stats.files,
                        "recycled_wal_skipped": sum(1 for k in skip if k.count("/") == 1
-                                                   and k.startswith("pg_wal/"))})
+                                                   and k.startswith("pg_wal/")),
+                       **({"streamed_to": format_lsn(streamed_to)} if streamed_to else {})})
 
         manifest, stats, cache = await write_snapshot(
             store, job, pgdata, skip.__contains__, finish, zero_past=wal_cuts(control),

@@ -15,8 +15,9 @@ where a streaming connection without a replication slot may miss WAL
 while the agent is down. That is also why no slot is used: the archive
 path already guarantees every finished segment, and a slot would make
 Postgres keep WAL on the job's disk for as long as the agent is gone.
-Once the archiver has stored a segment whole, its deltas are deleted (one
-batched request), as is pg_receivewal's local copy.
+Once the archiver has stored a segment whole, pg_receivewal's local copy is
+deleted; its deltas are the collector's to delete (``controller/storage/gc.py``):
+the agent's store credentials may not delete.
 
 ``pg_receivewal`` runs with ``--no-loop``: when Postgres restarts (crash
 recovery in place) or goes away, it exits, and the agent starts it again
@@ -171,10 +172,9 @@ class WalStreamer:
         return 1 if end > start else 0
 
     async def _drop_whole(self) -> None:
+        """Forget the deltas of segments archived whole (the collector deletes them:
+        the agent never deletes from the store)."""
         done = [seg for seg in self._keys if seg in self._whole]
-        keys = [k for seg in done for k in self._keys[seg]]
-        if keys:
-            await self.store.delete_many(keys)
         for seg in done:
             del self._keys[seg]
             self._shipped.pop(seg, None)
@@ -186,12 +186,12 @@ class WalStreamer:
             (self.directory / name).unlink(missing_ok=True)
 
     async def forget(self) -> None:
-        """Delete every delta we know of (after a pause snapshot, which holds the
-        unfinished segment in its pg_wal): a resumed job streams that segment afresh."""
+        """Forget every delta we shipped (after a pause snapshot, which holds the
+        unfinished segment in its pg_wal): a resumed job, a newer generation, streams
+        that segment afresh. The deltas stay in the store until the collector deletes
+        them; a restore tells them from what was streamed after the resume by their
+        generation (``restore.wal_after_pause``)."""
         async with self._lock:
-            keys = [k for ks in self._keys.values() for k in ks]
-            if keys:
-                await self.store.delete_many(keys)
             self._keys.clear()
             self._shipped.clear()
             self._seen.clear()

@@ -60,14 +60,13 @@ async def write_snapshot(store: Store, job: str, directory: Path,
             progress=progress, lsn_trusted=lsn_trusted)
         manifest = await finish(tree, stats, keys)
         await objects.sync()
-        key = snapshot_manifest_key(job, manifest.id)
-        await put_bytes(store, key, manifest.to_json())
-        if lease.lapsed:  # the collector may have taken us for dead
+        if lease.lapsed:  # the collector may have taken us for dead: hold the lease again
+            await lease.take()  # (no collection runs from here on), then check
             missing = await verify_referenced(objects.exists, manifest.object_names())
             if missing:
-                await store.delete(key)
                 raise AgentError(f"snapshot {manifest.id} lost {len(missing)} objects to a "
                                  "garbage collection while its lease had lapsed; retry it")
+        await put_bytes(store, snapshot_manifest_key(job, manifest.id), manifest.to_json())
     new_cache.source = (job, manifest.id)
     return manifest, stats, new_cache
 

@@ -17,8 +17,14 @@ listing (S3, a file system) at least one of two that race sees the other.
 A lease or lock carries its time in its key, so one listing says who is
 live: a lease older than ``LEASE_TTL`` (its writer died; writers renew
 theirs every ``LEASE_TTL / 4``) or a lock older than ``LOCK_TTL`` is
-ignored. A writer whose lease may have lapsed (renewals failed) checks
-every object its manifest references before counting it as written.
+ignored. A writer whose lease may have lapsed (renewals failed) takes it
+again and checks every object its manifest references before writing it.
+
+Writers never delete (their store credentials may not: README, "Scoped
+store access"). A lease has an id; each renewal puts a new key with that id
+(``lease-<ms>-<id>``), and releasing it puts ``done-<ms>-<id>``: a lease
+with a ``done`` marker is not live. The collector, which may delete, sweeps
+what is past its time to live (``sweep``).
 """
 
 from __future__ import annotations
@@ -45,32 +51,57 @@ POLL = 0.05
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # "lease" or "gc"
+    kind: str  # "lease", "done" (a lease released) or "gc"
     at: float  # seconds since the epoch
     key: str
+    id: str  # a lease's, shared by its renewals and its done marker
 
 
-def _key(kind: str, at: float) -> str:
-    return f"{LOCKS_PREFIX}{kind}-{int(at * 1000):013d}-{secrets.token_hex(4)}"
+def _key(kind: str, at: float, ident: str) -> str:
+    return f"{LOCKS_PREFIX}{kind}-{int(at * 1000):013d}-{ident}"
 
 
 def parse(key: str) -> Entry | None:
     kind, _, rest = key.removeprefix(LOCKS_PREFIX).partition("-")
-    ms, _, _ = rest.partition("-")
-    if kind not in ("lease", "gc") or not ms.isdigit():
+    ms, _, ident = rest.partition("-")
+    if kind not in ("lease", "done", "gc") or not ms.isdigit() or not ident:
         return None
-    return Entry(kind, int(ms) / 1000, key)
+    return Entry(kind, int(ms) / 1000, key, ident)
+
+
+def _ttl(kind: str) -> float:
+    return LOCK_TTL if kind == "gc" else LEASE_TTL
 
 
 async def live(store: Store, now: float | None = None) -> list[Entry]:
-    """Leases and locks not past their time to live, oldest first."""
+    """Leases (the newest key of each, not released) and locks not past their time to
+    live, oldest first."""
     now = time.time() if now is None else now
-    out = []
-    for info in await store.list(LOCKS_PREFIX):
-        e = parse(info.key)
-        if e is not None and now - e.at < (LEASE_TTL if e.kind == "lease" else LOCK_TTL):
-            out.append(e)
-    return sorted(out, key=lambda e: (e.at, e.key))
+    entries = [e for info in await store.list(LOCKS_PREFIX) if (e := parse(info.key))]
+    released = {e.id for e in entries if e.kind == "done"}
+    newest: dict[tuple[str, str], Entry] = {}
+    for e in entries:
+        if e.kind == "done" or (e.kind == "lease" and e.id in released):
+            continue
+        if now - e.at < _ttl(e.kind):
+            k = (e.kind, e.id)
+            if k not in newest or newest[k].at < e.at:
+                newest[k] = e
+    return sorted(newest.values(), key=lambda e: (e.at, e.key))
+
+
+async def sweep(store: Store, now: float | None = None) -> list[str]:
+    """The collector's cleanup of ``_locks/``: deletes released leases, what is past its
+    time to live, and done markers older than a lease's time to live (every key of their
+    lease is older still, so dead without them); returns the deleted keys."""
+    now = time.time() if now is None else now
+    entries = [e for info in await store.list(LOCKS_PREFIX) if (e := parse(info.key))]
+    released = {e.id for e in entries if e.kind == "done"}
+    doomed = sorted(e.key for e in entries if now - e.at >= _ttl(e.kind)
+                    or (e.kind == "lease" and e.id in released))
+    if doomed:
+        await store.delete_many(doomed)
+    return doomed
 
 
 class Lease:
@@ -80,22 +111,13 @@ class Lease:
         self.store = store
         self.what = what
         self.wait = wait
-        self.key = ""
+        self.id = ""  # of the lease held, if any
+        self.key = ""  # its newest renewal
         self.renewed_at = 0.0  # monotonic time of the last write of the lease
         self._renewer: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Lease:
-        deadline = time.monotonic() + self.wait
-        while True:
-            await self._put()
-            if not any(e.kind == "gc" for e in await live(self.store)):
-                break
-            await self._drop()  # let the collector finish; it waits for leases, not us
-            while any(e.kind == "gc" for e in await live(self.store)):
-                if time.monotonic() > deadline:
-                    raise StoreError(f"the store {self.store.url} has been locked by a garbage "
-                                     f"collection for over {self.wait:.0f} s")
-                await asyncio.sleep(POLL)
+        await self.take()
         self._renewer = asyncio.create_task(self._renew(), name=f"lease {self.what}")
         return self
 
@@ -107,22 +129,36 @@ class Lease:
         with contextlib.suppress(StoreError):
             await self._drop()
 
+    async def take(self) -> None:
+        """Hold a lease no collector's lock predates (waiting for the collector, if one
+        runs, to finish); also how a writer whose lease lapsed takes it again."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            await self._put()
+            if not any(e.kind == "gc" for e in await live(self.store)):
+                return
+            await self._drop()  # let the collector finish; it waits for leases, not us
+            while any(e.kind == "gc" for e in await live(self.store)):
+                if time.monotonic() > deadline:
+                    raise StoreError(f"the store {self.store.url} has been locked by a garbage "
+                                     f"collection for over {self.wait:.0f} s")
+                await asyncio.sleep(POLL)
+
     @property
     def lapsed(self) -> bool:
         """Whether the collector may have taken this lease for a dead writer's."""
         return time.monotonic() - self.renewed_at > LEASE_TTL / 2
 
     async def _put(self) -> None:
-        key = _key("lease", time.time())
+        self.id = self.id or secrets.token_hex(6)
+        key = _key("lease", time.time(), self.id)
         await put_bytes(self.store, key, self.what.encode())
-        old, self.key, self.renewed_at = self.key, key, time.monotonic()
-        if old:
-            await self.store.delete(old)
+        self.key, self.renewed_at = key, time.monotonic()
 
     async def _drop(self) -> None:
-        if self.key:
-            key, self.key = self.key, ""
-            await self.store.delete(key)
+        if self.id:
+            ident, self.id, self.key = self.id, "", ""
+            await put_bytes(self.store, _key("done", time.time(), ident), b"")
 
     async def _renew(self) -> None:
         while True:
@@ -156,7 +192,7 @@ class CollectorLock:
     async def acquire(self, wait: float) -> bool:
         """True once held; False (and nothing held) if leases stayed live for ``wait`` s or
         another collector holds the store."""
-        self.key = _key("gc", time.time())
+        self.key = _key("gc", time.time(), secrets.token_hex(6))
         await put_bytes(self.store, self.key, b"gc")
         deadline = time.monotonic() + wait
         while True:

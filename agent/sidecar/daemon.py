@@ -201,8 +201,10 @@ class Agent:
             except (AgentError, StoreError, OSError) as exc:
                 raise AgentError(f"cannot upload the spooled WAL: {exc}") from exc
             lap("archive")
-            manifest = await take_snapshot(self.config.pgdata, self.store, self.config.job,
-                                           metrics=self.metrics, generation=self.config.generation)
+            manifest = await take_snapshot(
+                self.config.pgdata, self.store, self.config.job, metrics=self.metrics,
+                generation=self.config.generation,
+                streamed_to=self.streamer.streamed_lsn if self.streamer is not None else 0)
             lap("snapshot")
             log.info("paused: snapshot %s stored (%s)", manifest.id,
                      ", ".join(f"{k} {v:g} ms" for k, v in laps.items()))
@@ -210,7 +212,7 @@ class Agent:
                 try:  # the snapshot's pg_wal holds the unfinished segment now
                     await self.streamer.forget()
                 except (StoreError, OSError) as exc:
-                    log.warning("cannot delete the streamed WAL the snapshot holds: %s",
+                    log.warning("cannot reset the WAL stream after the pause: %s",
                                 one_line(exc))
             self.last_snapshot = self._paused = manifest
             return manifest

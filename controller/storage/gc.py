@@ -18,7 +18,10 @@ templates. A collection:
    (``agent.cas.leases``), re-reads the manifests written meanwhile, and
    deletes what is still unreferenced;
 4. removes incomplete uploads (``.partial`` files, unfinished S3 multipart
-   uploads) older than a grace period: nothing finishes those.
+   uploads) older than a grace period: nothing finishes those;
+5. deletes what writers leave for it, since they may not delete (README,
+   "Scoped store access"): released and expired leases (``leases.sweep``),
+   and streamed WAL deltas of segments the archive has since stored whole.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from jobmesh.agent.cas.leases import CollectorLock
+from jobmesh.agent.cas.leases import CollectorLock, sweep
 from jobmesh.agent.cas.objects import name_of_key
 from jobmesh.agent.inventory import read_listing
 from jobmesh.agent.manifest import Manifest, ManifestError, pin_key, pins
@@ -116,6 +119,8 @@ class Collector:
             report.deleted_bytes = sum(objects[n].size for n in garbage)
         report.incomplete = await abort_incomplete(self.store, older_than=self.grace,
                                                    dry_run=dry_run)
+        if not dry_run:  # writers never delete: their released and expired leases go here
+            report.deleted_keys += len(await sweep(self.store))
         return report
 
     async def _retain(self, job: str, policy: Retention, now: datetime, dry_run: bool,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobmesh.agent.cas.leases import LOCKS_PREFIX
+from jobmesh.agent.cas.leases import LOCKS_PREFIX, parse
 from jobmesh.agent.manifest import Manifest, snapshot_manifest_key
 from jobmesh.agent.store import Store, open_store
 from tests.support.s3 import S3Server
@@ -61,15 +61,10 @@ class StoreSpec:
     def leases(self, what: str) -> list[str]:
         """The keys of the writers' leases (``cas/leases.py``) held for ``what``, e.g.
         ``snapshot of <job>``: a snapshot in flight, or one whose writer died."""
-        out = []
-        for key in self.keys(f"{LOCKS_PREFIX}lease-"):
-            try:
-                if self.read(key) == what.encode():
-                    out.append(key)
-            except Exception:  # renewed (and so removed) since the listing
-                if key in self.keys(key):
-                    raise
-        return out
+        keys = self.keys(LOCKS_PREFIX)
+        released = {e.id for k in keys if (e := parse(k)) and e.kind == "done"}
+        return [k for k in keys if (e := parse(k)) and e.kind == "lease"
+                and e.id not in released and self.read(k) == what.encode()]
 
     def corrupt(self, key: str, offset_fraction: float = 0.5) -> None:
         """Flip one byte of a stored object, in place."""

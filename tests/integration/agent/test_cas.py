@@ -24,7 +24,7 @@ from jobmesh.agent.cas import keyring_for
 from jobmesh.agent.cas.download import restore_files
 from jobmesh.agent.cas.hashcache import CACHE_NAME, read_cache
 from jobmesh.agent.cas.keys import STORE_KEY_ENV
-from jobmesh.agent.cas.leases import LOCKS_PREFIX
+from jobmesh.agent.cas.leases import live
 from jobmesh.agent.cas.objects import OBJECTS_PREFIX, Objects, object_key
 from jobmesh.agent.errors import AgentError
 from jobmesh.agent.manifest import FileEntry, Manifest, job_prefix, snapshot_ids_with_manifest
@@ -438,7 +438,7 @@ async def test_a_format_2_pause_on_top_of_a_format_1_store_restores_either(
 async def assert_still_latest(store: Store, job: str, m: Manifest, pgdata: Path, pg_root: Path,
                               sums: dict[str, str], started: list[Instance]) -> None:
     assert await stored_ids(store, job) == [m.id]
-    assert [i.key for i in await store.list(LOCKS_PREFIX)] == []  # its lease is gone
+    assert await live(store) == []  # its lease is released
     cache = read_cache(pgdata, m.key_id)
     assert cache is not None and cache.source == (job, m.id)  # as the good pause left it
     dest = pg_root / unique(f"{job}-restored")

@@ -206,8 +206,10 @@ async def test_a_pause_ships_the_streamed_tail_and_a_resumed_job_streams_again(
     await conn.close()
     code, paused = await asyncio.to_thread(post, agent, "/pause")
     assert code == 200 and paused["kind"] == "pause", paused
-    # the snapshot's pg_wal holds the unfinished segment: its deltas are gone
-    assert await delta_count(store, m.job) == 0
+    # the snapshot's pg_wal holds the unfinished segment; its deltas stay (the agent
+    # never deletes) and say where the stream stood, as the manifest does
+    assert await delta_count(store, m.job) > 0
+    assert paused["extra"]["streamed_to"]
     assert (await astatus(agent))["stream"]["receiver_pid"] is None
 
     m.inst.start()  # resume on the same PGDATA, under the same agent

@@ -22,7 +22,7 @@ import pytest
 
 from jobmesh.agent.cas import CHUNK_SIZE, Tree, UploadStats, keyring_for, write_snapshot
 from jobmesh.agent.cas.keys import KeySet
-from jobmesh.agent.cas.leases import LOCKS_PREFIX, verify_referenced
+from jobmesh.agent.cas.leases import LOCKS_PREFIX, live, parse, verify_referenced
 from jobmesh.agent.cas.objects import OBJECTS_PREFIX, Objects, name_of_key
 from jobmesh.agent.manifest import Manifest, new_id, now_iso, snapshot_manifest_key
 from jobmesh.agent.store import Store
@@ -147,9 +147,13 @@ async def test_collection_never_removes_what_a_concurrent_pause_reuses(
         assert new.object_names() == old.object_names()
         assert await missing(store, new) == [], f"round {round_} (delay {delay:.3f} s)"
         await store.delete(snapshot_manifest_key("racer", new.id))
-    assert [o for o in await store.list(LOCKS_PREFIX)] == []  # every lease and lock released
+    assert await live(store) == []  # every lease and lock released
     await collector.collect({}, default=KEEP, only=[])
     assert await object_names(store) == set()
+    # writers do not delete; the collection swept their released leases, and keeps only
+    # the done markers (until a lease's time to live has passed)
+    left = [parse(o.key) for o in await store.list(LOCKS_PREFIX)]
+    assert left and {e.kind for e in left if e} == {"done"} and None not in left
 
 
 _UPLOADER = """
