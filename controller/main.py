@@ -40,6 +40,7 @@ from .core.backend import Backend, BackendError
 from .core.metrics import ControllerMetrics
 from .core.reconciler import Reconciler, ReconcilerConfig
 from .mesh import AGENT_KEY_FILE
+from .storage.access import AccessError, StoreAccess, ensure_key_file
 from .web.guard import WebConfig, WebConfigError
 
 if TYPE_CHECKING:
@@ -70,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file:///path or s3://bucket/prefix (default file://DIR/store)")
     p.add_argument("--s3-endpoint", default=env("JOBMESH_S3_ENDPOINT"), metavar="URL",
                    help="an S3-compatible server instead of AWS (env JOBMESH_S3_ENDPOINT)")
+    p.add_argument("--store-credentials", choices=["shared", "scoped"],
+                   default=env("JOBMESH_STORE_CREDENTIALS", "shared"),
+                   help="shared: sidecars use the store credentials they are given (the "
+                   "default); scoped: the controller issues them IAM users that may read and "
+                   "add to their own job's prefix and never delete (a user per job on "
+                   "Kubernetes, one for the local agent host; env JOBMESH_STORE_CREDENTIALS)")
+    p.add_argument("--iam-endpoint", default=env("JOBMESH_IAM_ENDPOINT"), metavar="URL",
+                   help="the IAM API that --store-credentials scoped uses (env "
+                   "JOBMESH_IAM_ENDPOINT; default AWS's, or $AWS_ENDPOINT_URL_IAM)")
     p.add_argument("--api-listen", default=env("JOBMESH_API_LISTEN", defaults.API_LISTEN),
                    metavar="HOST:PORT",
                    help=f"the HTTP API and /metrics (default {defaults.API_LISTEN})")
@@ -264,6 +274,7 @@ class ControllerSettings:
     job_memory: str | None = defaults.JOB_MEMORY
     web: WebConfig = field(default_factory=WebConfig)  # the status page
     agent_key_file: Path | None = None  # None: DIR/agent-key
+    store_access: StoreAccess | None = None  # --store-credentials scoped
 
     @property
     def agent_key_path(self) -> Path:
@@ -293,9 +304,16 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
         raise UsageError(f"--api-listen {args.api_listen!r}: expected HOST:PORT")
     state = args.state_dir.absolute()
     job_cpu, job_memory = job_limits(args)
+    store = args.store or f"file://{state / 'store'}"
+    access = None
+    if args.store_credentials == "scoped":
+        try:
+            access = StoreAccess(store, iam_endpoint=args.iam_endpoint)
+        except AccessError as exc:
+            raise UsageError(f"--store-credentials scoped: {exc}") from None
     return ControllerSettings(
         catalog_dsn=dsn, state_dir=state,
-        store=args.store or f"file://{state / 'store'}", s3_endpoint=args.s3_endpoint,
+        store=store, s3_endpoint=args.s3_endpoint, store_access=access,
         api_host=host, api_port=int(port),
         token_file=args.api_token_file or state / "api-token",
         reconciler=ReconcilerConfig(
@@ -348,7 +366,8 @@ def make_backend(s: ControllerSettings, catalog: Catalog | None = None,
                            base_backup_interval=s.base_backup_interval)
         assert agent_key is not None
         return KubernetesBackend(api, catalog, pods, router_service=k.router_service,
-                                 agent_key=agent_key, start_timeout=k.start_timeout)
+                                 agent_key=agent_key, start_timeout=k.start_timeout,
+                                 store_access=s.store_access)
     return local_backend(s, agent_key)
 
 
@@ -359,7 +378,8 @@ def local_backend(s: ControllerSettings, agent_key: bytes | None = None) -> Loca
                         archive_timeout=s.archive_timeout, wal_window=s.wal_window,
                         base_backup_interval=s.base_backup_interval,
                         warm_cache_bytes=s.warm_cache_bytes, job_cpu=s.job_cpu,
-                        job_memory=s.job_memory, agent_key=agent_key)
+                        job_memory=s.job_memory, agent_key=agent_key,
+                        store_access=s.store_access)
 
 
 async def serve(s: ControllerSettings, stop: asyncio.Event,
@@ -383,6 +403,8 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
     runner: web.AppRunner | None = None
     try:
         await catalog.migrate()
+        if s.store_access is not None:
+            await ensure_key_file(store)
         metrics = ControllerMetrics()
         # Kubernetes sets a job pod's requests and limits and its volume's size; the
         # local backend puts each job in cgroups with its cpu and memory limits where it

@@ -102,6 +102,14 @@ def s3_server() -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def iam_s3_server() -> Iterator[S3Server]:
+    """Another moto server, which checks every request against IAM policies as AWS does
+    (``S3Server.enforce_iam``): for scoped store credentials."""
+    with running_s3_server(iam=True) as server:
+        yield server
+
+
 @pytest.fixture(params=["file", "s3"])
 def store_spec(request: pytest.FixtureRequest, pg_root: Path) -> StoreSpec:
     """An empty store of each kind, reachable in-process and from a CLI subprocess."""

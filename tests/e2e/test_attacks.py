@@ -8,19 +8,26 @@ NetworkPolicy lets through).
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import psycopg
 import pytest
+from botocore.exceptions import ClientError
 
 from jobmesh.agent.apitoken import header, job_token
 from jobmesh.controller.catalog.db import Catalog
 from jobmesh.controller.catalog.passwords import scram_verifier
-from tests.support.kube_mesh import KubeMesh
+from tests.support.kube_mesh import NS, KubeMesh, running_kube_mesh
 from tests.support.mesh import Mesh, psql, router_dsn
+from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.timeout(300)
 PW = "pw-of-the-owner"
@@ -212,3 +219,99 @@ async def test_a_jobs_sql_cannot_reach_another_jobs_postgresql(mesh: Mesh) -> No
         conn.execute("COPY (SELECT 1) TO PROGRAM 'true'")
     # through the router, with a grant, is the way: and it works
     assert psql(mesh.dsn("beta", "peeker", PW), "SELECT 1") == "1"
+
+
+# --- the store: a sidecar's credentials ---------------------------------------------
+
+
+@dataclass
+class Scoped:
+    """A mesh whose controller issues scoped store credentials, on moto with IAM enforced."""
+
+    mesh: Mesh
+    s3: S3Server
+    bucket: str
+    backend: str
+    kube: KubeMesh | None = None
+
+    def sidecar_key(self, job_id: str) -> tuple[str, str]:
+        """What an attacker in control of the job's agent holds: on Kubernetes, the job's
+        Secret; on one machine, the agent host's environment."""
+        if self.kube is not None:
+            secret = self.kube.emulator.get("secrets", NS, f"job-{job_id}")
+            assert secret is not None
+            data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        else:
+            pid = json.loads((self.mesh.root / "agent-host.json").read_text())["pid"]
+            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            data = dict(e.decode().partition("=")[::2] for e in raw if b"=" in e)
+        return data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]
+
+    def keys(self, prefix: str) -> list[str]:
+        listed = self.s3.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+
+@pytest.fixture(params=["local", "kubernetes"])
+async def scoped(request: pytest.FixtureRequest, iam_s3_server: S3Server, mesh: Mesh,
+                 pg_root: Path, catalog_dsn: str, catalog: Catalog) -> AsyncIterator[Scoped]:
+    s3 = iam_s3_server
+    flags = ["--store-credentials", "scoped", "--iam-endpoint", s3.endpoint]
+    if request.param == "local":
+        bucket = s3.create_bucket(f"scoped-{os.urandom(4).hex()}")
+        mesh.controller_env = s3.env  # the controller's own key: the only one that deletes
+        mesh.start_controller("--idle-timeout", "0", "--store", f"s3://{bucket}/jobs",
+                              "--s3-endpoint", s3.endpoint, *flags)
+        mesh.start_router()
+        yield Scoped(mesh, s3, bucket, "local")
+        return
+    async with running_kube_mesh(pg_root, catalog_dsn, catalog, s3) as k:
+        k.mesh.controller_env = s3.env
+        k.replicas.append(k.mesh.start_controller(*k.controller_args("one"), *flags))
+        k.mesh.start_router()
+        yield Scoped(k.mesh, s3, k.store.removeprefix("s3://").split("/")[0], "kubernetes", k)
+
+
+async def test_a_sidecars_store_key_cannot_delete_or_reach_another_job(scoped: Scoped) -> None:
+    """The job pauses to the store and resumes from it under the sidecar's key; that key
+    (what an attacker in the sidecar holds) deletes nothing, cannot rewrite the store's
+    key file, and on Kubernetes cannot read or write another job's prefix."""
+    mesh = scoped.mesh
+    await two_jobs(mesh)
+    alpha = mesh.dsn("alpha", "owner", PW)
+    psql(alpha, "CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
+    await mesh.pause("alpha")
+    assert psql(alpha, "SELECT count(*) FROM t") == "1000"  # woken, restored from the store
+
+    s3 = scoped.s3.client(key=scoped.sidecar_key("alpha"))
+    prefix = "jobs/"  # (both meshes: s3://BUCKET/jobs)
+    own = [k for k in scoped.keys(f"{prefix}alpha/") if "/snapshots/" in k]
+    beta = scoped.keys(f"{prefix}beta/")
+    shared = scoped.keys(f"{prefix}_objects/")
+    assert own and beta and shared
+    for doomed in (own[0], beta[0], shared[0]):
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.delete_object(Bucket=scoped.bucket, Key=doomed)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        s3.put_object(Bucket=scoped.bucket, Key=f"{prefix}_store/keys/evil.json", Body=b"{}")
+    if scoped.backend == "kubernetes":  # a key per job: nothing of another's
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.get_object(Bucket=scoped.bucket, Key=beta[0])
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.put_object(Bucket=scoped.bucket, Key=f"{prefix}beta/snapshots/evil.json",
+                          Body=b"{}")
+    # the key is a working one (its own prefix), and nothing was lost
+    s3.put_object(Bucket=scoped.bucket, Key=f"{prefix}alpha/probe", Body=b"")
+    assert set(own + beta + shared) <= set(scoped.keys(prefix))
+    assert psql(alpha, "SELECT count(*) FROM t") == "1000"
+
+    if scoped.kube is not None:  # a deleted job's user goes with it
+        iam = scoped.s3.client("iam")
+        assert iam.get_user(UserName="jm-beta")
+        await mesh.catalog.set_desired("beta", "deleted")
+
+        async def gone() -> bool:
+            return await mesh.catalog.job("beta") is None
+        await mesh.wait_until("beta", gone, "beta deleted")
+        with pytest.raises(ClientError, match="NoSuchEntity"):
+            iam.get_user(UserName="jm-beta")

@@ -62,7 +62,8 @@ class KubeMesh:
                "--state-dir", str(m.root), "--api-listen", f"127.0.0.1:{free_port()}",
                "--health-interval", "0.5", "--resync-interval", "5",
                *self.controller_args(identity)]
-        replica = LoggedProcess(identity, cmd, m.root / f"controller-{identity}.log")
+        replica = LoggedProcess(identity, cmd, m.root / f"controller-{identity}.log",
+                                env={**os.environ, **m.controller_env})
         self.replicas.append(replica)
         replica.wait_for_log(r"controller API listening on")
         return replica

@@ -49,6 +49,7 @@ class Mesh:
         self.router_port = 0
         self.api_port = 0
         self.controller_args: list[str] = []
+        self.controller_env: dict[str, str] = {}  # over ours (a store's credentials)
 
     # --- processes ---------------------------------------------------------------------
 
@@ -60,7 +61,8 @@ class Mesh:
                "--state-dir", str(self.root), "--api-listen", f"127.0.0.1:{self.api_port}",
                "--health-interval", "0.5", "--resync-interval", "5",
                *self.controller_args]
-        self.controller = LoggedProcess("controller", cmd, self.root / "jobmesh.controller.log")
+        self.controller = LoggedProcess("controller", cmd, self.root / "jobmesh.controller.log",
+                                        env={**os.environ, **self.controller_env})
         self.controller.wait_for_log(r"controller API listening on")
         return self.controller
 

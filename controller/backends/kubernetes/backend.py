@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -56,6 +57,7 @@ from ...catalog.models import Conflict as CatalogConflict
 from ...catalog.models import NotFound as NoSuchUser
 from ...catalog.passwords import scram_verifier
 from ...core.backend import BackendError, PermanentError, Progress, Started, Stopped
+from ...storage.access import AccessError, StoreAccess
 from ..agent_client import AgentClient
 from ..job_database import wait_until_writable
 from ..job_lock import JobLocks
@@ -78,7 +80,7 @@ DELETE_GRACE = 10  # seconds a deleted job's pod gets (nothing of it is kept)
 # What a step may fail with that is not a bug: "cannot <step>: <why>" (see job_lock).
 EXPECTED_ERRORS = (ApiException, urllib3.exceptions.HTTPError, ValueError,  # (client checks)
                    AgentError, StoreError, ManifestError, CatalogError, OSError, TimeoutError,
-                   aiohttp.ClientError, asyncpg.PostgresError)
+                   aiohttp.ClientError, asyncpg.PostgresError, AccessError)
 
 
 class KubernetesBackend:
@@ -86,8 +88,13 @@ class KubernetesBackend:
 
     def __init__(self, api: client.ApiClient, catalog: Catalog, settings: PodSettings, *,
                  router_service: str, agent_key: bytes, start_timeout: float = 600,
-                 pause_timeout: float = 3600, gone_timeout: float = GONE_TIMEOUT) -> None:
+                 pause_timeout: float = 3600, gone_timeout: float = GONE_TIMEOUT,
+                 store_access: StoreAccess | None = None) -> None:
         self.api = Api(api, settings.namespace, gone_timeout=gone_timeout)
+        # Scoped: each job's sidecar gets an IAM user of its own, in the job's Secret.
+        self.store_access = store_access
+        if store_access is not None:
+            settings = replace(settings, scoped_credentials=True)
         self.agent_key = agent_key  # the sidecars' API tokens derive from it
         self.catalog = catalog
         self.settings = settings
@@ -196,6 +203,8 @@ class KubernetesBackend:
             await self.api.delete(self.api.core.delete_namespaced_config_map, name)
             with contextlib.suppress(NoSuchUser):
                 await self.catalog.delete_principal(objects.principal_name(job.id))
+            if self.store_access is not None:
+                await self.store_access.revoke(job.id)
             await delete_job_objects(self.store, job.id)
 
     async def orphans(self, known: set[str]) -> list[str]:
@@ -274,9 +283,19 @@ class KubernetesBackend:
         same id is brought up to date, and then the user's password too."""
         core, name = self.api.core, objects.object_name(job.id)
         url = objects.connection_url(job.id, job.backend_password, self.router_service)
-        body = objects.job_secret(self.ns, job.id, job.backend_password, url, owner_uid,
-                                  job_token(self.agent_key, job.id))
         current = await self.api.read(core.read_namespaced_secret, name)
+        s3 = None
+        if self.store_access is not None:  # the key the Secret has, else a new one
+            try:
+                s3 = (objects.secret_s3_credentials(current)
+                      or await self.store_access.issue(job.id))
+            except AccessError as exc:
+                if exc.permanent:  # (the controller's own IAM rights: no retry fixes it)
+                    raise PermanentError(str(exc)) from exc
+                raise
+        body = objects.job_secret(self.ns, job.id, job.backend_password, url, owner_uid,
+                                  job_token(self.agent_key, job.id), s3,
+                                  os.environ.get("AWS_DEFAULT_REGION"))
         changed = current is None or current.get("data") != body["data"]
         if current is None:
             await self.api.call(core.create_namespaced_secret, self.ns, body)

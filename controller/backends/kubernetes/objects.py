@@ -60,6 +60,7 @@ from jobmesh import jobids
 from jobmesh.agent.apitoken import TOKEN_ENV
 from jobmesh.defaults import ARCHIVE_TIMEOUT, BASE_BACKUP_INTERVAL, JOB_CPU, JOB_MEMORY, WAL_WINDOW
 
+from ...storage.access import Credentials
 from ..job_spec import archive_timeout, wal_window
 
 Obj = dict[str, Any]
@@ -105,6 +106,8 @@ class PodSettings:
     store_url: str
     s3_endpoint: str | None = None
     s3_secret: str | None = None  # a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    # The job's own Secret holds its sidecar's store credentials (controller/storage/access).
+    scoped_credentials: bool = False
     archive_timeout: int = ARCHIVE_TIMEOUT
     wal_window: float = WAL_WINDOW  # the agent streams unfinished WAL this often (0: never)
     base_backup_interval: float = BASE_BACKUP_INTERVAL
@@ -185,19 +188,34 @@ def agent_url(pod_ip: str | None) -> str:
 
 
 def job_secret(namespace: str, job_id: str, password: str, url: str, owner_uid: str,
-               agent_token: str) -> Obj:
-    """The backend password (for the init step), the URL (for the job's workload) and the
-    agent's API token (for the sidecar: ``jobmesh.agent.apitoken``).
+               agent_token: str, s3: Credentials | None = None, region: str | None = None
+               ) -> Obj:
+    """The backend password (for the init step), the URL (for the job's workload), the
+    agent's API token (for the sidecar: ``jobmesh.agent.apitoken``) and, with scoped
+    store credentials, the sidecar's own (``controller/storage/access.py``).
 
     ``data`` (base64) rather than ``stringData``: the object reads back as it was sent.
     """
     def b64(text: str) -> str:
         return base64.b64encode(text.encode()).decode()
 
+    data = {PASSWORD_KEY: b64(password), URL_KEY: b64(url), AGENT_TOKEN_KEY: b64(agent_token)}
+    if s3 is not None:
+        data |= {"AWS_ACCESS_KEY_ID": b64(s3.access_key_id),
+                 "AWS_SECRET_ACCESS_KEY": b64(s3.secret_access_key),
+                 "AWS_DEFAULT_REGION": b64(region or "us-east-1")}
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": _metadata(namespace, job_id, owner_uid),
-            "data": {PASSWORD_KEY: b64(password), URL_KEY: b64(url),
-                     AGENT_TOKEN_KEY: b64(agent_token)}}
+            "metadata": _metadata(namespace, job_id, owner_uid), "data": data}
+
+
+def secret_s3_credentials(secret: Obj | None) -> Credentials | None:
+    """The store credentials a job's Secret holds (None: none, or not both keys)."""
+    data = (secret or {}).get("data") or {}
+    try:
+        key, value = (base64.b64decode(data[k]).decode() for k in S3_CREDENTIAL_KEYS)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return Credentials(key, value) if key and value else None
 
 
 def network_policy(namespace: str) -> Obj:
@@ -237,7 +255,7 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
     store = ["--store", settings.store_url]
     if settings.s3_endpoint:
         store += ["--s3-endpoint", settings.s3_endpoint]
-    env = _store_env(settings)
+    env = _store_env(settings, job_id)
     if restore:
         init_args = ["jobmesh", "agent", "restore", "--pgdata", PGDATA, "--job", job_id,
                      *store, "--from", "latest", "--generation", str(generation)]
@@ -261,7 +279,7 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
                     "-c", f"basic_archive.archive_directory={SPOOL}",
                     "-c", f"archive_timeout={timeout}",
                     "-c", f"unix_socket_directories={PGDATA_MOUNT}"],
-        "env": [pod_ip, *env],
+        "env": [pod_ip],  # (no store credentials: only the agent and the restore need them)
         "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"}],
         # A shell: an exec probe's command expands $(VAR) only for literal values, not for
         # POD_IP's fieldRef (as Kubernetes' prober does).
@@ -310,15 +328,16 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
     }
 
 
-def _store_env(settings: PodSettings) -> list[Obj]:
+def _store_env(settings: PodSettings, job_id: str) -> list[Obj]:
     env: list[Obj] = [{"name": "JOBMESH_STORE", "value": settings.store_url}]
     if settings.s3_endpoint:
         env += [{"name": "JOBMESH_S3_ENDPOINT", "value": settings.s3_endpoint},
                 {"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint}]
-    if settings.s3_secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret,
-                                                              "key": key}}}
+    # Scoped: the job's own Secret, whose user may touch only this job's prefix.
+    secret = object_name(job_id) if settings.scoped_credentials else settings.s3_secret
+    if secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                 for key in S3_CREDENTIAL_KEYS]
         env.append({"name": "AWS_DEFAULT_REGION", "valueFrom": {"secretKeyRef": {
-            "name": settings.s3_secret, "key": "AWS_DEFAULT_REGION", "optional": True}}})
+            "name": secret, "key": "AWS_DEFAULT_REGION", "optional": True}}})
     return env

@@ -51,6 +51,7 @@ from jobmesh.errors import one_line
 from ...catalog.models import JOB_ID, Job
 from ...core.backend import BackendError, PermanentError, Progress, Started, Stopped
 from ...mesh import AGENT_KEY_FILE, ensure_secret
+from ...storage.access import StoreAccess
 from ..job_lock import JobLocks
 from ..job_store import (
     Rewind,
@@ -99,9 +100,11 @@ class LocalBackend:
                  pause_timeout: float = 3600, warm_cache_bytes: int = 10 * 2**30,
                  failed_copies_bytes: int = FAILED_COPIES_BYTES,
                  job_cpu: str | None = JOB_CPU, job_memory: str | None = JOB_MEMORY,
-                 cgroups: bool = True, agent_key: bytes | None = None) -> None:
+                 cgroups: bool = True, agent_key: bytes | None = None,
+                 store_access: StoreAccess | None = None) -> None:
         """``agent_key``: what the jobs' agent tokens derive from (default: the root's
-        ``agent-key``, made once)."""
+        ``agent-key``, made once). ``store_access``: the agent host gets store credentials
+        of its own, which cannot delete (``controller/storage/access.py``)."""
         self.root = Path(root).absolute()
         self.store_url = store_url
         self.s3_endpoint = s3_endpoint
@@ -114,7 +117,7 @@ class LocalBackend:
             raise BackendError(f"the warm cache's size must be >= 0 bytes, not {warm_cache_bytes}")
         self.warm_cache = WarmCache(self.root / "cache", warm_cache_bytes)  # 0: none
         key = agent_key or ensure_secret(self.root / AGENT_KEY_FILE).encode()
-        self.agents = AgentHost(self.root, python, store_url, s3_endpoint, key)
+        self.agents = AgentHost(self.root, python, store_url, s3_endpoint, key, store_access)
         self.cgroups = Cgroups(self.root) if cgroups else None
         self.instances = Instances(
             self.template, self.agents, self.cgroups, archive_timeout=archive_timeout,

@@ -36,7 +36,8 @@ from jobmesh.agent.wal import Archiver
 from jobmesh.errors import one_line
 from jobmesh.secretfile import write_secret_file
 
-from ...core.backend import BackendError, Progress
+from ...core.backend import BackendError, PermanentError, Progress
+from ...storage.access import AccessError, StoreAccess
 from ..agent_client import CONNECT_TIMEOUT, AgentClient
 from .process import JobDir, spool_backlog, stop_postgres
 
@@ -88,10 +89,12 @@ class AgentHost:
     """The controller's handle on the agent host: starting it, and telling it of jobs."""
 
     def __init__(self, root: Path, python: str, store_url: str,
-                 s3_endpoint: str | None, key: bytes) -> None:
+                 s3_endpoint: str | None, key: bytes,
+                 store_access: StoreAccess | None = None) -> None:
         self.state = root / "agent-host.json"
         self.log_path = root / "agent-host.log"
         self.key = key  # each job's agent token, and the host's own, derive from it
+        self.store_access = store_access  # None: the host uses the controller's credentials
         self.token_file = root / "agent-host-token"
         self.argv = [python, "-m", "jobmesh", "agent", "host", "--store", store_url,
                      "--state", str(self.state), "--api-token-file", str(self.token_file)]
@@ -134,7 +137,16 @@ class AgentHost:
             return await self._spawn(0)
 
     async def _spawn(self, port: int) -> HostInfo:
-        proc = await asyncio.to_thread(self._popen, port)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.store_access is not None:  # a key of its own, which cannot delete
+            try:
+                s3 = await self.store_access.issue(None)
+            except AccessError as exc:
+                raise (PermanentError if exc.permanent else BackendError)(str(exc)) from exc
+            env |= {"AWS_ACCESS_KEY_ID": s3.access_key_id,
+                    "AWS_SECRET_ACCESS_KEY": s3.secret_access_key}
+            env.pop("AWS_SESSION_TOKEN", None)
+        proc = await asyncio.to_thread(self._popen, port, env)
         self.reap()
         self._child = proc
         deadline = time.monotonic() + HOST_START_TIMEOUT
@@ -149,7 +161,7 @@ class AgentHost:
         log.info("agent host started (pid %d, port %d)", info.pid, info.port)
         return info
 
-    def _popen(self, port: int) -> subprocess.Popen[bytes]:
+    def _popen(self, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
         with contextlib.suppress(FileNotFoundError):
             self.state.unlink()
         write_secret_file(self.token_file, host_token(self.key))
@@ -159,8 +171,7 @@ class AgentHost:
             return subprocess.Popen(["nice", "-n", str(HOST_NICENESS), *self.argv,
                                      "--listen", f"127.0.0.1:{port}"],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, env=env)
 
     async def jobs(self) -> frozenset[str] | None:
         """The jobs the host runs an agent for (a listing at most a second old); None when

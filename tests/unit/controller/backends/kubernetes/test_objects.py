@@ -14,6 +14,7 @@ from kubernetes import client
 from kubernetes_validate.utils import major_minor
 
 from jobmesh.controller.backends.kubernetes import objects as o
+from jobmesh.controller.storage.access import Credentials
 from jobmesh.controller.catalog.models import JOB_ID
 from tests.support.k8s_emulator import semantic_problems
 
@@ -216,7 +217,9 @@ def test_a_bad_wal_window_is_refused() -> None:
 
 
 def test_store_settings_and_s3_credentials_come_from_the_environment_and_a_secret() -> None:
-    for name in ("init", "postgres", "agent"):
+    # PostgreSQL gets none of them: the job's SQL runs there.
+    assert set(env(container(new_pod(), "postgres"))) == {"POD_IP"}
+    for name in ("init", "agent"):
         e = env(container(new_pod(), name))
         assert e["JOBMESH_STORE"] == "s3://bucket/jobs"
         assert e["JOBMESH_S3_ENDPOINT"] == "http://minio:9000"
@@ -227,6 +230,22 @@ def test_store_settings_and_s3_credentials_come_from_the_environment_and_a_secre
     plain = o.job_pod("a", {}, o.PodSettings("jm", "img", "file:///store"), restore=False,
                       owner_uid="u")
     assert set(env(container(plain, "agent"))) == {"POD_IP", "JOBMESH_STORE", "JOBMESH_AGENT_TOKEN"}
+
+
+def test_scoped_store_credentials_come_from_the_jobs_own_secret() -> None:
+    settings = o.PodSettings("jm", "img", "s3://bucket/jobs", s3_secret="jobmesh-s3",
+                             scoped_credentials=True)
+    pod = o.job_pod("alpha", {}, settings, restore=True, owner_uid="u")
+    for name in ("init", "agent"):
+        e = env(container(pod, name))
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert e[key] == {"secretKeyRef": {"name": "job-alpha", "key": key}}
+    secret = o.job_secret("jm", "alpha", "pw", "postgresql://x", "u", "token",
+                          Credentials("AKID", "SECRET"), "eu-west-1")
+    assert o.secret_s3_credentials(secret) == Credentials("AKID", "SECRET")
+    assert base64.b64decode(secret["data"]["AWS_DEFAULT_REGION"]) == b"eu-west-1"
+    plain = o.job_secret("jm", "alpha", "pw", "postgresql://x", "u", "token")
+    assert o.secret_s3_credentials(plain) is None and "AWS_ACCESS_KEY_ID" not in plain["data"]
 
 
 def test_postgres_resources_come_from_the_job_spec() -> None:
