@@ -40,4 +40,4 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
 access_control.IAMRequestBase.__init__ = _init  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

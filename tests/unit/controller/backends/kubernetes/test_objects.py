@@ -14,8 +14,8 @@ from kubernetes import client
 from kubernetes_validate.utils import major_minor
 
 from jobmesh.controller.backends.kubernetes import objects as o
-from jobmesh.controller.storage.access import Credentials
 from jobmesh.controller.catalog.models import JOB_ID
+from jobmesh.controller.storage.access import Credentials
 from tests.support.k8s_emulator import semantic_problems
 
 NEWEST = major_minor(kubernetes_validate.latest_version())
