@@ -53,6 +53,12 @@ def os_user() -> str | None:
     return os.environ.get("JOBMESH_PG_OS_USER", "postgres")
 
 
+def postgres_gid() -> int | None:
+    """The group Postgres runs in when it is not ourselves (we are root): ours, since
+    ``run_pg`` changes only the user (a known gap: README, "Least privilege")."""
+    return None if os_user() is None else os.getegid()
+
+
 def give_to_postgres(path: Path) -> None:
     """Hand a directory we created to the Postgres OS user (no-op unless root)."""
     user = os_user()

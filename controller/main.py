@@ -306,6 +306,9 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     job_cpu, job_memory = job_limits(args)
     store = args.store or f"file://{state / 'store'}"
     access = None
+    if args.store_credentials not in ("shared", "scoped"):  # (from the environment)
+        raise UsageError(f"--store-credentials {args.store_credentials!r}: expected shared "
+                         "or scoped (env JOBMESH_STORE_CREDENTIALS)")
     if args.store_credentials == "scoped":
         try:
             access = StoreAccess(store, iam_endpoint=args.iam_endpoint)
@@ -385,7 +388,8 @@ def local_backend(s: ControllerSettings, agent_key: bytes | None = None) -> Loca
 async def serve(s: ControllerSettings, stop: asyncio.Event,
                 ready: asyncio.Event | None = None) -> None:
     """Run until ``stop``: migrate the catalog, reconcile, serve the API and metrics."""
-    from jobmesh.agent.store import open_store
+    from jobmesh.agent.postgres import postgres_gid
+    from jobmesh.agent.store import StoreError, make_private, open_store
 
     from .api.app import build_app
     from .mesh import ensure_secret
@@ -395,6 +399,10 @@ async def serve(s: ControllerSettings, stop: asyncio.Event,
     s.state_dir.mkdir(parents=True, exist_ok=True)
     token = ensure_secret(s.token_file)
     agent_key = ensure_secret(s.agent_key_path).encode()
+    try:  # (before the catalog: the store's owner is not a thing a retry fixes)
+        make_private(open_store(s.store, s3_endpoint=s.s3_endpoint), postgres_gid())
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
     try:
         catalog = await Catalog.connect(s.catalog_dsn, max_size=10)
     except asyncpg.ClientConfigurationError as exc:  # a DSN no retry can fix

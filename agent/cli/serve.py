@@ -138,14 +138,16 @@ def raise_fd_limit() -> None:
 
 
 def run_host(args: argparse.Namespace) -> int:
+    from ..postgres import postgres_gid
     from ..sidecar.host import serve_host
-    from ..store import open_store
+    from ..store import make_private, open_store
 
     lean_malloc()
     raise_fd_limit()
     address = parse_listen(args.listen)
     token = api_token(args)
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    make_private(store, postgres_gid())
     return asyncio.run(serve_host(store, address, args.state and args.state.absolute(),
                                   token))
 
@@ -158,9 +160,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ..postgres import postgres_gid
     from ..sidecar.daemon import ServeConfig
     from ..sidecar.serve import serve
-    from ..store import open_store
+    from ..store import make_private, open_store
 
     host, port = parse_listen(args.listen)
     pgdata = args.pgdata.absolute()
@@ -184,6 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          keep_base_backups=max(0, args.keep_base_backups),
                          api_token=api_token(args))
     store = open_store(args.store, s3_endpoint=args.s3_endpoint)
+    make_private(store, postgres_gid())
     lean_malloc()
     return asyncio.run(serve(config, store, host, port))
 

@@ -88,6 +88,15 @@ class Digest:
         return self._h.hexdigest()
 
 
+def make_private(store: Store, reader_gid: int | None = None) -> None:
+    """A ``file://`` store's directory made ours alone (``FileStore.make_private``); an
+    S3 store's access is its credentials' (``controller/storage/access.py``)."""
+    from .file import FileStore
+
+    if isinstance(store, FileStore):
+        store.make_private(reader_gid)
+
+
 def open_store(url: str, *, s3_endpoint: str | None = None) -> Store:
     """A store for a URL; raises StoreError with a clear message for a bad one."""
     parsed = urlparse(url)

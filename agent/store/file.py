@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import os
 import secrets
+import stat
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -17,6 +18,31 @@ class FileStore:
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = f"file://{self.root}"
+
+    def make_private(self, reader_gid: int | None = None) -> None:
+        """Make the store's directory ours and no one else's: made if missing, refused
+        (StoreError) if another user owns it, else mode 0700. ``reader_gid``: a group
+        that may read (the Postgres OS user's, when we run as root: its
+        ``restore_command`` reads WAL from the store): mode 2750, setgid so that what we
+        add below is the group's too (our files are 0640), and nothing it can write."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.root.stat()
+        except OSError as exc:
+            raise StoreError(f"cannot make the store {self.root}: {exc.strerror}") from exc
+        if st.st_uid != os.geteuid():
+            raise StoreError(f"the store {self.root} belongs to uid {st.st_uid}, not to the "
+                             f"user jobmesh runs as (uid {os.geteuid()}): chown it, or use "
+                             "another store")
+        want = 0o700 if reader_gid is None else 0o2750
+        try:
+            if reader_gid is not None and st.st_gid != reader_gid:
+                _regroup(self.root, reader_gid)  # (once: a store made before)
+            if stat.S_IMODE(st.st_mode) != want:
+                os.chmod(self.root, want)
+        except OSError as exc:
+            raise StoreError(f"cannot make the store {self.root} private: "
+                             f"{exc.strerror}") from exc
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -181,3 +207,15 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _regroup(root: Path, gid: int) -> None:
+    """Give a store's tree to ``gid`` (read only: directories 2750, files 0640)."""
+    for dirpath, _dirs, files in os.walk(root):
+        os.chown(dirpath, -1, gid)
+        os.chmod(dirpath, 0o2750)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            os.chown(path, -1, gid, follow_symlinks=False)
+            if not os.path.islink(path):
+                os.chmod(path, 0o640)

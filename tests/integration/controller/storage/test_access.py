@@ -185,8 +185,8 @@ def test_the_policies_in_manifests_are_the_ones_the_controller_issues() -> None:
     policies = REPO / "manifests" / "policies"
     job = json.loads((policies / "aws-job-sidecar.json").read_text())
     assert job == sidecar_policy("BUCKET", "PREFIX", "JOB_ID")
-    host = json.loads((policies / "minio-sidecars.json").read_text())
-    assert host == sidecar_policy("jobmesh", "jobs", None)
+    minio = REPO / "manifests" / "components" / "minio" / "sidecars-policy.json"
+    assert json.loads(minio.read_text()) == sidecar_policy("jobmesh-dev", "jobs", None)
 
 
 def test_the_controller_refuses_scoped_credentials_for_a_file_store(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import yaml
 from kubernetes_validate.utils import major_minor
 
 from jobmesh.controller.backends.kubernetes import objects as k8s_objects
+from jobmesh.controller.storage.access import sidecar_policy
 
 ROOT = Path(__file__).resolve().parents[5]  # the repository
 MANIFESTS = ROOT / "manifests"
@@ -247,8 +248,8 @@ def test_secret_templates_render_valid_secrets_with_placeholder_credentials(
         secrets_rendered: list[dict[str, Any]]) -> None:
     secrets = of_kind(secrets_rendered, "Secret")
     assert {s["metadata"]["name"] for s in secrets} == {
-        "jobmesh-s3", "jobmesh-catalog", "jobmesh-api", "jobmesh-router-peer",
-        "jobmesh-catalog-router"}
+        "jobmesh-s3", "jobmesh-s3-sidecars", "jobmesh-catalog", "jobmesh-api",
+        "jobmesh-router-peer", "jobmesh-catalog-router"}
     for s in secrets:
         kubernetes_validate.validate(s, K8S_VERSION, strict=True)
         assert s["metadata"]["namespace"] == "jobmesh"
@@ -580,7 +581,8 @@ def test_pods_run_as_the_images_postgres_user_without_privileges(target: str) ->
     for where, spec in pod_specs(rendered(target)):
         sc = spec["securityContext"]
         assert sc["runAsNonRoot"] is True, where
-        assert (str(sc["runAsUser"]), str(sc["runAsGroup"])) == user.groups(), where
+        if "minio" not in where:  # (the dev overlay's store runs its own image's user)
+            assert (str(sc["runAsUser"]), str(sc["runAsGroup"])) == user.groups(), where
         for c in containers(spec):
             csc = c["securityContext"]
             assert csc["allowPrivilegeEscalation"] is False, where
@@ -599,7 +601,8 @@ def test_job_pods_run_as_the_images_postgres_user() -> None:
 def test_job_pods_run_the_image_the_controller_runs(target: str) -> None:
     docs = rendered(target)
     config = named(docs, "ConfigMap", "jobmesh-config")["data"]
-    images = {c["image"] for _, spec in pod_specs(docs) for c in containers(spec)}
+    images = {c["image"] for where, spec in pod_specs(docs) for c in containers(spec)
+              if "minio" not in where}  # (the dev overlay's store)
     assert images == {config["JOBMESH_IMAGE"]}
     assert config["JOBMESH_STORE"].startswith("s3://")
 
@@ -610,6 +613,43 @@ def test_job_pods_get_the_s3_credentials_secret_the_templates_make(
     config = named(rendered("base"), "ConfigMap", "jobmesh-config")["data"]
     secret = named(secrets_rendered, "Secret", config["JOBMESH_S3_CREDENTIALS_SECRET"])
     assert set(k8s_objects.S3_CREDENTIAL_KEYS) <= set(secret["data"])
+
+
+@needs_kubectl
+def test_the_dev_overlays_minio_gives_job_pods_a_key_that_cannot_delete() -> None:
+    docs = rendered("overlays/dev")
+    config = named(docs, "ConfigMap", "jobmesh-config")["data"]
+    assert config["JOBMESH_STORE"] == "s3://jobmesh-dev/jobs"
+    assert config["JOBMESH_S3_CREDENTIALS_SECRET"] == "jobmesh-s3-sidecars"
+    (policy_map,) = [d for d in of_kind(docs, "ConfigMap")
+                     if d["metadata"]["name"].startswith("jobmesh-minio-policy")]
+    policy = json.loads(policy_map["data"]["sidecars-policy.json"])
+    assert policy == sidecar_policy("jobmesh-dev", "jobs", None)  # what the code would issue
+    denied = [st for st in policy["Statement"] if st["Effect"] == "Deny"]
+    assert any("s3:DeleteObject" in st["Action"] for st in denied)
+    setup = named(docs, "Job", "minio-setup")["spec"]["template"]["spec"]
+    (mc,) = setup["containers"]
+    script = mc["command"][-1]
+    assert "mc admin policy create dev jobmesh-sidecars /policy/sidecars-policy.json" in script
+    assert "mc mb --ignore-existing dev/jobmesh-dev" in script
+    (volume,) = [v for v in setup["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == policy_map["metadata"]["name"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in mc["env"]
+            if "valueFrom" in e}
+    assert refs["SIDECAR_KEY"] == "jobmesh-s3-sidecars" and refs["ROOT_KEY"] == "jobmesh-s3"
+    minio = named(docs, "Deployment", "minio")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in minio["env"]} == {"jobmesh-s3"}
+
+
+@needs_kubectl
+def test_production_issues_a_store_key_per_job() -> None:
+    config = named(rendered("overlays/production"), "ConfigMap", "jobmesh-config")["data"]
+    assert config["JOBMESH_STORE_CREDENTIALS"] == "scoped"
+    aws = json.loads((MANIFESTS / "policies" / "aws-controller.json").read_text())
+    iam = {a for st in aws["Statement"] for a in st["Action"] if a.startswith("iam:")}
+    assert iam == {"iam:CreateUser", "iam:TagUser", "iam:DeleteUser", "iam:PutUserPolicy",
+                   "iam:DeleteUserPolicy", "iam:CreateAccessKey", "iam:ListAccessKeys",
+                   "iam:DeleteAccessKey"}
 
 
 @needs_kubectl
