@@ -279,7 +279,9 @@ def job_pod(job_id: str, spec: Mapping[str, Any], settings: PodSettings, *, rest
                     "-c", f"basic_archive.archive_directory={SPOOL}",
                     "-c", f"archive_timeout={timeout}",
                     "-c", f"unix_socket_directories={PGDATA_MOUNT}"],
-        "env": [pod_ip],  # (no store credentials: only the agent and the restore need them)
+        # Store credentials only in a pod that restores: its restore_command (agent
+        # wal-fetch) reads the archived WAL; a new cluster's PostgreSQL needs none.
+        "env": [pod_ip, *env] if restore else [pod_ip],
         "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"}],
         # A shell: an exec probe's command expands $(VAR) only for literal values, not for
         # POD_IP's fieldRef (as Kubernetes' prober does).

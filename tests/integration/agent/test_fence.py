@@ -128,7 +128,7 @@ async def test_a_newer_claim_stops_the_agent_and_its_postgres(make: Any, store: 
     written = await asyncio.wait_for(writer, 60)
     conn.terminate()
     assert code == 3, agent.log_lines()[-20:]
-    assert any("fenced off: generation 2 has claimed" in line for line in agent.log_lines())
+    await asyncio.to_thread(agent.wait_for_log, "fenced off: generation 2 has claimed")
     assert written > 0  # and no more commits it could not keep:
     await until(lambda: asyncio.to_thread(lambda: not m.inst.is_running()),
                 "the fenced-off PostgreSQL to be down")

@@ -213,7 +213,8 @@ async def test_a_failed_base_backup_is_a_backend_error_quoting_the_agent(job, ag
     # the first write (the store's key file, or the writer's lease) is what fails
     assert f"{root}/" in message and "Not a directory" in message, message
     assert "\n" not in message
-    assert any("base backup failed" in line for line in agent.process.log_lines())
+    # (the line may still be on its way through the log pipe: wait for it)
+    await asyncio.to_thread(agent.process.wait_for_log, "base backup failed")
     st = await agent.client.status()  # the agent is still there, the job still running
     assert st.postgres_running is True and st.last_base_backup is None
     assert st.base_backup_running is False

@@ -217,8 +217,11 @@ def test_a_bad_wal_window_is_refused() -> None:
 
 
 def test_store_settings_and_s3_credentials_come_from_the_environment_and_a_secret() -> None:
-    # PostgreSQL gets none of them: the job's SQL runs there.
+    # PostgreSQL gets them only in a pod that restores (its restore_command fetches WAL):
+    # the job's SQL runs there.
     assert set(env(container(new_pod(), "postgres"))) == {"POD_IP"}
+    assert env(container(restore_pod(), "postgres"))["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "jobmesh-s3", "key": "AWS_ACCESS_KEY_ID"}}
     for name in ("init", "agent"):
         e = env(container(new_pod(), name))
         assert e["JOBMESH_STORE"] == "s3://bucket/jobs"
