@@ -145,6 +145,10 @@ class FencedStore:
         await self._before_write(key)
         return await self.inner.put(key, chunks)
 
+    async def put_new(self, key: str, data: bytes) -> bool:
+        await self._before_write(key)
+        return await self.inner.put_new(key, data)
+
     def get(self, key: str) -> AsyncGenerator[bytes, None]:
         return self.inner.get(key)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from ..store import NotFound, Store, get_bytes, put_bytes
+from ..store import NotFound, Store, get_bytes
 from .keys import CorruptObject, KeySet
 
 OBJECTS_PREFIX = "_objects/"
@@ -121,9 +121,10 @@ class Objects:
             await asyncio.to_thread(sync_dirs, keys)
 
     async def put(self, encoded: Encoded) -> int:
-        """Store an encoded object; returns the bytes stored."""
-        await put_bytes(self.store, object_key(encoded.name), encoded.blob)
-        return len(encoded.blob)
+        """Store an encoded object unless one is stored under its name (another writer's
+        got there first: it is left as it is); returns the bytes stored (0: none)."""
+        written = await self.store.put_new(object_key(encoded.name), encoded.blob)
+        return len(encoded.blob) if written else 0
 
     async def get(self, name: str) -> bytes:
         """The object's plaintext, verified; NotFound if it is not stored."""

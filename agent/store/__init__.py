@@ -45,6 +45,11 @@ class Store(Protocol):
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> Stored: ...
 
+    # A small object, written only if no object has the key (S3: If-None-Match: *): False
+    # when one had, and it is left as it was. Shared objects are written so: a writer adds
+    # them, never replaces another's.
+    async def put_new(self, key: str, data: bytes) -> bool: ...
+
     # An async generator (``async def`` with ``yield``): callers may ``aclose`` it to stop
     # a download early.
     def get(self, key: str) -> AsyncGenerator[bytes, None]: ...

@@ -38,6 +38,11 @@ class CountingStore:
         self._count("put", stored.size)
         return stored
 
+    async def put_new(self, key: str, data: bytes) -> bool:
+        written = await self.inner.put_new(key, data)
+        self._count("put", len(data))  # (sent either way)
+        return written
+
     async def get(self, key: str) -> AsyncGenerator[bytes, None]:
         self._count("get")
         async for chunk in self.inner.get(key):

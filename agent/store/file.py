@@ -73,6 +73,27 @@ class FileStore:
             raise
         return Stored(key, digest.size, digest.hexdigest())
 
+    async def put_new(self, key: str, data: bytes) -> bool:
+        return await asyncio.to_thread(self.put_new_sync, key, data)
+
+    def put_new_sync(self, key: str, data: bytes) -> bool:
+        """``put_new`` in the caller's thread: written whole, then linked into place,
+        which fails (False) if the name is taken; a rename would replace it."""
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            _write_durably(tmp, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            fsync_path(path.parent)
+            return True
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
     async def get(self, key: str) -> AsyncGenerator[bytes, None]:
         path = self._path(key)
         try:
@@ -94,13 +115,7 @@ class FileStore:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_durably(tmp, data)
             os.replace(tmp, path)
             if sync_dir:
                 fsync_path(path.parent)
@@ -191,6 +206,17 @@ class FileStore:
 
     async def close(self) -> None:
         pass
+
+
+def _write_durably(tmp: Path, data: bytes) -> None:
+    """A new file ``tmp`` (its directory made if missing) holding ``data``, fsynced."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

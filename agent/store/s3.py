@@ -5,7 +5,9 @@ aborted, so no partial object ever appears. Every request is retried with
 exponential backoff on 5xx answers, throttling and dropped connections;
 downloads resume from the byte they reached. Endpoint, region and
 credentials come from the usual ``AWS_*`` variables (``AWS_ENDPOINT_URL``
-too) unless ``--s3-endpoint`` is given.
+too) unless ``--s3-endpoint`` is given. ``put_new`` writes with
+``If-None-Match: *``, so a shared object is added once and never replaced
+(the sidecars' IAM policy refuses writes to ``_objects/`` without it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import logging
 import os
 import random
 import time
@@ -33,9 +36,20 @@ PARTS_IN_FLIGHT = 4
 # reported after about 3 s and a flaky one gets six tries per request.
 ATTEMPTS = int(os.environ.get("JOBMESH_S3_ATTEMPTS", "6"))
 T = TypeVar("T")
+log = logging.getLogger("jobmesh.agent.store")
 
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "SlowDown", "RequestTimeout",
-                    "ServiceUnavailable", "Throttling", "RequestTimeTooSkewed"}
+                    "ServiceUnavailable", "Throttling", "RequestTimeTooSkewed",
+                    # a conditional write raced another write of the key: try again
+                    "ConditionalRequestConflict"}
+
+
+class _Exists(StoreError):
+    """A conditional write found the key taken (412 Precondition Failed)."""
+
+
+class _NoConditionalWrites(StoreError):
+    """The endpoint does not implement If-None-Match on writes (501)."""
 
 
 class S3Store:
@@ -46,6 +60,7 @@ class S3Store:
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._conditional_writes = True  # until the endpoint says it has none (501)
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -78,6 +93,10 @@ class S3Store:
                 status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
                 if code in ("NoSuchKey", "404", "NotFound"):
                     raise NotFound(f"no object {what} in {self.url}") from exc
+                if code in ("PreconditionFailed", "412"):
+                    raise _Exists(f"{what} exists in {self.url}") from exc
+                if code in ("NotImplemented", "501"):
+                    raise _NoConditionalWrites(f"S3 refused {what}: {code}") from exc
                 if code == "NoSuchBucket":
                     raise StoreError(f"bucket {self.bucket!r} does not exist") from exc
                 if code not in _TRANSIENT_CODES and status not in _TRANSIENT_CODES:
@@ -146,6 +165,26 @@ class S3Store:
                         Bucket=self.bucket, Key=full_key, UploadId=upload_id)
             raise
         return Stored(key, digest.size, digest.hexdigest())
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        s3 = await self._s3()
+        full_key = self._key(key)
+        if self._conditional_writes:
+            try:
+                await self._retry(key, lambda: s3.put_object(
+                    Bucket=self.bucket, Key=full_key, Body=data, IfNoneMatch="*"))
+                return True
+            except _Exists:
+                return False  # (or our own first try, whose answer was lost)
+            except _NoConditionalWrites:
+                log.warning("%s does not implement conditional writes (If-None-Match): "
+                            "shared objects are checked, then written", self.url)
+                self._conditional_writes = False
+        if await self.size(key) is not None:
+            return False
+        await self._retry(key, lambda: s3.put_object(Bucket=self.bucket, Key=full_key,
+                                                     Body=data))
+        return True
 
     async def get(self, key: str) -> AsyncGenerator[bytes, None]:
         s3 = await self._s3()

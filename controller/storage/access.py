@@ -18,7 +18,12 @@ still no delete. ``manifests/policies/`` holds the same documents for an
 operator to apply by hand (AWS IAM and MinIO).
 
 Listing is scoped with ``s3:prefix`` conditions; S3 has no way to scope it by
-resource.
+resource. Shared objects may only be added, never replaced: every write that
+creates an object under ``_objects/`` must carry ``If-None-Match: *`` (the
+``s3:if-none-match`` condition key; ``s3:ObjectCreationOperation`` exempts the
+steps of a multipart upload, which cannot carry it), so a sidecar cannot
+overwrite a chunk that other jobs' snapshots name. MinIO knows neither key, so
+its policy (``conditional_writes=False``) leaves that to our code.
 """
 
 from __future__ import annotations
@@ -84,12 +89,19 @@ def user_name(job: str | None) -> str:
     return HOST_USER if job is None else f"jm-{job}"
 
 
-def sidecar_policy(bucket: str, prefix: str, job: str | None) -> dict[str, Any]:
+def sidecar_policy(bucket: str, prefix: str, job: str | None, *,
+                   conditional_writes: bool = True) -> dict[str, Any]:
     """The IAM policy of one job's sidecar, or (``job`` None) of an agent host that
-    serves every job of the store."""
+    serves every job of the store. ``conditional_writes``: shared objects are written
+    only with ``If-None-Match`` (AWS; MinIO's policies have no such condition)."""
     base = f"{prefix}/" if prefix else ""
     own = f"{base}{job}/" if job is not None else base
     key = f"arn:aws:s3:::{bucket}/"
+    create_only = [{
+        "Sid": "SharedObjectsAreNeverReplaced", "Effect": "Deny", "Action": ["s3:PutObject"],
+        "Resource": [f"{key}{base}{OBJECTS_PREFIX}*"],
+        "Condition": {"Null": {"s3:if-none-match": "true"},
+                      "Bool": {"s3:ObjectCreationOperation": "true"}}}]
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -113,6 +125,7 @@ def sidecar_policy(bucket: str, prefix: str, job: str | None) -> dict[str, Any]:
             # The key file is the controller's (an agent host's OwnJob covers it).
             {"Sid": "StoreKeysReadOnly", "Effect": "Deny", "Action": ["s3:PutObject"],
              "Resource": [f"{key}{base}_store/*"]},
+            *(create_only if conditional_writes else []),
         ],
     }
 

@@ -31,7 +31,7 @@ from jobmesh.agent.manifest import FileEntry, Manifest, job_prefix, snapshot_ids
 from jobmesh.agent.postgres import Instance
 from jobmesh.agent.restore import restore
 from jobmesh.agent.snapshot import read_controldata, take_snapshot, wal_cuts
-from jobmesh.agent.store import Store, Stored, StoreError, get_bytes
+from jobmesh.agent.store import Store, StoreError, get_bytes
 from jobmesh.agent.store.counting import CountingStore
 from tests.support.clusters import checksums, cluster, fill, start_restored, unique
 from tests.support.postgres import PgFactory
@@ -124,13 +124,13 @@ class FailingStore(CountingStore):
         self.allow = allow
         self.failed = 0
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> Stored:
+    async def put_new(self, key: str, data: bytes) -> bool:  # (how objects are written)
         if key.startswith(OBJECTS_PREFIX):
             if self.allow <= 0:
                 self.failed += 1
                 raise StoreError(f"injected failure uploading {key}")
             self.allow -= 1
-        return await super().put(key, chunks)
+        return await super().put_new(key, data)
 
 
 class StallingStore(CountingStore):
@@ -142,13 +142,13 @@ class StallingStore(CountingStore):
         self.allow = allow
         self.stalled = asyncio.Event()
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> Stored:
+    async def put_new(self, key: str, data: bytes) -> bool:
         if key.startswith(OBJECTS_PREFIX):
             if self.allow <= 0:
                 self.stalled.set()
                 await asyncio.get_running_loop().create_future()  # until cancelled
             self.allow -= 1
-        return await super().put(key, chunks)
+        return await super().put_new(key, data)
 
 
 # --- fixtures -----------------------------------------------------------------------------

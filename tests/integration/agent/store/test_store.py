@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobmesh.agent.store import NotFound, StoreError, get_bytes, open_store, put_bytes
+from jobmesh.agent.store.counting import CountingStore
 from jobmesh.agent.store.s3 import PART_SIZE
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,6 +61,21 @@ def test_list_is_scoped_to_the_prefix_and_sorted(store_url):
             assert [o.key for o in await store.list("j/")] == ["j/a/x", "j/b"]
             await store.delete("j/b")
             assert [o.key for o in await store.list("j/")] == ["j/a/x"]
+        finally:
+            await store.close()
+
+    _run(go())
+
+
+def test_put_new_adds_an_object_once_and_never_replaces_it(store_url):
+    async def go():
+        store = CountingStore(open_store(store_url))
+        try:
+            assert await store.put_new("_objects/ab/one", b"first") is True
+            assert await store.put_new("_objects/ab/one", b"second") is False
+            assert await get_bytes(store, "_objects/ab/one") == b"first"
+            assert [o.key for o in await store.list("_objects/")] == ["_objects/ab/one"]
+            assert store.requests["put"] == 2
         finally:
             await store.close()
 

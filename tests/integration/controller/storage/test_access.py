@@ -58,7 +58,7 @@ async def test_a_jobs_key_reads_and_adds_to_its_own_prefix_and_deletes_nothing(
     # What its agent needs works: its own prefix, the shared objects, leases, the key file.
     s3.put_object(Bucket=bucket, Key="jobs/alpha/wal/000000010000000000000001.zst", Body=b"w")
     assert s3.get_object(Bucket=bucket, Key="jobs/alpha/snapshots/1.json")["Body"].read()
-    s3.put_object(Bucket=bucket, Key="jobs/_objects/ef/01", Body=b"chunk")
+    s3.put_object(Bucket=bucket, Key="jobs/_objects/ef/01", Body=b"chunk", IfNoneMatch="*")
     assert s3.get_object(Bucket=bucket, Key="jobs/_objects/ab/cd")["Body"].read() == b"{}"
     s3.put_object(Bucket=bucket, Key="jobs/_locks/lease-1-x", Body=b"")
     assert s3.get_object(Bucket=bucket, Key="jobs/_store/keys/k1.json")["Body"].read()
@@ -75,8 +75,51 @@ async def test_a_jobs_key_reads_and_adds_to_its_own_prefix_and_deletes_nothing(
                                          Body=b"{}")) == "AccessDenied"
     assert refused(lambda: s3.put_object(Bucket=bucket, Key="jobs/_store/keys/k2.json",
                                          Body=b"{}")) == "AccessDenied"
+    for other in ("jobs/beta/", "jobs/", "jobs/_objects/", ""):  # listing is scoped too
+        assert refused(lambda p=other: s3.list_objects_v2(Bucket=bucket, Prefix=p)
+                       ) == "AccessDenied", other
     admin = iam_s3_server.client()
     assert admin.get_object(Bucket=bucket, Key="jobs/beta/snapshots/1.json")["Body"].read()
+
+
+async def test_shared_objects_are_only_added_never_replaced(
+        iam_s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = await StoreAccess(f"s3://{bucket}/jobs",
+                            iam_endpoint=iam_s3_server.endpoint).issue("alpha")
+    s3 = iam_s3_server.client(key=(key.access_key_id, key.secret_access_key))
+    # Without If-None-Match: refused, whether the name is taken or not.
+    for name in ("jobs/_objects/ab/cd", "jobs/_objects/ab/new"):
+        assert refused(lambda n=name: s3.put_object(Bucket=bucket, Key=n, Body=b"bad")
+                       ) == "AccessDenied", name
+    # With it: a taken name is refused by S3 itself, and the object stays as it was.
+    assert refused(lambda: s3.put_object(Bucket=bucket, Key="jobs/_objects/ab/cd",
+                                         Body=b"bad", IfNoneMatch="*")) == "PreconditionFailed"
+    # A multipart upload's steps cannot carry the header; its completion must.
+    up = s3.create_multipart_upload(Bucket=bucket, Key="jobs/_objects/ab/big")["UploadId"]
+    etag = s3.upload_part(Bucket=bucket, Key="jobs/_objects/ab/big", UploadId=up,
+                          PartNumber=1, Body=b"big")["ETag"]
+    parts = {"Parts": [{"PartNumber": 1, "ETag": etag}]}
+    assert refused(lambda: s3.complete_multipart_upload(
+        Bucket=bucket, Key="jobs/_objects/ab/big", UploadId=up, MultipartUpload=parts)
+                   ) == "AccessDenied"
+    s3.complete_multipart_upload(Bucket=bucket, Key="jobs/_objects/ab/big", UploadId=up,
+                                 MultipartUpload=parts, IfNoneMatch="*")
+    # Its own prefix is its own to rewrite (a manifest, a lease's renewal).
+    s3.put_object(Bucket=bucket, Key="jobs/alpha/snapshots/1.json", Body=b"{ }")
+
+    # Our store client writes objects so: the second writer of a name finds it taken.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key.secret_access_key)
+    store = open_store(f"s3://{bucket}/jobs", s3_endpoint=iam_s3_server.endpoint)
+    try:
+        assert await store.put_new("_objects/ef/02", b"first") is True
+        assert await store.put_new("_objects/ef/02", b"second") is False
+        assert await store.put_new("_objects/ab/cd", b"bad") is False
+    finally:
+        await store.close()
+    admin = iam_s3_server.client()
+    assert admin.get_object(Bucket=bucket, Key="jobs/_objects/ef/02")["Body"].read() == b"first"
+    assert admin.get_object(Bucket=bucket, Key="jobs/_objects/ab/cd")["Body"].read() == b"{}"
 
 
 async def test_our_store_client_says_plainly_when_s3_refuses(
@@ -186,7 +229,8 @@ def test_the_policies_in_manifests_are_the_ones_the_controller_issues() -> None:
     job = json.loads((policies / "aws-job-sidecar.json").read_text())
     assert job == sidecar_policy("BUCKET", "PREFIX", "JOB_ID")
     minio = REPO / "manifests" / "components" / "minio" / "sidecars-policy.json"
-    assert json.loads(minio.read_text()) == sidecar_policy("jobmesh-dev", "jobs", None)
+    assert json.loads(minio.read_text()) == sidecar_policy("jobmesh-dev", "jobs", None,
+                                                           conditional_writes=False)
 
 
 def test_the_controller_refuses_scoped_credentials_for_a_file_store(tmp_path: Path) -> None:
