@@ -16,6 +16,9 @@ then for a seeded-random share ``rate`` of requests injects one fault:
   byte when it has no body.
 - ``delay``: forwards the request and holds the answer ``delay`` seconds.
 
+``unsupported`` (header names) plays an S3 API older than a feature: every request
+carrying one of them is answered ``501 NotImplemented``, whatever ``rate`` says.
+
 Everything else is relayed unchanged, one upstream connection per client
 connection. ``Expect: 100-continue`` is answered by the proxy itself, so the
 fault can be chosen before the body moves. The proxy runs its own event loop
@@ -36,7 +39,8 @@ from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "drop_request", "drop_response", "delay")
 _S3_ERRORS = {"500": ("Internal Server Error", "InternalError"),
-              "503": ("Service Unavailable", "SlowDown")}
+              "503": ("Service Unavailable", "SlowDown"),
+              "501": ("Not Implemented", "NotImplemented")}  # (for ``unsupported`` only)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class Event:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, rate: float = 0.2, kinds: tuple[str, ...] = KINDS,
-                 seed: int = 0, delay: float = 0.5, host: str = "127.0.0.1") -> None:
+                 seed: int = 0, delay: float = 0.5, host: str = "127.0.0.1",
+                 unsupported: tuple[str, ...] = ()) -> None:
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {KINDS}")
@@ -57,6 +62,7 @@ class FaultProxy:
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.host, self.port = host, 0
         self.rate, self.kinds, self.delay = rate, tuple(kinds), delay
+        self.unsupported = {h.lower() for h in unsupported}
         self._rng = random.Random(seed)  # used on the proxy's loop thread only
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
@@ -157,7 +163,13 @@ class FaultProxy:
                 if not head:
                     return
                 method, target, headers = _parse_head(head)
-                fault = self._choose(method, target, headers)
+                if self.unsupported & set(headers):
+                    fault = "501"
+                    with self._lock:
+                        self._counts["requests"] += 1
+                        self._counts["501"] += 1
+                else:
+                    fault = self._choose(method, target, headers)
                 if headers.get("expect", "").lower() == "100-continue":
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     head = _without_header(head, b"expect")

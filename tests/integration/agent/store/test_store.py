@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 
 from jobmesh.agent.store import NotFound, StoreError, get_bytes, open_store, put_bytes
 from jobmesh.agent.store.counting import CountingStore
-from jobmesh.agent.store.s3 import PART_SIZE
+from jobmesh.agent.store.s3 import PART_SIZE, S3Store
+from tests.support.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,6 +82,27 @@ def test_put_new_adds_an_object_once_and_never_replaces_it(store_url):
             await store.close()
 
     _run(go())
+
+
+def test_put_new_on_an_s3_api_without_conditional_writes_looks_then_writes(s3_server, caplog):
+    bucket = s3_server.create_bucket(f"store-{os.urandom(4).hex()}")
+    with FaultProxy(s3_server.endpoint, rate=0, unsupported=("if-none-match",)) as proxy:
+        async def go():
+            store = S3Store(bucket, "p", endpoint=proxy.endpoint)
+            try:
+                assert await store.put_new("_objects/ab/one", b"first") is True
+                assert await store.put_new("_objects/ab/one", b"second") is False
+                assert await store.put_new("_objects/ab/two", b"two") is True
+                assert await get_bytes(store, "_objects/ab/one") == b"first"
+            finally:
+                await store.close()
+
+        with caplog.at_level(logging.WARNING, logger="jobmesh.agent.store"):
+            _run(go())
+        assert proxy.counts["501"] == 1  # asked once, then remembered
+    assert [r.getMessage() for r in caplog.records] == [
+        f"s3://{bucket}/p does not implement conditional writes (If-None-Match): shared "
+        "objects are checked, then written"]
 
 
 def test_missing_object_is_not_found(store_url):
