@@ -52,7 +52,7 @@ test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -n 3 --durations=30
+	$(VENV)/bin/python -m pytest -n 3 --dist worksteal --durations=30
 
 # Measurements that check nothing a test does not (latency percentiles): not in `test`.
 soak: $(STAMP)

@@ -204,13 +204,22 @@ class WalStreamer:
         until ``stop`` is set; then ship once more."""
         ticker = asyncio.create_task(self._tick(stop), name="wal-stream-ship")
         delay = RESTART_DELAY
+        at_once = True  # one restart without waiting after pg_receivewal lost its place
         try:
             while not stop.is_set():
                 pm = read_postmaster(self.pgdata)
                 if pm is not None and pm.status == "ready":
                     began = time.monotonic()
-                    await self._receive(pm.pid, stop)
+                    lost_place = await self._receive(pm.pid, stop)
                     ran_long = time.monotonic() - began >= RAN_LONG
+                    at_once = at_once or ran_long
+                    if lost_place and at_once:
+                        # Routine at an agent's start: the first base backup's checkpoint
+                        # recycled the segment it was to begin with. The next one begins
+                        # at the server's current segment, so waiting would only widen
+                        # the window WAL is not streamed in.
+                        at_once = False
+                        continue
                     delay = RESTART_DELAY if ran_long else min(delay * 2, MAX_RESTART_DELAY)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -233,12 +242,13 @@ class WalStreamer:
                 if self.metrics is not None:
                     self.metrics.failures.labels("wal_stream").inc()
 
-    async def _receive(self, postmaster: int, stop: asyncio.Event) -> None:
-        """One pg_receivewal, until it exits, the postmaster changes, or ``stop``."""
+    async def _receive(self, postmaster: int, stop: asyncio.Event) -> bool:
+        """One pg_receivewal, until it exits, the postmaster changes, or ``stop``. True:
+        it asked for WAL the server had removed (its directory is emptied)."""
         try:
             dsn = self._dsn()
         except Exception:
-            return
+            return False
         await asyncio.to_thread(self.directory.mkdir, mode=0o700, parents=True, exist_ok=True)
         self.proc = proc = await asyncio.create_subprocess_exec(
             str(bin_dir() / "pg_receivewal"), "-D", str(self.directory), "-d", dsn,
@@ -273,8 +283,11 @@ class WalStreamer:
             self._last_error = None
         if any("has already been removed" in e for e in errors):
             # It resumed from a position the server no longer has (the agent was down
-            # long): start over at the server's current segment; the spool has the rest.
+            # long, or a checkpoint recycled the segment as it started): start over at
+            # the server's current segment; the spool has the rest.
             await asyncio.to_thread(_empty, self.directory)
+            return True
+        return False
 
     async def _end_receiver(self) -> None:
         proc = self.proc
