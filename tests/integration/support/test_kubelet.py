@@ -26,6 +26,7 @@ from kubernetes.client.rest import ApiException
 from jobmesh.agent.postgres import pid_alive
 from tests.support.k8s_emulator import K8sEmulator, api_server
 from tests.support.kubelet import Kubelet, expand, expand_static, mount_rewriter
+from tests.support.waiting import until
 
 NS = "jm"
 Obj = dict[str, Any]
@@ -436,8 +437,12 @@ def test_deleting_a_pod_stops_every_process_it_started(
     core.create_namespaced_pod(NS, pod("p", container(
         "c", "sh", "-c", "sleep 300 & exec sleep 301"), terminationGracePeriodSeconds=1))
     emulator.wait_for_sync("pods", NS, "p", ready)
-    pids = kubelet.pids("p")
-    assert len(pids) >= 3  # shim, sleep 301, sleep 300
+    # (ready: its shell has started, not yet necessarily forked the background sleep)
+    def three() -> list[int] | None:
+        found = kubelet.pids("p")
+        return found if len(found) >= 3 else None
+
+    pids = asyncio.run(until(three, "the shim, sleep 301 and sleep 300", timeout=30))
 
     core.delete_namespaced_pod("p", NS)
 
