@@ -22,8 +22,9 @@ resource. Shared objects may only be added, never replaced: every write that
 creates an object under ``_objects/`` must carry ``If-None-Match: *`` (the
 ``s3:if-none-match`` condition key; ``s3:ObjectCreationOperation`` exempts the
 steps of a multipart upload, which cannot carry it), so a sidecar cannot
-overwrite a chunk that other jobs' snapshots name. MinIO knows neither key, so
-its policy (``conditional_writes=False``) leaves that to our code.
+overwrite a chunk that other jobs' snapshots name. MinIO's policy
+(``conditional_writes=False``) leaves the statement out, and that to our code: MinIO's
+documented condition keys do not include these, and no MinIO runs here to try.
 """
 
 from __future__ import annotations

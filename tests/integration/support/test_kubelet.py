@@ -3,6 +3,10 @@
 The Kubernetes backend's tests stand on these two, so here they are held to
 what a real cluster does: strict validation, optimistic concurrency,
 selectors, watches, and pods that really run, probe, fail and stop.
+
+Over ~400 lines on purpose: one specification per behaviour of the two, sharing this
+module's emulator and kubelet fixtures (one of each per module, which is what keeps
+these tests fast).
 """
 
 from __future__ import annotations
